@@ -1,0 +1,176 @@
+//! The link between the gateway and the MQTT broker.
+//!
+//! The session engine speaks to the broker only through [`Command`]s it queues and
+//! [`BrokerEvent`]s it is fed, so it does not care how the broker is reached. Transparent
+//! mode ([`mqtt::MqttLinks`]) opens one MQTT 3.1.1 connection per MQTT-SN client; an
+//! aggregating mode (one connection for all clients) can implement [`BrokerLink`] too.
+
+pub mod mqtt;
+
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Identifies one MQTT-SN client session inside the gateway. Never reused while the
+/// process runs, so a late event for a finished session cannot reach a new one.
+pub type ClientKey = u64;
+
+/// Identifies one request to the broker within a session, echoed by its outcome event.
+pub type Token = u64;
+
+/// QoS on the broker side (MQTT 3.1.1 has no QoS -1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MqttQos {
+    /// QoS 0.
+    AtMostOnce = 0,
+    /// QoS 1.
+    AtLeastOnce = 1,
+    /// QoS 2.
+    ExactlyOnce = 2,
+}
+
+/// A client's last will.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    /// Topic name.
+    pub topic: String,
+    /// Payload.
+    pub message: Bytes,
+    /// QoS.
+    pub qos: MqttQos,
+    /// Retain flag.
+    pub retain: bool,
+}
+
+/// What the broker connection of a client is opened with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectParams {
+    /// The MQTT-SN client id (the link may add a configured prefix).
+    pub client_id: String,
+    /// Clean-session flag from the device's CONNECT.
+    pub clean_session: bool,
+    /// Keep-alive in seconds from the device's CONNECT (0: none).
+    pub keep_alive: u16,
+    /// The will as known at connect time (also registered with the broker, so that the
+    /// broker publishes it should the gateway itself die).
+    pub will: Option<Will>,
+}
+
+/// A request from a session to its broker connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Open the broker connection.
+    Connect(ConnectParams),
+    /// Publish; QoS 1 and 2 are answered by [`BrokerEvent::Published`] with `token`.
+    Publish {
+        /// Outcome correlation.
+        token: Token,
+        /// Topic name.
+        topic: Arc<str>,
+        /// Payload.
+        payload: Bytes,
+        /// QoS.
+        qos: MqttQos,
+        /// Retain flag.
+        retain: bool,
+    },
+    /// Subscribe; answered by [`BrokerEvent::SubAck`].
+    Subscribe {
+        /// Outcome correlation.
+        token: Token,
+        /// Topic filter.
+        filter: String,
+        /// Requested QoS.
+        qos: MqttQos,
+    },
+    /// Unsubscribe; answered by [`BrokerEvent::UnsubAck`].
+    Unsubscribe {
+        /// Outcome correlation.
+        token: Token,
+        /// Topic filter.
+        filter: String,
+    },
+    /// The device has a message the broker sent with this packet id: acknowledge it
+    /// (PUBACK for QoS 1, PUBREC for QoS 2).
+    Ack {
+        /// QoS the message was received with.
+        qos: MqttQos,
+        /// Broker packet id.
+        pkid: u16,
+    },
+    /// Close the connection cleanly (MQTT DISCONNECT, so the broker drops its copy of
+    /// the will), first publishing `will` if the client was lost.
+    Disconnect {
+        /// The will to publish, for a lost client.
+        will: Option<Will>,
+    },
+}
+
+/// Something that happened on a client's broker connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerEvent {
+    /// CONNACK accepted.
+    Connected {
+        /// Whether the broker resumed a stored session.
+        session_present: bool,
+    },
+    /// The broker refused the connection or could not be reached.
+    ConnectFailed {
+        /// Why, for the log.
+        reason: String,
+    },
+    /// A QoS 1 publish was acknowledged (PUBACK), or a QoS 2 one received (PUBREC).
+    Published {
+        /// The publish's token.
+        token: Token,
+    },
+    /// The request could not be queued towards the broker (link congested or closed).
+    Rejected {
+        /// The request's token.
+        token: Token,
+    },
+    /// SUBACK.
+    SubAck {
+        /// The subscribe's token.
+        token: Token,
+        /// Granted QoS, or `None` when the broker refused.
+        granted: Option<MqttQos>,
+    },
+    /// UNSUBACK.
+    UnsubAck {
+        /// The unsubscribe's token.
+        token: Token,
+    },
+    /// A message for the client.
+    Message(Message),
+    /// The connection is gone (after having been up).
+    Closed {
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// A message the broker delivered for a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Topic name.
+    pub topic: Arc<str>,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS it was delivered with.
+    pub qos: MqttQos,
+    /// Retain flag (set for retained messages sent on subscribe).
+    pub retain: bool,
+    /// Broker packet id (0 for QoS 0), for [`Command::Ack`].
+    pub pkid: u16,
+}
+
+/// Carries session commands to the broker. Implementations must not block. Outcomes
+/// arrive later through the implementation's event channel, except a command that
+/// cannot even be queued, whose [`BrokerEvent::Rejected`] is returned at once.
+pub trait BrokerLink {
+    /// Executes one command for one client.
+    fn execute(&mut self, client: ClientKey, command: Command) -> Option<BrokerEvent>;
+
+    /// Sessions whose link is not yet closed.
+    fn active(&self) -> usize;
+}

@@ -1,0 +1,650 @@
+//! The sans-IO gateway engine.
+//!
+//! [`Gateway`] owns every client session. It is fed datagrams
+//! ([`Gateway::handle_datagram`]), broker events ([`Gateway::handle_broker_event`]) and
+//! time ([`Gateway::handle_timeout`]); it queues datagrams to send
+//! ([`Gateway::poll_transmit`]) and broker commands ([`Gateway::poll_command`]), and says
+//! when it next needs time ([`Gateway::poll_timeout`]). It holds no socket and reads no
+//! clock, so every protocol rule is testable with a fake clock.
+
+mod session;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sn_codec::{GwInfo, Packet, QoS};
+use tracing::{debug, info, warn};
+
+use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, MqttQos};
+use crate::topics::{self, Predefined, TopicTable};
+pub use session::SessionState;
+use session::{Ctx, Flow, Session};
+
+/// Where a datagram came from on the device side.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinkAddr {
+    /// A UDP source address, and the index of the listening socket it reached.
+    Udp(u16, SocketAddr),
+    /// A serial port, by its index in the configuration.
+    Serial(u16),
+}
+
+impl std::fmt::Display for LinkAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkAddr::Udp(_, a) => write!(f, "udp:{a}"),
+            LinkAddr::Serial(i) => write!(f, "serial:{i}"),
+        }
+    }
+}
+
+/// One MQTT-SN client's address: the link address, plus the wireless node id when the
+/// client sits behind a forwarder (spec 5.5).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// Link-level address.
+    pub link: LinkAddr,
+    /// Wireless node id of an encapsulated client.
+    pub node: Option<Box<[u8]>>,
+}
+
+impl Peer {
+    /// A client reached directly at `link`.
+    pub fn direct(link: LinkAddr) -> Self {
+        Peer { link, node: None }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.link)?;
+        if let Some(node) = &self.node {
+            f.write_str("/node:")?;
+            for b in node.iter() {
+                write!(f, "{b:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A datagram to send to a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination (on a forwarder, the message is already encapsulated).
+    pub to: LinkAddr,
+    /// The encoded message.
+    pub data: Vec<u8>,
+}
+
+/// Settings of the engine (the protocol side of the configuration).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Gateway id sent in GWINFO and ADVERTISE.
+    pub gateway_id: u8,
+    /// Tretry: how long to wait for a device's answer before retransmitting.
+    pub retry_interval: Duration,
+    /// Nretry: retransmissions before the client is declared lost.
+    pub max_retries: u32,
+    /// A client silent for `keep_alive_factor` x its keep-alive is lost.
+    pub keep_alive_factor: f64,
+    /// A sleeping client not heard from within `sleep_factor` x its sleep duration is lost.
+    pub sleep_factor: f64,
+    /// Longest sleep duration accepted; longer requests are shortened to it.
+    pub max_sleep: Duration,
+    /// How long the will handshake and the broker connect may take.
+    pub connect_timeout: Duration,
+    /// Maximum number of client sessions (CONNACK congestion beyond).
+    pub max_clients: usize,
+    /// Maximum normal topic ids per client (REGACK/SUBACK congestion beyond).
+    pub max_topics_per_client: usize,
+    /// Per-client bound on held messages (QoS 0 beyond it are dropped, oldest first).
+    pub max_queued_messages: usize,
+    /// Per-client bound on held payload octets (QoS 0 beyond it are dropped, oldest first).
+    pub max_queued_bytes: usize,
+    /// Clean-session-false clients whose topic ids are kept after they go.
+    pub max_persisted_sessions: usize,
+    /// Predefined topic ids.
+    pub predefined: Arc<Predefined>,
+    /// Accept QoS -1 publishes from any address.
+    pub qos_minus_one: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            gateway_id: 1,
+            retry_interval: Duration::from_secs(10),
+            max_retries: 5,
+            keep_alive_factor: 1.5,
+            sleep_factor: 1.5,
+            max_sleep: Duration::from_secs(u64::from(u16::MAX)),
+            connect_timeout: Duration::from_secs(30),
+            max_clients: 100_000,
+            max_topics_per_client: 1_000,
+            max_queued_messages: 100,
+            max_queued_bytes: 64 * 1024,
+            max_persisted_sessions: 100_000,
+            predefined: Arc::new(Predefined::default()),
+            qos_minus_one: true,
+        }
+    }
+}
+
+/// Counters kept by the engine. Gauges (clients by state, held messages) are computed on
+/// request by [`Gateway::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Datagrams received.
+    pub datagrams_in: u64,
+    /// Datagrams sent.
+    pub datagrams_out: u64,
+    /// Datagrams that did not decode.
+    pub malformed: u64,
+    /// Session messages from addresses with no session.
+    pub unknown_peer: u64,
+    /// Messages not valid in the session's current state.
+    pub unexpected: u64,
+    /// Device publishes forwarded to the broker (QoS -1 included).
+    pub publishes_in: u64,
+    /// Broker messages delivered to devices.
+    pub publishes_out: u64,
+    /// QoS -1 publishes forwarded.
+    pub qos_minus_one: u64,
+    /// QoS -1 publishes dropped (normal topic id, unknown predefined id, or disabled).
+    pub qos_minus_one_dropped: u64,
+    /// Publishes rejected for an unknown topic id.
+    pub invalid_topic: u64,
+    /// QoS 0 messages dropped because a client's buffer was full.
+    pub qos0_dropped: u64,
+    /// Messages that could not be delivered (topic table full, too long to encode,
+    /// rejected by the device).
+    pub undeliverable: u64,
+    /// Retransmissions to devices.
+    pub retransmissions: u64,
+    /// Clients connected (CONNACK accepted).
+    pub connects: u64,
+    /// CONNECTs refused (limits, broker refusal).
+    pub connects_refused: u64,
+    /// Clean disconnects.
+    pub disconnects: u64,
+    /// Clients lost (keep-alive, sleep deadline, retries).
+    pub lost: u64,
+    /// Sessions ended because their broker connection closed.
+    pub broker_closed: u64,
+    /// Sessions taken over by a new CONNECT with the same client id.
+    pub takeovers: u64,
+    /// Times a client went to sleep.
+    pub sleeps: u64,
+    /// Times a client woke (PINGREQ with client id).
+    pub wakes: u64,
+}
+
+/// A snapshot of gauges and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Sessions in any state.
+    pub sessions: usize,
+    /// Sessions connected and awake (active or delivering after a wake).
+    pub active: usize,
+    /// Sessions asleep.
+    pub asleep: usize,
+    /// Messages held for devices (asleep or behind one in flight).
+    pub held_messages: usize,
+    /// Counters.
+    pub metrics: Metrics,
+}
+
+/// The engine's queued outputs.
+#[derive(Debug, Default)]
+pub(crate) struct Output {
+    transmits: VecDeque<Transmit>,
+    commands: VecDeque<(ClientKey, Command)>,
+}
+
+impl Output {
+    /// Encodes `packet` for `to`, encapsulating it for a forwarder when needed. Returns
+    /// false when it cannot be encoded (too long).
+    pub(crate) fn send(&mut self, to: &Peer, packet: &Packet<'_>) -> bool {
+        let len = packet.encoded_len();
+        let result = match &to.node {
+            None => {
+                let mut data = vec![0; len];
+                packet.encode(&mut data).map(|n| {
+                    data.truncate(n);
+                    data
+                })
+            }
+            Some(node) => {
+                let mut data = vec![0; len + node.len() + 3];
+                sn_codec::encode_encapsulated(0, node, packet, &mut data).map(|n| {
+                    data.truncate(n);
+                    data
+                })
+            }
+        };
+        match result {
+            Ok(data) => {
+                self.transmits.push_back(Transmit { to: to.link.clone(), data });
+                true
+            }
+            Err(e) => {
+                warn!(peer = %to, error = %e, "cannot encode {:?}", packet.msg_type());
+                false
+            }
+        }
+    }
+
+    pub(crate) fn command(&mut self, client: ClientKey, command: Command) {
+        self.commands.push_back((client, command));
+    }
+}
+
+/// The key of the gateway's own broker connection, which carries QoS -1 publishes.
+pub const QOS_MINUS_ONE_KEY: ClientKey = 0;
+
+/// The gateway engine: every session, and the tables that find them.
+#[derive(Debug)]
+pub struct Gateway {
+    cfg: Arc<EngineConfig>,
+    sessions: HashMap<ClientKey, Session>,
+    by_peer: HashMap<Peer, ClientKey>,
+    by_client_id: HashMap<Arc<str>, ClientKey>,
+    persisted: HashMap<Arc<str>, TopicTable>,
+    timers: BTreeSet<(Instant, ClientKey)>,
+    next_key: ClientKey,
+    out: Output,
+    metrics: Metrics,
+    qos_minus_one_connected: bool,
+}
+
+impl Gateway {
+    /// A gateway with no sessions.
+    pub fn new(cfg: EngineConfig) -> Self {
+        Gateway {
+            cfg: Arc::new(cfg),
+            sessions: HashMap::new(),
+            by_peer: HashMap::new(),
+            by_client_id: HashMap::new(),
+            persisted: HashMap::new(),
+            timers: BTreeSet::new(),
+            next_key: QOS_MINUS_ONE_KEY + 1,
+            out: Output::default(),
+            metrics: Metrics::default(),
+            qos_minus_one_connected: false,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        let t = self.out.transmits.pop_front();
+        if t.is_some() {
+            self.metrics.datagrams_out += 1;
+        }
+        t
+    }
+
+    /// The next command for a broker connection.
+    pub fn poll_command(&mut self) -> Option<(ClientKey, Command)> {
+        self.out.commands.pop_front()
+    }
+
+    /// When [`Gateway::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+
+    /// Gauges and counters.
+    pub fn stats(&self) -> Stats {
+        let mut stats = Stats {
+            sessions: self.sessions.len(),
+            metrics: self.metrics.clone(),
+            ..Stats::default()
+        };
+        for s in self.sessions.values() {
+            match s.state() {
+                SessionState::Active | SessionState::Awake => stats.active += 1,
+                SessionState::Asleep => stats.asleep += 1,
+                _ => {}
+            }
+            stats.held_messages += s.held();
+        }
+        stats
+    }
+
+    /// The state of the session of `client_id`, if there is one.
+    pub fn session_state(&self, client_id: &str) -> Option<SessionState> {
+        let key = self.by_client_id.get(client_id)?;
+        self.sessions.get(key).map(Session::state)
+    }
+
+    /// Feeds one datagram received from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: LinkAddr, data: &[u8]) {
+        self.metrics.datagrams_in += 1;
+        let packet = match Packet::decode(data) {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.malformed += 1;
+                debug!(peer = %from, error = %e, len = data.len(), "malformed datagram dropped");
+                return;
+            }
+        };
+        let (peer, packet) = match packet {
+            Packet::Encapsulated(enc) => match Packet::decode(enc.inner) {
+                Ok(Packet::Encapsulated(_)) | Err(_) => {
+                    self.metrics.malformed += 1;
+                    debug!(peer = %from, "malformed encapsulated message dropped");
+                    return;
+                }
+                Ok(inner) => (
+                    Peer {
+                        link: from,
+                        node: Some(enc.node_id.into()),
+                    },
+                    inner,
+                ),
+            },
+            p => (Peer::direct(from), p),
+        };
+        self.handle_packet(now, peer, packet);
+    }
+
+    fn handle_packet(&mut self, now: Instant, peer: Peer, packet: Packet<'_>) {
+        match packet {
+            Packet::SearchGw { .. } => {
+                let info = Packet::GwInfo(GwInfo {
+                    gw_id: self.cfg.gateway_id,
+                    gw_addr: &[],
+                });
+                self.out.send(&peer, &info);
+            }
+            // Other gateways' announcements, and answers from clients on their behalf.
+            Packet::Advertise(_) | Packet::GwInfo(_) => {}
+            Packet::Connect(c) => self.handle_connect(now, peer, c),
+            Packet::Publish(p) if p.qos == QoS::MinusOne => self.handle_qos_minus_one(peer, p),
+            Packet::PingReq(Some(client_id)) => {
+                let key = self.by_client_id.get(client_id).copied();
+                match key {
+                    Some(key) => {
+                        self.rebind(key, &peer);
+                        self.with_session(now, key, |s, ctx| s.handle_packet(ctx, packet));
+                    }
+                    None => self.unknown_peer(&peer, &packet),
+                }
+            }
+            _ => match self.by_peer.get(&peer).copied() {
+                Some(key) => self.with_session(now, key, |s, ctx| s.handle_packet(ctx, packet)),
+                None => self.unknown_peer(&peer, &packet),
+            },
+        }
+    }
+
+    /// A session message from an address with no session: counted, and answered with
+    /// DISCONNECT when it expects an answer, so that a device the gateway no longer
+    /// knows (gateway restarted, session lost) learns it must connect again.
+    fn unknown_peer(&mut self, peer: &Peer, packet: &Packet<'_>) {
+        self.metrics.unknown_peer += 1;
+        debug!(peer = %peer, kind = ?packet.msg_type(), "message from unknown client dropped");
+        let answer = matches!(
+            packet,
+            Packet::Publish(_)
+                | Packet::Register(_)
+                | Packet::Subscribe(_)
+                | Packet::Unsubscribe(_)
+                | Packet::PingReq(_)
+                | Packet::PubRel(_)
+                | Packet::WillTopicUpd(_)
+                | Packet::WillMsgUpd(_)
+        );
+        if answer {
+            self.out.send(peer, &Packet::Disconnect(None));
+        }
+    }
+
+    /// Moves a session to a new address (NAT rebinding, a sleeping device waking
+    /// elsewhere). Any other session on that address is ended: the address belongs to
+    /// whoever spoke last.
+    fn rebind(&mut self, key: ClientKey, peer: &Peer) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if session.peer() == peer {
+            return;
+        }
+        info!(client = %session.client_id(), from = %session.peer(), to = %peer, "client changed address");
+        let old = session.peer().clone();
+        session.set_peer(peer.clone());
+        if self.by_peer.get(&old) == Some(&key) {
+            self.by_peer.remove(&old);
+        }
+        if let Some(other) = self.by_peer.insert(peer.clone(), key) {
+            if other != key {
+                self.end_quietly(other, "address taken over by another client");
+            }
+        }
+    }
+
+    fn handle_connect(&mut self, now: Instant, peer: Peer, c: sn_codec::Connect<'_>) {
+        if c.client_id.is_empty() {
+            self.metrics.connects_refused += 1;
+            debug!(peer = %peer, "CONNECT without client id refused");
+            self.out.send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
+            return;
+        }
+        let existing = self.by_client_id.get(c.client_id).copied();
+        if let Some(key) = existing {
+            let state = self.sessions.get(&key).map(Session::state);
+            match state {
+                // A retransmitted CONNECT while the handshake runs: answer where we are.
+                Some(s) if s.is_connecting() && self.sessions.get(&key).is_some_and(|s| *s.peer() == peer) => {
+                    self.with_session(now, key, |s, ctx| s.handle_connect_retry(ctx, c));
+                    return;
+                }
+                // CONNECT from asleep resumes the session (spec 6.14).
+                Some(SessionState::Asleep | SessionState::Awake) => {
+                    self.rebind(key, &peer);
+                    self.with_session(now, key, |s, ctx| s.resume(ctx, c));
+                    return;
+                }
+                _ => {}
+            }
+        }
+        // Anything else on this address, or with this client id, is taken over.
+        let mut topics = None;
+        if let Some(key) = existing {
+            if let Some(old) = self.remove_session(key) {
+                self.metrics.takeovers += 1;
+                info!(client = %c.client_id, from = %old.peer(), to = %peer, "session taken over");
+                let table = old.take_over(&mut self.out);
+                if !c.clean_session {
+                    topics = Some(table);
+                }
+            }
+        }
+        if let Some(key) = self.by_peer.get(&peer).copied() {
+            self.end_quietly(key, "address reused by a new CONNECT");
+        }
+        if c.clean_session {
+            self.persisted.remove(c.client_id);
+        } else if topics.is_none() {
+            topics = self.persisted.remove(c.client_id);
+        }
+        if self.sessions.len() >= self.cfg.max_clients {
+            self.metrics.connects_refused += 1;
+            warn!(client = %c.client_id, peer = %peer, limit = self.cfg.max_clients, "CONNECT refused: client limit reached");
+            self.out.send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::Congestion));
+            return;
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        let client_id: Arc<str> = c.client_id.into();
+        let mut ctx = Ctx {
+            cfg: &self.cfg,
+            out: &mut self.out,
+            metrics: &mut self.metrics,
+            now,
+        };
+        let session = Session::new(&mut ctx, key, client_id.clone(), peer.clone(), c, topics.unwrap_or_default());
+        self.sessions.insert(key, session);
+        self.by_peer.insert(peer, key);
+        self.by_client_id.insert(client_id, key);
+        self.reschedule(key);
+    }
+
+    fn handle_qos_minus_one(&mut self, peer: Peer, p: sn_codec::Publish<'_>) {
+        let topic = match p.topic {
+            sn_codec::TopicRef::Normal(_) => None,
+            t => topics::resolve(t, &self.cfg.predefined, &TopicTable::default()),
+        };
+        let Some(topic) = topic.filter(|_| self.cfg.qos_minus_one) else {
+            self.metrics.qos_minus_one_dropped += 1;
+            debug!(peer = %peer, topic = ?p.topic, "QoS -1 publish dropped");
+            return;
+        };
+        if !self.qos_minus_one_connected {
+            self.qos_minus_one_connected = true;
+            self.out.command(
+                QOS_MINUS_ONE_KEY,
+                Command::Connect(ConnectParams {
+                    client_id: format!("mqtt-sn-gw-{}-qos-1", self.cfg.gateway_id),
+                    clean_session: true,
+                    keep_alive: 60,
+                    will: None,
+                }),
+            );
+        }
+        self.metrics.qos_minus_one += 1;
+        self.metrics.publishes_in += 1;
+        self.out.command(
+            QOS_MINUS_ONE_KEY,
+            Command::Publish {
+                token: 0,
+                topic,
+                payload: bytes::Bytes::copy_from_slice(p.data),
+                qos: MqttQos::AtMostOnce,
+                retain: p.retain,
+            },
+        );
+    }
+
+    /// Feeds an event from the broker connection of `client`.
+    pub fn handle_broker_event(&mut self, now: Instant, client: ClientKey, event: BrokerEvent) {
+        if client == QOS_MINUS_ONE_KEY {
+            if let BrokerEvent::Closed { reason } | BrokerEvent::ConnectFailed { reason } = &event {
+                warn!(%reason, "QoS -1 broker connection closed; reconnecting on next QoS -1 publish");
+                self.qos_minus_one_connected = false;
+            }
+            return;
+        }
+        if !self.sessions.contains_key(&client) {
+            // The session ended before its link did: nothing to do.
+            return;
+        }
+        self.with_session(now, client, |s, ctx| s.handle_broker_event(ctx, event));
+    }
+
+    /// Handles every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, key)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, key));
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.set_timer(None);
+            }
+            self.with_session(now, key, |s, ctx| s.handle_timeout(ctx));
+        }
+    }
+
+    fn with_session(&mut self, now: Instant, key: ClientKey, f: impl FnOnce(&mut Session, &mut Ctx<'_>) -> Flow) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let mut ctx = Ctx {
+            cfg: &self.cfg,
+            out: &mut self.out,
+            metrics: &mut self.metrics,
+            now,
+        };
+        match f(session, &mut ctx) {
+            Flow::Continue => self.reschedule(key),
+            Flow::End => {
+                if let Some(session) = self.remove_session(key) {
+                    self.persist(session);
+                }
+            }
+        }
+    }
+
+    fn reschedule(&mut self, key: ClientKey) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let next = session.poll_timeout(&self.cfg);
+        if next == session.timer() {
+            return;
+        }
+        if let Some(old) = session.timer() {
+            self.timers.remove(&(old, key));
+        }
+        session.set_timer(next);
+        if let Some(at) = next {
+            self.timers.insert((at, key));
+        }
+    }
+
+    fn remove_session(&mut self, key: ClientKey) -> Option<Session> {
+        let session = self.sessions.remove(&key)?;
+        if let Some(at) = session.timer() {
+            self.timers.remove(&(at, key));
+        }
+        if self.by_peer.get(session.peer()) == Some(&key) {
+            self.by_peer.remove(session.peer());
+        }
+        if self.by_client_id.get(session.client_id()) == Some(&key) {
+            self.by_client_id.remove(session.client_id());
+        }
+        Some(session)
+    }
+
+    /// Ends a session without a will (its address or id went to someone else).
+    fn end_quietly(&mut self, key: ClientKey, why: &str) {
+        if let Some(old) = self.remove_session(key) {
+            info!(client = %old.client_id(), peer = %old.peer(), "session ended: {why}");
+            self.metrics.takeovers += 1;
+            let clean = old.clean_session();
+            let client_id = old.client_id().clone();
+            let table = old.take_over(&mut self.out);
+            if !clean {
+                self.store_persisted(client_id, table);
+            }
+        }
+    }
+
+    /// Keeps the topic ids of a clean-session-false client for its next CONNECT.
+    fn persist(&mut self, session: Session) {
+        if !session.clean_session() {
+            let client_id = session.client_id().clone();
+            self.store_persisted(client_id, session.into_topics());
+        }
+    }
+
+    fn store_persisted(&mut self, client_id: Arc<str>, table: TopicTable) {
+        if self.persisted.len() >= self.cfg.max_persisted_sessions && !self.persisted.contains_key(&client_id) {
+            debug!(client = %client_id, "persisted-session limit reached; topic ids not kept");
+            return;
+        }
+        self.persisted.insert(client_id, table);
+    }
+}
+
+#[cfg(test)]
+mod tests;

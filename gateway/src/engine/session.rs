@@ -1,0 +1,1020 @@
+//! One MQTT-SN client's session: the connect handshake, topic ids, publishes both ways,
+//! subscriptions, keep-alive, retransmission and the sleep cycle.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sn_codec::{Packet, PubAck, QoS, RegAck, Register, ReturnCode, SubAck, TopicFilter, TopicRef};
+use tracing::{debug, info};
+
+use super::{EngineConfig, Metrics, Output, Peer};
+use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, Message, MqttQos, Token, Will};
+use crate::topics::{self, TopicTable};
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionState {
+    /// CONNECT with the will flag received, WILLTOPICREQ sent.
+    WillTopic,
+    /// WILLTOPIC received, WILLMSGREQ sent.
+    WillMsg,
+    /// Waiting for the broker to accept the connection.
+    Connecting,
+    /// Connected and awake.
+    Active,
+    /// Asleep: messages are held.
+    Asleep,
+    /// Woken by PINGREQ: held messages are being delivered, PINGRESP follows.
+    Awake,
+}
+
+impl SessionState {
+    /// Whether the connect handshake is still running.
+    pub fn is_connecting(self) -> bool {
+        matches!(self, SessionState::WillTopic | SessionState::WillMsg | SessionState::Connecting)
+    }
+}
+
+/// What the engine must do with a session after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub(crate) enum Flow {
+    Continue,
+    /// The session is over (its broker link has been told already).
+    End,
+}
+
+/// What a session handler needs from the engine.
+pub(crate) struct Ctx<'a> {
+    pub cfg: &'a EngineConfig,
+    pub out: &'a mut Output,
+    pub metrics: &'a mut Metrics,
+    pub now: Instant,
+}
+
+/// A device publish waiting for the broker's acknowledgement.
+#[derive(Debug, Clone, Copy)]
+struct Uplink {
+    msg_id: u16,
+    topic_id: u16,
+    qos: MqttQos,
+}
+
+/// A SUBSCRIBE waiting for the broker's SUBACK.
+#[derive(Debug, Clone, Copy)]
+struct PendingSub {
+    msg_id: u16,
+    topic_id: u16,
+}
+
+/// A broker message held for the device.
+#[derive(Debug, Clone)]
+struct Held {
+    msg: Message,
+    /// Sent to the device before (the next send carries DUP).
+    sent: bool,
+}
+
+/// The one gateway-to-device exchange in flight.
+#[derive(Debug, Clone, Copy)]
+enum InflightKind {
+    /// REGISTER for the topic of the message at the queue's front.
+    Register { msg_id: u16, topic_id: u16 },
+    /// PUBLISH (QoS 1 or 2) of the message at the queue's front.
+    Publish { msg_id: u16, topic: TopicRef },
+    /// PUBREL of a QoS 2 message already off the queue.
+    PubRel { msg_id: u16 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Inflight {
+    kind: InflightKind,
+    sent_at: Instant,
+    retries: u32,
+}
+
+/// One client session.
+#[derive(Debug)]
+pub(crate) struct Session {
+    key: ClientKey,
+    client_id: Arc<str>,
+    peer: Peer,
+    state: SessionState,
+    clean_session: bool,
+    keep_alive: u16,
+    last_heard: Instant,
+    /// Set when the handshake is a CONNECT from asleep: no new broker connection.
+    resuming: bool,
+    will_topic: Option<(String, MqttQos, bool)>,
+    will_message: Bytes,
+    topics: TopicTable,
+    next_token: Token,
+    uplink: HashMap<Token, Uplink>,
+    /// QoS 2 message ids from the device published to the broker: `true` once PUBREC was
+    /// sent to the device (awaiting PUBREL), `false` while the broker has not answered.
+    qos2_in: HashMap<u16, bool>,
+    subs: HashMap<Token, PendingSub>,
+    unsubs: HashMap<Token, u16>,
+    queue: VecDeque<Held>,
+    queued_bytes: usize,
+    inflight: Option<Inflight>,
+    next_msg_id: u16,
+    /// While awake: messages still to deliver before PINGRESP.
+    wake_remaining: usize,
+    sleep_since: Instant,
+    sleep_duration: Duration,
+    timer: Option<Instant>,
+}
+
+fn mqtt_qos(q: QoS) -> MqttQos {
+    match q {
+        QoS::AtLeastOnce => MqttQos::AtLeastOnce,
+        QoS::ExactlyOnce => MqttQos::ExactlyOnce,
+        QoS::AtMostOnce | QoS::MinusOne => MqttQos::AtMostOnce,
+    }
+}
+
+fn sn_qos(q: MqttQos) -> QoS {
+    match q {
+        MqttQos::AtMostOnce => QoS::AtMostOnce,
+        MqttQos::AtLeastOnce => QoS::AtLeastOnce,
+        MqttQos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn scaled(secs: u16, factor: f64) -> Duration {
+    Duration::from_secs_f64(f64::from(secs) * factor)
+}
+
+impl Session {
+    /// Starts a session for a CONNECT: the will handshake, or straight to the broker.
+    pub(crate) fn new(
+        ctx: &mut Ctx<'_>,
+        key: ClientKey,
+        client_id: Arc<str>,
+        peer: Peer,
+        c: sn_codec::Connect<'_>,
+        topics: TopicTable,
+    ) -> Session {
+        let mut s = Session {
+            key,
+            client_id,
+            peer,
+            state: SessionState::Connecting,
+            clean_session: c.clean_session,
+            keep_alive: c.duration,
+            last_heard: ctx.now,
+            resuming: false,
+            will_topic: None,
+            will_message: Bytes::new(),
+            topics,
+            next_token: 1,
+            uplink: HashMap::new(),
+            qos2_in: HashMap::new(),
+            subs: HashMap::new(),
+            unsubs: HashMap::new(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            inflight: None,
+            next_msg_id: 0,
+            wake_remaining: 0,
+            sleep_since: ctx.now,
+            sleep_duration: Duration::ZERO,
+            timer: None,
+        };
+        s.start_handshake(ctx, c.will);
+        s
+    }
+
+    fn start_handshake(&mut self, ctx: &mut Ctx<'_>, will: bool) {
+        if will {
+            self.state = SessionState::WillTopic;
+            ctx.out.send(&self.peer, &Packet::WillTopicReq);
+        } else {
+            self.will_topic = None;
+            self.will_message = Bytes::new();
+            self.finish_handshake(ctx);
+        }
+    }
+
+    fn finish_handshake(&mut self, ctx: &mut Ctx<'_>) {
+        if self.resuming {
+            self.resuming = false;
+            self.become_active(ctx);
+            return;
+        }
+        self.state = SessionState::Connecting;
+        ctx.out.command(
+            self.key,
+            Command::Connect(ConnectParams {
+                client_id: self.client_id.to_string(),
+                clean_session: self.clean_session,
+                keep_alive: self.keep_alive,
+                will: self.will(),
+            }),
+        );
+    }
+
+    fn become_active(&mut self, ctx: &mut Ctx<'_>) {
+        self.state = SessionState::Active;
+        ctx.metrics.connects += 1;
+        info!(client = %self.client_id, peer = %self.peer, keep_alive = self.keep_alive, clean = self.clean_session, "client connected");
+        ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::Accepted));
+        // Whatever was in flight when the client slept is sent again now.
+        self.retransmit_inflight(ctx);
+        self.pump(ctx);
+    }
+
+    pub(crate) fn state(&self) -> SessionState {
+        self.state
+    }
+
+    pub(crate) fn held(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub(crate) fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    pub(crate) fn set_peer(&mut self, peer: Peer) {
+        self.peer = peer;
+    }
+
+    pub(crate) fn client_id(&self) -> &Arc<str> {
+        &self.client_id
+    }
+
+    pub(crate) fn clean_session(&self) -> bool {
+        self.clean_session
+    }
+
+    pub(crate) fn timer(&self) -> Option<Instant> {
+        self.timer
+    }
+
+    pub(crate) fn set_timer(&mut self, at: Option<Instant>) {
+        self.timer = at;
+    }
+
+    pub(crate) fn into_topics(self) -> TopicTable {
+        self.topics
+    }
+
+    fn will(&self) -> Option<Will> {
+        self.will_topic.as_ref().map(|(topic, qos, retain)| Will {
+            topic: topic.clone(),
+            message: self.will_message.clone(),
+            qos: *qos,
+            retain: *retain,
+        })
+    }
+
+    /// The session is replaced by a new CONNECT with the same client id or address:
+    /// close its broker connection cleanly (no will: the client is not lost).
+    pub(crate) fn take_over(self, out: &mut Output) -> TopicTable {
+        out.command(self.key, Command::Disconnect { will: None });
+        self.topics
+    }
+
+    /// A CONNECT again from the same address while the handshake runs: the device did
+    /// not hear our answer. Start the handshake over if it changed its mind about the
+    /// will; otherwise repeat the current step.
+    pub(crate) fn handle_connect_retry(&mut self, ctx: &mut Ctx<'_>, c: sn_codec::Connect<'_>) -> Flow {
+        self.last_heard = ctx.now;
+        match self.state {
+            SessionState::WillTopic | SessionState::WillMsg if c.will => {
+                self.state = SessionState::WillTopic;
+                ctx.out.send(&self.peer, &Packet::WillTopicReq);
+            }
+            // Waiting for the broker: CONNACK comes when it answers.
+            _ => {}
+        }
+        Flow::Continue
+    }
+
+    /// CONNECT from asleep: active again, held messages delivered (spec 6.14).
+    pub(crate) fn resume(&mut self, ctx: &mut Ctx<'_>, c: sn_codec::Connect<'_>) -> Flow {
+        self.last_heard = ctx.now;
+        self.keep_alive = c.duration;
+        self.resuming = true;
+        info!(client = %self.client_id, "client resumes from sleep with CONNECT");
+        self.start_handshake(ctx, c.will);
+        Flow::Continue
+    }
+
+    /// A message from the device.
+    pub(crate) fn handle_packet(&mut self, ctx: &mut Ctx<'_>, packet: Packet<'_>) -> Flow {
+        use SessionState as S;
+        if self.state != S::Asleep {
+            self.last_heard = ctx.now;
+        }
+        match (self.state, packet) {
+            (S::WillTopic | S::WillMsg, Packet::WillTopic(Some(w))) => {
+                if w.qos == QoS::MinusOne || !topics::is_valid_topic_name(w.topic) {
+                    debug!(client = %self.client_id, "invalid will topic refused");
+                    ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::NotSupported));
+                    ctx.metrics.connects_refused += 1;
+                    return self.end_connecting(ctx);
+                }
+                self.will_topic = Some((w.topic.to_string(), mqtt_qos(w.qos), w.retain));
+                self.state = S::WillMsg;
+                ctx.out.send(&self.peer, &Packet::WillMsgReq);
+            }
+            (S::WillTopic, Packet::WillTopic(None)) => {
+                self.will_topic = None;
+                self.finish_handshake(ctx);
+            }
+            (S::WillMsg, Packet::WillMsg(m)) => {
+                self.will_message = Bytes::copy_from_slice(m);
+                self.finish_handshake(ctx);
+            }
+            // Retransmissions of handshake steps already done.
+            (S::Connecting, Packet::WillMsg(_) | Packet::WillTopic(_)) => {}
+            (S::WillTopic | S::WillMsg | S::Connecting, Packet::Disconnect(None)) => {
+                ctx.out.send(&self.peer, &Packet::Disconnect(None));
+                return self.end_connecting(ctx);
+            }
+            (S::Active | S::Awake, Packet::Register(r)) => self.on_register(ctx, r),
+            (S::Active | S::Awake, Packet::Publish(p)) => self.on_publish(ctx, p),
+            (S::Active | S::Awake | S::Asleep, Packet::PubRel(msg_id)) => {
+                // Answered whatever we know of it: PUBCOMP must reach the device.
+                self.qos2_in.remove(&msg_id);
+                ctx.out.send(&self.peer, &Packet::PubComp(msg_id));
+            }
+            (S::Active | S::Awake, Packet::PubAck(a)) => self.on_puback(ctx, a),
+            (S::Active | S::Awake, Packet::PubRec(msg_id)) => self.on_pubrec(ctx, msg_id),
+            (S::Active | S::Awake, Packet::PubComp(msg_id)) => self.on_pubcomp(ctx, msg_id),
+            (S::Active | S::Awake, Packet::RegAck(a)) => self.on_regack(ctx, a),
+            (S::Active | S::Awake, Packet::Subscribe(s)) => self.on_subscribe(ctx, s),
+            (S::Active | S::Awake, Packet::Unsubscribe(u)) => self.on_unsubscribe(ctx, u),
+            (S::Active, Packet::PingReq(_)) => {
+                ctx.out.send(&self.peer, &Packet::PingResp);
+            }
+            (S::Asleep, Packet::PingReq(_)) => self.wake(ctx),
+            // A repeated PINGREQ while delivering: PINGRESP comes after the last message.
+            (S::Awake, Packet::PingReq(_)) => {}
+            (S::Active | S::Awake | S::Asleep, Packet::Disconnect(None)) => {
+                ctx.out.send(&self.peer, &Packet::Disconnect(None));
+                ctx.metrics.disconnects += 1;
+                info!(client = %self.client_id, peer = %self.peer, "client disconnected");
+                ctx.out.command(self.key, Command::Disconnect { will: None });
+                return Flow::End;
+            }
+            (S::Active | S::Awake | S::Asleep, Packet::Disconnect(Some(secs))) => return self.sleep(ctx, secs),
+            (S::Active | S::Awake, Packet::WillTopicUpd(w)) => {
+                let code = match w {
+                    None => {
+                        self.will_topic = None;
+                        self.will_message = Bytes::new();
+                        ReturnCode::Accepted
+                    }
+                    Some(w) if w.qos != QoS::MinusOne && topics::is_valid_topic_name(w.topic) => {
+                        self.will_topic = Some((w.topic.to_string(), mqtt_qos(w.qos), w.retain));
+                        ReturnCode::Accepted
+                    }
+                    Some(_) => ReturnCode::NotSupported,
+                };
+                debug!(client = %self.client_id, ?code, "will topic update");
+                ctx.out.send(&self.peer, &Packet::WillTopicResp(code));
+            }
+            (S::Active | S::Awake, Packet::WillMsgUpd(m)) => {
+                self.will_message = Bytes::copy_from_slice(m);
+                debug!(client = %self.client_id, "will message update");
+                ctx.out.send(&self.peer, &Packet::WillMsgResp(ReturnCode::Accepted));
+            }
+            (state, p) => {
+                ctx.metrics.unexpected += 1;
+                debug!(client = %self.client_id, ?state, kind = ?p.msg_type(), "unexpected message dropped");
+            }
+        }
+        self.pump(ctx);
+        Flow::Continue
+    }
+
+    fn end_connecting(&mut self, ctx: &mut Ctx<'_>) -> Flow {
+        if self.resuming {
+            // The broker connection belongs to the sleeping session being resumed.
+            ctx.out.command(self.key, Command::Disconnect { will: None });
+        } else if self.state == SessionState::Connecting {
+            ctx.out.command(self.key, Command::Disconnect { will: None });
+        }
+        Flow::End
+    }
+
+    fn next_msg_id(&mut self) -> u16 {
+        self.next_msg_id = self.next_msg_id.wrapping_add(1);
+        if self.next_msg_id == 0 {
+            self.next_msg_id = 1;
+        }
+        self.next_msg_id
+    }
+
+    fn next_token(&mut self) -> Token {
+        let t = self.next_token;
+        self.next_token += 1;
+        t
+    }
+
+    fn on_register(&mut self, ctx: &mut Ctx<'_>, r: Register<'_>) {
+        let (topic_id, code) = if !topics::is_valid_topic_name(r.topic_name) {
+            (0, ReturnCode::NotSupported)
+        } else {
+            match self.topics.assign(r.topic_name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined) {
+                Some(id) => (id, ReturnCode::Accepted),
+                None => (0, ReturnCode::Congestion),
+            }
+        };
+        debug!(client = %self.client_id, topic = r.topic_name, topic_id, ?code, "REGISTER");
+        let ack = Packet::RegAck(RegAck {
+            topic_id,
+            msg_id: r.msg_id,
+            code,
+        });
+        ctx.out.send(&self.peer, &ack);
+    }
+
+    fn on_publish(&mut self, ctx: &mut Ctx<'_>, p: sn_codec::Publish<'_>) {
+        let topic_id = topics::raw_id(p.topic);
+        let Some(topic) = topics::resolve(p.topic, &ctx.cfg.predefined, &self.topics) else {
+            ctx.metrics.invalid_topic += 1;
+            debug!(client = %self.client_id, topic = ?p.topic, "PUBLISH to unknown topic id");
+            let ack = Packet::PubAck(PubAck {
+                topic_id,
+                msg_id: p.msg_id,
+                code: ReturnCode::InvalidTopicId,
+            });
+            ctx.out.send(&self.peer, &ack);
+            return;
+        };
+        let qos = mqtt_qos(p.qos);
+        let token = match qos {
+            MqttQos::AtMostOnce => 0,
+            MqttQos::AtLeastOnce => {
+                if p.dup && self.uplink.values().any(|u| u.msg_id == p.msg_id) {
+                    return; // Still waiting for the broker; PUBACK follows.
+                }
+                self.next_token()
+            }
+            MqttQos::ExactlyOnce => match self.qos2_in.get(&p.msg_id) {
+                Some(true) => {
+                    // The broker has it; the device missed our PUBREC.
+                    ctx.out.send(&self.peer, &Packet::PubRec(p.msg_id));
+                    return;
+                }
+                Some(false) => return,
+                None => {
+                    self.qos2_in.insert(p.msg_id, false);
+                    self.next_token()
+                }
+            },
+        };
+        if qos != MqttQos::AtMostOnce {
+            self.uplink.insert(
+                token,
+                Uplink {
+                    msg_id: p.msg_id,
+                    topic_id,
+                    qos,
+                },
+            );
+        }
+        ctx.metrics.publishes_in += 1;
+        ctx.out.command(
+            self.key,
+            Command::Publish {
+                token,
+                topic,
+                payload: Bytes::copy_from_slice(p.data),
+                qos,
+                retain: p.retain,
+            },
+        );
+    }
+
+    fn on_subscribe(&mut self, ctx: &mut Ctx<'_>, s: sn_codec::Subscribe<'_>) {
+        if self.subs.values().any(|p| p.msg_id == s.msg_id) {
+            return; // A retransmission; SUBACK follows.
+        }
+        let reject = |ctx: &mut Ctx<'_>, peer: &Peer, code| {
+            let ack = Packet::SubAck(SubAck {
+                qos: QoS::AtMostOnce,
+                topic_id: 0,
+                msg_id: s.msg_id,
+                code,
+            });
+            ctx.out.send(peer, &ack);
+        };
+        let (filter, topic_id) = match s.topic {
+            TopicFilter::Name(name) => {
+                if !topics::is_valid_topic_filter(name) {
+                    return reject(ctx, &self.peer, ReturnCode::NotSupported);
+                }
+                if topics::has_wildcards(name) {
+                    (name.to_string(), 0)
+                } else {
+                    match self.topics.assign(name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined) {
+                        Some(id) => (name.to_string(), id),
+                        None => return reject(ctx, &self.peer, ReturnCode::Congestion),
+                    }
+                }
+            }
+            TopicFilter::Predefined(id) => match ctx.cfg.predefined.name(id) {
+                Some(name) => (name.to_string(), id),
+                None => return reject(ctx, &self.peer, ReturnCode::InvalidTopicId),
+            },
+            TopicFilter::Short(bytes) => match topics::resolve(TopicRef::Short(bytes), &ctx.cfg.predefined, &self.topics) {
+                Some(name) => (name.to_string(), u16::from_be_bytes(bytes)),
+                None => return reject(ctx, &self.peer, ReturnCode::InvalidTopicId),
+            },
+        };
+        let token = self.next_token();
+        self.subs.insert(token, PendingSub { msg_id: s.msg_id, topic_id });
+        debug!(client = %self.client_id, %filter, qos = ?s.qos, "SUBSCRIBE");
+        ctx.out.command(
+            self.key,
+            Command::Subscribe {
+                token,
+                filter,
+                qos: mqtt_qos(s.qos),
+            },
+        );
+    }
+
+    fn on_unsubscribe(&mut self, ctx: &mut Ctx<'_>, u: sn_codec::Unsubscribe<'_>) {
+        if self.unsubs.values().any(|&m| m == u.msg_id) {
+            return;
+        }
+        let filter = match u.topic {
+            TopicFilter::Name(name) => Some(name.to_string()),
+            TopicFilter::Predefined(id) => ctx.cfg.predefined.name(id).map(|n| n.to_string()),
+            TopicFilter::Short(bytes) => std::str::from_utf8(&bytes).ok().map(str::to_string),
+        };
+        match filter.filter(|f| topics::is_valid_topic_filter(f)) {
+            Some(filter) => {
+                let token = self.next_token();
+                self.unsubs.insert(token, u.msg_id);
+                ctx.out.command(self.key, Command::Unsubscribe { token, filter });
+            }
+            // Nothing to unsubscribe from: the client is not subscribed to it either way.
+            None => {
+                ctx.out.send(&self.peer, &Packet::UnsubAck(u.msg_id));
+            }
+        }
+    }
+
+    fn sleep(&mut self, ctx: &mut Ctx<'_>, secs: u16) -> Flow {
+        let requested = Duration::from_secs(u64::from(secs));
+        self.sleep_duration = requested.min(ctx.cfg.max_sleep);
+        if self.sleep_duration < requested {
+            info!(client = %self.client_id, requested = secs, max = ctx.cfg.max_sleep.as_secs(), "sleep duration shortened to the configured maximum");
+        }
+        self.sleep_since = ctx.now;
+        if self.state != SessionState::Asleep {
+            ctx.metrics.sleeps += 1;
+        }
+        self.state = SessionState::Asleep;
+        info!(client = %self.client_id, secs, held = self.queue.len(), "client asleep");
+        ctx.out.send(&self.peer, &Packet::Disconnect(None));
+        Flow::Continue
+    }
+
+    fn wake(&mut self, ctx: &mut Ctx<'_>) {
+        ctx.metrics.wakes += 1;
+        self.last_heard = ctx.now;
+        self.state = SessionState::Awake;
+        self.wake_remaining = self.queue.len();
+        debug!(client = %self.client_id, held = self.queue.len(), "client awake");
+        self.retransmit_inflight(ctx);
+        // pump() sends the held messages, then PINGRESP.
+    }
+
+    /// A message from the broker for this client.
+    pub(crate) fn handle_broker_event(&mut self, ctx: &mut Ctx<'_>, event: BrokerEvent) -> Flow {
+        match event {
+            BrokerEvent::Connected { session_present } => {
+                if self.state == SessionState::Connecting {
+                    debug!(client = %self.client_id, session_present, "broker accepted connection");
+                    self.become_active(ctx);
+                }
+            }
+            BrokerEvent::ConnectFailed { reason } => {
+                info!(client = %self.client_id, %reason, "broker refused connection");
+                ctx.metrics.connects_refused += 1;
+                if self.state.is_connecting() {
+                    ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::Congestion));
+                } else {
+                    ctx.out.send(&self.peer, &Packet::Disconnect(None));
+                }
+                return Flow::End;
+            }
+            BrokerEvent::Closed { reason } => {
+                // Tell the device rather than leave it talking to nobody.
+                info!(client = %self.client_id, %reason, "broker connection closed; disconnecting client");
+                ctx.metrics.broker_closed += 1;
+                ctx.out.send(&self.peer, &Packet::Disconnect(None));
+                return Flow::End;
+            }
+            BrokerEvent::Published { token } => {
+                if let Some(u) = self.uplink.remove(&token) {
+                    match u.qos {
+                        MqttQos::ExactlyOnce => {
+                            self.qos2_in.insert(u.msg_id, true);
+                            ctx.out.send(&self.peer, &Packet::PubRec(u.msg_id));
+                        }
+                        _ => {
+                            let ack = Packet::PubAck(PubAck {
+                                topic_id: u.topic_id,
+                                msg_id: u.msg_id,
+                                code: ReturnCode::Accepted,
+                            });
+                            ctx.out.send(&self.peer, &ack);
+                        }
+                    }
+                }
+            }
+            BrokerEvent::Rejected { token } => {
+                if let Some(u) = self.uplink.remove(&token) {
+                    self.qos2_in.remove(&u.msg_id);
+                    let ack = Packet::PubAck(PubAck {
+                        topic_id: u.topic_id,
+                        msg_id: u.msg_id,
+                        code: ReturnCode::Congestion,
+                    });
+                    ctx.out.send(&self.peer, &ack);
+                } else if let Some(s) = self.subs.remove(&token) {
+                    let ack = Packet::SubAck(SubAck {
+                        qos: QoS::AtMostOnce,
+                        topic_id: 0,
+                        msg_id: s.msg_id,
+                        code: ReturnCode::Congestion,
+                    });
+                    ctx.out.send(&self.peer, &ack);
+                } else {
+                    // UNSUBACK has no return code; the device retries on silence.
+                    self.unsubs.remove(&token);
+                }
+            }
+            BrokerEvent::SubAck { token, granted } => {
+                if let Some(s) = self.subs.remove(&token) {
+                    let ack = match granted {
+                        Some(q) => SubAck {
+                            qos: sn_qos(q),
+                            topic_id: s.topic_id,
+                            msg_id: s.msg_id,
+                            code: ReturnCode::Accepted,
+                        },
+                        None => SubAck {
+                            qos: QoS::AtMostOnce,
+                            topic_id: 0,
+                            msg_id: s.msg_id,
+                            code: ReturnCode::NotSupported,
+                        },
+                    };
+                    ctx.out.send(&self.peer, &Packet::SubAck(ack));
+                }
+            }
+            BrokerEvent::UnsubAck { token } => {
+                if let Some(msg_id) = self.unsubs.remove(&token) {
+                    ctx.out.send(&self.peer, &Packet::UnsubAck(msg_id));
+                }
+            }
+            BrokerEvent::Message(m) => self.enqueue(ctx, m),
+        }
+        self.pump(ctx);
+        Flow::Continue
+    }
+
+    /// Holds a broker message. QoS 1/2 are always kept (the broker's in-flight window
+    /// bounds them, and they are not acknowledged until the device has them); a QoS 0
+    /// message that does not fit the bounds pushes out the oldest QoS 0 one.
+    fn enqueue(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
+        let size = msg.payload.len() + msg.topic.len();
+        if msg.qos == MqttQos::AtMostOnce {
+            while self.queue.len() + 1 > ctx.cfg.max_queued_messages || self.queued_bytes + size > ctx.cfg.max_queued_bytes {
+                // The front is protected while something about it is in flight.
+                let start = usize::from(self.inflight.is_some());
+                let oldest = self.queue.iter().skip(start).position(|h| h.msg.qos == MqttQos::AtMostOnce);
+                ctx.metrics.qos0_dropped += 1;
+                match oldest {
+                    Some(i) => {
+                        let i = i + start;
+                        if let Some(h) = self.queue.remove(i) {
+                            self.queued_bytes -= h.msg.payload.len() + h.msg.topic.len();
+                        }
+                        if i < self.wake_remaining {
+                            self.wake_remaining -= 1;
+                        }
+                        debug!(client = %self.client_id, "buffer full: oldest QoS 0 message dropped");
+                    }
+                    None => {
+                        debug!(client = %self.client_id, "buffer full of QoS 1/2 messages: QoS 0 message dropped");
+                        return;
+                    }
+                }
+            }
+        }
+        self.queued_bytes += size;
+        self.queue.push_back(Held { msg, sent: false });
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(h) = self.queue.pop_front() {
+            self.queued_bytes -= h.msg.payload.len() + h.msg.topic.len();
+            self.wake_remaining = self.wake_remaining.saturating_sub(1);
+        }
+    }
+
+    /// Starts the next delivery if nothing is in flight, and ends a wake with PINGRESP
+    /// once the messages held at wake time are delivered.
+    fn pump(&mut self, ctx: &mut Ctx<'_>) {
+        loop {
+            if self.inflight.is_some() {
+                return;
+            }
+            match self.state {
+                SessionState::Active => {}
+                SessionState::Awake if self.wake_remaining > 0 => {}
+                SessionState::Awake => {
+                    ctx.out.send(&self.peer, &Packet::PingResp);
+                    self.state = SessionState::Asleep;
+                    self.sleep_since = ctx.now;
+                    debug!(client = %self.client_id, held = self.queue.len(), "client asleep again");
+                    return;
+                }
+                _ => return,
+            }
+            let Some(front) = self.queue.front() else {
+                return;
+            };
+            let topic_name = front.msg.topic.clone();
+            match topics::outbound_ref(&topic_name, &ctx.cfg.predefined, &self.topics) {
+                Some(topic) => {
+                    let qos = front.msg.qos;
+                    let msg_id = if qos == MqttQos::AtMostOnce { 0 } else { self.next_msg_id() };
+                    if !self.send_publish(ctx, topic, msg_id) {
+                        self.give_up_front(ctx);
+                        continue;
+                    }
+                    ctx.metrics.publishes_out += 1;
+                    if qos == MqttQos::AtMostOnce {
+                        self.pop_front();
+                        continue;
+                    }
+                    self.set_inflight(ctx, InflightKind::Publish { msg_id, topic });
+                }
+                None => {
+                    let Some(topic_id) = self.topics.assign(&topic_name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined) else {
+                        debug!(client = %self.client_id, topic = %topic_name, "topic table full: message dropped");
+                        self.give_up_front(ctx);
+                        continue;
+                    };
+                    let msg_id = self.next_msg_id();
+                    let reg = Packet::Register(Register {
+                        topic_id,
+                        msg_id,
+                        topic_name: &topic_name,
+                    });
+                    if !ctx.out.send(&self.peer, &reg) {
+                        self.topics.remove(topic_id);
+                        self.give_up_front(ctx);
+                        continue;
+                    }
+                    self.set_inflight(ctx, InflightKind::Register { msg_id, topic_id });
+                }
+            }
+        }
+    }
+
+    fn set_inflight(&mut self, ctx: &Ctx<'_>, kind: InflightKind) {
+        self.inflight = Some(Inflight {
+            kind,
+            sent_at: ctx.now,
+            retries: 0,
+        });
+    }
+
+    fn send_publish(&mut self, ctx: &mut Ctx<'_>, topic: TopicRef, msg_id: u16) -> bool {
+        let Some(front) = self.queue.front_mut() else {
+            return false;
+        };
+        let dup = front.sent && front.msg.qos != MqttQos::AtMostOnce;
+        front.sent = true;
+        let p = Packet::Publish(sn_codec::Publish {
+            dup,
+            qos: sn_qos(front.msg.qos),
+            retain: front.msg.retain,
+            topic,
+            msg_id,
+            data: &front.msg.payload,
+        });
+        ctx.out.send(&self.peer, &p)
+    }
+
+    /// The message at the front cannot be delivered (topic table full, too long,
+    /// rejected by the device): drop it, and release it at the broker so it is not
+    /// redelivered forever.
+    fn give_up_front(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(front) = self.queue.front() {
+            ctx.metrics.undeliverable += 1;
+            if front.msg.qos != MqttQos::AtMostOnce {
+                ctx.out.command(
+                    self.key,
+                    Command::Ack {
+                        qos: front.msg.qos,
+                        pkid: front.msg.pkid,
+                    },
+                );
+            }
+        }
+        self.pop_front();
+    }
+
+    fn ack_front_to_broker(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(front) = self.queue.front() {
+            ctx.out.command(
+                self.key,
+                Command::Ack {
+                    qos: front.msg.qos,
+                    pkid: front.msg.pkid,
+                },
+            );
+        }
+        self.pop_front();
+    }
+
+    fn on_regack(&mut self, ctx: &mut Ctx<'_>, a: RegAck) {
+        let Some(Inflight {
+            kind: InflightKind::Register { msg_id, topic_id },
+            ..
+        }) = self.inflight
+        else {
+            return;
+        };
+        if a.msg_id != msg_id {
+            return;
+        }
+        self.inflight = None;
+        if a.code != ReturnCode::Accepted {
+            debug!(client = %self.client_id, code = ?a.code, "client refused REGISTER; message dropped");
+            self.topics.remove(topic_id);
+            self.give_up_front(ctx);
+        }
+    }
+
+    fn on_puback(&mut self, ctx: &mut Ctx<'_>, a: PubAck) {
+        let Some(Inflight {
+            kind: InflightKind::Publish { msg_id, topic },
+            ..
+        }) = self.inflight
+        else {
+            return;
+        };
+        if a.msg_id != msg_id {
+            return;
+        }
+        self.inflight = None;
+        match a.code {
+            ReturnCode::Accepted => self.ack_front_to_broker(ctx),
+            ReturnCode::InvalidTopicId => {
+                // The device forgot the id (it restarted?): register it again and resend.
+                if let TopicRef::Normal(id) = topic {
+                    debug!(client = %self.client_id, id, "client does not know topic id; registering again");
+                    self.topics.remove(id);
+                } else {
+                    self.give_up_front(ctx);
+                }
+            }
+            code => {
+                debug!(client = %self.client_id, ?code, "client refused PUBLISH; message dropped");
+                self.give_up_front(ctx);
+            }
+        }
+    }
+
+    fn on_pubrec(&mut self, ctx: &mut Ctx<'_>, rec_id: u16) {
+        match self.inflight.map(|i| i.kind) {
+            Some(InflightKind::Publish { msg_id, .. }) if msg_id == rec_id => {
+                // The device has the message: now, and only now, the broker may forget it.
+                self.ack_front_to_broker(ctx);
+                self.set_inflight(ctx, InflightKind::PubRel { msg_id });
+                ctx.out.send(&self.peer, &Packet::PubRel(msg_id));
+            }
+            // Our PUBREL was lost and the device repeats PUBREC.
+            Some(InflightKind::PubRel { msg_id }) if msg_id == rec_id => {
+                ctx.out.send(&self.peer, &Packet::PubRel(msg_id));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_pubcomp(&mut self, _ctx: &mut Ctx<'_>, comp_id: u16) {
+        if let Some(InflightKind::PubRel { msg_id }) = self.inflight.map(|i| i.kind) {
+            if msg_id == comp_id {
+                self.inflight = None;
+            }
+        }
+    }
+
+    fn retransmit_inflight(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(inflight) = self.inflight else {
+            return;
+        };
+        match inflight.kind {
+            InflightKind::Register { msg_id, topic_id } => {
+                let Some(name) = self.topics.name(topic_id).cloned() else {
+                    self.inflight = None;
+                    return;
+                };
+                let reg = Packet::Register(Register {
+                    topic_id,
+                    msg_id,
+                    topic_name: &name,
+                });
+                ctx.out.send(&self.peer, &reg);
+            }
+            InflightKind::Publish { msg_id, topic } => {
+                self.send_publish(ctx, topic, msg_id);
+            }
+            InflightKind::PubRel { msg_id } => {
+                ctx.out.send(&self.peer, &Packet::PubRel(msg_id));
+            }
+        }
+        if let Some(i) = self.inflight.as_mut() {
+            i.sent_at = ctx.now;
+        }
+    }
+
+    /// When the session next needs [`Session::handle_timeout`].
+    pub(crate) fn poll_timeout(&self, cfg: &EngineConfig) -> Option<Instant> {
+        match self.state {
+            SessionState::WillTopic | SessionState::WillMsg | SessionState::Connecting => {
+                Some(self.last_heard + cfg.connect_timeout)
+            }
+            SessionState::Asleep => Some(self.sleep_deadline(cfg)),
+            SessionState::Active | SessionState::Awake => {
+                let retry = self.inflight.map(|i| i.sent_at + cfg.retry_interval);
+                let keep_alive = (self.state == SessionState::Active && self.keep_alive > 0)
+                    .then(|| self.last_heard + scaled(self.keep_alive, cfg.keep_alive_factor));
+                match (retry, keep_alive) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        }
+    }
+
+    fn sleep_deadline(&self, cfg: &EngineConfig) -> Instant {
+        self.sleep_since + self.sleep_duration.mul_f64(cfg.sleep_factor)
+    }
+
+    /// Timers due: handshake timeout, keep-alive, sleep deadline, retransmission.
+    pub(crate) fn handle_timeout(&mut self, ctx: &mut Ctx<'_>) -> Flow {
+        let now = ctx.now;
+        match self.state {
+            SessionState::WillTopic | SessionState::WillMsg | SessionState::Connecting => {
+                if now >= self.last_heard + ctx.cfg.connect_timeout {
+                    info!(client = %self.client_id, state = ?self.state, "connect handshake timed out");
+                    return self.end_connecting(ctx);
+                }
+            }
+            SessionState::Asleep => {
+                if now >= self.sleep_deadline(ctx.cfg) {
+                    return self.lose(ctx, "did not wake within its sleep duration");
+                }
+            }
+            SessionState::Active | SessionState::Awake => {
+                if self.state == SessionState::Active
+                    && self.keep_alive > 0
+                    && now >= self.last_heard + scaled(self.keep_alive, ctx.cfg.keep_alive_factor)
+                {
+                    return self.lose(ctx, "keep-alive expired");
+                }
+                if let Some(i) = self.inflight {
+                    if now >= i.sent_at + ctx.cfg.retry_interval {
+                        if i.retries >= ctx.cfg.max_retries {
+                            return self.lose(ctx, "retransmissions exhausted");
+                        }
+                        ctx.metrics.retransmissions += 1;
+                        self.retransmit_inflight(ctx);
+                        if let Some(i) = self.inflight.as_mut() {
+                            i.retries += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// The client is lost: publish its will (the latest one) and close its broker
+    /// connection.
+    fn lose(&mut self, ctx: &mut Ctx<'_>, why: &str) -> Flow {
+        ctx.metrics.lost += 1;
+        info!(client = %self.client_id, peer = %self.peer, will = self.will_topic.is_some(), "client lost: {why}");
+        ctx.out.command(self.key, Command::Disconnect { will: self.will() });
+        Flow::End
+    }
+}

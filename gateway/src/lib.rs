@@ -1,0 +1,16 @@
+//! MQTT-SN v1.2 gateway: devices speaking MQTT-SN over UDP (and, later, serial links)
+//! become MQTT 3.1.1 clients of an ordinary broker.
+//!
+//! - [`engine`]: the sans-IO protocol engine (sessions, topic ids, sleep, retries).
+//! - [`broker`]: the broker link behind a trait; [`broker::mqtt`] is transparent mode.
+//! - [`transport`]: sockets that move datagrams between devices and the engine.
+//! - [`runtime`]: the tokio shell that wires them together.
+//! - [`config`]: the configuration file and command line.
+
+pub mod broker;
+pub mod config;
+pub mod embedded;
+pub mod engine;
+pub mod runtime;
+pub mod topics;
+pub mod transport;

@@ -1,0 +1,184 @@
+//! The tokio shell: one task owns the engine and moves datagrams, broker events and
+//! timer ticks into it, and its outputs out to sockets and broker connections.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::broker::mqtt::MqttLinks;
+use crate::broker::{BrokerEvent, BrokerLink, ClientKey};
+use crate::config::Settings;
+use crate::engine::{Gateway, LinkAddr, Stats};
+use crate::transport::udp::{Inbound, UdpListener};
+
+/// How many queued inputs one loop turn takes before flushing outputs.
+const BATCH: usize = 256;
+
+/// A running gateway.
+pub struct Running {
+    /// The bound UDP addresses, in configuration order.
+    pub udp_addrs: Vec<SocketAddr>,
+    /// The embedded broker's address, when one runs.
+    pub embedded_broker: Option<SocketAddr>,
+    stats: Arc<Mutex<Stats>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// A recent snapshot of the engine's gauges and counters (refreshed every 100 ms).
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops the gateway and waits for its task to end.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until the gateway stops (it does not by itself).
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Binds the listeners, starts the embedded broker if asked, and runs the engine.
+pub async fn start(settings: Settings) -> anyhow::Result<Running> {
+    let embedded_broker = match settings.embedded_broker {
+        Some(addr) => Some(crate::embedded::start(addr).await.context("starting the embedded broker")?),
+        None => None,
+    };
+    let mut listeners = Vec::new();
+    for (i, addr) in settings.udp.iter().enumerate() {
+        let index = u16::try_from(i).context("too many UDP listeners")?;
+        let l = UdpListener::bind(index, *addr)
+            .await
+            .with_context(|| format!("cannot bind UDP {addr}"))?;
+        info!(addr = %l.local_addr()?, "listening for MQTT-SN on UDP");
+        listeners.push(l);
+    }
+    let udp_addrs = listeners.iter().map(UdpListener::local_addr).collect::<Result<Vec<_>, _>>()?;
+    let (in_tx, in_rx) = mpsc::channel::<Inbound>(4096);
+    for l in &listeners {
+        l.spawn_reader(in_tx.clone());
+    }
+    let (ev_tx, ev_rx) = mpsc::channel(4096);
+    info!(broker = %format!("{}:{}", settings.broker.host, settings.broker.port), "broker");
+    let links = MqttLinks::new(settings.broker.clone(), ev_tx);
+    let gateway = Gateway::new(settings.engine.clone());
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let (shutdown_tx, shutdown_rx) = oneshot::channel();
+    let task = tokio::spawn(run(
+        gateway,
+        links,
+        listeners,
+        in_rx,
+        ev_rx,
+        stats.clone(),
+        settings.stats_interval,
+        shutdown_rx,
+    ));
+    Ok(Running {
+        udp_addrs,
+        embedded_broker,
+        stats,
+        shutdown: Some(shutdown_tx),
+        task,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    mut gw: Gateway,
+    mut links: MqttLinks,
+    listeners: Vec<UdpListener>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    mut events: mpsc::Receiver<(ClientKey, BrokerEvent)>,
+    stats: Arc<Mutex<Stats>>,
+    stats_interval: Option<Duration>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
+    let mut refresh = tokio::time::interval(Duration::from_millis(100));
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_log = Instant::now();
+    loop {
+        let deadline = gw
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            Some(first) = inbound.recv() => {
+                let now = Instant::now();
+                gw.handle_datagram(now, first.0, &first.1);
+                for _ in 1..BATCH {
+                    match inbound.try_recv() {
+                        Ok((from, data)) => gw.handle_datagram(now, from, &data),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Some((key, event)) = events.recv() => {
+                let now = Instant::now();
+                gw.handle_broker_event(now, key, event);
+                for _ in 1..BATCH {
+                    match events.try_recv() {
+                        Ok((key, event)) => gw.handle_broker_event(now, key, event),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => gw.handle_timeout(Instant::now()),
+            _ = refresh.tick() => {
+                let s = gw.stats();
+                if let Some(every) = stats_interval {
+                    if last_log.elapsed() >= every {
+                        last_log = Instant::now();
+                        info!(sessions = s.sessions, active = s.active, asleep = s.asleep, held = s.held_messages,
+                              broker_links = links.active(), metrics = ?s.metrics, "stats");
+                    }
+                }
+                *stats.lock().unwrap_or_else(|e| e.into_inner()) = s;
+            }
+        }
+        flush(&mut gw, &mut links, &listeners).await;
+    }
+    info!("gateway stopped");
+}
+
+/// Sends what the engine queued: datagrams to devices, commands to broker links (whose
+/// immediate refusals go straight back into the engine).
+async fn flush(gw: &mut Gateway, links: &mut MqttLinks, listeners: &[UdpListener]) {
+    loop {
+        let mut idle = true;
+        while let Some((key, command)) = gw.poll_command() {
+            idle = false;
+            if let Some(event) = links.execute(key, command) {
+                gw.handle_broker_event(Instant::now(), key, event);
+            }
+        }
+        while let Some(t) = gw.poll_transmit() {
+            idle = false;
+            match t.to {
+                LinkAddr::Udp(index, addr) => {
+                    if let Some(l) = listeners.get(usize::from(index)) {
+                        l.send(&t.data, addr).await;
+                    }
+                }
+                LinkAddr::Serial(_) => {}
+            }
+        }
+        if idle {
+            return;
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Device-side transports: they move datagrams between the OS and the engine and do
+//! nothing else.
+
+pub mod udp;

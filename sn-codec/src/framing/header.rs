@@ -1,0 +1,124 @@
+//! The MQTT-SN length header (spec 5.2.1), parsed here rather than with
+//! `crate::peek_length` so that the framings do not depend on the packet module's
+//! strictness rules.
+
+/// What the octets at the start of the raw decoder's buffer look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Check {
+    /// Not enough octets yet to judge.
+    NeedMore,
+    /// Cannot be the start of a message: drop one octet and look again.
+    Noise,
+    /// A plausible header announcing a message longer than the decoder can hold.
+    TooLong,
+    /// A plausible header announcing a message of this many octets.
+    Frame(usize),
+}
+
+/// Whether `t` is a message type octet defined by MQTT-SN v1.2 (spec 5.2.2, table 3).
+pub(super) const fn is_known_type(t: u8) -> bool {
+    matches!(t, 0x00..=0x02 | 0x04..=0x10 | 0x12..=0x18 | 0x1A..=0x1D | 0xFE)
+}
+
+/// Whether the length header at the start of `message` announces exactly
+/// `message.len()` octets (either form; the three-octet form is not required to be
+/// used only for 256 octets or more here: that is the packet decoder's business).
+pub(super) fn announces_own_length(message: &[u8]) -> bool {
+    let declared = match message {
+        [0x01, hi, lo, ..] => usize::from(u16::from_be_bytes([*hi, *lo])),
+        [0x00 | 0x01, ..] | [] => return false,
+        [n, ..] => usize::from(*n),
+    };
+    declared == message.len()
+}
+
+/// Raw framing: judges `prefix`, the octets received since the last frame boundary.
+pub(super) fn check(prefix: &[u8], capacity: usize) -> Check {
+    let Some(&first) = prefix.first() else {
+        return Check::NeedMore;
+    };
+    let (total, header_len) = match first {
+        // A length of 0 does not exist.
+        0x00 => return Check::Noise,
+        // Three-octet form: 0x01, then the length big-endian. Only used (and so only
+        // accepted) for messages of 256 octets or more (spec 5.2.1).
+        0x01 => {
+            let (Some(&hi), Some(&lo)) = (prefix.get(1), prefix.get(2)) else {
+                return Check::NeedMore;
+            };
+            let total = usize::from(u16::from_be_bytes([hi, lo]));
+            if total < 256 {
+                return Check::Noise;
+            }
+            (total, 3)
+        }
+        // One-octet form: 2..=255.
+        n => (usize::from(n), 1),
+    };
+    let Some(&msg_type) = prefix.get(header_len) else {
+        return Check::NeedMore;
+    };
+    if !is_known_type(msg_type) || total <= header_len {
+        Check::Noise
+    } else if total > capacity {
+        Check::TooLong
+    } else {
+        Check::Frame(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_octet_form() {
+        assert_eq!(check(&[], 64), Check::NeedMore);
+        assert_eq!(check(&[0x02], 64), Check::NeedMore);
+        assert_eq!(check(&[0x02, 0x16], 64), Check::Frame(2));
+        assert_eq!(check(&[0xFF, 0xFE], 255), Check::Frame(255));
+        assert_eq!(check(&[0xFF, 0xFE], 254), Check::TooLong);
+        assert_eq!(check(&[0x02, 0x03], 64), Check::Noise);
+        assert_eq!(check(&[0x00], 64), Check::Noise);
+    }
+
+    #[test]
+    fn three_octet_form() {
+        assert_eq!(check(&[0x01], 1024), Check::NeedMore);
+        assert_eq!(check(&[0x01, 0x01], 1024), Check::NeedMore);
+        assert_eq!(check(&[0x01, 0x01, 0x00], 1024), Check::NeedMore);
+        assert_eq!(check(&[0x01, 0x01, 0x00, 0x0C], 1024), Check::Frame(256));
+        assert_eq!(check(&[0x01, 0x01, 0x00, 0x0C], 255), Check::TooLong);
+        assert_eq!(check(&[0x01, 0x01, 0x00, 0x03], 1024), Check::Noise);
+        // Only for messages of 256 octets or more (spec 5.2.1).
+        assert_eq!(check(&[0x01, 0x00, 0xFF], 1024), Check::Noise);
+        assert_eq!(check(&[0x01, 0x00, 0x04], 1024), Check::Noise);
+        assert_eq!(check(&[0x01, 0x00, 0x00], 1024), Check::Noise);
+        assert_eq!(check(&[0x01, 0xFF, 0xFF, 0xFE], 65535), Check::Frame(65535));
+    }
+
+    #[test]
+    fn own_length() {
+        assert!(announces_own_length(&[0x02, 0x16]));
+        assert!(announces_own_length(&[0x03, 0x16, 0x00]));
+        assert!(!announces_own_length(&[0x03, 0x16]));
+        assert!(!announces_own_length(&[]));
+        assert!(!announces_own_length(&[0x00]));
+        assert!(!announces_own_length(&[0x01]));
+        assert!(!announces_own_length(&[0x01, 0x00, 0x03]));
+        assert!(announces_own_length(&[0x01, 0x00, 0x04, 0x16]));
+        let mut long = [0u8; 300];
+        long[..3].copy_from_slice(&[0x01, 0x01, 0x2C]);
+        assert!(announces_own_length(&long));
+        assert!(!announces_own_length(&long[..299]));
+    }
+
+    #[test]
+    fn known_types() {
+        let known = (0..=255u8).filter(|&t| is_known_type(t)).count();
+        assert_eq!(known, 28);
+        for t in [0x03, 0x11, 0x19, 0x1E, 0x1F, 0x20, 0xFD, 0xFF] {
+            assert!(!is_known_type(t));
+        }
+    }
+}
