@@ -37,7 +37,12 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub username: Option<String>,
     /// Password for the broker (or set MQTT_SN_BROKER_PASSWORD).
-    #[arg(long, value_name = "PASSWORD", env = "MQTT_SN_BROKER_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "MQTT_SN_BROKER_PASSWORD",
+        hide_env_values = true
+    )]
     pub password: Option<String>,
     /// Prefix added to each device's client id on the broker.
     #[arg(long, value_name = "PREFIX")]
@@ -248,16 +253,23 @@ impl Settings {
 
         let retry = positive(
             "retry interval",
-            cli.retry_interval.or(file.timers.retry_interval_secs).unwrap_or(d.retry_interval.as_secs_f64()),
+            cli.retry_interval
+                .or(file.timers.retry_interval_secs)
+                .unwrap_or(d.retry_interval.as_secs_f64()),
         )?;
         let keep_alive_factor = positive(
             "keep_alive_factor",
             file.timers.keep_alive_factor.unwrap_or(d.keep_alive_factor),
         )?;
-        let sleep_factor = positive("tolerance_factor", file.sleep.tolerance_factor.unwrap_or(d.sleep_factor))?;
+        let sleep_factor = positive(
+            "tolerance_factor",
+            file.sleep.tolerance_factor.unwrap_or(d.sleep_factor),
+        )?;
         let connect_timeout = positive(
             "connect_timeout_secs",
-            file.timers.connect_timeout_secs.unwrap_or(d.connect_timeout.as_secs_f64()),
+            file.timers
+                .connect_timeout_secs
+                .unwrap_or(d.connect_timeout.as_secs_f64()),
         )?;
         let engine = EngineConfig {
             gateway_id: cli.gateway_id.or(file.gateway.id).unwrap_or(d.gateway_id),
@@ -265,7 +277,11 @@ impl Settings {
             max_retries: cli.max_retries.or(file.timers.max_retries).unwrap_or(d.max_retries),
             keep_alive_factor,
             sleep_factor,
-            max_sleep: file.sleep.max_duration_secs.map(Duration::from_secs).unwrap_or(d.max_sleep),
+            max_sleep: file
+                .sleep
+                .max_duration_secs
+                .map(Duration::from_secs)
+                .unwrap_or(d.max_sleep),
             connect_timeout: Duration::from_secs_f64(connect_timeout),
             max_clients: cli.max_clients.or(file.limits.max_clients).unwrap_or(d.max_clients),
             max_topics_per_client: file.limits.max_topics_per_client.unwrap_or(d.max_topics_per_client),
@@ -361,7 +377,9 @@ mod tests {
     fn bad_files_are_clear_errors() {
         assert!(FileConfig::parse("[broker]\nurll = 1\n").is_err());
         let bad_id = FileConfig::parse("[predefined]\nx = \"a\"\n").expect("parses");
-        assert!(Settings::combine(bad_id, &Cli::default()).unwrap_err().contains("predefined"));
+        assert!(Settings::combine(bad_id, &Cli::default())
+            .unwrap_err()
+            .contains("predefined"));
         let bad_factor = FileConfig::parse("[sleep]\ntolerance_factor = -1.0\n").expect("parses");
         assert!(Settings::combine(bad_factor, &Cli::default()).is_err());
         assert!(parse_predefined("77").is_err());

@@ -53,7 +53,11 @@ impl Running {
 /// Binds the listeners, starts the embedded broker if asked, and runs the engine.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let embedded_broker = match settings.embedded_broker {
-        Some(addr) => Some(crate::embedded::start(addr).await.context("starting the embedded broker")?),
+        Some(addr) => Some(
+            crate::embedded::start(addr)
+                .await
+                .context("starting the embedded broker")?,
+        ),
         None => None,
     };
     let mut listeners = Vec::new();
@@ -65,7 +69,10 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         info!(addr = %l.local_addr()?, "listening for MQTT-SN on UDP");
         listeners.push(l);
     }
-    let udp_addrs = listeners.iter().map(UdpListener::local_addr).collect::<Result<Vec<_>, _>>()?;
+    let udp_addrs = listeners
+        .iter()
+        .map(UdpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()?;
     let (in_tx, in_rx) = mpsc::channel::<Inbound>(4096);
     for l in &listeners {
         l.spawn_reader(in_tx.clone());

@@ -23,9 +23,7 @@ impl Predefined {
                 return Err(format!("predefined topic id {id} is reserved"));
             }
             if !is_valid_topic_name(&name) {
-                return Err(format!(
-                    "predefined topic {id}={name:?} is not a valid topic name"
-                ));
+                return Err(format!("predefined topic {id}={name:?} is not a valid topic name"));
             }
             let name: Arc<str> = name.into();
             if table.by_id.insert(id, name.clone()).is_some() {
@@ -174,7 +172,10 @@ pub fn resolve(topic: TopicRef, predefined: &Predefined, table: &TopicTable) -> 
     match topic {
         TopicRef::Normal(id) => table.name(id).cloned(),
         TopicRef::Predefined(id) => predefined.name(id).cloned(),
-        TopicRef::Short(bytes) => std::str::from_utf8(&bytes).ok().filter(|s| is_valid_topic_name(s)).map(Arc::from),
+        TopicRef::Short(bytes) => std::str::from_utf8(&bytes)
+            .ok()
+            .filter(|s| is_valid_topic_name(s))
+            .map(Arc::from),
     }
 }
 
@@ -218,7 +219,10 @@ mod tests {
     #[test]
     fn ids_wrap_without_reusing_live_ones() {
         let p = Predefined::default();
-        let mut t = TopicTable { next_id: 0xFFFD, ..Default::default() };
+        let mut t = TopicTable {
+            next_id: 0xFFFD,
+            ..Default::default()
+        };
         let a = t.assign("a", 10, &p).expect("room");
         let b = t.assign("b", 10, &p).expect("room");
         assert_eq!((a, b), (0xFFFE, 1));

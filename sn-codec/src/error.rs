@@ -44,10 +44,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Truncated => f.write_str("message truncated"),
-            Error::LengthMismatch { declared, actual } => write!(
-                f,
-                "length field says {declared} octets but {actual} are present"
-            ),
+            Error::LengthMismatch { declared, actual } => {
+                write!(f, "length field says {declared} octets but {actual} are present")
+            }
             Error::BadLength => f.write_str("malformed length field"),
             Error::UnknownType(t) => write!(f, "unknown message type 0x{t:02x}"),
             Error::ReservedTopicIdType => f.write_str("reserved topic id type"),

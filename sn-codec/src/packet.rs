@@ -759,9 +759,7 @@ fn set_u16(b: &mut [u8], f: Field, v: u16) -> Result<(), Error> {
 #[inline(always)]
 fn set_rest(b: &mut [u8], f: Rest, v: &[u8]) -> Result<(), Error> {
     let end = f.start.checked_add(v.len()).ok_or(Error::BufferTooSmall)?;
-    b.get_mut(f.start..end)
-        .ok_or(Error::BufferTooSmall)?
-        .copy_from_slice(v);
+    b.get_mut(f.start..end).ok_or(Error::BufferTooSmall)?.copy_from_slice(v);
     Ok(())
 }
 
@@ -819,12 +817,7 @@ fn encap_header_len(radius: u8, node_id: &[u8]) -> Result<usize, Error> {
 
 /// Writes the encapsulation header (already checked) into `out`.
 #[inline]
-fn write_encap_header(
-    out: &mut [u8],
-    header_len: usize,
-    radius: u8,
-    node_id: &[u8],
-) -> Result<(), Error> {
+fn write_encap_header(out: &mut [u8], header_len: usize, radius: u8, node_id: &[u8]) -> Result<(), Error> {
     use field::encap::*;
     // `header_len` was checked against MAX_LEN (0xFF).
     set_u8(out, LENGTH, header_len as u8)?;
@@ -840,23 +833,13 @@ fn write_encap_header(
 /// Errors: `InvalidField` when `radius` is above 3 or `node_id` is longer than 252 octets
 /// (the header Length is one octet), `BufferTooSmall` when `buf` cannot hold it all, and
 /// whatever encoding `inner` fails with.
-pub fn encode_encapsulated(
-    radius: u8,
-    node_id: &[u8],
-    inner: &Packet<'_>,
-    buf: &mut [u8],
-) -> Result<usize, Error> {
+pub fn encode_encapsulated(radius: u8, node_id: &[u8], inner: &Packet<'_>, buf: &mut [u8]) -> Result<usize, Error> {
     let header_len = encap_header_len(radius, node_id)?;
     let inner_len = inner.prepare()?;
-    let total = header_len
-        .checked_add(inner_len)
-        .ok_or(Error::BufferTooSmall)?;
+    let total = header_len.checked_add(inner_len).ok_or(Error::BufferTooSmall)?;
     let out = buf.get_mut(..total).ok_or(Error::BufferTooSmall)?;
     write_encap_header(out, header_len, radius, node_id)?;
-    inner.write_prepared(
-        out.get_mut(header_len..).ok_or(Error::BufferTooSmall)?,
-        inner_len,
-    )?;
+    inner.write_prepared(out.get_mut(header_len..).ok_or(Error::BufferTooSmall)?, inner_len)?;
     Ok(total)
 }
 
@@ -1016,26 +999,18 @@ impl<'a> Packet<'a> {
     #[inline(always)]
     fn prepare(&self) -> Result<usize, Error> {
         match self {
-            Packet::WillTopic(Some(w)) | Packet::WillTopicUpd(Some(w))
-                if w.qos == QoS::MinusOne =>
-            {
+            Packet::WillTopic(Some(w)) | Packet::WillTopicUpd(Some(w)) if w.qos == QoS::MinusOne => {
                 return Err(Error::InvalidQos)
             }
-            Packet::Subscribe(Subscribe {
-                qos: QoS::MinusOne, ..
-            })
-            | Packet::SubAck(SubAck {
-                qos: QoS::MinusOne, ..
-            }) => return Err(Error::InvalidQos),
+            Packet::Subscribe(Subscribe { qos: QoS::MinusOne, .. })
+            | Packet::SubAck(SubAck { qos: QoS::MinusOne, .. }) => return Err(Error::InvalidQos),
             Packet::PingReq(Some("")) => return Err(Error::InvalidField),
             Packet::Encapsulated(e) => {
                 let header_len = encap_header_len(e.radius, e.node_id)?;
                 if e.inner.is_empty() {
                     return Err(Error::InvalidField);
                 }
-                return header_len
-                    .checked_add(e.inner.len())
-                    .ok_or(Error::BufferTooSmall);
+                return header_len.checked_add(e.inner.len()).ok_or(Error::BufferTooSmall);
             }
             _ => {}
         }
@@ -1055,30 +1030,23 @@ impl<'a> Packet<'a> {
             Packet::SearchGw { .. } => searchgw::LEN,
             Packet::GwInfo(g) => gwinfo::GW_ADD.start.saturating_add(g.gw_addr.len()),
             Packet::Connect(c) => connect::CLIENT_ID.start.saturating_add(c.client_id.len()),
-            Packet::ConnAck(_) | Packet::WillTopicResp(_) | Packet::WillMsgResp(_) => {
-                return_code::LEN
-            }
+            Packet::ConnAck(_) | Packet::WillTopicResp(_) | Packet::WillMsgResp(_) => return_code::LEN,
             Packet::WillTopicReq | Packet::WillMsgReq | Packet::PingResp => 0,
             Packet::WillTopic(w) | Packet::WillTopicUpd(w) => match w {
                 None => 0,
                 Some(w) => will_topic::WILL_TOPIC.start.saturating_add(w.topic.len()),
             },
-            Packet::WillMsg(m) | Packet::WillMsgUpd(m) => {
-                will_msg::WILL_MSG.start.saturating_add(m.len())
-            }
-            Packet::Register(r) => register::TOPIC_NAME
-                .start
-                .saturating_add(r.topic_name.len()),
+            Packet::WillMsg(m) | Packet::WillMsgUpd(m) => will_msg::WILL_MSG.start.saturating_add(m.len()),
+            Packet::Register(r) => register::TOPIC_NAME.start.saturating_add(r.topic_name.len()),
             Packet::RegAck(_) | Packet::PubAck(_) => ack::LEN,
             Packet::Publish(p) => publish::DATA.start.saturating_add(p.data.len()),
-            Packet::PubComp(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::UnsubAck(_) => {
-                msg_id_only::LEN
+            Packet::PubComp(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::UnsubAck(_) => msg_id_only::LEN,
+            Packet::Subscribe(Subscribe { topic, .. }) | Packet::Unsubscribe(Unsubscribe { topic, .. }) => {
+                match topic {
+                    TopicFilter::Name(n) => subscribe::TOPIC_NAME.start.saturating_add(n.len()),
+                    TopicFilter::Predefined(_) | TopicFilter::Short(_) => subscribe::TOPIC_ID.end,
+                }
             }
-            Packet::Subscribe(Subscribe { topic, .. })
-            | Packet::Unsubscribe(Unsubscribe { topic, .. }) => match topic {
-                TopicFilter::Name(n) => subscribe::TOPIC_NAME.start.saturating_add(n.len()),
-                TopicFilter::Predefined(_) | TopicFilter::Short(_) => subscribe::TOPIC_ID.end,
-            },
             Packet::SubAck(_) => suback::LEN,
             Packet::PingReq(c) => match c {
                 None => 0,
@@ -1133,8 +1101,7 @@ impl<'a> Packet<'a> {
                 set_rest(b, gwinfo::GW_ADD, g.gw_addr)
             }
             Packet::Connect(c) => {
-                let f = flags::set(c.will, flags::WILL)
-                    | flags::set(c.clean_session, flags::CLEAN_SESSION);
+                let f = flags::set(c.will, flags::WILL) | flags::set(c.clean_session, flags::CLEAN_SESSION);
                 set_u8(b, connect::FLAGS, f)?;
                 set_u8(b, connect::PROTOCOL_ID, connect::PROTOCOL_V1_2)?;
                 set_u16(b, connect::DURATION, c.duration)?;
@@ -1158,16 +1125,7 @@ impl<'a> Packet<'a> {
                 set_u16(b, register::MSG_ID, r.msg_id)?;
                 set_rest(b, register::TOPIC_NAME, r.topic_name.as_bytes())
             }
-            Packet::RegAck(RegAck {
-                topic_id,
-                msg_id,
-                code,
-            })
-            | Packet::PubAck(PubAck {
-                topic_id,
-                msg_id,
-                code,
-            }) => {
+            Packet::RegAck(RegAck { topic_id, msg_id, code }) | Packet::PubAck(PubAck { topic_id, msg_id, code }) => {
                 set_u16(b, ack::TOPIC_ID, topic_id)?;
                 set_u16(b, ack::MSG_ID, msg_id)?;
                 set_u8(b, ack::RETURN_CODE, code.to_u8())
@@ -1178,19 +1136,15 @@ impl<'a> Packet<'a> {
                     TopicRef::Predefined(id) => (flags::TOPIC_PREDEFINED, id.to_be_bytes()),
                     TopicRef::Short(name) => (flags::TOPIC_SHORT, name),
                 };
-                let f = flags::set(p.dup, flags::DUP)
-                    | qos_bits(p.qos)
-                    | flags::set(p.retain, flags::RETAIN)
-                    | kind;
+                let f = flags::set(p.dup, flags::DUP) | qos_bits(p.qos) | flags::set(p.retain, flags::RETAIN) | kind;
                 set_u8(b, publish::FLAGS, f)?;
                 set_pair(b, publish::TOPIC_ID, id)?;
                 set_u16(b, publish::MSG_ID, p.msg_id)?;
                 set_rest(b, publish::DATA, p.data)
             }
-            Packet::PubComp(id)
-            | Packet::PubRec(id)
-            | Packet::PubRel(id)
-            | Packet::UnsubAck(id) => set_u16(b, msg_id_only::MSG_ID, id),
+            Packet::PubComp(id) | Packet::PubRec(id) | Packet::PubRel(id) | Packet::UnsubAck(id) => {
+                set_u16(b, msg_id_only::MSG_ID, id)
+            }
             Packet::Subscribe(s) => {
                 let f = flags::set(s.dup, flags::DUP) | qos_bits(s.qos);
                 write_filter(b, f, s.msg_id, s.topic)
@@ -1354,11 +1308,7 @@ fn decode_body(msg_type: MsgType, b: &[u8]) -> Result<Packet<'_>, Error> {
         }
         MsgType::RegAck => {
             let (topic_id, msg_id, code) = read_ack(b)?;
-            Packet::RegAck(RegAck {
-                topic_id,
-                msg_id,
-                code,
-            })
+            Packet::RegAck(RegAck { topic_id, msg_id, code })
         }
         MsgType::Publish => {
             expect_min_len(b, publish::DATA.start)?;
@@ -1382,11 +1332,7 @@ fn decode_body(msg_type: MsgType, b: &[u8]) -> Result<Packet<'_>, Error> {
         }
         MsgType::PubAck => {
             let (topic_id, msg_id, code) = read_ack(b)?;
-            Packet::PubAck(PubAck {
-                topic_id,
-                msg_id,
-                code,
-            })
+            Packet::PubAck(PubAck { topic_id, msg_id, code })
         }
         MsgType::PubComp => Packet::PubComp(read_msg_id(b)?),
         MsgType::PubRec => Packet::PubRec(read_msg_id(b)?),

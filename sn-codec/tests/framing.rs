@@ -1,26 +1,22 @@
 //! Tests of the serial framings (`sn_codec::framing`).
 
 use proptest::prelude::*;
-use sn_codec::framing::{
-    crc16, encode_frame, max_encoded_len, FrameDecoder, FrameStats, FramingKind,
-};
+use sn_codec::framing::{crc16, encode_frame, max_encoded_len, FrameDecoder, FrameStats, FramingKind};
 use sn_codec::Error;
 
 // ---- helpers -------------------------------------------------------------------------
 
 /// The known MQTT-SN message types (spec 5.2.2, table 3).
 const KNOWN_TYPES: &[u8] = &[
-    0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F,
-    0x10, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x1A, 0x1B, 0x1C, 0x1D, 0xFE,
+    0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F, 0x10, 0x12, 0x13, 0x14,
+    0x15, 0x16, 0x17, 0x18, 0x1A, 0x1B, 0x1C, 0x1D, 0xFE,
 ];
 
 const PINGREQ: [u8; 2] = [0x02, 0x16];
 /// PUBLISH, QoS 0, normal topic id 0x0001, msg id 0, payload "hi".
 const PUBLISH_HI: [u8; 9] = [0x09, 0x0C, 0x00, 0x00, 0x01, 0x00, 0x00, b'h', b'i'];
 /// PUBLISH, QoS 1, normal topic id 0x0001, msg id 0x1234, payload "21.5".
-const PUBLISH_Q1: [u8; 11] = [
-    0x0B, 0x0C, 0x20, 0x00, 0x01, 0x12, 0x34, b'2', b'1', b'.', b'5',
-];
+const PUBLISH_Q1: [u8; 11] = [0x0B, 0x0C, 0x20, 0x00, 0x01, 0x12, 0x34, b'2', b'1', b'.', b'5'];
 
 fn frame(kind: FramingKind, message: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; max_encoded_len(kind, message.len())];
@@ -34,11 +30,7 @@ fn frames(kind: FramingKind, messages: &[Vec<u8>]) -> Vec<u8> {
 }
 
 /// Feeds `bytes` in chunks of the given sizes (cycled; 0 is treated as 1).
-fn decode_chunked<const N: usize>(
-    dec: &mut FrameDecoder<N>,
-    bytes: &[u8],
-    chunks: &[usize],
-) -> Vec<Vec<u8>> {
+fn decode_chunked<const N: usize>(dec: &mut FrameDecoder<N>, bytes: &[u8], chunks: &[usize]) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     let mut rest = bytes;
     let mut sizes = chunks.iter().copied().cycle();
@@ -206,10 +198,7 @@ fn cobs_known_vectors() {
     );
     assert_eq!(
         frame(FramingKind::Cobs, &PUBLISH_Q1),
-        [
-            0x00, 0x04, 0x0B, 0x0C, 0x20, 0x0A, 0x01, 0x12, 0x34, 0x32, 0x31, 0x2E, 0x35, 0x92,
-            0xBF, 0x00
-        ]
+        [0x00, 0x04, 0x0B, 0x0C, 0x20, 0x0A, 0x01, 0x12, 0x34, 0x32, 0x31, 0x2E, 0x35, 0x92, 0xBF, 0x00]
     );
     assert_eq!(frame(FramingKind::Raw, &PUBLISH_HI), PUBLISH_HI);
 }
@@ -503,7 +492,10 @@ fn cobs_every_single_bit_flip_is_detected() {
                     assert_eq!(i, f.len() - 2);
                     harmless += 1;
                 } else {
-                    assert!(stats.dropped() >= 1, "{i} {bit} {m:02x?} {bad:02x?} {got:02x?} {stats:?}");
+                    assert!(
+                        stats.dropped() >= 1,
+                        "{i} {bit} {m:02x?} {bad:02x?} {got:02x?} {stats:?}"
+                    );
                 }
                 assert_eq!(
                     got.last(),
@@ -531,6 +523,42 @@ fn cobs_data_bit_flip_is_counted_as_crc_error() {
     assert_eq!(stats.dropped_malformed, 0);
     assert_eq!(stats.frames, 0);
     assert_eq!(stats.noise_bytes as usize, f.len() - 2);
+}
+
+/// The CRC (xorout 0) stays valid when trailing zero octets are removed from
+/// message || CRC, and a frame whose decoded form ends in 0x00 ends with the COBS code
+/// 0x01; losing that code (or its flip to 0x00) removes exactly that zero. Only the
+/// length check catches it.
+#[test]
+fn cobs_lost_final_code_is_caught_by_the_length_check() {
+    let mut m = PUBLISH_Q1.to_vec();
+    let mut k = 0u8;
+    while crc16(&m) & 0xFF != 0 {
+        k += 1;
+        m[10] = k;
+    }
+    let f = frame(FramingKind::Cobs, &m);
+    assert_eq!(f[f.len() - 2..], [0x01, 0x00]);
+    // The CRC on its own would accept the message one octet short.
+    let short = &m[..m.len() - 1];
+    let [crc_hi, _] = crc16(&m).to_be_bytes();
+    assert_eq!(crc16(short).to_be_bytes(), [m[m.len() - 1], crc_hi]);
+
+    let next = frame(FramingKind::Cobs, &PINGREQ);
+    // The final code flipped to 0x00.
+    let mut flipped = f.clone();
+    let last_code = flipped.len() - 2;
+    flipped[last_code] = 0x00;
+    // The final code and the delimiter lost.
+    let lost = f[..f.len() - 2].to_vec();
+    for bad in [flipped, lost] {
+        let mut stream = bad;
+        stream.extend(&next);
+        let (got, stats) = decode::<64>(FramingKind::Cobs, &stream);
+        assert_eq!(got, vec![PINGREQ.to_vec()]);
+        assert_eq!(stats.dropped_malformed, 1);
+        assert_eq!(stats.dropped_crc, 0);
+    }
 }
 
 #[test]
@@ -566,10 +594,7 @@ fn cobs_capacity_overflow_is_counted() {
     let fits = message(16, 0x0C, |k| k as u8);
     let too_long = message(17, 0x0C, |k| k as u8);
     let huge = message(2000, 0x0C, |_| 0x33);
-    let stream = frames(
-        FramingKind::Cobs,
-        &[too_long.clone(), fits.clone(), huge, fits.clone()],
-    );
+    let stream = frames(FramingKind::Cobs, &[too_long.clone(), fits.clone(), huge, fits.clone()]);
     let (got, stats) = decode::<16>(FramingKind::Cobs, &stream);
     assert_eq!(got, vec![fits.clone(), fits.clone()]);
     assert_eq!(stats.dropped_overflow, 2);
@@ -724,11 +749,11 @@ fn raw_rejects_unknown_types_and_impossible_lengths() {
     // bad octet cannot pair with it.
     let next = message(31, 0x0C, |k| k as u8);
     for bad in [
-        &[0x02, 0x03][..], // reserved type 0x03
-        &[0x02, 0x11],     // reserved type 0x11
-        &[0x02, 0x19],     // reserved type 0x19
-        &[0x02, 0xFD],     // reserved type 0xFD
-        &[0x00, 0x16],     // length 0
+        &[0x02, 0x03][..],         // reserved type 0x03
+        &[0x02, 0x11],             // reserved type 0x11
+        &[0x02, 0x19],             // reserved type 0x19
+        &[0x02, 0xFD],             // reserved type 0xFD
+        &[0x00, 0x16],             // length 0
         &[0x01, 0x00, 0x00, 0x00], // three-octet length 0
     ] {
         let mut stream = bad.to_vec();

@@ -72,10 +72,7 @@ impl Owned {
         match self {
             Owned::Advertise(a) => Packet::Advertise(*a),
             Owned::SearchGw(radius) => Packet::SearchGw { radius: *radius },
-            Owned::GwInfo(gw_id, gw_addr) => Packet::GwInfo(GwInfo {
-                gw_id: *gw_id,
-                gw_addr,
-            }),
+            Owned::GwInfo(gw_id, gw_addr) => Packet::GwInfo(GwInfo { gw_id: *gw_id, gw_addr }),
             Owned::Connect(will, clean_session, duration, client_id) => Packet::Connect(Connect {
                 will: *will,
                 clean_session: *clean_session,
@@ -145,11 +142,7 @@ fn octets(max: usize) -> impl Strategy<Value = Vec<u8>> {
 
 /// QoS 0, 1, 2: everywhere but PUBLISH.
 fn qos012() -> impl Strategy<Value = QoS> {
-    prop_oneof![
-        Just(QoS::AtMostOnce),
-        Just(QoS::AtLeastOnce),
-        Just(QoS::ExactlyOnce)
-    ]
+    prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce), Just(QoS::ExactlyOnce)]
 }
 
 /// QoS 0, 1, 2 and -1: PUBLISH.
@@ -184,25 +177,18 @@ fn will_topic() -> impl Strategy<Value = Option<(QoS, bool, String)>> {
 /// Any valid packet of any variant.
 fn packet() -> impl Strategy<Value = Owned> {
     prop_oneof![
-        (any::<u8>(), any::<u16>())
-            .prop_map(|(gw_id, duration)| Owned::Advertise(Advertise { gw_id, duration })),
+        (any::<u8>(), any::<u16>()).prop_map(|(gw_id, duration)| Owned::Advertise(Advertise { gw_id, duration })),
         any::<u8>().prop_map(Owned::SearchGw),
         (any::<u8>(), octets(20)).prop_map(|(g, a)| Owned::GwInfo(g, a)),
-        (any::<bool>(), any::<bool>(), any::<u16>(), utf8(0, 80))
-            .prop_map(|(w, c, d, id)| Owned::Connect(w, c, d, id)),
+        (any::<bool>(), any::<bool>(), any::<u16>(), utf8(0, 80)).prop_map(|(w, c, d, id)| Owned::Connect(w, c, d, id)),
         return_code().prop_map(Owned::ConnAck),
         Just(Owned::WillTopicReq),
         will_topic().prop_map(Owned::WillTopic),
         Just(Owned::WillMsgReq),
         octets(400).prop_map(Owned::WillMsg),
         (any::<u16>(), any::<u16>(), utf8(0, 80)).prop_map(|(t, m, n)| Owned::Register(t, m, n)),
-        (any::<u16>(), any::<u16>(), return_code()).prop_map(|(topic_id, msg_id, code)| {
-            Owned::RegAck(RegAck {
-                topic_id,
-                msg_id,
-                code,
-            })
-        }),
+        (any::<u16>(), any::<u16>(), return_code())
+            .prop_map(|(topic_id, msg_id, code)| { Owned::RegAck(RegAck { topic_id, msg_id, code }) }),
         (
             any::<bool>(),
             any_qos(),
@@ -212,26 +198,20 @@ fn packet() -> impl Strategy<Value = Owned> {
             octets(400)
         )
             .prop_map(|(d, q, r, t, m, data)| Owned::Publish(d, q, r, t, m, data)),
-        (any::<u16>(), any::<u16>(), return_code()).prop_map(|(topic_id, msg_id, code)| {
-            Owned::PubAck(PubAck {
-                topic_id,
-                msg_id,
-                code,
-            })
-        }),
+        (any::<u16>(), any::<u16>(), return_code())
+            .prop_map(|(topic_id, msg_id, code)| { Owned::PubAck(PubAck { topic_id, msg_id, code }) }),
         any::<u16>().prop_map(Owned::PubComp),
         any::<u16>().prop_map(Owned::PubRec),
         any::<u16>().prop_map(Owned::PubRel),
-        (any::<bool>(), qos012(), any::<u16>(), filter())
-            .prop_map(|(d, q, m, t)| Owned::Subscribe(d, q, m, t)),
-        (qos012(), any::<u16>(), any::<u16>(), return_code()).prop_map(
-            |(qos, topic_id, msg_id, code)| Owned::SubAck(SubAck {
+        (any::<bool>(), qos012(), any::<u16>(), filter()).prop_map(|(d, q, m, t)| Owned::Subscribe(d, q, m, t)),
+        (qos012(), any::<u16>(), any::<u16>(), return_code()).prop_map(|(qos, topic_id, msg_id, code)| Owned::SubAck(
+            SubAck {
                 qos,
                 topic_id,
                 msg_id,
                 code,
-            })
-        ),
+            }
+        )),
         (any::<u16>(), filter()).prop_map(|(m, t)| Owned::Unsubscribe(m, t)),
         any::<u16>().prop_map(Owned::UnsubAck),
         proptest::option::of(utf8(1, 40)).prop_map(Owned::PingReq),
@@ -241,8 +221,7 @@ fn packet() -> impl Strategy<Value = Owned> {
         return_code().prop_map(Owned::WillTopicResp),
         octets(400).prop_map(Owned::WillMsgUpd),
         return_code().prop_map(Owned::WillMsgResp),
-        (0u8..=3, octets(252), vec(any::<u8>(), 1..100))
-            .prop_map(|(r, n, i)| Owned::Encapsulated(r, n, i)),
+        (0u8..=3, octets(252), vec(any::<u8>(), 1..100)).prop_map(|(r, n, i)| Owned::Encapsulated(r, n, i)),
     ]
 }
 

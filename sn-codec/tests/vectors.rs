@@ -12,11 +12,7 @@ use sn_codec::*;
 #[track_caller]
 fn check(bytes: &[u8], expected: Packet<'_>) {
     assert_eq!(Packet::decode(bytes), Ok(expected), "decode {bytes:02x?}");
-    assert_eq!(
-        expected.encoded_len(),
-        bytes.len(),
-        "encoded_len {expected:?}"
-    );
+    assert_eq!(expected.encoded_len(), bytes.len(), "encoded_len {expected:?}");
     let mut buf = [0u8; 400];
     let n = expected.encode(&mut buf).expect("encode");
     assert_eq!(&buf[..n], bytes, "encode {expected:?}");
@@ -57,13 +53,7 @@ fn searchgw() {
 // 5.4.3 GWINFO: Length, MsgType, GwId, GwAdd (only when sent by a client).
 #[test]
 fn gwinfo() {
-    check(
-        &[0x03, 0x02, 0x05],
-        Packet::GwInfo(GwInfo {
-            gw_id: 5,
-            gw_addr: &[],
-        }),
-    );
+    check(&[0x03, 0x02, 0x05], Packet::GwInfo(GwInfo { gw_id: 5, gw_addr: &[] }));
     check(
         &[0x07, 0x02, 0x05, 0xC0, 0xA8, 0x00, 0x01],
         Packet::GwInfo(GwInfo {
@@ -103,10 +93,7 @@ fn connack() {
     check(&[0x03, 0x05, 0x00], Packet::ConnAck(ReturnCode::Accepted));
     check(&[0x03, 0x05, 0x01], Packet::ConnAck(ReturnCode::Congestion));
     // Reserved values are kept as they are.
-    check(
-        &[0x03, 0x05, 0x7F],
-        Packet::ConnAck(ReturnCode::Reserved(0x7F)),
-    );
+    check(&[0x03, 0x05, 0x7F], Packet::ConnAck(ReturnCode::Reserved(0x7F)));
 }
 
 // 5.4.6 WILLTOPICREQ: header only.
@@ -412,10 +399,7 @@ fn unsuback() {
 #[test]
 fn pingreq() {
     check(&[0x02, 0x16], Packet::PingReq(None));
-    check(
-        &[0x06, 0x16, b'd', b'e', b'v', b'1'],
-        Packet::PingReq(Some("dev1")),
-    );
+    check(&[0x06, 0x16, b'd', b'e', b'v', b'1'], Packet::PingReq(Some("dev1")));
 }
 
 // 5.4.20 PINGRESP: header only.
@@ -448,10 +432,7 @@ fn willtopicupd() {
 // 5.4.23 WILLTOPICRESP: Length, MsgType, ReturnCode.
 #[test]
 fn willtopicresp() {
-    check(
-        &[0x03, 0x1B, 0x00],
-        Packet::WillTopicResp(ReturnCode::Accepted),
-    );
+    check(&[0x03, 0x1B, 0x00], Packet::WillTopicResp(ReturnCode::Accepted));
 }
 
 // 5.4.24 WILLMSGUPD: Length, MsgType, WillMsg.
@@ -463,10 +444,7 @@ fn willmsgupd() {
 // 5.4.25 WILLMSGRESP: Length, MsgType, ReturnCode.
 #[test]
 fn willmsgresp() {
-    check(
-        &[0x03, 0x1D, 0x03],
-        Packet::WillMsgResp(ReturnCode::NotSupported),
-    );
+    check(&[0x03, 0x1D, 0x03], Packet::WillMsgResp(ReturnCode::NotSupported));
 }
 
 // 5.5 Forwarder encapsulation: Length (of this header only), MsgType 0xFE, Ctrl (bits 1..0
@@ -579,20 +557,8 @@ fn error_truncated() {
 
 #[test]
 fn error_length_mismatch() {
-    decode_err(
-        &[0x05, 0x0C, 0x00],
-        Error::LengthMismatch {
-            declared: 5,
-            actual: 3,
-        },
-    );
-    decode_err(
-        &[0x02, 0x17, 0x00],
-        Error::LengthMismatch {
-            declared: 2,
-            actual: 3,
-        },
-    );
+    decode_err(&[0x05, 0x0C, 0x00], Error::LengthMismatch { declared: 5, actual: 3 });
+    decode_err(&[0x02, 0x17, 0x00], Error::LengthMismatch { declared: 2, actual: 3 });
 }
 
 #[test]
@@ -608,6 +574,11 @@ fn error_bad_length() {
     decode_err(&[0x00, 0x17], Error::BadLength);
     // Encapsulation header shorter than Length, MsgType, Ctrl.
     decode_err(&[0x02, 0xFE, 0x02, 0x17], Error::BadLength);
+    // Encapsulation header in the three-octet form (its Length is one octet only).
+    let mut v = vec![0x01, 0x01, 0x02, 0xFE, 0x00];
+    v.resize(258, 0x17);
+    decode_err(&v, Error::BadLength);
+    assert_eq!(peek_length(&v), Err(Error::BadLength));
 }
 
 #[test]
@@ -620,32 +591,17 @@ fn error_unknown_type() {
 
 #[test]
 fn error_reserved_topic_id_type() {
-    decode_err(
-        &[0x07, 0x0C, 0x03, 0x00, 0x01, 0x00, 0x00],
-        Error::ReservedTopicIdType,
-    );
-    decode_err(
-        &[0x07, 0x12, 0x03, 0x00, 0x01, 0x00, 0x05],
-        Error::ReservedTopicIdType,
-    );
-    decode_err(
-        &[0x07, 0x14, 0x03, 0x00, 0x01, 0x00, 0x05],
-        Error::ReservedTopicIdType,
-    );
+    decode_err(&[0x07, 0x0C, 0x03, 0x00, 0x01, 0x00, 0x00], Error::ReservedTopicIdType);
+    decode_err(&[0x07, 0x12, 0x03, 0x00, 0x01, 0x00, 0x05], Error::ReservedTopicIdType);
+    decode_err(&[0x07, 0x14, 0x03, 0x00, 0x01, 0x00, 0x05], Error::ReservedTopicIdType);
 }
 
 #[test]
 fn error_invalid_qos() {
     // SUBSCRIBE with QoS -1.
-    decode_err(
-        &[0x07, 0x12, 0x61, 0x00, 0x01, 0x00, 0x05],
-        Error::InvalidQos,
-    );
+    decode_err(&[0x07, 0x12, 0x61, 0x00, 0x01, 0x00, 0x05], Error::InvalidQos);
     // SUBACK with QoS -1.
-    decode_err(
-        &[0x08, 0x13, 0x60, 0x00, 0x11, 0x00, 0x02, 0x00],
-        Error::InvalidQos,
-    );
+    decode_err(&[0x08, 0x13, 0x60, 0x00, 0x11, 0x00, 0x02, 0x00], Error::InvalidQos);
     // WILLTOPIC with QoS -1.
     decode_err(&[0x04, 0x07, 0x60, b'w'], Error::InvalidQos);
     // Encoding refuses them too.
@@ -676,25 +632,13 @@ fn error_reserved_flags() {
     // CONNECT with DUP set.
     decode_err(&[0x06, 0x04, 0x80, 0x01, 0x00, 0x3C], Error::ReservedFlags);
     // PUBLISH with Will set.
-    decode_err(
-        &[0x07, 0x0C, 0x08, 0x00, 0x01, 0x00, 0x00],
-        Error::ReservedFlags,
-    );
+    decode_err(&[0x07, 0x0C, 0x08, 0x00, 0x01, 0x00, 0x00], Error::ReservedFlags);
     // SUBSCRIBE with Retain set.
-    decode_err(
-        &[0x07, 0x12, 0x11, 0x00, 0x01, 0x00, 0x05],
-        Error::ReservedFlags,
-    );
+    decode_err(&[0x07, 0x12, 0x11, 0x00, 0x01, 0x00, 0x05], Error::ReservedFlags);
     // SUBACK with a topic id type.
-    decode_err(
-        &[0x08, 0x13, 0x01, 0x00, 0x11, 0x00, 0x02, 0x00],
-        Error::ReservedFlags,
-    );
+    decode_err(&[0x08, 0x13, 0x01, 0x00, 0x11, 0x00, 0x02, 0x00], Error::ReservedFlags);
     // UNSUBSCRIBE with QoS.
-    decode_err(
-        &[0x07, 0x14, 0x21, 0x00, 0x01, 0x00, 0x05],
-        Error::ReservedFlags,
-    );
+    decode_err(&[0x07, 0x14, 0x21, 0x00, 0x01, 0x00, 0x05], Error::ReservedFlags);
     // WILLTOPIC with CleanSession.
     decode_err(&[0x04, 0x07, 0x04, b'w'], Error::ReservedFlags);
     // Encapsulation Ctrl with bit 2 set.
@@ -703,61 +647,34 @@ fn error_reserved_flags() {
 
 #[test]
 fn error_invalid_utf8() {
-    decode_err(
-        &[0x07, 0x0A, 0x00, 0x00, 0x00, 0x01, 0xFF],
-        Error::InvalidUtf8,
-    );
-    decode_err(
-        &[0x07, 0x04, 0x04, 0x01, 0x00, 0x3C, 0xC3],
-        Error::InvalidUtf8,
-    );
+    decode_err(&[0x07, 0x0A, 0x00, 0x00, 0x00, 0x01, 0xFF], Error::InvalidUtf8);
+    decode_err(&[0x07, 0x04, 0x04, 0x01, 0x00, 0x3C, 0xC3], Error::InvalidUtf8);
     decode_err(&[0x03, 0x16, 0x80], Error::InvalidUtf8);
 }
 
 #[test]
 fn error_unsupported_protocol() {
-    decode_err(
-        &[0x06, 0x04, 0x00, 0x02, 0x00, 0x3C],
-        Error::UnsupportedProtocol(0x02),
-    );
+    decode_err(&[0x06, 0x04, 0x00, 0x02, 0x00, 0x3C], Error::UnsupportedProtocol(0x02));
 }
 
 #[test]
 fn error_invalid_field() {
     // PUBACK with one octet too many.
-    decode_err(
-        &[0x08, 0x0D, 0x00, 0x10, 0x12, 0x34, 0x02, 0x00],
-        Error::InvalidField,
-    );
+    decode_err(&[0x08, 0x0D, 0x00, 0x10, 0x12, 0x34, 0x02, 0x00], Error::InvalidField);
     // DISCONNECT with three octets after MsgType.
     decode_err(&[0x05, 0x18, 0x00, 0x01, 0x02], Error::InvalidField);
     // SUBSCRIBE to a short topic name of three octets.
-    decode_err(
-        &[0x08, 0x12, 0x02, 0x00, 0x04, b'a', b'b', b'c'],
-        Error::InvalidField,
-    );
+    decode_err(&[0x08, 0x12, 0x02, 0x00, 0x04, b'a', b'b', b'c'], Error::InvalidField);
     // PINGRESP with a body.
     decode_err(&[0x03, 0x17, 0x00], Error::InvalidField);
     // Encoding: an empty client id in PINGREQ would decode as no client id.
     let mut buf = [0u8; 300];
-    assert_eq!(
-        Packet::PingReq(Some("")).encode(&mut buf),
-        Err(Error::InvalidField)
-    );
+    assert_eq!(Packet::PingReq(Some("")).encode(&mut buf), Err(Error::InvalidField));
     // Encoding: radius above 3, node id too long for the one-octet Length, empty inner.
     let inner = [0x02, 0x17];
-    let e = |radius, node_id, inner| {
-        Packet::Encapsulated(Encapsulated {
-            radius,
-            node_id,
-            inner,
-        })
-    };
+    let e = |radius, node_id, inner| Packet::Encapsulated(Encapsulated { radius, node_id, inner });
     assert_eq!(e(4, &[], &inner).encode(&mut buf), Err(Error::InvalidField));
-    assert_eq!(
-        e(0, &[0u8; 253], &inner).encode(&mut buf),
-        Err(Error::InvalidField)
-    );
+    assert_eq!(e(0, &[0u8; 253], &inner).encode(&mut buf), Err(Error::InvalidField));
     assert_eq!(e(0, &[0u8; 252], &inner).encode(&mut buf), Ok(257));
     assert_eq!(e(0, &[], &[]).encode(&mut buf), Err(Error::InvalidField));
     assert_eq!(
@@ -788,12 +705,6 @@ fn error_too_long() {
 #[test]
 fn error_buffer_too_small() {
     let mut buf = [0u8; 3];
-    assert_eq!(
-        Packet::PubRel(1).encode(&mut buf),
-        Err(Error::BufferTooSmall)
-    );
-    assert_eq!(
-        Packet::PubRel(1).encode(&mut []),
-        Err(Error::BufferTooSmall)
-    );
+    assert_eq!(Packet::PubRel(1).encode(&mut buf), Err(Error::BufferTooSmall));
+    assert_eq!(Packet::PubRel(1).encode(&mut []), Err(Error::BufferTooSmall));
 }

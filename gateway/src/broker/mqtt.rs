@@ -62,7 +62,8 @@ impl BrokerConfig {
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(':') => (
                 h.trim_start_matches('[').trim_end_matches(']'),
-                p.parse::<u16>().map_err(|_| format!("broker URL {url:?}: bad port {p:?}"))?,
+                p.parse::<u16>()
+                    .map_err(|_| format!("broker URL {url:?}: bad port {p:?}"))?,
             ),
             _ => (rest, 1883),
         };
@@ -140,7 +141,12 @@ impl MqttLinks {
             o.set_credentials(u.clone(), String::new());
         }
         if let Some(w) = &p.will {
-            o.set_last_will(LastWill::new(w.topic.clone(), w.message.clone(), rumqttc_qos(w.qos), w.retain));
+            o.set_last_will(LastWill::new(
+                w.topic.clone(),
+                w.message.clone(),
+                rumqttc_qos(w.qos),
+                w.retain,
+            ));
         }
         o
     }
@@ -177,9 +183,9 @@ impl BrokerLink for MqttLinks {
         }
         let Some(conn) = self.conns.get(&key) else {
             return match command {
-                Command::Publish { token, .. } | Command::Subscribe { token, .. } | Command::Unsubscribe { token, .. } => {
-                    Some(BrokerEvent::Rejected { token })
-                }
+                Command::Publish { token, .. }
+                | Command::Subscribe { token, .. }
+                | Command::Unsubscribe { token, .. } => Some(BrokerEvent::Rejected { token }),
                 _ => None,
             };
         };
@@ -193,8 +199,13 @@ impl BrokerLink for MqttLinks {
                 retain,
             } => {
                 let mut pending = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
-                pending.publishes.push_back((qos != MqttQos::AtMostOnce).then_some(token));
-                match conn.client.try_publish(&*topic, rumqttc_qos(qos), retain, payload.to_vec()) {
+                pending
+                    .publishes
+                    .push_back((qos != MqttQos::AtMostOnce).then_some(token));
+                match conn
+                    .client
+                    .try_publish(&*topic, rumqttc_qos(qos), retain, payload.to_vec())
+                {
                     Ok(()) => None,
                     Err(e) => {
                         pending.publishes.pop_back();
@@ -237,9 +248,7 @@ impl BrokerLink for MqttLinks {
                 None
             }
             Command::Disconnect { will } => {
-                let Some(conn) = self.conns.remove(&key) else {
-                    return None;
-                };
+                let conn = self.conns.remove(&key)?;
                 if will.is_some() {
                     conn.pending
                         .lock()
@@ -251,7 +260,10 @@ impl BrokerLink for MqttLinks {
                 // request queue is full, without blocking the engine.
                 tokio::spawn(async move {
                     if let Some(w) = will {
-                        let _ = conn.client.publish(w.topic, rumqttc_qos(w.qos), w.retain, w.message.to_vec()).await;
+                        let _ = conn
+                            .client
+                            .publish(w.topic, rumqttc_qos(w.qos), w.retain, w.message.to_vec())
+                            .await;
                     }
                     let _ = conn.client.disconnect().await;
                 });
@@ -277,7 +289,9 @@ async fn drive(
     if let Some(previous) = previous {
         let _ = tokio::time::timeout(Duration::from_secs(connect_timeout_secs.max(1)), previous).await;
     }
-    eventloop.network_options.set_connection_timeout(connect_timeout_secs.max(1));
+    eventloop
+        .network_options
+        .set_connection_timeout(connect_timeout_secs.max(1));
     let mut connected = false;
     let mut publishes: HashMap<u16, Token> = HashMap::new();
     let mut subscribes: HashMap<u16, Token> = HashMap::new();
@@ -291,15 +305,13 @@ async fn drive(
                         session_present: ack.session_present,
                     })
                 }
-                Incoming::Publish(p) => {
-                    Some(BrokerEvent::Message(Message {
-                        topic: p.topic.into(),
-                        payload: p.payload,
-                        qos: our_qos(p.qos),
-                        retain: p.retain,
-                        pkid: p.pkid,
-                    }))
-                }
+                Incoming::Publish(p) => Some(BrokerEvent::Message(Message {
+                    topic: p.topic.into(),
+                    payload: p.payload,
+                    qos: our_qos(p.qos),
+                    retain: p.retain,
+                    pkid: p.pkid,
+                })),
                 Incoming::PubAck(a) => publishes.remove(&a.pkid).map(|token| BrokerEvent::Published { token }),
                 Incoming::PubRec(a) => publishes.remove(&a.pkid).map(|token| BrokerEvent::Published { token }),
                 Incoming::SubAck(a) => subscribes.remove(&a.pkid).map(|token| BrokerEvent::SubAck {
@@ -309,7 +321,9 @@ async fn drive(
                         _ => None,
                     },
                 }),
-                Incoming::UnsubAck(a) => unsubscribes.remove(&a.pkid).map(|token| BrokerEvent::UnsubAck { token }),
+                Incoming::UnsubAck(a) => unsubscribes
+                    .remove(&a.pkid)
+                    .map(|token| BrokerEvent::UnsubAck { token }),
                 _ => None,
             },
             Ok(Event::Outgoing(outgoing)) => {
@@ -360,7 +374,10 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(BrokerConfig::parse_url("mqtt://127.0.0.1:1884"), Ok(("127.0.0.1".into(), 1884)));
+        assert_eq!(
+            BrokerConfig::parse_url("mqtt://127.0.0.1:1884"),
+            Ok(("127.0.0.1".into(), 1884))
+        );
         assert_eq!(BrokerConfig::parse_url("tcp://broker"), Ok(("broker".into(), 1883)));
         assert_eq!(BrokerConfig::parse_url("localhost:99"), Ok(("localhost".into(), 99)));
         assert_eq!(BrokerConfig::parse_url("mqtt://[::1]:1883"), Ok(("::1".into(), 1883)));

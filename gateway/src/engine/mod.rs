@@ -227,7 +227,10 @@ impl Output {
         };
         match result {
             Ok(data) => {
-                self.transmits.push_back(Transmit { to: to.link.clone(), data });
+                self.transmits.push_back(Transmit {
+                    to: to.link.clone(),
+                    data,
+                });
                 true
             }
             Err(e) => {
@@ -435,7 +438,8 @@ impl Gateway {
         if c.client_id.is_empty() {
             self.metrics.connects_refused += 1;
             debug!(peer = %peer, "CONNECT without client id refused");
-            self.out.send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
+            self.out
+                .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
             return;
         }
         let existing = self.by_client_id.get(c.client_id).copied();
@@ -491,7 +495,14 @@ impl Gateway {
             metrics: &mut self.metrics,
             now,
         };
-        let session = Session::new(&mut ctx, key, client_id.clone(), peer.clone(), c, topics.unwrap_or_default());
+        let session = Session::new(
+            &mut ctx,
+            key,
+            client_id.clone(),
+            peer.clone(),
+            c,
+            topics.unwrap_or_default(),
+        );
         self.sessions.insert(key, session);
         self.by_peer.insert(peer, key);
         self.by_client_id.insert(client_id, key);

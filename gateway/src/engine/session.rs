@@ -33,7 +33,10 @@ pub enum SessionState {
 impl SessionState {
     /// Whether the connect handshake is still running.
     pub fn is_connecting(self) -> bool {
-        matches!(self, SessionState::WillTopic | SessionState::WillMsg | SessionState::Connecting)
+        matches!(
+            self,
+            SessionState::WillTopic | SessionState::WillMsg | SessionState::Connecting
+        )
     }
 }
 
@@ -422,7 +425,10 @@ impl Session {
         let (topic_id, code) = if !topics::is_valid_topic_name(r.topic_name) {
             (0, ReturnCode::NotSupported)
         } else {
-            match self.topics.assign(r.topic_name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined) {
+            match self
+                .topics
+                .assign(r.topic_name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined)
+            {
                 Some(id) => (id, ReturnCode::Accepted),
                 None => (0, ReturnCode::Congestion),
             }
@@ -515,7 +521,10 @@ impl Session {
                 if topics::has_wildcards(name) {
                     (name.to_string(), 0)
                 } else {
-                    match self.topics.assign(name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined) {
+                    match self
+                        .topics
+                        .assign(name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined)
+                    {
                         Some(id) => (name.to_string(), id),
                         None => return reject(ctx, &self.peer, ReturnCode::Congestion),
                     }
@@ -525,13 +534,21 @@ impl Session {
                 Some(name) => (name.to_string(), id),
                 None => return reject(ctx, &self.peer, ReturnCode::InvalidTopicId),
             },
-            TopicFilter::Short(bytes) => match topics::resolve(TopicRef::Short(bytes), &ctx.cfg.predefined, &self.topics) {
-                Some(name) => (name.to_string(), u16::from_be_bytes(bytes)),
-                None => return reject(ctx, &self.peer, ReturnCode::InvalidTopicId),
-            },
+            TopicFilter::Short(bytes) => {
+                match topics::resolve(TopicRef::Short(bytes), &ctx.cfg.predefined, &self.topics) {
+                    Some(name) => (name.to_string(), u16::from_be_bytes(bytes)),
+                    None => return reject(ctx, &self.peer, ReturnCode::InvalidTopicId),
+                }
+            }
         };
         let token = self.next_token();
-        self.subs.insert(token, PendingSub { msg_id: s.msg_id, topic_id });
+        self.subs.insert(
+            token,
+            PendingSub {
+                msg_id: s.msg_id,
+                topic_id,
+            },
+        );
         debug!(client = %self.client_id, %filter, qos = ?s.qos, "SUBSCRIBE");
         ctx.out.command(
             self.key,
@@ -693,10 +710,16 @@ impl Session {
     fn enqueue(&mut self, ctx: &mut Ctx<'_>, msg: Message) {
         let size = msg.payload.len() + msg.topic.len();
         if msg.qos == MqttQos::AtMostOnce {
-            while self.queue.len() + 1 > ctx.cfg.max_queued_messages || self.queued_bytes + size > ctx.cfg.max_queued_bytes {
+            while self.queue.len() + 1 > ctx.cfg.max_queued_messages
+                || self.queued_bytes + size > ctx.cfg.max_queued_bytes
+            {
                 // The front is protected while something about it is in flight.
                 let start = usize::from(self.inflight.is_some());
-                let oldest = self.queue.iter().skip(start).position(|h| h.msg.qos == MqttQos::AtMostOnce);
+                let oldest = self
+                    .queue
+                    .iter()
+                    .skip(start)
+                    .position(|h| h.msg.qos == MqttQos::AtMostOnce);
                 ctx.metrics.qos0_dropped += 1;
                 match oldest {
                     Some(i) => {
@@ -753,7 +776,11 @@ impl Session {
             match topics::outbound_ref(&topic_name, &ctx.cfg.predefined, &self.topics) {
                 Some(topic) => {
                     let qos = front.msg.qos;
-                    let msg_id = if qos == MqttQos::AtMostOnce { 0 } else { self.next_msg_id() };
+                    let msg_id = if qos == MqttQos::AtMostOnce {
+                        0
+                    } else {
+                        self.next_msg_id()
+                    };
                     if !self.send_publish(ctx, topic, msg_id) {
                         self.give_up_front(ctx);
                         continue;
@@ -766,7 +793,10 @@ impl Session {
                     self.set_inflight(ctx, InflightKind::Publish { msg_id, topic });
                 }
                 None => {
-                    let Some(topic_id) = self.topics.assign(&topic_name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined) else {
+                    let Some(topic_id) =
+                        self.topics
+                            .assign(&topic_name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined)
+                    else {
                         debug!(client = %self.client_id, topic = %topic_name, "topic table full: message dropped");
                         self.give_up_front(ctx);
                         continue;

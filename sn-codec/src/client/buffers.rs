@@ -57,19 +57,13 @@ impl<const N: usize> TxBuf<N> {
         // Encode behind the queue first, so that a failed encode leaves things untouched.
         let old_req = self.req_len as usize;
         let queued = self.fifo_len as usize;
-        let tail = self
-            .buf
-            .get_mut(old_req + queued..)
-            .ok_or(ClientError::QueueFull)?;
+        let tail = self.buf.get_mut(old_req + queued..).ok_or(ClientError::QueueFull)?;
         let n = match pkt.encode(tail) {
             Ok(n) => n,
             Err(crate::Error::BufferTooSmall) if old_req > 0 => {
                 // Room only appears once the old request is gone: drop it, then retry.
                 self.clear_request();
-                let tail = self
-                    .buf
-                    .get_mut(queued..)
-                    .ok_or(ClientError::QueueFull)?;
+                let tail = self.buf.get_mut(queued..).ok_or(ClientError::QueueFull)?;
                 let n = pkt.encode(tail).map_err(ClientError::from_encode)?;
                 if let Some(s) = self.buf.get_mut(..queued + n) {
                     s.rotate_right(n);

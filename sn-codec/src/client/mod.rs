@@ -54,8 +54,8 @@ mod table;
 use core::fmt;
 
 use crate::{
-    Connect, Packet, PubAck, Publish, QoS, RegAck, Register, ReturnCode, Subscribe,
-    TopicFilter, TopicRef, Unsubscribe, WillTopic,
+    Connect, Packet, PubAck, Publish, QoS, RegAck, Register, ReturnCode, Subscribe, TopicFilter, TopicRef, Unsubscribe,
+    WillTopic,
 };
 use buffers::{Ring, TxBuf};
 use table::TopicTable;
@@ -271,8 +271,10 @@ pub enum Event {
     /// The gateway stopped answering (Nretry retransmissions unanswered) or its
     /// ADVERTISEs stopped: the client is [`State::Disconnected`] and knows no gateway.
     GatewayLost,
-    /// A gateway made itself known (GWINFO, or an ADVERTISE when no gateway was known).
-    /// Its address is the source of the datagram just handled.
+    /// A gateway made itself known: GWINFO or ADVERTISE during [`Client::search_gateway`],
+    /// or the first ADVERTISE heard while no gateway is known. It is now
+    /// [`Client::gateway_id`]; its address is the source of the datagram just handled (a
+    /// GWINFO sent by another client carries it instead: decode it yourself if you need it).
     GatewayFound {
         /// The gateway id.
         gw_id: u8,
@@ -341,12 +343,25 @@ impl std::error::Error for ClientError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Request<'a> {
     Idle,
-    Connect { clean: bool },
-    Register { msg_id: u16 },
-    Publish { msg_id: u16, qos: QoS },
-    PubRel { msg_id: u16 },
-    Subscribe { msg_id: u16 },
-    Unsubscribe { msg_id: u16 },
+    Connect {
+        clean: bool,
+    },
+    Register {
+        msg_id: u16,
+    },
+    Publish {
+        msg_id: u16,
+        qos: QoS,
+    },
+    PubRel {
+        msg_id: u16,
+    },
+    Subscribe {
+        msg_id: u16,
+    },
+    Unsubscribe {
+        msg_id: u16,
+    },
     /// Keep-alive or [`Client::ping`] PINGREQ.
     Ping,
     /// PINGREQ with the client id, waking a sleeping client.
@@ -354,7 +369,9 @@ enum Request<'a> {
     WillTopicUpd(Option<WillTopic<'a>>),
     WillMsgUpd(&'a [u8]),
     Disconnect,
-    Sleep { duration: u16 },
+    Sleep {
+        duration: u16,
+    },
 }
 
 /// A message answering the gateway, encoded only when polled.
@@ -412,8 +429,7 @@ impl Search {
 ///
 /// All three must be at most 65535.
 #[derive(Debug, Clone)]
-pub struct Client<'a, const TOPICS: usize = 8, const NAMES: usize = 128, const TX: usize = 128>
-{
+pub struct Client<'a, const TOPICS: usize = 8, const NAMES: usize = 128, const TX: usize = 128> {
     config: Config<'a>,
     state: State,
     req: Request<'a>,
@@ -531,12 +547,7 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
     pub fn topic_name<'s>(&'s self, topic: &'s TopicRef) -> Option<&'s str> {
         match topic {
             TopicRef::Normal(id) => self.topics.name_of(*id),
-            TopicRef::Predefined(id) => self
-                .config
-                .predefined
-                .iter()
-                .find(|(p, _)| p == id)
-                .map(|&(_, n)| n),
+            TopicRef::Predefined(id) => self.config.predefined.iter().find(|(p, _)| p == id).map(|&(_, n)| n),
             TopicRef::Short(s) => core::str::from_utf8(s).ok(),
         }
     }
@@ -637,26 +648,10 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
 
     fn control_packet(&self, c: Control) -> Packet<'a> {
         match c {
-            Control::PubAck {
-                topic_id,
-                msg_id,
-                code,
-            } => Packet::PubAck(PubAck {
-                topic_id,
-                msg_id,
-                code,
-            }),
+            Control::PubAck { topic_id, msg_id, code } => Packet::PubAck(PubAck { topic_id, msg_id, code }),
             Control::PubRec(id) => Packet::PubRec(id),
             Control::PubComp(id) => Packet::PubComp(id),
-            Control::RegAck {
-                topic_id,
-                msg_id,
-                code,
-            } => Packet::RegAck(RegAck {
-                topic_id,
-                msg_id,
-                code,
-            }),
+            Control::RegAck { topic_id, msg_id, code } => Packet::RegAck(RegAck { topic_id, msg_id, code }),
             Control::PingResp => Packet::PingResp,
             Control::WillTopic => Packet::WillTopic(self.config.will.map(|w| WillTopic {
                 qos: w.qos,
@@ -791,12 +786,7 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
     }
 
     /// Makes `pkt` the outstanding request, replacing any previous one.
-    fn start_request(
-        &mut self,
-        now: u64,
-        req: Request<'a>,
-        pkt: &Packet<'_>,
-    ) -> Result<(), ClientError> {
+    fn start_request(&mut self, now: u64, req: Request<'a>, pkt: &Packet<'_>) -> Result<(), ClientError> {
         if let Err(e) = self.tx.set_request(pkt) {
             if self.tx.request().is_empty() {
                 self.req = Request::Idle;
@@ -930,9 +920,7 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
 
     fn check_filter(filter: &TopicFilter<'_>) -> Result<(), ClientError> {
         match filter {
-            TopicFilter::Name("") | TopicFilter::Predefined(0 | 0xFFFF) => {
-                Err(ClientError::InvalidTopic)
-            }
+            TopicFilter::Name("") | TopicFilter::Predefined(0 | 0xFFFF) => Err(ClientError::InvalidTopic),
             _ => Ok(()),
         }
     }
@@ -942,12 +930,7 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
     ///
     /// For a topic name without wildcards the gateway assigns an id that is recorded in
     /// the topic table, which therefore needs room for the name ([`ClientError::TableFull`]).
-    pub fn subscribe(
-        &mut self,
-        now: u64,
-        filter: TopicFilter<'_>,
-        qos: QoS,
-    ) -> Result<u16, ClientError> {
+    pub fn subscribe(&mut self, now: u64, filter: TopicFilter<'_>, qos: QoS) -> Result<u16, ClientError> {
         self.ensure_active()?;
         self.ensure_slot()?;
         Self::check_filter(&filter)?;
@@ -978,10 +961,7 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
         self.ensure_slot()?;
         Self::check_filter(&filter)?;
         let msg_id = self.next_msg_id;
-        let pkt = Packet::Unsubscribe(Unsubscribe {
-            msg_id,
-            topic: filter,
-        });
+        let pkt = Packet::Unsubscribe(Unsubscribe { msg_id, topic: filter });
         self.start_request(now, Request::Unsubscribe { msg_id }, &pkt)?;
         self.take_msg_id();
         Ok(msg_id)
@@ -997,11 +977,7 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
 
     /// Changes the will topic, QoS and RETAIN flag (WILLTOPICUPD); `None` deletes the will.
     /// Outcome: [`Event::WillTopicUpdated`]; when accepted, [`Client::config`] shows it.
-    pub fn update_will_topic(
-        &mut self,
-        now: u64,
-        will: Option<WillTopic<'a>>,
-    ) -> Result<(), ClientError> {
+    pub fn update_will_topic(&mut self, now: u64, will: Option<WillTopic<'a>>) -> Result<(), ClientError> {
         self.ensure_active()?;
         self.ensure_slot()?;
         if let Some(w) = will {
@@ -1047,11 +1023,7 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
         if duration == 0 {
             return Err(ClientError::InvalidArgument);
         }
-        self.start_request(
-            now,
-            Request::Sleep { duration },
-            &Packet::Disconnect(Some(duration)),
-        )?;
+        self.start_request(now, Request::Sleep { duration }, &Packet::Disconnect(Some(duration)))?;
         self.state = State::GoingToSleep;
         Ok(())
     }
@@ -1111,16 +1083,9 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
     /// [module documentation](self)), `Ok(None)` for everything else (including messages
     /// that do not fit the current state, which are ignored), or the decoding error of a
     /// malformed datagram (the engine is then unchanged). Never panics.
-    pub fn handle_datagram<'d>(
-        &mut self,
-        now: u64,
-        datagram: &'d [u8],
-    ) -> Result<Option<Message<'d>>, crate::Error> {
+    pub fn handle_datagram<'d>(&mut self, now: u64, datagram: &'d [u8]) -> Result<Option<Message<'d>>, crate::Error> {
         let pkt = Packet::decode(datagram)?;
-        if !matches!(
-            pkt,
-            Packet::Advertise(_) | Packet::SearchGw { .. } | Packet::GwInfo(_)
-        ) {
+        if !matches!(pkt, Packet::Advertise(_) | Packet::SearchGw { .. } | Packet::GwInfo(_)) {
             self.last_recv = now;
         }
         match pkt {
@@ -1253,11 +1218,7 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
     fn is_connected(&self) -> bool {
         matches!(
             self.state,
-            State::Active
-                | State::Disconnecting
-                | State::GoingToSleep
-                | State::Asleep
-                | State::Awake
+            State::Active | State::Disconnecting | State::GoingToSleep | State::Asleep | State::Awake
         )
     }
 
@@ -1268,9 +1229,10 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
     }
 
     fn on_gateway_seen(&mut self, now: u64, gw_id: u8, advertise: Option<u16>) {
-        let adopt = self.gateway.is_none()
-            || (self.gateway != Some(gw_id) && self.state == State::Disconnected);
-        let report = adopt || self.search.active;
+        // A search asks for a gateway: its answer replaces the one known. Otherwise only a
+        // client that knows none adopts the first one it hears of.
+        let adopt = self.gateway.is_none() || self.search.active;
+        let report = adopt;
         if self.search.active {
             self.search = Search::IDLE;
         }
@@ -1329,9 +1291,8 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
             match self.topics.insert(r.topic_id, r.topic_name) {
                 Ok(changed) => {
                     if changed {
-                        self.events.push_overwrite(Event::GatewayRegistered {
-                            topic_id: r.topic_id,
-                        });
+                        self.events
+                            .push_overwrite(Event::GatewayRegistered { topic_id: r.topic_id });
                     }
                     ReturnCode::Accepted
                 }

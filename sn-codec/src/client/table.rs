@@ -54,9 +54,7 @@ impl<const N: usize, const B: usize> TopicTable<N, B> {
     }
 
     fn index_of_name(&self, name: &str) -> Option<usize> {
-        self.live()
-            .iter()
-            .position(|e| self.name_at(e) == Some(name))
+        self.live().iter().position(|e| self.name_at(e) == Some(name))
     }
 
     fn index_of_id(&self, id: u16) -> Option<usize> {
@@ -87,8 +85,7 @@ impl<const N: usize, const B: usize> TopicTable<N, B> {
 
     /// Whether [`TopicTable::insert`] of `name` (under a new id) would succeed.
     pub(crate) fn can_insert(&self, name: &str) -> bool {
-        self.index_of_name(name).is_some()
-            || (self.len() < N && self.arena_used() + name.len() <= B)
+        self.index_of_name(name).is_some() || (self.len() < N && self.arena_used() + name.len() <= B)
     }
 
     /// Records `name` under `id`, replacing whatever either was mapped to before.

@@ -21,15 +21,16 @@ pub(super) const fn is_known_type(t: u8) -> bool {
 }
 
 /// Whether the length header at the start of `message` announces exactly
-/// `message.len()` octets (either form; the three-octet form is not required to be
+/// `message.len()` octets, room for the type octet included (either form; the three-octet form is not required to be
 /// used only for 256 octets or more here: that is the packet decoder's business).
 pub(super) fn announces_own_length(message: &[u8]) -> bool {
-    let declared = match message {
-        [0x01, hi, lo, ..] => usize::from(u16::from_be_bytes([*hi, *lo])),
+    let (declared, header_len) = match message {
+        [0x01, hi, lo, ..] => (usize::from(u16::from_be_bytes([*hi, *lo])), 3),
         [0x00 | 0x01, ..] | [] => return false,
-        [n, ..] => usize::from(*n),
+        [n, ..] => (usize::from(*n), 1),
     };
-    declared == message.len()
+    // The message type octet must be there too.
+    declared == message.len() && declared > header_len
 }
 
 /// Raw framing: judges `prefix`, the octets received since the last frame boundary.

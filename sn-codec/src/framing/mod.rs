@@ -349,13 +349,18 @@ impl<const N: usize> FrameDecoder<N> {
 
     /// Throws away any partial frame, as if the line had just started.
     ///
-    /// Call it when the line has been idle for longer than a frame takes to transmit
-    /// (say 20 character times, or a few milliseconds at 115200 baud; senders write a
-    /// frame in one go): a partial frame older than that will never be completed, and in
-    /// raw mode it would otherwise swallow the start of the next message. A discarded
-    /// partial frame is counted in [`FrameStats::dropped_malformed`] (raw: only once its
-    /// header looked plausible) and its octets in [`FrameStats::noise_bytes`]. Harmless
-    /// when nothing is pending. The counters are kept.
+    /// Raw mode: call it when the line has been idle for clearly longer than a sender
+    /// pauses inside a frame (senders write a frame in one go; 50 ms is a safe default,
+    /// above the 1 to 16 ms latency timers of USB-serial adapters). A partial frame older
+    /// than that will never be completed, and would otherwise swallow the start of the
+    /// next message. COBS mode does not need it (the next frame's leading `0x00` ends
+    /// any partial frame), and a too-short idle timeout there only risks dropping a good
+    /// frame that arrived in two bursts.
+    ///
+    /// A discarded partial frame is counted in [`FrameStats::dropped_malformed`] (raw:
+    /// only once its header looked plausible) and its octets in
+    /// [`FrameStats::noise_bytes`]. Harmless when nothing is pending. The counters are
+    /// kept.
     pub fn reset(&mut self) {
         self.remove_delivered();
         match self.kind {
@@ -448,11 +453,7 @@ impl<const N: usize> FrameDecoder<N> {
     /// a good one.
     fn push_cobs(&mut self, byte: u8) -> Option<usize> {
         if byte == 0x00 {
-            return if self.end_cobs_frame() {
-                Some(self.len)
-            } else {
-                None
-            };
+            return if self.end_cobs_frame() { Some(self.len) } else { None };
         }
         let first = self.cobs.seg_len == 0;
         self.cobs.seg_len = self.cobs.seg_len.saturating_add(1);
