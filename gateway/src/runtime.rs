@@ -78,8 +78,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         l.spawn_reader(in_tx.clone());
     }
     let (ev_tx, ev_rx) = mpsc::channel(4096);
-    info!(broker = %format!("{}:{}", settings.broker.host, settings.broker.port), "broker");
-    let links = MqttLinks::new(settings.broker.clone(), ev_tx);
+    let mut broker = settings.broker.clone();
+    if let (Some(asked), Some(actual)) = (settings.embedded_broker, embedded_broker) {
+        // The broker settings point at the embedded broker's configured address; with
+        // port 0 only the started broker knows its real port.
+        if broker.port == asked.port() && broker.host == asked.ip().to_string() {
+            broker.host = actual.ip().to_string();
+            broker.port = actual.port();
+        }
+    }
+    info!(broker = %format!("{}:{}", broker.host, broker.port), "broker");
+    let links = MqttLinks::new(broker, ev_tx);
     let gateway = Gateway::new(settings.engine.clone());
     let stats = Arc::new(Mutex::new(Stats::default()));
     let (shutdown_tx, shutdown_rx) = oneshot::channel();

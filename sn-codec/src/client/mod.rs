@@ -15,6 +15,44 @@
 //!
 //! Time is a `u64` count of milliseconds from any monotonic origin, passed in as `now`.
 //!
+//! ```
+//! use sn_codec::client::{Client, Config, Event};
+//! use sn_codec::{QoS, TopicRef};
+//!
+//! let mut client: Client<'_, 8, 128, 128> = Client::new(Config::new("sensor-42"));
+//! let mut out = [0u8; 128];
+//! let mut now = 0u64;
+//!
+//! client.connect(now).expect("disconnected, so it can connect");
+//! while let Some(n) = client.poll_transmit(&mut out) {
+//!     // radio.send(gateway, &out[..n]);
+//!     assert_eq!(&out[..n], b"\x0f\x04\x04\x01\x00\x3csensor-42");
+//! }
+//!
+//! // ... the gateway answers CONNACK (accepted):
+//! now += 40;
+//! let datagram = [0x03, 0x05, 0x00];
+//! if let Ok(Some(msg)) = client.handle_datagram(now, &datagram) {
+//!     // A PUBLISH: msg.topic, msg.payload borrow `datagram`.
+//!     let _ = (msg.topic, msg.payload);
+//! }
+//! while let Some(event) = client.poll_event() {
+//!     assert_eq!(event, Event::Connected);
+//! }
+//!
+//! client
+//!     .publish(now, TopicRef::Short(*b"tp"), b"21.5", QoS::AtMostOnce, false)
+//!     .expect("connected");
+//! while let Some(n) = client.poll_transmit(&mut out) {
+//!     assert_eq!(&out[..n], b"\x0b\x0c\x02tp\x00\x0021.5");
+//! }
+//!
+//! // Sleep until `client.poll_timeout()` (or until a datagram arrives), then:
+//! if client.poll_timeout().is_some_and(|t| t <= now) {
+//!     client.handle_timeout(now);
+//! }
+//! ```
+//!
 //! # Delivery of received messages
 //!
 //! A PUBLISH from the gateway is returned by the very [`Client::handle_datagram`] call that
@@ -674,8 +712,10 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
         Some(self.last_sent.min(self.last_recv).saturating_add(period))
     }
 
+    /// Tretry in ms, at least 1 so that a retransmission is never due at the very instant
+    /// it was scheduled.
     fn t_retry(&self) -> u64 {
-        u64::from(self.config.t_retry)
+        u64::from(self.config.t_retry).max(1)
     }
 
     /// Runs the timers that are due at `now`: retransmission (or giving up), keep-alive
@@ -1060,7 +1100,7 @@ impl<'a, const TOPICS: usize, const NAMES: usize, const TX: usize> Client<'a, TO
             radius,
             retries: 0,
             deadline: now.saturating_add(u64::from(delay_ms)),
-            interval: self.t_retry().max(1),
+            interval: self.t_retry(),
         };
         if delay_ms == 0 {
             self.handle_timeout(now);
