@@ -248,6 +248,47 @@ mod tests {
     }
 
     #[test]
+    fn request_replaced_next_to_a_full_queue() {
+        use crate::{Publish, QoS, TopicRef};
+        let publish = |qos, msg_id, data| {
+            Packet::Publish(Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: TopicRef::Normal(5),
+                msg_id,
+                data,
+            })
+        };
+        let mut tx = TxBuf::<16>::new();
+        tx.set_request(&publish(QoS::ExactlyOnce, 3, b"hi")).unwrap();
+        tx.push(&publish(QoS::AtMostOnce, 0, b"")).unwrap();
+        assert_eq!(tx.push(&Packet::PingReq(None)), Err(ClientError::QueueFull));
+        assert_eq!(
+            tx.set_request(&publish(QoS::ExactlyOnce, 3, b"xyz")),
+            Err(ClientError::QueueFull)
+        );
+        assert_eq!(
+            tx.set_request(&publish(QoS::ExactlyOnce, 3, &[0; 10])),
+            Err(ClientError::TooLong)
+        );
+        // No room behind the queue: the old request goes first, then the new one fits.
+        tx.set_request(&Packet::PubRel(3)).unwrap();
+        assert_eq!(tx.request(), [0x04, 0x10, 0x00, 0x03]);
+        let mut out = [0u8; 16];
+        assert_eq!(tx.pop(&mut out), Some(7));
+        assert_eq!(out[..7], [0x07, 0x0c, 0x00, 0x00, 0x05, 0x00, 0x00]);
+        assert_eq!(tx.pop(&mut out), None);
+        tx.clear_request();
+        assert!(tx.request().is_empty());
+        // A queued message that does not fit the caller's buffer is dropped, not stuck.
+        tx.push(&publish(QoS::AtMostOnce, 0, b"abc")).unwrap();
+        tx.push(&Packet::PingReq(None)).unwrap();
+        assert_eq!(tx.pop(&mut out[..4]), Some(2));
+        assert!(!tx.has_queued());
+    }
+
+    #[test]
     fn frame_len_forms() {
         assert_eq!(frame_len(&[0x02, 0x16]), Some(2));
         assert_eq!(frame_len(&[0x01, 0x01, 0x00]), Some(256));
