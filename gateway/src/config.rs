@@ -14,6 +14,9 @@ use serde::Deserialize;
 use crate::broker::mqtt::BrokerConfig;
 use crate::engine::EngineConfig;
 use crate::topics::Predefined;
+use crate::transport::serial::SerialPortConfig;
+use sn_codec::framing::FramingKind;
+use tokio_serial::{DataBits, Parity, StopBits};
 
 /// The command line of `mqtt-sn-gateway`.
 #[derive(Debug, Clone, Default, Parser)]
@@ -71,6 +74,58 @@ pub struct Cli {
     /// Seconds between statistics lines in the log (0: never).
     #[arg(long, value_name = "SECS")]
     pub stats_interval: Option<u64>,
+    /// Serial port to serve MQTT-SN on (repeatable), 8N1, e.g. /dev/ttyUSB0:115200 or
+    /// /dev/ttyACM0:9600:raw. Replaces the file's [[serial]] ports.
+    #[arg(long = "serial", value_name = "PATH[:BAUD[:FRAMING]]", value_parser = parse_serial_flag)]
+    pub serial: Vec<SerialFlag>,
+    /// Framing of the --serial ports that do not name one: cobs (default) or raw.
+    #[arg(long, value_name = "FRAMING")]
+    pub serial_framing: Option<FramingKind>,
+    /// Seconds between ADVERTISE broadcasts (0: never; default 900).
+    #[arg(long, value_name = "SECS")]
+    pub advertise_interval: Option<u64>,
+    /// UDP broadcast or multicast address for ADVERTISE and GWINFO, e.g. 255.255.255.255:10000.
+    #[arg(long, value_name = "ADDR")]
+    pub advertise_addr: Option<SocketAddr>,
+}
+
+/// A serial port given on the command line: `PATH[:BAUD[:FRAMING]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialFlag {
+    /// Device path.
+    pub path: PathBuf,
+    /// Baud rate, if given.
+    pub baud: Option<u32>,
+    /// Framing, if given.
+    pub framing: Option<FramingKind>,
+}
+
+fn parse_serial_flag(s: &str) -> Result<SerialFlag, String> {
+    let usage = || format!("{s:?}: expected PATH[:BAUD[:FRAMING]], e.g. /dev/ttyUSB0:115200 or /dev/ttyUSB0:115200:raw");
+    let mut rest = s;
+    let mut framing = None;
+    if let Some((head, tail)) = rest.rsplit_once(':') {
+        if let Ok(f) = tail.parse::<FramingKind>() {
+            framing = Some(f);
+            rest = head;
+        }
+    }
+    let mut baud = None;
+    if let Some((head, tail)) = rest.rsplit_once(':') {
+        baud = Some(tail.parse::<u32>().ok().filter(|b| *b > 0).ok_or_else(usage)?);
+        rest = head;
+    } else if framing.is_some() {
+        // PATH:FRAMING without a baud rate reads too much like a typo.
+        return Err(usage());
+    }
+    if rest.is_empty() {
+        return Err(usage());
+    }
+    Ok(SerialFlag {
+        path: PathBuf::from(rest),
+        baud,
+        framing,
+    })
 }
 
 fn parse_predefined(s: &str) -> Result<(u16, String), String> {
@@ -102,6 +157,81 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     /// `[predefined]`: topic id = topic name.
     pub predefined: BTreeMap<String, String>,
+    /// `[[serial]]`: one table per serial port.
+    pub serial: Vec<SerialSection>,
+    /// `[discovery]`.
+    pub discovery: DiscoverySection,
+}
+
+/// `[[serial]]`: one serial port.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SerialSection {
+    /// Device path (required).
+    pub path: Option<PathBuf>,
+    /// Baud rate.
+    pub baud: Option<u32>,
+    /// Data bits, 5 to 8.
+    pub data_bits: Option<u8>,
+    /// "none", "odd" or "even".
+    pub parity: Option<String>,
+    /// 1 or 2.
+    pub stop_bits: Option<u8>,
+    /// "cobs" or "raw".
+    pub framing: Option<String>,
+}
+
+/// `[discovery]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoverySection {
+    /// Seconds between ADVERTISE broadcasts; 0 = never.
+    pub advertise_interval_secs: Option<u64>,
+    /// UDP broadcast or multicast address for ADVERTISE and GWINFO.
+    pub advertise_addr: Option<SocketAddr>,
+}
+
+impl SerialSection {
+    /// Checks the values and fills in the defaults.
+    fn resolve(&self, n: usize) -> Result<SerialPortConfig, String> {
+        let at = |key: &str| format!("[[serial]] #{} {key}", n + 1);
+        let path = self
+            .path
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty())
+            .ok_or_else(|| format!("{} is required, e.g. path = \"/dev/ttyUSB0\"", at("path")))?;
+        let mut port = SerialPortConfig::new(path);
+        if let Some(baud) = self.baud {
+            if baud == 0 {
+                return Err(format!("{} must be a positive number", at("baud")));
+            }
+            port.baud = baud;
+        }
+        port.data_bits = match self.data_bits.unwrap_or(8) {
+            5 => DataBits::Five,
+            6 => DataBits::Six,
+            7 => DataBits::Seven,
+            8 => DataBits::Eight,
+            other => return Err(format!("{} must be 5, 6, 7 or 8, not {other}", at("data_bits"))),
+        };
+        port.parity = match self.parity.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("none") => Parity::None,
+            Some("odd") => Parity::Odd,
+            Some("even") => Parity::Even,
+            Some(other) => return Err(format!("{} must be \"none\", \"odd\" or \"even\", not {other:?}", at("parity"))),
+        };
+        port.stop_bits = match self.stop_bits.unwrap_or(1) {
+            1 => StopBits::One,
+            2 => StopBits::Two,
+            other => return Err(format!("{} must be 1 or 2, not {other}", at("stop_bits"))),
+        };
+        if let Some(f) = &self.framing {
+            port.framing = f
+                .parse()
+                .map_err(|_| format!("{} must be \"cobs\" or \"raw\", not {f:?}", at("framing")))?;
+        }
+        Ok(port)
+    }
 }
 
 /// `[gateway]`.
@@ -201,6 +331,22 @@ pub struct Settings {
     pub embedded_broker: Option<SocketAddr>,
     /// Statistics log period.
     pub stats_interval: Option<Duration>,
+    /// Serial ports, indexed as [`crate::engine::LinkAddr::Serial`].
+    pub serial: Vec<SerialPortConfig>,
+}
+
+impl Default for Settings {
+    /// The defaults: UDP on 0.0.0.0:10000, the broker on 127.0.0.1:1883, no serial port.
+    fn default() -> Self {
+        Settings {
+            engine: EngineConfig::default(),
+            udp: vec![SocketAddr::from(([0, 0, 0, 0], 10000))],
+            broker: BrokerConfig::default(),
+            embedded_broker: None,
+            stats_interval: Some(Duration::from_secs(60)),
+            serial: Vec::new(),
+        }
+    }
 }
 
 impl FileConfig {
@@ -271,7 +417,7 @@ impl Settings {
                 .connect_timeout_secs
                 .unwrap_or(d.connect_timeout.as_secs_f64()),
         )?;
-        let engine = EngineConfig {
+        let mut engine = EngineConfig {
             gateway_id: cli.gateway_id.or(file.gateway.id).unwrap_or(d.gateway_id),
             retry_interval: Duration::from_secs_f64(retry),
             max_retries: cli.max_retries.or(file.timers.max_retries).unwrap_or(d.max_retries),
@@ -290,6 +436,8 @@ impl Settings {
             max_persisted_sessions: file.limits.max_persisted_sessions.unwrap_or(d.max_persisted_sessions),
             predefined: Arc::new(predefined),
             qos_minus_one: file.gateway.qos_minus_one.unwrap_or(d.qos_minus_one),
+            advertise_interval: None,
+            udp_broadcast: None,
         };
 
         let embedded = cli.embedded_broker || file.broker.embedded.unwrap_or(false);
@@ -326,12 +474,64 @@ impl Settings {
             udp.push(SocketAddr::from(([0, 0, 0, 0], 10000)));
         }
         let stats = cli.stats_interval.or(file.gateway.stats_interval_secs).unwrap_or(60);
+
+        // Serial ports: the flags replace the file's list, as --udp does.
+        let serial = if cli.serial.is_empty() {
+            file.serial
+                .iter()
+                .enumerate()
+                .map(|(n, s)| s.resolve(n))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            cli.serial
+                .iter()
+                .map(|f| SerialPortConfig {
+                    baud: f.baud.unwrap_or(115_200),
+                    framing: f.framing.or(cli.serial_framing).unwrap_or_default(),
+                    ..SerialPortConfig::new(f.path.clone())
+                })
+                .collect()
+        };
+        for (i, port) in serial.iter().enumerate() {
+            if serial.iter().take(i).any(|p| p.path == port.path) {
+                return Err(format!("serial port {} is configured twice", port.path.display()));
+            }
+        }
+        if u16::try_from(serial.len()).is_err() {
+            return Err("too many serial ports".into());
+        }
+
+        // Discovery (spec 6.1). The duration field of ADVERTISE is 16 bits.
+        let advertise_secs = cli
+            .advertise_interval
+            .or(file.discovery.advertise_interval_secs)
+            .unwrap_or(900);
+        if advertise_secs > u64::from(u16::MAX) {
+            return Err(format!(
+                "advertise_interval_secs must be at most 65535 (ADVERTISE carries it in 16 bits), not {advertise_secs}"
+            ));
+        }
+        engine.advertise_interval = (advertise_secs > 0).then(|| Duration::from_secs(advertise_secs));
+        let advertise_addr = cli.advertise_addr.or(file.discovery.advertise_addr);
+        if let (Some(addr), Some(first)) = (advertise_addr, udp.first()) {
+            if addr.is_ipv4() != first.is_ipv4() {
+                return Err(format!(
+                    "advertise_addr {addr} and the first UDP listener {first} must be of the same address family (ADVERTISE is sent from that listener)"
+                ));
+            }
+            if addr.port() == 0 || addr.ip().is_unspecified() {
+                return Err(format!("advertise_addr {addr} needs an address and a port"));
+            }
+        }
+        engine.udp_broadcast = advertise_addr;
+
         Ok(Settings {
             engine,
             udp,
             broker,
             embedded_broker: embedded.then_some(embedded_addr),
             stats_interval: (stats > 0).then(|| Duration::from_secs(stats)),
+            serial,
         })
     }
 }
@@ -384,5 +584,86 @@ mod tests {
         assert!(Settings::combine(bad_factor, &Cli::default()).is_err());
         assert!(parse_predefined("77").is_err());
         assert!(parse_predefined("x=a").is_err());
+    }
+
+    #[test]
+    fn serial_ports_from_the_file() {
+        let file = FileConfig::parse(
+            "[[serial]]\npath = \"/dev/ttyUSB0\"\n\n[[serial]]\npath = \"/dev/ttyAMA0\"\nbaud = 9600\ndata_bits = 7\nparity = \"even\"\nstop_bits = 2\nframing = \"raw\"\n",
+        )
+        .expect("parses");
+        let s = Settings::combine(file, &Cli::default()).expect("resolves");
+        assert_eq!(s.serial.len(), 2);
+        assert_eq!(s.serial[0], SerialPortConfig::new("/dev/ttyUSB0"));
+        assert_eq!(s.serial[0].describe(), "115200 8N1 cobs");
+        assert_eq!(s.serial[1].path, PathBuf::from("/dev/ttyAMA0"));
+        assert_eq!(s.serial[1].describe(), "9600 7E2 raw");
+
+        for (bad, names) in [
+            ("[[serial]]\nbaud = 9600\n", "path"),
+            ("[[serial]]\npath = \"/dev/x\"\nparity = \"mark\"\n", "parity"),
+            ("[[serial]]\npath = \"/dev/x\"\nstop_bits = 3\n", "stop_bits"),
+            ("[[serial]]\npath = \"/dev/x\"\ndata_bits = 9\n", "data_bits"),
+            ("[[serial]]\npath = \"/dev/x\"\nframing = \"slip\"\n", "framing"),
+            ("[[serial]]\npath = \"/dev/x\"\nbaud = 0\n", "baud"),
+            ("[[serial]]\npath = \"/dev/x\"\n[[serial]]\npath = \"/dev/x\"\n", "twice"),
+        ] {
+            let file = FileConfig::parse(bad).expect("parses");
+            let err = Settings::combine(file, &Cli::default()).unwrap_err();
+            assert!(err.contains(names), "{bad:?}: {err}");
+        }
+        assert!(FileConfig::parse("[[serial]]\npath = \"/dev/x\"\nspeed = 9600\n").is_err());
+    }
+
+    #[test]
+    fn serial_flags_replace_the_file_ports() {
+        let file = FileConfig::parse("[[serial]]\npath = \"/dev/ttyS0\"\n").expect("parses");
+        let cli = Cli::parse_from([
+            "mqtt-sn-gateway",
+            "--serial",
+            "/dev/ttyUSB0:115200",
+            "--serial",
+            "/dev/ttyACM0:9600:cobs",
+            "--serial",
+            "/dev/ttyUSB1",
+            "--serial-framing",
+            "raw",
+        ]);
+        let s = Settings::combine(file, &cli).expect("resolves");
+        let got: Vec<_> = s.serial.iter().map(|p| (p.path.display().to_string(), p.describe())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("/dev/ttyUSB0".to_string(), "115200 8N1 raw".to_string()),
+                ("/dev/ttyACM0".to_string(), "9600 8N1 cobs".to_string()),
+                ("/dev/ttyUSB1".to_string(), "115200 8N1 raw".to_string()),
+            ]
+        );
+        for bad in ["/dev/ttyUSB0:fast", "/dev/ttyUSB0:0", ":115200", "/dev/ttyUSB0:raw"] {
+            assert!(parse_serial_flag(bad).is_err(), "{bad}");
+        }
+        assert!(Cli::try_parse_from(["mqtt-sn-gateway", "--serial-framing", "slip"]).is_err());
+    }
+
+    #[test]
+    fn discovery_settings() {
+        let s = Settings::combine(FileConfig::default(), &Cli::default()).expect("defaults");
+        assert_eq!(s.engine.advertise_interval, Some(Duration::from_secs(900)));
+        assert_eq!(s.engine.udp_broadcast, None);
+
+        let file = FileConfig::parse(
+            "[discovery]\nadvertise_interval_secs = 60\nadvertise_addr = \"255.255.255.255:10000\"\n",
+        )
+        .expect("parses");
+        let s = Settings::combine(file.clone(), &Cli::default()).expect("resolves");
+        assert_eq!(s.engine.advertise_interval, Some(Duration::from_secs(60)));
+        assert_eq!(s.engine.udp_broadcast, Some(SocketAddr::from(([255, 255, 255, 255], 10000))));
+        let off = Cli::parse_from(["mqtt-sn-gateway", "--advertise-interval", "0"]);
+        assert_eq!(Settings::combine(file, &off).expect("resolves").engine.advertise_interval, None);
+
+        let too_long = FileConfig::parse("[discovery]\nadvertise_interval_secs = 70000\n").expect("parses");
+        assert!(Settings::combine(too_long, &Cli::default()).unwrap_err().contains("65535"));
+        let v6 = FileConfig::parse("[discovery]\nadvertise_addr = \"[ff02::1]:10000\"\n").expect("parses");
+        assert!(Settings::combine(v6, &Cli::default()).unwrap_err().contains("family"));
     }
 }

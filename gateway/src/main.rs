@@ -12,6 +12,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let settings = Settings::resolve(&cli).map_err(anyhow::Error::msg)?;
+    // Each device holds a broker connection (a file descriptor): take the hard limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let running = gateway::runtime::start(settings).await?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {

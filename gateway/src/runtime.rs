@@ -14,6 +14,7 @@ use crate::broker::mqtt::MqttLinks;
 use crate::broker::{BrokerEvent, BrokerLink, ClientKey};
 use crate::config::Settings;
 use crate::engine::{Gateway, LinkAddr, Stats};
+use crate::transport::serial::{LinkEvent, SerialPortStats, SerialPorts, SerialStatsReader};
 use crate::transport::udp::{Inbound, UdpListener};
 
 /// How many queued inputs one loop turn takes before flushing outputs.
@@ -26,14 +27,26 @@ pub struct Running {
     /// The embedded broker's address, when one runs.
     pub embedded_broker: Option<SocketAddr>,
     stats: Arc<Mutex<Stats>>,
+    serial_stats: SerialStatsReader,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+}
+
+/// The serial ports and the channel on which they say they came up or went away.
+struct SerialLinks {
+    ports: SerialPorts,
+    events: mpsc::Receiver<LinkEvent>,
 }
 
 impl Running {
     /// A recent snapshot of the engine's gauges and counters (refreshed every 100 ms).
     pub fn stats(&self) -> Stats {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The counters of every serial port, in configuration order.
+    pub fn serial_stats(&self) -> Vec<SerialPortStats> {
+        self.serial_stats.read()
     }
 
     /// Stops the gateway and waits for its task to end.
@@ -73,10 +86,24 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         .iter()
         .map(UdpListener::local_addr)
         .collect::<Result<Vec<_>, _>>()?;
+    if let (Some(addr), Some(first)) = (settings.engine.udp_broadcast, listeners.first()) {
+        // Multicast needs no option to send (nor any group joined); broadcast needs
+        // SO_BROADCAST, which is harmless for a unicast address.
+        if !addr.ip().is_multicast() {
+            first
+                .socket
+                .set_broadcast(true)
+                .context("cannot enable UDP broadcast")?;
+        }
+        info!(to = %addr, every = ?settings.engine.advertise_interval, "advertising on UDP");
+    }
     let (in_tx, in_rx) = mpsc::channel::<Inbound>(4096);
     for l in &listeners {
         l.spawn_reader(in_tx.clone());
     }
+    let (link_tx, link_rx) = mpsc::channel(256);
+    let serial_ports = SerialPorts::spawn(&settings.serial, in_tx.clone(), link_tx).map_err(anyhow::Error::msg)?;
+    let serial_stats = serial_ports.stats_reader();
     let (ev_tx, ev_rx) = mpsc::channel(4096);
     let mut broker = settings.broker.clone();
     if let (Some(asked), Some(actual)) = (settings.embedded_broker, embedded_broker) {
@@ -101,11 +128,16 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         stats.clone(),
         settings.stats_interval,
         shutdown_rx,
+        SerialLinks {
+            ports: serial_ports,
+            events: link_rx,
+        },
     ));
     Ok(Running {
         udp_addrs,
         embedded_broker,
         stats,
+        serial_stats,
         shutdown: Some(shutdown_tx),
         task,
     })
@@ -121,10 +153,13 @@ async fn run(
     stats: Arc<Mutex<Stats>>,
     stats_interval: Option<Duration>,
     mut shutdown: oneshot::Receiver<()>,
+    mut serial: SerialLinks,
 ) {
     let mut refresh = tokio::time::interval(Duration::from_millis(100));
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_log = Instant::now();
+    gw.start(Instant::now());
+    flush(&mut gw, &mut links, &listeners, &serial.ports).await;
     loop {
         let deadline = gw
             .poll_timeout()
@@ -153,6 +188,16 @@ async fn run(
                     }
                 }
             }
+            Some(event) = serial.events.recv() => {
+                // What the port read before it went away is older than its going away.
+                while let Ok((from, data)) = inbound.try_recv() {
+                    gw.handle_datagram(Instant::now(), from, &data);
+                }
+                match event {
+                    LinkEvent::Up(link) => gw.link_up(Instant::now(), &link),
+                    LinkEvent::Down(link) => gw.link_down(Instant::now(), &link),
+                }
+            }
             _ = tokio::time::sleep_until(deadline) => gw.handle_timeout(Instant::now()),
             _ = refresh.tick() => {
                 let s = gw.stats();
@@ -161,19 +206,24 @@ async fn run(
                         last_log = Instant::now();
                         info!(sessions = s.sessions, active = s.active, asleep = s.asleep, held = s.held_messages,
                               broker_links = links.active(), metrics = ?s.metrics, "stats");
+                        for (i, p) in serial.ports.stats().iter().enumerate() {
+                            info!(port = i, path = %p.path.display(), open = p.open, frames_in = p.frames_in,
+                                  frames_out = p.frames_out, dropped = p.frames_dropped(), noise_bytes = p.noise_bytes,
+                                  disconnects = p.disconnects, "serial stats");
+                        }
                     }
                 }
                 *stats.lock().unwrap_or_else(|e| e.into_inner()) = s;
             }
         }
-        flush(&mut gw, &mut links, &listeners).await;
+        flush(&mut gw, &mut links, &listeners, &serial.ports).await;
     }
     info!("gateway stopped");
 }
 
 /// Sends what the engine queued: datagrams to devices, commands to broker links (whose
 /// immediate refusals go straight back into the engine).
-async fn flush(gw: &mut Gateway, links: &mut MqttLinks, listeners: &[UdpListener]) {
+async fn flush(gw: &mut Gateway, links: &mut MqttLinks, listeners: &[UdpListener], serial: &SerialPorts) {
     loop {
         let mut idle = true;
         while let Some((key, command)) = gw.poll_command() {
@@ -190,7 +240,7 @@ async fn flush(gw: &mut Gateway, links: &mut MqttLinks, listeners: &[UdpListener
                         l.send(&t.data, addr).await;
                     }
                 }
-                LinkAddr::Serial(_) => {}
+                LinkAddr::Serial(index) => serial.send(index, t.data),
             }
         }
         if idle {

@@ -12,7 +12,18 @@ const KNOWN_TYPES: &[u8] = &[
     0x15, 0x16, 0x17, 0x18, 0x1A, 0x1B, 0x1C, 0x1D, 0xFE,
 ];
 
+/// The known types of messages whose Length covers the whole message: all but the
+/// forwarder encapsulation 0xFE, whose Length covers its header only (spec 5.5).
+const PLAIN_TYPES: &[u8] = &[
+    0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F, 0x10, 0x12, 0x13, 0x14,
+    0x15, 0x16, 0x17, 0x18, 0x1A, 0x1B, 0x1C, 0x1D,
+];
+
 const PINGREQ: [u8; 2] = [0x02, 0x16];
+/// PUBLISH_HI from wireless node 0xABCD, through a forwarder (spec 5.5).
+const ENCAPSULATED_HI: [u8; 14] = [
+    0x05, 0xFE, 0x00, 0xAB, 0xCD, 0x09, 0x0C, 0x00, 0x00, 0x01, 0x00, 0x00, b'h', b'i',
+];
 /// PUBLISH, QoS 0, normal topic id 0x0001, msg id 0, payload "hi".
 const PUBLISH_HI: [u8; 9] = [0x09, 0x0C, 0x00, 0x00, 0x01, 0x00, 0x00, b'h', b'i'];
 /// PUBLISH, QoS 1, normal topic id 0x0001, msg id 0x1234, payload "21.5".
@@ -90,9 +101,14 @@ impl Rng {
 /// non-zero octets (the 254-octet COBS block boundary).
 fn sample_messages() -> Vec<Vec<u8>> {
     let mut v = vec![PINGREQ.to_vec(), PUBLISH_HI.to_vec(), PUBLISH_Q1.to_vec()];
-    for (i, &t) in KNOWN_TYPES.iter().enumerate() {
+    for (i, &t) in PLAIN_TYPES.iter().enumerate() {
         v.push(message(2 + i * 7, t, |k| (k * 31 + i) as u8));
     }
+    v.push(ENCAPSULATED_HI.to_vec());
+    // A forwarder behind a forwarder, carrying a long message.
+    let mut nested = vec![0x03, 0xFE, 0x01, 0x04, 0xFE, 0x00, 0x2A];
+    nested.extend(message(300, 0x0C, |k| k as u8));
+    v.push(nested);
     for total in [250, 251, 252, 253, 254, 255, 256, 257, 300, 508, 509, 510, 511, 700] {
         v.push(message(total, 0x0C, |_| 0xAA));
         v.push(message(total, 0x0C, |k| if k % 100 == 0 { 0 } else { 0x55 }));
@@ -100,7 +116,9 @@ fn sample_messages() -> Vec<Vec<u8>> {
     v
 }
 
-/// `body` (type octet and fields) behind a length header announcing its size.
+/// `body` (type octet and fields) behind a length header announcing its size. A type
+/// octet 0xFE is replaced by 0x0C (PUBLISH): a forwarder encapsulation's Length
+/// announces its header only, not the whole message.
 fn mqttsn(body: &[u8]) -> Vec<u8> {
     let mut m = if body.len() < 255 {
         vec![u8::try_from(body.len() + 1).expect("checked")]
@@ -109,7 +127,11 @@ fn mqttsn(body: &[u8]) -> Vec<u8> {
         let [hi, lo] = len.to_be_bytes();
         vec![0x01, hi, lo]
     };
+    let header = m.len();
     m.extend_from_slice(body);
+    if m.get(header) == Some(&0xFE) {
+        m[header] = 0x0C;
+    }
     m
 }
 
@@ -119,7 +141,7 @@ fn mqttsn_strategy(max_body: usize) -> impl Strategy<Value = Vec<u8>> {
 
 fn raw_message_strategy() -> impl Strategy<Value = Vec<u8>> {
     (
-        prop::sample::select(KNOWN_TYPES),
+        prop::sample::select(PLAIN_TYPES),
         prop_oneof![4 => 2usize..=255, 1 => 256usize..=600],
         prop::collection::vec(any::<u8>(), 600),
     )
@@ -774,14 +796,22 @@ fn check_invariants<const N: usize>(kind: FramingKind, bytes: &[u8], chunks: &[u
     assert!(stats.noise_bytes as usize <= bytes.len());
     for f in &got {
         assert!(f.len() >= 2 && f.len() <= N, "{kind} N={N}: {f:02x?}");
-        let (total, header) = if f[0] == 0x01 {
-            (usize::from(u16::from_be_bytes([f[1], f[2]])), 3)
+        // Behind any forwarder encapsulation headers (Length covering the header only),
+        // one message whose Length covers it all.
+        let mut at = 0;
+        while f[at] != 0x01 && f.get(at + 1) == Some(&0xFE) {
+            assert!(f[at] >= 3, "{kind} N={N}: {f:02x?}");
+            at += usize::from(f[at]);
+        }
+        let m = &f[at..];
+        let (total, header) = if m[0] == 0x01 {
+            (usize::from(u16::from_be_bytes([m[1], m[2]])), 3)
         } else {
-            (usize::from(f[0]), 1)
+            (usize::from(m[0]), 1)
         };
-        assert_eq!(total, f.len());
+        assert_eq!(total, m.len(), "{kind} N={N}: {f:02x?}");
         if kind == FramingKind::Raw {
-            assert!(KNOWN_TYPES.contains(&f[header]));
+            assert!(KNOWN_TYPES.contains(&m[header]));
         }
     }
     dec.reset();

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, Publish, SubscribeReasonCode};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -98,7 +98,15 @@ struct Pending {
     publishes: VecDeque<Option<Token>>,
     subscribes: VecDeque<Token>,
     unsubscribes: VecDeque<Token>,
+    /// Told when the broker has the will of a lost client (PUBACK for QoS 1, PUBCOMP for
+    /// QoS 2), so that DISCONNECT is not sent before: a QoS 2 publish cut off after PUBREC
+    /// is never delivered.
+    will_done: Option<oneshot::Sender<()>>,
 }
+
+/// The token of a lost client's will publish: never a session's token (those count up
+/// from 1), and answered by no event.
+const WILL_TOKEN: Token = Token::MAX;
 
 struct Conn {
     client: AsyncClient,
@@ -249,13 +257,19 @@ impl BrokerLink for MqttLinks {
             }
             Command::Disconnect { will } => {
                 let conn = self.conns.remove(&key)?;
-                if will.is_some() {
-                    conn.pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .publishes
-                        .push_back(None);
+                let mut done = None;
+                if let Some(w) = &will {
+                    let mut pending = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    if w.qos == MqttQos::AtMostOnce {
+                        pending.publishes.push_back(None);
+                    } else {
+                        let (tx, rx) = oneshot::channel();
+                        pending.publishes.push_back(Some(WILL_TOKEN));
+                        pending.will_done = Some(tx);
+                        done = Some(rx);
+                    }
                 }
+                let wait = Duration::from_secs(self.cfg.connect_timeout_secs.max(1));
                 // Awaiting in a task keeps the order (will, then DISCONNECT) even when the
                 // request queue is full, without blocking the engine.
                 tokio::spawn(async move {
@@ -264,6 +278,10 @@ impl BrokerLink for MqttLinks {
                             .client
                             .publish(w.topic, rumqttc_qos(w.qos), w.retain, w.message.to_vec())
                             .await;
+                    }
+                    if let Some(done) = done {
+                        // Bounded: a broker that does not answer does not hold the link open.
+                        let _ = tokio::time::timeout(wait, done).await;
                     }
                     let _ = conn.client.disconnect().await;
                 });
@@ -274,6 +292,13 @@ impl BrokerLink for MqttLinks {
 
     fn active(&self) -> usize {
         self.conns.len()
+    }
+}
+
+/// Tells the task closing a lost client's link that the broker has its will.
+fn will_delivered(pending: &Mutex<Pending>) {
+    if let Some(tx) = pending.lock().unwrap_or_else(|e| e.into_inner()).will_done.take() {
+        let _ = tx.send(());
     }
 }
 
@@ -312,8 +337,28 @@ async fn drive(
                     retain: p.retain,
                     pkid: p.pkid,
                 })),
-                Incoming::PubAck(a) => publishes.remove(&a.pkid).map(|token| BrokerEvent::Published { token }),
-                Incoming::PubRec(a) => publishes.remove(&a.pkid).map(|token| BrokerEvent::Published { token }),
+                Incoming::PubAck(a) => match publishes.remove(&a.pkid) {
+                    Some(WILL_TOKEN) => {
+                        will_delivered(&pending);
+                        None
+                    }
+                    token => token.map(|token| BrokerEvent::Published { token }),
+                },
+                Incoming::PubRec(a) => match publishes.remove(&a.pkid) {
+                    // The will is the broker's once PUBCOMP completes the exchange.
+                    Some(WILL_TOKEN) => {
+                        publishes.insert(a.pkid, WILL_TOKEN);
+                        None
+                    }
+                    token => token.map(|token| BrokerEvent::Published { token }),
+                },
+                Incoming::PubComp(a) => {
+                    if publishes.get(&a.pkid) == Some(&WILL_TOKEN) {
+                        publishes.remove(&a.pkid);
+                        will_delivered(&pending);
+                    }
+                    None
+                }
                 Incoming::SubAck(a) => subscribes.remove(&a.pkid).map(|token| BrokerEvent::SubAck {
                     token,
                     granted: match a.return_codes.first() {

@@ -7,6 +7,7 @@
 //! when it next needs time ([`Gateway::poll_timeout`]). It holds no socket and reads no
 //! clock, so every protocol rule is testable with a fake clock.
 
+mod discovery;
 mod session;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -14,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sn_codec::{GwInfo, Packet, QoS};
+use sn_codec::{Packet, QoS};
 use tracing::{debug, info, warn};
 
 use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, MqttQos};
@@ -110,6 +111,13 @@ pub struct EngineConfig {
     pub predefined: Arc<Predefined>,
     /// Accept QoS -1 publishes from any address.
     pub qos_minus_one: bool,
+    /// Tadv (spec 6.1): the period of ADVERTISE broadcasts, also sent as their duration
+    /// field (so at most 65535 s). `None`: the gateway never advertises.
+    pub advertise_interval: Option<Duration>,
+    /// The UDP broadcast or multicast address that ADVERTISE, and GWINFO answers to
+    /// SEARCHGW received over UDP, are sent to, from UDP listener 0. `None`: discovery
+    /// over UDP is unicast answers only.
+    pub udp_broadcast: Option<SocketAddr>,
 }
 
 impl Default for EngineConfig {
@@ -129,6 +137,8 @@ impl Default for EngineConfig {
             max_persisted_sessions: 100_000,
             predefined: Arc::new(Predefined::default()),
             qos_minus_one: true,
+            advertise_interval: Some(Duration::from_secs(900)),
+            udp_broadcast: None,
         }
     }
 }
@@ -180,6 +190,12 @@ pub struct Metrics {
     pub sleeps: u64,
     /// Times a client woke (PINGREQ with client id).
     pub wakes: u64,
+    /// ADVERTISE messages sent (one per link).
+    pub advertisements: u64,
+    /// SEARCHGW messages answered with GWINFO.
+    pub searchgw: u64,
+    /// Links (serial ports) that went away; their sessions are counted in `lost`.
+    pub links_down: u64,
 }
 
 /// A snapshot of gauges and counters.
@@ -208,6 +224,12 @@ impl Output {
     /// Encodes `packet` for `to`, encapsulating it for a forwarder when needed. Returns
     /// false when it cannot be encoded (too long).
     pub(crate) fn send(&mut self, to: &Peer, packet: &Packet<'_>) -> bool {
+        self.send_with_radius(to, 0, packet)
+    }
+
+    /// [`Output::send`], with the broadcast `radius` a forwarder is asked to use (the
+    /// Ctrl octet of the encapsulation, spec 5.5; ignored for direct peers).
+    pub(crate) fn send_with_radius(&mut self, to: &Peer, radius: u8, packet: &Packet<'_>) -> bool {
         let len = packet.encoded_len();
         let result = match &to.node {
             None => {
@@ -219,7 +241,7 @@ impl Output {
             }
             Some(node) => {
                 let mut data = vec![0; len + node.len() + 3];
-                sn_codec::encode_encapsulated(0, node, packet, &mut data).map(|n| {
+                sn_codec::encode_encapsulated(radius, node, packet, &mut data).map(|n| {
                     data.truncate(n);
                     data
                 })
@@ -261,6 +283,10 @@ pub struct Gateway {
     out: Output,
     metrics: Metrics,
     qos_minus_one_connected: bool,
+    /// When the next periodic ADVERTISE is due (set by [`Gateway::start`]).
+    next_advertise: Option<Instant>,
+    /// Broadcast links that are up (serial ports): ADVERTISE goes to each.
+    up_links: BTreeSet<LinkAddr>,
 }
 
 impl Gateway {
@@ -277,6 +303,8 @@ impl Gateway {
             out: Output::default(),
             metrics: Metrics::default(),
             qos_minus_one_connected: false,
+            next_advertise: None,
+            up_links: BTreeSet::new(),
         }
     }
 
@@ -301,7 +329,11 @@ impl Gateway {
 
     /// When [`Gateway::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.first().map(|(t, _)| *t)
+        let session = self.timers.first().map(|(t, _)| *t);
+        match (session, self.next_advertise) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Gauges and counters.
@@ -336,6 +368,11 @@ impl Gateway {
             Err(e) => {
                 self.metrics.malformed += 1;
                 debug!(peer = %from, error = %e, len = data.len(), "malformed datagram dropped");
+                if let sn_codec::Error::UnsupportedProtocol(_) = e {
+                    // A CONNECT for another protocol version: say so rather than stay silent.
+                    let refusal = Packet::ConnAck(sn_codec::ReturnCode::NotSupported);
+                    self.out.send(&Peer::direct(from), &refusal);
+                }
                 return;
             }
         };
@@ -361,13 +398,7 @@ impl Gateway {
 
     fn handle_packet(&mut self, now: Instant, peer: Peer, packet: Packet<'_>) {
         match packet {
-            Packet::SearchGw { .. } => {
-                let info = Packet::GwInfo(GwInfo {
-                    gw_id: self.cfg.gateway_id,
-                    gw_addr: &[],
-                });
-                self.out.send(&peer, &info);
-            }
+            Packet::SearchGw { radius } => self.answer_searchgw(&peer, radius),
             // Other gateways' announcements, and answers from clients on their behalf.
             Packet::Advertise(_) | Packet::GwInfo(_) => {}
             Packet::Connect(c) => self.handle_connect(now, peer, c),
@@ -563,6 +594,7 @@ impl Gateway {
 
     /// Handles every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.advertise_if_due(now);
         while let Some(&(at, key)) = self.timers.first() {
             if at > now {
                 break;
@@ -659,3 +691,5 @@ impl Gateway {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_link;

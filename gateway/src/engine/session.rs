@@ -1039,6 +1039,15 @@ impl Session {
         Flow::Continue
     }
 
+    /// The client's link went away: lost (will published), or, before it was ever
+    /// accepted, just ended.
+    pub(crate) fn lose_now(&mut self, ctx: &mut Ctx<'_>, why: &str) -> Flow {
+        if self.state.is_connecting() && !self.resuming {
+            return self.end_connecting(ctx);
+        }
+        self.lose(ctx, why)
+    }
+
     /// The client is lost: publish its will (the latest one) and close its broker
     /// connection.
     fn lose(&mut self, ctx: &mut Ctx<'_>, why: &str) -> Flow {

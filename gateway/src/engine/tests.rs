@@ -980,6 +980,15 @@ fn bad_datagrams_are_counted_and_strangers_told_to_connect() {
 }
 
 #[test]
+fn connect_with_another_protocol_id_gets_not_supported() {
+    let mut t = T::new();
+    // CONNECT, flags 0x04, protocol id 0x02, duration 10, client id "c".
+    t.gw.handle_datagram(t.now, dev(1), &[0x07, 0x04, 0x04, 0x02, 0x00, 0x0A, b'c']);
+    t.expect(&dev(1), &[Packet::ConnAck(ReturnCode::NotSupported)]);
+    assert!(t.cmds().is_empty());
+}
+
+#[test]
 fn searchgw_is_answered_with_gwinfo() {
     let mut t = T::new();
     t.send(&dev(3), Packet::SearchGw { radius: 1 });

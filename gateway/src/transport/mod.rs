@@ -1,4 +1,5 @@
 //! Device-side transports: they move datagrams between the OS and the engine and do
 //! nothing else.
 
+pub mod serial;
 pub mod udp;

@@ -415,9 +415,11 @@ impl<const N: usize> FrameDecoder<N> {
     /// octet at a time until there is one or more octets are needed to judge.
     ///
     /// Called after every octet while no header has been accepted, so the buffer then
-    /// holds at most 4 octets (the longest header plus the type); after dropping the
-    /// first, the accepted frame can be complete already with one octet after it
-    /// (e.g. `01 02 16 xx`: "01 02 16" is no header, `02 16` is a PINGREQ).
+    /// holds at most 4 octets (the longest header plus the type), or, behind forwarder
+    /// encapsulation headers (0xFE, whose frame also takes the encapsulated message's
+    /// header), those headers too; after dropping the first, the accepted frame can be
+    /// complete already with octets after it (e.g. `01 02 16 xx`: "01 02 16" is no
+    /// header, `02 16` is a PINGREQ).
     fn raw_resync(&mut self) {
         while self.len > 0 {
             let prefix = self.buf.get(..self.len).unwrap_or_default();
