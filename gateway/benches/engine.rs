@@ -90,13 +90,17 @@ fn downlink_qos1_round_trip(bencher: Bencher) {
             }),
         );
         let t = gw.poll_transmit().unwrap();
-        let Ok(Packet::Publish(p)) = Packet::decode(&t.data) else { panic!() };
+        let Ok(Packet::Publish(p)) = Packet::decode(&t.data) else {
+            panic!()
+        };
         let ack = encode(&Packet::PubAck(PubAck {
             topic_id: 0,
             msg_id: p.msg_id,
             code: ReturnCode::Accepted,
         }));
         gw.handle_datagram(now, addrs[0].clone(), &ack);
-        let Some((_, Command::Ack { .. })) = gw.poll_command() else { panic!() };
+        let Some((_, Command::Ack { .. })) = gw.poll_command() else {
+            panic!()
+        };
     });
 }

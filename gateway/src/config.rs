@@ -23,8 +23,8 @@ use tokio_serial::{DataBits, Parity, StopBits};
 #[command(
     name = "mqtt-sn-gateway",
     version,
-    about = "MQTT-SN v1.2 gateway: serves sensors speaking MQTT-SN over UDP and makes each an MQTT 3.1.1 client of a broker",
-    after_help = "Examples:\n  mqtt-sn-gateway --udp 127.0.0.1:10000 --broker mqtt://127.0.0.1:1883\n  mqtt-sn-gateway --embedded-broker\n  mqtt-sn-gateway --config gateway.toml --predefined 77=sensors/temp\n\nLogging: RUST_LOG=debug (or e.g. RUST_LOG=gateway=debug,info). Configuration keys: docs/configuration.md"
+    about = "MQTT-SN v1.2 gateway: serves sensors speaking MQTT-SN over UDP and serial links and makes each an MQTT 3.1.1 client of a broker",
+    after_help = "Examples:\n  mqtt-sn-gateway --udp 127.0.0.1:10000 --broker mqtt://127.0.0.1:1883\n  mqtt-sn-gateway --embedded-broker\n  mqtt-sn-gateway --serial /dev/ttyUSB0:115200 --broker mqtt://127.0.0.1:1883\n  mqtt-sn-gateway --config gateway.toml --predefined 77=sensors/temp\n\nLogging: RUST_LOG=debug (or e.g. RUST_LOG=gateway=debug,info). Configuration keys: docs/configuration.md"
 )]
 pub struct Cli {
     /// TOML configuration file; flags given here override its values.
@@ -75,7 +75,7 @@ pub struct Cli {
     #[arg(long, value_name = "SECS")]
     pub stats_interval: Option<u64>,
     /// Serial port to serve MQTT-SN on (repeatable), 8N1, e.g. /dev/ttyUSB0:115200 or
-    /// /dev/ttyACM0:9600:raw. Replaces the file's [[serial]] ports.
+    /// /dev/ttyACM0:9600:raw. Replaces the serial ports of the configuration file.
     #[arg(long = "serial", value_name = "PATH[:BAUD[:FRAMING]]", value_parser = parse_serial_flag)]
     pub serial: Vec<SerialFlag>,
     /// Framing of the --serial ports that do not name one: cobs (default) or raw.
@@ -101,7 +101,8 @@ pub struct SerialFlag {
 }
 
 fn parse_serial_flag(s: &str) -> Result<SerialFlag, String> {
-    let usage = || format!("{s:?}: expected PATH[:BAUD[:FRAMING]], e.g. /dev/ttyUSB0:115200 or /dev/ttyUSB0:115200:raw");
+    let usage =
+        || format!("{s:?}: expected PATH[:BAUD[:FRAMING]], e.g. /dev/ttyUSB0:115200 or /dev/ttyUSB0:115200:raw");
     let mut rest = s;
     let mut framing = None;
     if let Some((head, tail)) = rest.rsplit_once(':') {
@@ -218,7 +219,12 @@ impl SerialSection {
             None | Some("none") => Parity::None,
             Some("odd") => Parity::Odd,
             Some("even") => Parity::Even,
-            Some(other) => return Err(format!("{} must be \"none\", \"odd\" or \"even\", not {other:?}", at("parity"))),
+            Some(other) => {
+                return Err(format!(
+                    "{} must be \"none\", \"odd\" or \"even\", not {other:?}",
+                    at("parity")
+                ))
+            }
         };
         port.stop_bits = match self.stop_bits.unwrap_or(1) {
             1 => StopBits::One,
@@ -606,7 +612,10 @@ mod tests {
             ("[[serial]]\npath = \"/dev/x\"\ndata_bits = 9\n", "data_bits"),
             ("[[serial]]\npath = \"/dev/x\"\nframing = \"slip\"\n", "framing"),
             ("[[serial]]\npath = \"/dev/x\"\nbaud = 0\n", "baud"),
-            ("[[serial]]\npath = \"/dev/x\"\n[[serial]]\npath = \"/dev/x\"\n", "twice"),
+            (
+                "[[serial]]\npath = \"/dev/x\"\n[[serial]]\npath = \"/dev/x\"\n",
+                "twice",
+            ),
         ] {
             let file = FileConfig::parse(bad).expect("parses");
             let err = Settings::combine(file, &Cli::default()).unwrap_err();
@@ -630,7 +639,11 @@ mod tests {
             "raw",
         ]);
         let s = Settings::combine(file, &cli).expect("resolves");
-        let got: Vec<_> = s.serial.iter().map(|p| (p.path.display().to_string(), p.describe())).collect();
+        let got: Vec<_> = s
+            .serial
+            .iter()
+            .map(|p| (p.path.display().to_string(), p.describe()))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -657,12 +670,23 @@ mod tests {
         .expect("parses");
         let s = Settings::combine(file.clone(), &Cli::default()).expect("resolves");
         assert_eq!(s.engine.advertise_interval, Some(Duration::from_secs(60)));
-        assert_eq!(s.engine.udp_broadcast, Some(SocketAddr::from(([255, 255, 255, 255], 10000))));
+        assert_eq!(
+            s.engine.udp_broadcast,
+            Some(SocketAddr::from(([255, 255, 255, 255], 10000)))
+        );
         let off = Cli::parse_from(["mqtt-sn-gateway", "--advertise-interval", "0"]);
-        assert_eq!(Settings::combine(file, &off).expect("resolves").engine.advertise_interval, None);
+        assert_eq!(
+            Settings::combine(file, &off)
+                .expect("resolves")
+                .engine
+                .advertise_interval,
+            None
+        );
 
         let too_long = FileConfig::parse("[discovery]\nadvertise_interval_secs = 70000\n").expect("parses");
-        assert!(Settings::combine(too_long, &Cli::default()).unwrap_err().contains("65535"));
+        assert!(Settings::combine(too_long, &Cli::default())
+            .unwrap_err()
+            .contains("65535"));
         let v6 = FileConfig::parse("[discovery]\nadvertise_addr = \"[ff02::1]:10000\"\n").expect("parses");
         assert!(Settings::combine(v6, &Cli::default()).unwrap_err().contains("family"));
     }

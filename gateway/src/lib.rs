@@ -1,4 +1,4 @@
-//! MQTT-SN v1.2 gateway: devices speaking MQTT-SN over UDP (and, later, serial links)
+//! MQTT-SN v1.2 gateway: devices speaking MQTT-SN over UDP and serial links
 //! become MQTT 3.1.1 clients of an ordinary broker.
 //!
 //! - [`engine`]: the sans-IO protocol engine (sessions, topic ids, sleep, retries).

@@ -189,9 +189,13 @@ async fn run(
                 }
             }
             Some(event) = serial.events.recv() => {
-                // What the port read before it went away is older than its going away.
-                while let Ok((from, data)) = inbound.try_recv() {
-                    gw.handle_datagram(Instant::now(), from, &data);
+                // What the port read before it went away is older than its going away:
+                // it is queued already, so handle what is queued first.
+                for _ in 0..inbound.len() {
+                    match inbound.try_recv() {
+                        Ok((from, data)) => gw.handle_datagram(Instant::now(), from, &data),
+                        Err(_) => break,
+                    }
                 }
                 match event {
                     LinkEvent::Up(link) => gw.link_up(Instant::now(), &link),

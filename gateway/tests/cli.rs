@@ -44,7 +44,10 @@ fn bad_config_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bogus"), "error does not name the bad key: {err}");
-    let out = Command::new(BIN).args(["--predefined", "nonsense"]).output().expect("runs");
+    let out = Command::new(BIN)
+        .args(["--predefined", "nonsense"])
+        .output()
+        .expect("runs");
     assert!(!out.status.success());
 }
 

@@ -466,6 +466,32 @@ async fn raw_framing_device_connects_publishes_and_subscribes() {
     pubsub_over_serial(FramingKind::Raw).await;
 }
 
+/// Raw framing: a message cut short (a device reset mid-message) is dropped once the
+/// line has been idle, instead of swallowing the start of the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_framing_drops_a_partial_message_after_an_idle_gap() {
+    // No broker needed: SEARCHGW is answered by the gateway itself.
+    let nobody = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let mut dev = Device::new(FramingKind::Raw);
+    let engine = EngineConfig {
+        gateway_id: 5,
+        ..engine_config()
+    };
+    let gw = start_gateway(nobody, engine, vec![dev.port()]).await;
+    wait_open(&gw, 0).await;
+    // The first 4 octets of a 20-octet PUBLISH, then silence.
+    dev.write(&[0x14, 0x0C, 0x00, 0x00]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dev.send(&Packet::SearchGw { radius: 0 }).await;
+    dev.expect("GWINFO", |p| {
+        (p == Packet::GwInfo(GwInfo { gw_id: 5, gw_addr: &[] })).then_some(())
+    })
+    .await;
+    let s = port_stats(&gw, 0);
+    assert_eq!((s.dropped_malformed, s.noise_bytes, s.frames_in), (1, 4, 1), "{s:?}");
+    gw.shutdown().await;
+}
+
 /// Line noise between frames, and some frames corrupted on the wire: exactly the
 /// corrupted frames are lost; every other message reaches the broker, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,7 +555,10 @@ async fn line_noise_loses_only_the_corrupted_frames() {
     assert_eq!(got, expected, "good frames arrive, in order; corrupted ones are lost");
     let s = port_stats(&gw, 0);
     let dropped = s.frames_dropped() - before.frames_dropped();
-    assert!(dropped >= corrupted, "{corrupted} corrupted frames, {dropped} dropped: {s:?}");
+    assert!(
+        dropped >= corrupted,
+        "{corrupted} corrupted frames, {dropped} dropped: {s:?}"
+    );
     assert!(s.noise_bytes > before.noise_bytes, "{s:?}");
     assert_eq!(gw.stats().metrics.malformed, 0, "nothing damaged reached the engine");
     gw.shutdown().await;
@@ -642,7 +671,10 @@ async fn advertise_and_searchgw_on_udp_and_serial() {
         }
     }
     let gap = times[1] - times[0];
-    assert!(gap >= Duration::from_millis(700) && gap <= Duration::from_millis(1500), "{gap:?}");
+    assert!(
+        gap >= Duration::from_millis(400) && gap <= Duration::from_secs(3),
+        "{gap:?}"
+    );
 
     // On serial: one when the port comes up, then every period.
     for _ in 0..2 {
@@ -659,7 +691,11 @@ async fn advertise_and_searchgw_on_udp_and_serial() {
     // SEARCHGW on serial: GWINFO on the same line.
     dev.send(&Packet::SearchGw { radius: 1 }).await;
     dev.expect("GWINFO on serial", |p| {
-        (p == Packet::GwInfo(GwInfo { gw_id: 42, gw_addr: &[] })).then_some(())
+        (p == Packet::GwInfo(GwInfo {
+            gw_id: 42,
+            gw_addr: &[],
+        }))
+        .then_some(())
     })
     .await;
 
@@ -669,7 +705,10 @@ async fn advertise_and_searchgw_on_udp_and_serial() {
         .send_to(&encode(&Packet::SearchGw { radius: 1 }), gw_udp)
         .await
         .expect("send");
-    let gwinfo = encode(&Packet::GwInfo(GwInfo { gw_id: 42, gw_addr: &[] }));
+    let gwinfo = encode(&Packet::GwInfo(GwInfo {
+        gw_id: 42,
+        gw_addr: &[],
+    }));
     let (n, from) = timeout(WAIT, asker.recv_from(&mut buf))
         .await
         .expect("GWINFO to the asker")
@@ -730,8 +769,10 @@ async fn vanished_port_loses_its_clients_and_is_reopened() {
     dev.expect("WILLMSGREQ", |p| (p == Packet::WillMsgReq).then_some(()))
         .await;
     dev.send(&Packet::WillMsg(b"adapter gone")).await;
-    dev.expect("CONNACK", |p| (p == Packet::ConnAck(ReturnCode::Accepted)).then_some(()))
-        .await;
+    dev.expect("CONNACK", |p| {
+        (p == Packet::ConnAck(ReturnCode::Accepted)).then_some(())
+    })
+    .await;
     other.connect("stays").await;
 
     // Unplug: the path disappears first (as a device node does), then the line.

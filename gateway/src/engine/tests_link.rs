@@ -115,8 +115,7 @@ fn link_down_loses_every_session_on_that_link_only() {
     t.tx();
     t.feed(&s0, &encode(&Packet::WillMsg(b"unplugged")));
     let key_will = t.cmds()[0].0;
-    t.gw
-        .handle_broker_event(t.now, key_will, BrokerEvent::Connected { session_present: false });
+    t.gw.handle_broker_event(t.now, key_will, BrokerEvent::Connected { session_present: false });
     t.tx();
     // ...two nodes behind a radio coordinator on the same port, one of them asleep...
     let node_a = t.connected(&s0, &encapsulated(0, b"\x0a", &connect("node-a", false, 60)));
@@ -186,14 +185,21 @@ fn advertise_every_period_on_udp_broadcast_and_serial_links_that_are_up() {
     t.at(10);
     t.gw.link_up(t.now, &LinkAddr::Serial(0));
     t.gw.link_up(t.now, &LinkAddr::Serial(3));
-    assert_eq!(t.tx(), vec![(LinkAddr::Serial(0), adv(50)), (LinkAddr::Serial(3), adv(50))]);
+    assert_eq!(
+        t.tx(),
+        vec![(LinkAddr::Serial(0), adv(50)), (LinkAddr::Serial(3), adv(50))]
+    );
 
     t.at(59);
     assert!(t.tx().is_empty());
     t.at(60);
     assert_eq!(
         t.tx(),
-        vec![(b.clone(), adv(60)), (LinkAddr::Serial(0), adv(60)), (LinkAddr::Serial(3), adv(60))]
+        vec![
+            (b.clone(), adv(60)),
+            (LinkAddr::Serial(0), adv(60)),
+            (LinkAddr::Serial(3), adv(60))
+        ]
     );
     assert_eq!(t.gw.poll_timeout(), Some(t.t0 + Duration::from_secs(120)));
 
@@ -242,7 +248,10 @@ fn searchgw_is_answered_by_gwinfo_broadcast_as_far_as_the_link_allows() {
 
     // UDP: to the asker, and to the broadcast address for everyone else.
     t.feed(&udp(1), &encode(&Packet::SearchGw { radius: 1 }));
-    assert_eq!(t.tx(), vec![(udp(1), info.clone()), (LinkAddr::Udp(0, BCAST), info.clone())]);
+    assert_eq!(
+        t.tx(),
+        vec![(udp(1), info.clone()), (LinkAddr::Udp(0, BCAST), info.clone())]
+    );
 
     // Serial: once, on the same port, where every device hears it.
     t.feed(&LinkAddr::Serial(2), &encode(&Packet::SearchGw { radius: 1 }));
@@ -259,7 +268,10 @@ fn searchgw_is_answered_by_gwinfo_broadcast_as_far_as_the_link_allows() {
     };
     assert_eq!((e.radius, e.node_id, e.inner), (2, &b"\x42"[..], &info[..]));
     // A radius the Ctrl octet cannot carry is capped.
-    t.feed(&LinkAddr::Serial(0), &encapsulated(0, b"\x42", &Packet::SearchGw { radius: 9 }));
+    t.feed(
+        &LinkAddr::Serial(0),
+        &encapsulated(0, b"\x42", &Packet::SearchGw { radius: 9 }),
+    );
     let got = t.tx();
     let Packet::Encapsulated(e) = Packet::decode(&got[0].1).unwrap() else {
         panic!("expected an encapsulated answer")

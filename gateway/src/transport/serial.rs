@@ -239,7 +239,9 @@ pub struct SerialPorts {
 
 impl std::fmt::Debug for SerialPorts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SerialPorts").field("ports", &self.reader.read()).finish()
+        f.debug_struct("SerialPorts")
+            .field("ports", &self.reader.read())
+            .finish()
     }
 }
 

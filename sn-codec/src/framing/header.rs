@@ -180,8 +180,14 @@ mod tests {
         assert_eq!(check(&enc, 6), Check::TooLong);
         assert_eq!(check(&enc[..2], 6), Check::TooLong);
         // Nested (a forwarder behind a forwarder), and a long encapsulated message.
-        assert_eq!(check(&[0x03, 0xFE, 0x01, 0x04, 0xFE, 0x00, 0x07, 0x02, 0x16], 64), Check::Frame(9));
-        assert_eq!(check(&[0x03, 0xFE, 0x00, 0x01, 0x01, 0x00, 0x0C], 1024), Check::Frame(259));
+        assert_eq!(
+            check(&[0x03, 0xFE, 0x01, 0x04, 0xFE, 0x00, 0x07, 0x02, 0x16], 64),
+            Check::Frame(9)
+        );
+        assert_eq!(
+            check(&[0x03, 0xFE, 0x00, 0x01, 0x01, 0x00, 0x0C], 1024),
+            Check::Frame(259)
+        );
         // Impossible encapsulations: shorter than Length+MsgType+Ctrl, three-octet form,
         // or followed by noise.
         assert_eq!(check(&[0x02, 0xFE], 64), Check::Noise);
@@ -189,7 +195,9 @@ mod tests {
         assert_eq!(check(&[0x03, 0xFE, 0x00, 0x02, 0x03], 64), Check::Noise);
 
         assert!(announces_own_length(&enc));
-        assert!(announces_own_length(&[0x03, 0xFE, 0x01, 0x04, 0xFE, 0x00, 0x07, 0x02, 0x16]));
+        assert!(announces_own_length(&[
+            0x03, 0xFE, 0x01, 0x04, 0xFE, 0x00, 0x07, 0x02, 0x16
+        ]));
         assert!(!announces_own_length(&enc[..6]));
         assert!(!announces_own_length(&[0x05, 0xFE, 0x00, 0xAB, 0xCD]));
         assert!(!announces_own_length(&[0x05, 0xFE, 0x00, 0xAB, 0xCD, 0x02, 0x16, 0x00]));
