@@ -847,23 +847,15 @@ impl Session {
     /// rejected by the device): drop it, and release it at the broker so it is not
     /// redelivered forever.
     fn give_up_front(&mut self, ctx: &mut Ctx<'_>) {
-        if let Some(front) = self.queue.front() {
+        if self.queue.front().is_some() {
             ctx.metrics.undeliverable += 1;
-            if front.msg.qos != MqttQos::AtMostOnce {
-                ctx.out.command(
-                    self.key,
-                    Command::Ack {
-                        qos: front.msg.qos,
-                        pkid: front.msg.pkid,
-                    },
-                );
-            }
         }
-        self.pop_front();
+        self.ack_front_to_broker(ctx);
     }
 
+    /// Takes the front message off the queue, acknowledging it to the broker (QoS 1/2).
     fn ack_front_to_broker(&mut self, ctx: &mut Ctx<'_>) {
-        if let Some(front) = self.queue.front() {
+        if let Some(front) = self.queue.front().filter(|f| f.msg.qos != MqttQos::AtMostOnce) {
             ctx.out.command(
                 self.key,
                 Command::Ack {

@@ -88,6 +88,7 @@
 
 mod buffers;
 mod table;
+pub mod uart;
 
 use core::fmt;
 
