@@ -8,13 +8,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use e2e::{free_port, init_logging, Mosquitto};
 use gateway::broker::mqtt::BrokerConfig;
 use gateway::config::Settings;
 use gateway::engine::EngineConfig;
@@ -38,13 +38,6 @@ const WAIT: Duration = Duration::from_secs(15);
 /// The predefined topic of these tests.
 const PREDEFINED: u16 = 77;
 
-fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
 fn unique() -> u32 {
     static N: AtomicU32 = AtomicU32::new(0);
     N.fetch_add(1, Ordering::Relaxed)
@@ -57,78 +50,6 @@ fn temp_dir(what: &str) -> PathBuf {
 }
 
 // ---- mosquitto -------------------------------------------------------------------
-
-struct Mosquitto {
-    child: Child,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-impl Mosquitto {
-    /// Starts mosquitto on a free loopback port. `None` (after a note) when it is not
-    /// installed, unless `CI=true`: then the test fails.
-    fn start() -> Option<Mosquitto> {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let bin = std::env::split_paths(&path)
-            .map(|d| d.join("mosquitto"))
-            .chain([PathBuf::from("/usr/sbin/mosquitto")])
-            .find(|p| p.is_file());
-        let Some(bin) = bin else {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("mosquitto is not installed (PATH, /usr/sbin/mosquitto): `apt-get install -y mosquitto`");
-            }
-            eprintln!("NOTE: mosquitto not found (PATH, /usr/sbin/mosquitto): this serial test was NOT RUN");
-            return None;
-        };
-        for _ in 0..5 {
-            let port = free_port();
-            let dir = temp_dir("mosquitto");
-            let conf = dir.join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
-            )
-            .expect("mosquitto.conf");
-            let log = std::fs::File::create(dir.join("log")).expect("log file");
-            let child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("mosquitto runs");
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let mut m = Mosquitto { child, addr, dir };
-            let until = std::time::Instant::now() + Duration::from_secs(5);
-            while std::time::Instant::now() < until {
-                if TcpStream::connect(addr).is_ok() {
-                    return Some(m);
-                }
-                if m.child.try_wait().ok().flatten().is_some() {
-                    break; // port taken meanwhile: try another
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("mosquitto did not start");
-    }
-}
 
 // ---- a broker-side MQTT client -----------------------------------------------------
 
@@ -429,9 +350,9 @@ async fn pubsub_over_serial(framing: FramingKind) {
         return;
     };
     let mut dev = Device::new(framing);
-    let gw = start_gateway(mosquitto.addr, engine_config(), vec![dev.port()]).await;
+    let gw = start_gateway(mosquitto.addr(), engine_config(), vec![dev.port()]).await;
     wait_open(&gw, 0).await;
-    let mut obs = Observer::subscribed(mosquitto.addr, "serial/#").await;
+    let mut obs = Observer::subscribed(mosquitto.addr(), "serial/#").await;
 
     let id = format!("dev-{framing}");
     dev.connect(&id).await;
@@ -500,9 +421,9 @@ async fn line_noise_loses_only_the_corrupted_frames() {
         return;
     };
     let mut dev = Device::new(FramingKind::Cobs);
-    let gw = start_gateway(mosquitto.addr, engine_config(), vec![dev.port()]).await;
+    let gw = start_gateway(mosquitto.addr(), engine_config(), vec![dev.port()]).await;
     wait_open(&gw, 0).await;
-    let mut obs = Observer::subscribed(mosquitto.addr, "noisy/#").await;
+    let mut obs = Observer::subscribed(mosquitto.addr(), "noisy/#").await;
     dev.connect("noisy").await;
     let topic = dev.register("noisy/data", 1).await;
     let before = port_stats(&gw, 0);
@@ -572,9 +493,9 @@ async fn coordinator_forwards_fifty_encapsulated_nodes() {
         return;
     };
     let mut coord = Device::new(FramingKind::Cobs);
-    let gw = start_gateway(mosquitto.addr, engine_config(), vec![coord.port()]).await;
+    let gw = start_gateway(mosquitto.addr(), engine_config(), vec![coord.port()]).await;
     wait_open(&gw, 0).await;
-    let mut obs = Observer::subscribed(mosquitto.addr, "coord/data").await;
+    let mut obs = Observer::subscribed(mosquitto.addr(), "coord/data").await;
     const NODES: u16 = 50;
     let node_id = |i: u16| (0xA000 + i).to_be_bytes();
 
@@ -745,10 +666,10 @@ async fn vanished_port_loses_its_clients_and_is_reopened() {
     std::os::unix::fs::symlink(&dev.path, &link).expect("symlink");
     let mut other = Device::new(FramingKind::Cobs);
     let ports = vec![SerialPortConfig::new(&link), other.port()];
-    let gw = start_gateway(mosquitto.addr, engine_config(), ports).await;
+    let gw = start_gateway(mosquitto.addr(), engine_config(), ports).await;
     wait_open(&gw, 0).await;
     wait_open(&gw, 1).await;
-    let mut obs = Observer::subscribed(mosquitto.addr, "wills/#").await;
+    let mut obs = Observer::subscribed(mosquitto.addr(), "wills/#").await;
 
     // A device with a will on the port that will vanish; another on the other port.
     dev.send(&Packet::Connect(Connect {

@@ -13,12 +13,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use e2e::{init_logging, Mosquitto};
 use gateway::broker::mqtt::BrokerConfig;
 use gateway::config::Settings;
 use gateway::engine::EngineConfig;
@@ -39,92 +39,12 @@ use tokio_serial::{SerialPort, SerialStream};
 /// How long anything may take before a test fails.
 const WAIT: Duration = Duration::from_secs(15);
 
-fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
 fn unique() -> u32 {
     static N: AtomicU32 = AtomicU32::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
 
 // ---- mosquitto -------------------------------------------------------------------
-
-struct Mosquitto {
-    child: Child,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-impl Mosquitto {
-    /// Starts mosquitto on a free loopback port. `None` (after a note) when it is not
-    /// installed, unless `CI=true`: then the test fails.
-    fn start() -> Option<Mosquitto> {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let bin = std::env::split_paths(&path)
-            .map(|d| d.join("mosquitto"))
-            .chain([PathBuf::from("/usr/sbin/mosquitto")])
-            .find(|p| p.is_file());
-        let Some(bin) = bin else {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("mosquitto is not installed (PATH, /usr/sbin/mosquitto): `apt-get install -y mosquitto`");
-            }
-            eprintln!("NOTE: mosquitto not found (PATH, /usr/sbin/mosquitto): this firmware test was NOT RUN");
-            return None;
-        };
-        for _ in 0..5 {
-            let port = free_port();
-            let dir = std::env::temp_dir().join(format!("sn-fw-serial-{}-{}", std::process::id(), unique()));
-            std::fs::create_dir_all(&dir).expect("temp dir");
-            let conf = dir.join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
-            )
-            .expect("mosquitto.conf");
-            let log = std::fs::File::create(dir.join("log")).expect("log file");
-            let child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("mosquitto runs");
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let mut m = Mosquitto { child, addr, dir };
-            let until = std::time::Instant::now() + Duration::from_secs(5);
-            while std::time::Instant::now() < until {
-                if TcpStream::connect(addr).is_ok() {
-                    return Some(m);
-                }
-                if m.child.try_wait().ok().flatten().is_some() {
-                    break; // port taken meanwhile: try another
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("mosquitto did not start");
-    }
-}
 
 // ---- a broker-side MQTT client -----------------------------------------------------
 
@@ -447,8 +367,8 @@ impl Bench {
             },
             udp: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
             broker: BrokerConfig {
-                host: broker.addr.ip().to_string(),
-                port: broker.addr.port(),
+                host: broker.addr().ip().to_string(),
+                port: broker.addr().port(),
                 ..BrokerConfig::default()
             },
             stats_interval: None,
@@ -461,7 +381,7 @@ impl Bench {
             gw,
             fw: Firmware::spawn(master, client_id),
             _slave: slave,
-            broker: broker.addr,
+            broker: broker.addr(),
             _broker: broker,
         })
     }
