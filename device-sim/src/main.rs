@@ -1,0 +1,351 @@
+//! `mqtt-sn-sim`: simulated MQTT-SN devices (fleets, and one-shot pub/sub tools).
+
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use device_sim::conformance;
+use device_sim::fleet::{self, FleetOptions};
+use device_sim::scenario::{parse_duration, Scenario};
+use device_sim::tools::{self, Common, PubArgs, SubArgs, TopicArg};
+use device_sim::verifier::BrokerUrl;
+use sn_codec::QoS;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mqtt-sn-sim",
+    version,
+    about = "Simulated MQTT-SN v1.2 devices: fleets of sleepy sensors over a lossy radio, and pub/sub tools",
+    after_help = "Examples:\n  mqtt-sn-sim pub --gateway 127.0.0.1:10000 -t sensors/t1 -m 21.5 -q 1\n  mqtt-sn-sim sub --gateway 127.0.0.1:10000 -t 'sensors/#' -q 1 -v -C 10\n  mqtt-sn-sim run --gateway 127.0.0.1:10000 --broker mqtt://127.0.0.1:1883 --devices 1000 --duration 60s\n\nLogging: RUST_LOG=debug. Documentation: docs/simulator.md"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish one message (like mosquitto_pub).
+    Pub(PubCmd),
+    /// Subscribe and print messages (like mosquitto_sub).
+    Sub(SubCmd),
+    /// Run a fleet of simulated devices and report what reached the broker.
+    Run(RunCmd),
+    /// Run protocol conformance checks against a gateway (any MQTT-SN gateway).
+    Conformance(ConformanceCmd),
+}
+
+#[derive(Debug, Args)]
+struct ConformanceCmd {
+    /// The gateway's UDP address, HOST:PORT.
+    #[arg(long, short = 'g', value_name = "ADDR", default_value = "127.0.0.1:10000")]
+    gateway: String,
+    /// The broker the gateway uses, mqtt://HOST:PORT.
+    #[arg(long, short = 'b', value_name = "URL", default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// A predefined topic the gateway is configured with, ID=TOPIC.
+    #[arg(long, value_name = "ID=TOPIC")]
+    predefined: Option<String>,
+    /// How long to wait for each expected answer.
+    #[arg(long, value_parser = parse_dur, default_value = "5s")]
+    timeout: Duration,
+    /// Run only checks whose names contain this (repeatable).
+    #[arg(long, value_name = "NAME")]
+    only: Vec<String>,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// List the checks and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+async fn run_conformance(cmd: ConformanceCmd) -> anyhow::Result<ExitCode> {
+    if cmd.list {
+        for (name, description) in conformance::CHECKS {
+            println!("{name:<22} {description}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let predefined = match &cmd.predefined {
+        Some(p) => {
+            let (id, name) = p
+                .split_once('=')
+                .with_context(|| format!("--predefined {p:?}: expected ID=TOPIC"))?;
+            Some((
+                id.trim()
+                    .parse::<u16>()
+                    .with_context(|| format!("--predefined {p:?}: bad id"))?,
+                name.to_string(),
+            ))
+        }
+        None => None,
+    };
+    let reports = conformance::run(conformance::ConformanceOptions {
+        gateway: resolve(&cmd.gateway)?,
+        broker: cmd.broker.parse::<BrokerUrl>().map_err(anyhow::Error::msg)?,
+        predefined,
+        timeout: cmd.timeout,
+        only: cmd.only,
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    if cmd.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print!("{}", conformance::table(&reports));
+    }
+    let failed = reports.iter().any(|r| r.outcome == conformance::Outcome::Fail);
+    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+fn parse_dur(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn parse_qos(s: &str) -> Result<QoS, String> {
+    match s {
+        "-1" => Ok(QoS::MinusOne),
+        "0" => Ok(QoS::AtMostOnce),
+        "1" => Ok(QoS::AtLeastOnce),
+        "2" => Ok(QoS::ExactlyOnce),
+        _ => Err(format!("{s:?}: QoS is -1, 0, 1 or 2")),
+    }
+}
+
+fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("{addr:?} is not HOST:PORT"))?
+        .next()
+        .with_context(|| format!("{addr:?} resolves to no address"))
+}
+
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// The gateway's UDP address, HOST:PORT.
+    #[arg(long, short = 'g', value_name = "ADDR", default_value = "127.0.0.1:10000")]
+    gateway: String,
+    /// Client id (default: mqtt-sn-sim-<pid>).
+    #[arg(short = 'i', long = "id", value_name = "ID")]
+    client_id: Option<String>,
+    /// Keep-alive in seconds.
+    #[arg(short = 'k', long, default_value_t = 60)]
+    keep_alive: u16,
+    /// How long to wait for each answer from the gateway (e.g. 10s).
+    #[arg(long, value_parser = parse_dur, default_value = "10s")]
+    timeout: Duration,
+    /// Tretry: time before a request is sent again.
+    #[arg(long, value_parser = parse_dur, default_value = "2s")]
+    retry: Duration,
+    /// Nretry: retransmissions before giving up.
+    #[arg(long, default_value_t = 4)]
+    retries: u8,
+    /// Topic name (registered; wildcards allowed for sub).
+    #[arg(short = 't', long, value_name = "TOPIC")]
+    topic: Option<String>,
+    /// Predefined topic id instead of a name.
+    #[arg(short = 'p', long, value_name = "ID")]
+    predefined: Option<u16>,
+    /// Two-character short topic name instead of a name.
+    #[arg(long, value_name = "XY")]
+    short: Option<String>,
+}
+
+impl CommonArgs {
+    fn common(&self, tool: &str) -> anyhow::Result<(Common, TopicArg)> {
+        let gateway = resolve(&self.gateway)?;
+        let client_id = self
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("mqtt-sn-{tool}-{}", std::process::id()));
+        if client_id.is_empty() || client_id.len() > 23 {
+            bail!("client id {client_id:?}: MQTT-SN client ids have 1 to 23 characters");
+        }
+        let topic = TopicArg::from_options(self.topic.clone(), self.predefined, self.short.clone())?;
+        Ok((
+            Common {
+                gateway,
+                client_id,
+                keep_alive: self.keep_alive,
+                timeout: self.timeout,
+                t_retry_ms: u32::try_from(self.retry.as_millis()).unwrap_or(u32::MAX).max(1),
+                n_retry: self.retries,
+            },
+            topic,
+        ))
+    }
+}
+
+#[derive(Debug, Args)]
+struct PubCmd {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The message.
+    #[arg(short = 'm', long, value_name = "MSG")]
+    message: String,
+    /// QoS: -1, 0, 1 or 2.
+    #[arg(short = 'q', long, value_parser = parse_qos, default_value = "0", allow_hyphen_values = true)]
+    qos: QoS,
+    /// Retain the message.
+    #[arg(short = 'r', long)]
+    retain: bool,
+}
+
+#[derive(Debug, Args)]
+struct SubCmd {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// QoS: 0, 1 or 2.
+    #[arg(short = 'q', long, value_parser = parse_qos, default_value = "0")]
+    qos: QoS,
+    /// Exit after this many messages.
+    #[arg(short = 'C', long, value_name = "COUNT")]
+    count: Option<u64>,
+    /// Exit after this long (an error if COUNT messages did not arrive by then).
+    #[arg(short = 'W', long, value_parser = parse_dur, value_name = "DURATION")]
+    wait: Option<Duration>,
+    /// Print `topic payload` instead of the payload alone.
+    #[arg(short = 'v', long)]
+    verbose: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunCmd {
+    /// The gateway's UDP address, HOST:PORT.
+    #[arg(long, short = 'g', value_name = "ADDR", default_value = "127.0.0.1:10000")]
+    gateway: String,
+    /// The broker the gateway uses, mqtt://HOST:PORT (the verifier subscribes there).
+    #[arg(long, short = 'b', value_name = "URL", default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// Number of devices (scales the scenario's groups; default 10 without a scenario).
+    #[arg(long, short = 'n', value_name = "N")]
+    devices: Option<usize>,
+    /// How long devices publish (e.g. 60s, 5m).
+    #[arg(long, short = 'd', value_parser = parse_dur)]
+    duration: Option<Duration>,
+    /// Scenario file (TOML): device groups, radio, QoS mix, sleep cycles.
+    #[arg(long, short = 's', value_name = "FILE")]
+    scenario: Option<PathBuf>,
+    /// Seed of every random choice (same seed, same choices).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Time after publishing stops for outstanding exchanges and late arrivals.
+    #[arg(long, value_parser = parse_dur)]
+    drain: Option<Duration>,
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long, short = 'Q')]
+    quiet: bool,
+    /// No gateway, no broker: run the devices against a lossless in-process echo gateway
+    /// over an in-memory network (measures the simulator alone; nothing is verified).
+    #[arg(long)]
+    echo: bool,
+}
+
+async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
+    let mut scenario = match &cmd.scenario {
+        Some(path) => Scenario::load(path)?,
+        None => Scenario::single(cmd.devices.unwrap_or(10)),
+    };
+    if let Some(n) = cmd.devices {
+        scenario.scale_to(n);
+    }
+    scenario.validate()?;
+    let opts = FleetOptions {
+        gateway: resolve(&cmd.gateway)?,
+        broker: cmd.broker.parse::<BrokerUrl>().map_err(anyhow::Error::msg)?,
+        duration: cmd
+            .duration
+            .or(scenario.run.duration.map(|d| d.0))
+            .unwrap_or(Duration::from_secs(60)),
+        seed: cmd.seed.or(scenario.run.seed).unwrap_or(0),
+        drain: cmd
+            .drain
+            .or(scenario.run.drain.map(|d| d.0))
+            .unwrap_or(Duration::from_secs(5)),
+        topic_prefix: scenario.run.topic_prefix.clone().unwrap_or_else(|| "sim".into()),
+        progress: !cmd.quiet && std::io::stderr().is_terminal(),
+        echo: cmd.echo,
+        scenario,
+    };
+    let report = fleet::run(opts).await?;
+    print!("{}", report.table());
+    if let Some(path) = &cmd.report {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Pub(cmd) => {
+            let (common, topic) = cmd.common.common("pub")?;
+            let args = PubArgs {
+                common,
+                topic,
+                message: cmd.message.into_bytes(),
+                qos: cmd.qos,
+                retain: cmd.retain,
+            };
+            tools::publish(&args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sub(cmd) => {
+            let (common, topic) = cmd.common.common("sub")?;
+            if cmd.qos == QoS::MinusOne {
+                bail!("QoS -1 is for publishing only");
+            }
+            let args = SubArgs {
+                common,
+                topic,
+                qos: cmd.qos,
+                count: cmd.count,
+                wait: cmd.wait,
+                verbose: cmd.verbose,
+            };
+            let mut out = std::io::stdout();
+            tokio::select! {
+                r = tools::subscribe(&args, &mut out) => { r?; }
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(cmd) => run_fleet(cmd).await,
+        Command::Conformance(cmd) => run_conformance(cmd).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mqtt-sn-sim: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_async(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mqtt-sn-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The report of a fleet run: what devices did, what reached the broker, and whether a
+//! QoS 1/2 guarantee was broken. A table for people ([`Report::table`]) and JSON for
+//! machines (serde).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Counters of a group (or of the whole fleet).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Devices.
+    pub devices: u64,
+    /// Devices that connected at least once.
+    pub connected: u64,
+    /// Successful CONNECTs (including reconnections and CONNECTs from sleep).
+    pub connects: u64,
+    /// Devices whose socket could not be opened.
+    pub socket_errors: u64,
+    /// PUBLISH messages sent, all QoS.
+    pub published: u64,
+    /// Of which QoS -1.
+    pub published_qos_m1: u64,
+    /// Of which QoS 0.
+    pub published_qos0: u64,
+    /// Of which QoS 1.
+    pub published_qos1: u64,
+    /// Of which QoS 2.
+    pub published_qos2: u64,
+    /// QoS 1/2 publishes acknowledged by the gateway (PUBACK / PUBCOMP).
+    pub acknowledged: u64,
+    /// QoS 1/2 publishes neither acknowledged nor rejected (the device gave up or the
+    /// connection was lost).
+    pub unacknowledged: u64,
+    /// Publishes the gateway rejected with a return code.
+    pub rejected: u64,
+    /// Of which "congestion".
+    pub rejected_congestion: u64,
+    /// Of which "invalid topic id".
+    pub rejected_invalid_topic_id: u64,
+    /// Of which "not supported" (or a reserved code).
+    pub rejected_other: u64,
+    /// Distinct messages seen at the broker.
+    pub arrived: u64,
+    /// Published messages never seen at the broker (all QoS).
+    pub lost: u64,
+    /// Of the lost, QoS 1/2 messages that the gateway had acknowledged: a broken guarantee.
+    pub lost_acknowledged: u64,
+    /// Extra copies seen at the broker (all QoS).
+    pub duplicated: u64,
+    /// Of those, copies of QoS 2 messages: a broken guarantee.
+    pub duplicated_qos2: u64,
+    /// Retransmissions by the devices (Tretry expiries).
+    pub retries: u64,
+    /// Times devices went to sleep (DISCONNECT with a duration accepted).
+    pub sleeps: u64,
+    /// Completed wake-ups (PINGREQ with the client id answered by PINGRESP).
+    pub wakes: u64,
+    /// Times devices lost the gateway (Nretry exhausted) while running.
+    pub gateway_lost: u64,
+    /// DISCONNECTs at the end of the run that the gateway never answered (Nretry
+    /// exhausted while leaving).
+    pub disconnect_unanswered: u64,
+    /// Messages devices received on their extra `subscribe` filters.
+    pub received_other: u64,
+    /// Will messages the gateway published for devices of the group (lost devices).
+    pub wills: u64,
+    /// Downlink messages the broker side published to the devices.
+    pub downlink_sent: u64,
+    /// Distinct downlink messages that reached their device.
+    pub downlink_received: u64,
+    /// Downlink messages that never reached their device.
+    pub downlink_lost: u64,
+    /// Extra copies of downlink messages received by devices.
+    pub downlink_duplicated: u64,
+    /// Datagrams the radio model dropped (both directions).
+    pub radio_dropped: u64,
+    /// Datagrams the radio model duplicated (both directions).
+    pub radio_duplicated: u64,
+}
+
+impl Counts {
+    /// Adds another group's counts.
+    pub fn add(&mut self, o: &Counts) {
+        macro_rules! add {
+            ($($f:ident),*) => { $( self.$f += o.$f; )* };
+        }
+        add!(
+            devices,
+            connected,
+            connects,
+            socket_errors,
+            published,
+            published_qos_m1,
+            published_qos0,
+            published_qos1,
+            published_qos2,
+            acknowledged,
+            unacknowledged,
+            rejected,
+            rejected_congestion,
+            rejected_invalid_topic_id,
+            rejected_other,
+            arrived,
+            lost,
+            lost_acknowledged,
+            duplicated,
+            duplicated_qos2,
+            retries,
+            sleeps,
+            wakes,
+            gateway_lost,
+            disconnect_unanswered,
+            wills,
+            received_other,
+            downlink_sent,
+            downlink_received,
+            downlink_lost,
+            downlink_duplicated,
+            radio_dropped,
+            radio_duplicated
+        );
+    }
+
+    /// QoS 1/2 guarantees broken.
+    pub fn broken(&self) -> u64 {
+        self.lost_acknowledged + self.duplicated_qos2
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Latency {
+    /// Samples.
+    pub samples: u64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Maximum.
+    pub max_ms: f64,
+}
+
+impl Latency {
+    /// From samples in µs (sorted in place).
+    pub fn from_us(samples: &mut [u64]) -> Latency {
+        samples.sort_unstable();
+        let pick = |q: f64| -> f64 {
+            if samples.is_empty() {
+                return 0.0;
+            }
+            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples.get(i).map_or(0.0, |v| *v as f64 / 1000.0)
+        };
+        Latency {
+            samples: samples.len() as u64,
+            p50_ms: pick(0.50),
+            p90_ms: pick(0.90),
+            p99_ms: pick(0.99),
+            max_ms: pick(1.0),
+        }
+    }
+}
+
+/// One group's results.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GroupReport {
+    /// Group name.
+    pub name: String,
+    /// Counters.
+    pub counts: Counts,
+    /// Uplink latency (publish to arrival at the broker's subscriber).
+    pub uplink_latency: Latency,
+    /// Downlink latency (publish at the broker to arrival at the device, time asleep
+    /// included).
+    pub downlink_latency: Latency,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Report {
+    /// Run id (in topics and payloads).
+    pub run_id: String,
+    /// Seed of the random choices.
+    pub seed: u64,
+    /// Gateway address.
+    pub gateway: String,
+    /// Broker address.
+    pub broker: String,
+    /// Publishing time, seconds.
+    pub duration_s: f64,
+    /// Wall time of the whole run including ramp and drain, seconds.
+    pub elapsed_s: f64,
+    /// Per group.
+    pub groups: Vec<GroupReport>,
+    /// All groups.
+    pub total: GroupReport,
+    /// Messages on the verifier's topics that were not this run's.
+    pub foreign_messages: u64,
+    /// Whether a verifier on the broker checked arrivals (false with `--echo`).
+    pub verified: bool,
+    /// Datagrams the in-process echo gateway handled (`--echo`).
+    pub echo_datagrams: u64,
+    /// Times the verifier lost its broker connection: messages published meanwhile are
+    /// counted as lost, so losses (even broken guarantees) may be the verifier's.
+    pub verifier_reconnects: u32,
+    /// QoS 1/2 guarantees broken (acknowledged but lost, QoS 2 duplicated).
+    pub guarantees_broken: u64,
+    /// The first broken guarantees, described.
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    /// Whether every QoS 1/2 guarantee held.
+    pub fn ok(&self) -> bool {
+        self.guarantees_broken == 0
+    }
+
+    /// The report as a table for people.
+    pub fn table(&self) -> String {
+        let mut cols: Vec<&GroupReport> = self.groups.iter().collect();
+        if self.groups.len() > 1 {
+            cols.push(&self.total);
+        }
+        let c = |f: fn(&Counts) -> u64| -> Vec<String> { cols.iter().map(|g| f(&g.counts).to_string()).collect() };
+        let l = |f: fn(&Latency) -> f64| -> Vec<String> {
+            cols.iter().map(|g| format!("{:.1}", f(&g.uplink_latency))).collect()
+        };
+        let dl = |f: fn(&Latency) -> f64| -> Vec<String> {
+            cols.iter().map(|g| format!("{:.1}", f(&g.downlink_latency))).collect()
+        };
+        let rows: Vec<(&str, Vec<String>)> = vec![
+            ("devices", c(|c| c.devices)),
+            ("connected", c(|c| c.connected)),
+            ("connects", c(|c| c.connects)),
+            ("published", c(|c| c.published)),
+            (
+                "  qos -1/0/1/2",
+                cols.iter()
+                    .map(|g| {
+                        let c = &g.counts;
+                        format!(
+                            "{}/{}/{}/{}",
+                            c.published_qos_m1, c.published_qos0, c.published_qos1, c.published_qos2
+                        )
+                    })
+                    .collect(),
+            ),
+            ("acknowledged (qos 1/2)", c(|c| c.acknowledged)),
+            ("unacknowledged (qos 1/2)", c(|c| c.unacknowledged)),
+            ("rejected", c(|c| c.rejected)),
+            (
+                "  congestion/invalid id/other",
+                cols.iter()
+                    .map(|g| {
+                        let c = &g.counts;
+                        format!(
+                            "{}/{}/{}",
+                            c.rejected_congestion, c.rejected_invalid_topic_id, c.rejected_other
+                        )
+                    })
+                    .collect(),
+            ),
+            ("arrived at broker", c(|c| c.arrived)),
+            ("lost", c(|c| c.lost)),
+            ("  acknowledged but lost", c(|c| c.lost_acknowledged)),
+            ("duplicated", c(|c| c.duplicated)),
+            ("  qos 2 duplicated", c(|c| c.duplicated_qos2)),
+            ("retries", c(|c| c.retries)),
+            ("sleeps", c(|c| c.sleeps)),
+            ("wakes", c(|c| c.wakes)),
+            ("gateway lost", c(|c| c.gateway_lost)),
+            ("DISCONNECT unanswered at end", c(|c| c.disconnect_unanswered)),
+            ("wills published", c(|c| c.wills)),
+            ("received on subscriptions", c(|c| c.received_other)),
+            ("radio dropped", c(|c| c.radio_dropped)),
+            ("radio duplicated", c(|c| c.radio_duplicated)),
+            ("uplink latency p50 ms", l(|l| l.p50_ms)),
+            ("uplink latency p90 ms", l(|l| l.p90_ms)),
+            ("uplink latency p99 ms", l(|l| l.p99_ms)),
+            ("uplink latency max ms", l(|l| l.max_ms)),
+        ];
+        let mut rows = rows;
+        if self.total.counts.downlink_sent > 0 {
+            rows.extend([
+                ("downlink sent", c(|c| c.downlink_sent)),
+                ("downlink received", c(|c| c.downlink_received)),
+                ("downlink lost", c(|c| c.downlink_lost)),
+                ("downlink duplicated", c(|c| c.downlink_duplicated)),
+                ("downlink latency p50 ms", dl(|l| l.p50_ms)),
+                ("downlink latency p90 ms", dl(|l| l.p90_ms)),
+                ("downlink latency p99 ms", dl(|l| l.p99_ms)),
+                ("downlink latency max ms", dl(|l| l.max_ms)),
+            ]);
+        }
+        let names: Vec<&str> = cols.iter().map(|g| g.name.as_str()).collect();
+        let w0 = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..cols.len())
+            .map(|i| {
+                rows.iter()
+                    .filter_map(|(_, v)| v.get(i).map(String::len))
+                    .chain(names.get(i).map(|n| n.len()))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "run {} (seed {}): gateway {}, broker {}, {:.0} s publishing, {:.1} s in all",
+            self.run_id, self.seed, self.gateway, self.broker, self.duration_s, self.elapsed_s
+        );
+        let _ = write!(out, "{:w0$}", "");
+        for (n, w) in names.iter().zip(&widths) {
+            let _ = write!(out, "  {n:>w$}");
+        }
+        out.push('\n');
+        for (name, values) in &rows {
+            let _ = write!(out, "{name:w0$}");
+            for (v, w) in values.iter().zip(&widths) {
+                let _ = write!(out, "  {v:>w$}");
+            }
+            out.push('\n');
+        }
+        if !self.verified {
+            let _ = writeln!(
+                out,
+                "no broker verification (in-process echo gateway handled {} datagrams): arrivals and losses not measured",
+                self.echo_datagrams
+            );
+        }
+        if self.verifier_reconnects > 0 {
+            let _ = writeln!(
+                out,
+                "WARNING: the verifier reconnected to the broker {} times; messages sent meanwhile count as lost",
+                self.verifier_reconnects
+            );
+        }
+        if self.ok() {
+            let _ = writeln!(out, "QoS 1/2 guarantees: all held");
+        } else {
+            let _ = writeln!(out, "QoS 1/2 guarantees: {} BROKEN", self.guarantees_broken);
+            for v in &self.violations {
+                let _ = writeln!(out, "  {v}");
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let mut v: Vec<u64> = (1..=100).map(|i| i * 1000).collect();
+        let l = Latency::from_us(&mut v);
+        assert_eq!(l.samples, 100);
+        assert!((l.p50_ms - 51.0).abs() < 1.01);
+        assert!((l.p99_ms - 99.0).abs() < 1.01);
+        assert!((l.max_ms - 100.0).abs() < 1e-9);
+        assert_eq!(Latency::from_us(&mut []).samples, 0);
+    }
+
+    #[test]
+    fn table_and_json() {
+        let g = GroupReport {
+            name: "g".into(),
+            counts: Counts {
+                devices: 3,
+                lost_acknowledged: 1,
+                ..Counts::default()
+            },
+            uplink_latency: Latency::default(),
+            downlink_latency: Latency::default(),
+        };
+        let r = Report {
+            groups: vec![g.clone()],
+            total: g,
+            guarantees_broken: 1,
+            violations: vec!["device 1 seq 2".into()],
+            ..Report::default()
+        };
+        let t = r.table();
+        assert!(t.contains("BROKEN"), "{t}");
+        let json = serde_json::to_string(&r).expect("serializes");
+        assert!(json.contains("\"guarantees_broken\":1"));
+    }
+}
