@@ -190,6 +190,8 @@ pub struct Metrics {
     pub sleeps: u64,
     /// Times a client woke (PINGREQ with client id).
     pub wakes: u64,
+    /// Late copies of completed QoS 2 publishes, not forwarded again.
+    pub duplicates_dropped: u64,
     /// ADVERTISE messages sent (one per link).
     pub advertisements: u64,
     /// SEARCHGW messages answered with GWINFO.
@@ -436,6 +438,9 @@ impl Gateway {
                 | Packet::PubRel(_)
                 | Packet::WillTopicUpd(_)
                 | Packet::WillMsgUpd(_)
+                // Our answer to its DISCONNECT was lost and the session is gone: answer
+                // again, or the device retries until it declares the gateway lost.
+                | Packet::Disconnect(_)
         );
         if answer {
             self.out.send(peer, &Packet::Disconnect(None));

@@ -118,6 +118,14 @@ pub(crate) struct Session {
     /// QoS 2 message ids from the device published to the broker: `true` once PUBREC was
     /// sent to the device (awaiting PUBREL), `false` while the broker has not answered.
     qos2_in: HashMap<u16, bool>,
+    /// QoS 2 publishes completed (PUBREL answered) recently: message id, digest of topic
+    /// and payload, and when. A late copy of such a PUBLISH (a radio that duplicates and
+    /// reorders) must not reach the broker twice, while a new message reusing the id
+    /// (allowed once PUBCOMP is sent) must. Kept for Tretry x (Nretry + 1), at most
+    /// [`QOS2_DONE_KEPT`] entries.
+    qos2_done: VecDeque<(u16, u64, Instant)>,
+    /// Digests of the QoS 2 publishes in `qos2_in`, moved to `qos2_done` on PUBREL.
+    qos2_digest: HashMap<u16, u64>,
     subs: HashMap<Token, PendingSub>,
     unsubs: HashMap<Token, u16>,
     queue: VecDeque<Held>,
@@ -129,6 +137,19 @@ pub(crate) struct Session {
     sleep_since: Instant,
     sleep_duration: Duration,
     timer: Option<Instant>,
+}
+
+/// Completed QoS 2 publishes remembered per client.
+const QOS2_DONE_KEPT: usize = 16;
+
+/// A digest of what a PUBLISH carries (topic and payload), to tell a late copy from a
+/// new message reusing a message id.
+fn digest(p: &sn_codec::Publish<'_>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.topic.hash(&mut h);
+    p.data.hash(&mut h);
+    h.finish()
 }
 
 fn mqtt_qos(q: QoS) -> MqttQos {
@@ -176,6 +197,8 @@ impl Session {
             next_token: 1,
             uplink: HashMap::new(),
             qos2_in: HashMap::new(),
+            qos2_done: VecDeque::new(),
+            qos2_digest: HashMap::new(),
             subs: HashMap::new(),
             unsubs: HashMap::new(),
             queue: VecDeque::new(),
@@ -345,6 +368,12 @@ impl Session {
             (S::Active | S::Awake | S::Asleep, Packet::PubRel(msg_id)) => {
                 // Answered whatever we know of it: PUBCOMP must reach the device.
                 self.qos2_in.remove(&msg_id);
+                if let Some(digest) = self.qos2_digest.remove(&msg_id) {
+                    if self.qos2_done.len() >= QOS2_DONE_KEPT {
+                        self.qos2_done.pop_front();
+                    }
+                    self.qos2_done.push_back((msg_id, digest, ctx.now));
+                }
                 ctx.out.send(&self.peer, &Packet::PubComp(msg_id));
             }
             (S::Active | S::Awake, Packet::PubAck(a)) => self.on_puback(ctx, a),
@@ -464,6 +493,11 @@ impl Session {
                 }
                 self.next_token()
             }
+            MqttQos::ExactlyOnce if self.recently_completed(ctx, p.msg_id, digest(&p)) => {
+                ctx.metrics.duplicates_dropped += 1;
+                debug!(client = %self.client_id, msg_id = p.msg_id, "late copy of a completed QoS 2 PUBLISH dropped");
+                return;
+            }
             MqttQos::ExactlyOnce => match self.qos2_in.get(&p.msg_id) {
                 Some(true) => {
                     // The broker has it; the device missed our PUBREC.
@@ -473,6 +507,7 @@ impl Session {
                 Some(false) => return,
                 None => {
                     self.qos2_in.insert(p.msg_id, false);
+                    self.qos2_digest.insert(p.msg_id, digest(&p));
                     self.next_token()
                 }
             },
@@ -498,6 +533,19 @@ impl Session {
                 retain: p.retain,
             },
         );
+    }
+
+    /// Whether the same QoS 2 PUBLISH completed within the retransmission window.
+    fn recently_completed(&mut self, ctx: &Ctx<'_>, msg_id: u16, digest: u64) -> bool {
+        let window = ctx.cfg.retry_interval * (ctx.cfg.max_retries + 1);
+        while self
+            .qos2_done
+            .front()
+            .is_some_and(|(_, _, at)| ctx.now.duration_since(*at) > window)
+        {
+            self.qos2_done.pop_front();
+        }
+        self.qos2_done.iter().any(|&(id, d, _)| id == msg_id && d == digest)
     }
 
     fn on_subscribe(&mut self, ctx: &mut Ctx<'_>, s: sn_codec::Subscribe<'_>) {
@@ -655,6 +703,7 @@ impl Session {
             BrokerEvent::Rejected { token } => {
                 if let Some(u) = self.uplink.remove(&token) {
                     self.qos2_in.remove(&u.msg_id);
+                    self.qos2_digest.remove(&u.msg_id);
                     let ack = Packet::PubAck(PubAck {
                         topic_id: u.topic_id,
                         msg_id: u.msg_id,

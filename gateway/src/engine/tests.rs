@@ -272,6 +272,9 @@ fn clean_disconnect_publishes_no_will() {
     t.send(&d, Packet::Disconnect(None));
     t.expect(&d, &[Packet::Disconnect(None)]);
     assert_eq!(t.cmds(), vec![(key, Command::Disconnect { will: None })]);
+    // Our DISCONNECT was lost: the repeat is answered though the session is gone.
+    t.send(&d, Packet::Disconnect(None));
+    t.expect(&d, &[Packet::Disconnect(None)]);
     t.at(100.0);
     assert!(t.cmds().is_empty());
 }
@@ -364,6 +367,15 @@ fn qos2_publish_reaches_the_broker_exactly_once() {
     t.send(&d, Packet::PubRel(9));
     t.expect(&d, &[Packet::PubComp(9)]);
     assert_eq!(t.gw.stats().metrics.publishes_in, 1);
+    // A late copy of the original datagram (a radio that duplicates and reorders) after
+    // the exchange completed: still not forwarded again.
+    t.send(&d, publish(QoS::ExactlyOnce, TopicRef::Short(*b"ab"), 9, b"x", false));
+    assert!(t.cmds().is_empty());
+    t.expect_nothing();
+    assert_eq!(t.gw.stats().metrics.duplicates_dropped, 1);
+    // A new message reusing the id (allowed after PUBCOMP) goes through at once.
+    t.send(&d, publish(QoS::ExactlyOnce, TopicRef::Short(*b"ab"), 9, b"y", false));
+    assert_eq!(t.cmds().len(), 1);
 }
 
 #[test]
