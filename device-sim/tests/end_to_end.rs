@@ -1,94 +1,24 @@
-//! The simulator against the real gateway (in-process) and a real mosquitto started here.
+//! The simulator against the real gateway (in-process) and a real mosquitto (started by
+//! the shared `e2e` harness).
 //!
 //! mosquitto missing: a failure under `CI=true`, otherwise a note and the test returns.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use device_sim::fleet::{self, FleetOptions};
 use device_sim::radio::LinkModel;
 use device_sim::scenario::{Dur, Group, QosMix, Scenario, SleepSpec};
 use device_sim::tools::{self, Common, PubArgs, SubArgs, TopicArg};
 use device_sim::verifier::BrokerUrl;
+use e2e::Mosquitto;
 use gateway::config::{Cli, FileConfig, Settings};
 use gateway::runtime::Running;
 use gateway::topics::Predefined;
 use sn_codec::QoS;
 
 const PREDEFINED_ID: u16 = 77;
-
-struct Mosquitto {
-    child: Child,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
-fn start_mosquitto() -> Option<Mosquitto> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let bin = std::env::split_paths(&path)
-        .map(|d| d.join("mosquitto"))
-        .chain([PathBuf::from("/usr/sbin/mosquitto")])
-        .find(|p| p.is_file());
-    let Some(bin) = bin else {
-        assert!(
-            !in_ci(),
-            "mosquitto is not installed: under CI=true the simulator's end-to-end tests need it"
-        );
-        eprintln!("NOTE: mosquitto not found (PATH, /usr/sbin): the simulator's end-to-end test was NOT RUN");
-        return None;
-    };
-    for attempt in 0..5 {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let dir = std::env::temp_dir().join(format!("device-sim-mosquitto-{}-{attempt}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\n"),
-        )
-        .expect("mosquitto.conf");
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto runs");
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let mut m = Mosquitto { child, addr, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = m.child.try_wait() {
-                break;
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Some(m);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        drop(m);
-    }
-    panic!("mosquitto did not start");
-}
 
 async fn start_gateway(broker: SocketAddr) -> Running {
     // Through the command line's defaults, so that new settings get their defaults.
@@ -120,10 +50,10 @@ fn ms(n: u64) -> Dur {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleet_of_50_keeps_qos_guarantees() {
+async fn fleet_of_300_sleepy_lossy_devices_keeps_qos_guarantees() {
     init_logging();
-    let Some(mosquitto) = start_mosquitto() else { return };
-    let gw = start_gateway(mosquitto.addr).await;
+    let Some(mosquitto) = Mosquitto::start() else { return };
+    let gw = start_gateway(mosquitto.addr()).await;
     let gateway = gw.udp_addrs[0];
     let lossy = LinkModel {
         loss: 0.10,
@@ -136,7 +66,7 @@ async fn fleet_of_50_keeps_qos_guarantees() {
         groups: vec![
             Group {
                 name: "lossy".into(),
-                count: 30,
+                count: 150,
                 publish_interval: ms(400),
                 jitter: ms(200),
                 payload_size: 40,
@@ -156,7 +86,7 @@ async fn fleet_of_50_keeps_qos_guarantees() {
             },
             Group {
                 name: "sleepers".into(),
-                count: 10,
+                count: 75,
                 publish_interval: ms(0),
                 t_retry: ms(300),
                 n_retry: 6,
@@ -173,7 +103,7 @@ async fn fleet_of_50_keeps_qos_guarantees() {
             },
             Group {
                 name: "sleepy-publishers".into(),
-                count: 10,
+                count: 75,
                 publish_interval: ms(1500),
                 jitter: ms(300),
                 qos: QosMix {
@@ -198,8 +128,8 @@ async fn fleet_of_50_keeps_qos_guarantees() {
     let report = fleet::run(FleetOptions {
         gateway,
         broker: BrokerUrl {
-            host: mosquitto.addr.ip().to_string(),
-            port: mosquitto.addr.port(),
+            host: mosquitto.addr().ip().to_string(),
+            port: mosquitto.addr().port(),
         },
         scenario,
         duration: Duration::from_secs(4),
@@ -214,8 +144,8 @@ async fn fleet_of_50_keeps_qos_guarantees() {
     println!("{}", report.table());
     let t = &report.total.counts;
     assert!(report.ok(), "broken guarantees: {:#?}", report.violations);
-    assert_eq!(t.devices, 50);
-    assert_eq!(t.connected, 50, "every device connected");
+    assert_eq!(t.devices, 300);
+    assert_eq!(t.connected, 300, "every device connected");
     assert!(t.published > 100, "devices published: {}", t.published);
     assert!(t.acknowledged > 30, "QoS 1/2 acknowledged: {}", t.acknowledged);
     assert!(t.arrived > 0 && t.arrived <= t.published);
@@ -230,8 +160,8 @@ async fn fleet_of_50_keeps_qos_guarantees() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pub_and_sub_tools_round_trip() {
     init_logging();
-    let Some(mosquitto) = start_mosquitto() else { return };
-    let gw = start_gateway(mosquitto.addr).await;
+    let Some(mosquitto) = Mosquitto::start() else { return };
+    let gw = start_gateway(mosquitto.addr()).await;
     let common = |id: &str| Common {
         gateway: gw.udp_addrs[0],
         client_id: id.into(),
@@ -323,13 +253,13 @@ async fn pub_and_sub_tools_round_trip() {
 async fn conformance_suite_passes_against_our_gateway() {
     use device_sim::conformance::{self, ConformanceOptions, Outcome};
     init_logging();
-    let Some(mosquitto) = start_mosquitto() else { return };
-    let gw = start_gateway(mosquitto.addr).await;
+    let Some(mosquitto) = Mosquitto::start() else { return };
+    let gw = start_gateway(mosquitto.addr()).await;
     let reports = conformance::run(ConformanceOptions {
         gateway: gw.udp_addrs[0],
         broker: BrokerUrl {
-            host: mosquitto.addr.ip().to_string(),
-            port: mosquitto.addr.port(),
+            host: mosquitto.addr().ip().to_string(),
+            port: mosquitto.addr().port(),
         },
         predefined: Some((PREDEFINED_ID, "sim/predefined".into())),
         timeout: Duration::from_secs(5),
