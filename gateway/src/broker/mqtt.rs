@@ -41,7 +41,7 @@ impl Default for BrokerConfig {
             password: None,
             client_id_prefix: String::new(),
             request_capacity: 256,
-            inflight: 100,
+            inflight: 16,
             connect_timeout_secs: 5,
         }
     }

@@ -190,6 +190,9 @@ pub struct Metrics {
     pub sleeps: u64,
     /// Times a client woke (PINGREQ with client id).
     pub wakes: u64,
+    /// Requests the broker link could not queue (its request channel was full or the
+    /// connection was gone); QoS 1/2 publishes among them were answered with congestion.
+    pub broker_rejected: u64,
     /// Late copies of completed QoS 2 publishes, not forwarded again.
     pub duplicates_dropped: u64,
     /// ADVERTISE messages sent (one per link).
@@ -584,9 +587,13 @@ impl Gateway {
     /// Feeds an event from the broker connection of `client`.
     pub fn handle_broker_event(&mut self, now: Instant, client: ClientKey, event: BrokerEvent) {
         if client == QOS_MINUS_ONE_KEY {
-            if let BrokerEvent::Closed { reason } | BrokerEvent::ConnectFailed { reason } = &event {
-                warn!(%reason, "QoS -1 broker connection closed; reconnecting on next QoS -1 publish");
-                self.qos_minus_one_connected = false;
+            match &event {
+                BrokerEvent::Closed { reason } | BrokerEvent::ConnectFailed { reason } => {
+                    warn!(%reason, "QoS -1 broker connection closed; reconnecting on next QoS -1 publish");
+                    self.qos_minus_one_connected = false;
+                }
+                BrokerEvent::Rejected { .. } => self.metrics.broker_rejected += 1,
+                _ => {}
             }
             return;
         }

@@ -701,6 +701,7 @@ impl Session {
                 }
             }
             BrokerEvent::Rejected { token } => {
+                ctx.metrics.broker_rejected += 1;
                 if let Some(u) = self.uplink.remove(&token) {
                     self.qos2_in.remove(&u.msg_id);
                     self.qos2_digest.remove(&u.msg_id);

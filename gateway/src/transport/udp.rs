@@ -12,6 +12,9 @@ use crate::engine::LinkAddr;
 /// A datagram received from a device.
 pub type Inbound = (LinkAddr, Vec<u8>);
 
+/// Receive buffer asked of the kernel for each listener.
+pub const RECV_BUFFER: usize = 4 * 1024 * 1024;
+
 /// Largest datagram read; MQTT-SN messages are at most 65535 octets.
 const MAX_DATAGRAM: usize = 65_536;
 
@@ -26,8 +29,19 @@ pub struct UdpListener {
 
 impl UdpListener {
     /// Binds `addr`.
+    ///
+    /// The socket's receive buffer is enlarged to [`RECV_BUFFER`] (the kernel caps it at
+    /// `net.core.rmem_max`) so that a burst of datagrams from thousands of devices waits
+    /// in the kernel rather than being dropped there.
     pub async fn bind(index: u16, addr: SocketAddr) -> std::io::Result<Self> {
-        let socket = UdpSocket::bind(addr).await?;
+        let domain = socket2::Domain::for_address(addr);
+        let raw = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        if let Err(e) = raw.set_recv_buffer_size(RECV_BUFFER) {
+            warn!(error = %e, "cannot enlarge the UDP receive buffer");
+        }
+        raw.set_nonblocking(true)?;
+        raw.bind(&addr.into())?;
+        let socket = UdpSocket::from_std(raw.into())?;
         Ok(UdpListener {
             index,
             socket: Arc::new(socket),
