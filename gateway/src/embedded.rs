@@ -62,11 +62,30 @@ pub async fn start(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
         })
         .context("spawning the embedded broker thread")?;
     for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+        if probe(addr).await.is_ok() {
             info!(%addr, "embedded broker (rumqttd) listening");
             return Ok(addr);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("embedded broker did not start listening on {addr}")
+}
+
+/// A complete MQTT exchange (CONNECT, CONNACK, DISCONNECT), so the broker sees a
+/// well-behaved client rather than a bare TCP connection it would log as an error.
+async fn probe(addr: SocketAddr) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // CONNECT, MQTT 3.1.1, clean session, keep-alive 10 s, client id "gw-probe".
+    const CONNECT: &[u8] = b"\x10\x14\x00\x04MQTT\x04\x02\x00\x0a\x00\x08gw-probe";
+    const DISCONNECT: &[u8] = &[0xE0, 0x00];
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(CONNECT).await?;
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut connack))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    if connack != [0x20, 0x02, 0x00, 0x00] {
+        return Err(std::io::Error::other("unexpected CONNACK"));
+    }
+    s.write_all(DISCONNECT).await
 }

@@ -8,7 +8,9 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        // rumqttd (the embedded broker) logs every client disconnect as an error: its own
+        // log is off unless RUST_LOG asks for it (e.g. RUST_LOG=info,rumqttd=info).
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off")))
         .with_writer(std::io::stderr)
         .init();
     let settings = Settings::resolve(&cli).map_err(anyhow::Error::msg)?;
