@@ -479,28 +479,23 @@ async fn check_minus_one(ctx: &mut Ctx) -> CheckResult {
     ))
 }
 
-async fn check_short(ctx: &mut Ctx) -> CheckResult {
-    let common = ctx.common();
-    let short = ctx.short_name(2);
-    let name = String::from_utf8_lossy(&short).into_owned();
-    ctx.observer.subscribe(&name).await?;
-    let mut dev = connected(&common).await?;
-    let payload = format!("short {:08x}", ctx.run);
-    let r = publish_acked(
-        &mut dev,
-        &common,
-        TopicRef::Short(short),
-        payload.as_bytes(),
-        QoS::AtLeastOnce,
-        false,
-    )
-    .await;
-    tools::disconnect(&mut dev, &common).await;
+/// Publishes `payload` at QoS 1 on `topic`, disconnects, and passes when the observer
+/// (already subscribed to `name`) sees it at the broker.
+async fn publish_qos1_then_seen(
+    ctx: &mut Ctx,
+    dev: &mut Device<'_>,
+    common: &Common,
+    topic: TopicRef,
+    name: &str,
+    payload: &str,
+) -> CheckResult {
+    let r = publish_acked(dev, common, topic, payload.as_bytes(), QoS::AtLeastOnce, false).await;
+    tools::disconnect(dev, common).await;
     if let Err(e) = r {
         return Ok((Outcome::Fail, e));
     }
     let deadline = tokio::time::Instant::now() + common.timeout;
-    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, ctx.observer.expect(&name, common.timeout)).await {
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, ctx.observer.expect(name, common.timeout)).await {
         if m.payload == payload.as_bytes() {
             return pass();
         }
@@ -509,6 +504,16 @@ async fn check_short(ctx: &mut Ctx) -> CheckResult {
         Outcome::Fail,
         format!("acknowledged, but nothing reached the broker on {name:?}"),
     ))
+}
+
+async fn check_short(ctx: &mut Ctx) -> CheckResult {
+    let common = ctx.common();
+    let short = ctx.short_name(2);
+    let name = String::from_utf8_lossy(&short).into_owned();
+    ctx.observer.subscribe(&name).await?;
+    let mut dev = connected(&common).await?;
+    let payload = format!("short {:08x}", ctx.run);
+    publish_qos1_then_seen(ctx, &mut dev, &common, TopicRef::Short(short), &name, &payload).await
 }
 
 async fn check_predefined(ctx: &mut Ctx) -> CheckResult {
@@ -524,29 +529,7 @@ async fn check_predefined(ctx: &mut Ctx) -> CheckResult {
     let mut dev = device(&common, common.config(&table)).await?;
     tools::connect(&mut dev, &common).await.map_err(|e| e.to_string())?;
     let payload = format!("predefined {:08x}", ctx.run);
-    let r = publish_acked(
-        &mut dev,
-        &common,
-        TopicRef::Predefined(id),
-        payload.as_bytes(),
-        QoS::AtLeastOnce,
-        false,
-    )
-    .await;
-    tools::disconnect(&mut dev, &common).await;
-    if let Err(e) = r {
-        return Ok((Outcome::Fail, e));
-    }
-    let deadline = tokio::time::Instant::now() + common.timeout;
-    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, ctx.observer.expect(&name, common.timeout)).await {
-        if m.payload == payload.as_bytes() {
-            return pass();
-        }
-    }
-    Ok((
-        Outcome::Fail,
-        format!("acknowledged, but nothing reached the broker on {name:?}"),
-    ))
+    publish_qos1_then_seen(ctx, &mut dev, &common, TopicRef::Predefined(id), &name, &payload).await
 }
 
 async fn check_subscribe(ctx: &mut Ctx, qos: QoS) -> CheckResult {

@@ -12,7 +12,7 @@ use device_sim::radio::LinkModel;
 use device_sim::scenario::{Dur, Group, QosMix, Scenario, SleepSpec};
 use device_sim::tools::{self, Common, PubArgs, SubArgs, TopicArg};
 use device_sim::verifier::BrokerUrl;
-use e2e::Mosquitto;
+use e2e::{init_logging, Mosquitto};
 use gateway::config::{Cli, FileConfig, Settings};
 use gateway::runtime::Running;
 use gateway::topics::Predefined;
@@ -34,15 +34,6 @@ async fn start_gateway(broker: SocketAddr) -> Running {
     settings.engine.predefined =
         Arc::new(Predefined::new([(PREDEFINED_ID, "sim/predefined".to_string())]).expect("valid predefined topic"));
     gateway::runtime::start(settings).await.expect("the gateway starts")
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
 }
 
 fn ms(n: u64) -> Dur {

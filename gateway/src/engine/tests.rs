@@ -26,10 +26,11 @@ fn dev(n: u16) -> LinkAddr {
     LinkAddr::Udp(0, SocketAddr::from(([127, 0, 0, 1], 20000 + n)))
 }
 
-struct T {
-    gw: Gateway,
-    t0: Instant,
-    now: Instant,
+/// A gateway on a fake clock (also used by `tests_link`).
+pub(super) struct T {
+    pub(super) gw: Gateway,
+    pub(super) t0: Instant,
+    pub(super) now: Instant,
 }
 
 impl T {
@@ -37,7 +38,7 @@ impl T {
         Self::with(cfg())
     }
 
-    fn with(cfg: EngineConfig) -> T {
+    pub(super) fn with(cfg: EngineConfig) -> T {
         let now = Instant::now();
         T {
             gw: Gateway::new(cfg),
@@ -46,7 +47,7 @@ impl T {
         }
     }
 
-    fn at(&mut self, secs: f64) {
+    pub(super) fn at(&mut self, secs: f64) {
         self.now = self.t0 + Duration::from_secs_f64(secs);
         self.gw.handle_timeout(self.now);
     }
@@ -57,13 +58,30 @@ impl T {
         self.gw.handle_datagram(self.now, from.clone(), &buf[..n]);
     }
 
-    fn tx(&mut self) -> Vec<(LinkAddr, Vec<u8>)> {
+    pub(super) fn feed(&mut self, from: &LinkAddr, data: &[u8]) {
+        self.gw.handle_datagram(self.now, from.clone(), data);
+    }
+
+    /// Feeds a CONNECT datagram (plain or encapsulated) and accepts the broker connection.
+    pub(super) fn connected(&mut self, from: &LinkAddr, datagram: &[u8]) -> ClientKey {
+        self.feed(from, datagram);
+        let cmds = self.cmds();
+        let [(key, Command::Connect(_))] = cmds.as_slice() else {
+            panic!("expected a broker connect, got {cmds:?}")
+        };
+        let key = *key;
+        self.event(key, BrokerEvent::Connected { session_present: false });
+        self.tx();
+        key
+    }
+
+    pub(super) fn tx(&mut self) -> Vec<(LinkAddr, Vec<u8>)> {
         std::iter::from_fn(|| self.gw.poll_transmit())
             .map(|t| (t.to, t.data))
             .collect()
     }
 
-    fn cmds(&mut self) -> Vec<(ClientKey, Command)> {
+    pub(super) fn cmds(&mut self) -> Vec<(ClientKey, Command)> {
         std::iter::from_fn(|| self.gw.poll_command()).collect()
     }
 

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use super::tests::T;
 use super::*;
 use crate::broker::Will;
 use bytes::Bytes;
@@ -34,56 +35,6 @@ fn connect(id: &str, will: bool, keep_alive: u16) -> Packet<'_> {
         duration: keep_alive,
         client_id: id,
     })
-}
-
-struct T {
-    gw: Gateway,
-    t0: Instant,
-    now: Instant,
-}
-
-impl T {
-    fn with(cfg: EngineConfig) -> T {
-        let now = Instant::now();
-        T {
-            gw: Gateway::new(cfg),
-            t0: now,
-            now,
-        }
-    }
-
-    fn at(&mut self, secs: u64) {
-        self.now = self.t0 + Duration::from_secs(secs);
-        self.gw.handle_timeout(self.now);
-    }
-
-    fn feed(&mut self, from: &LinkAddr, data: &[u8]) {
-        self.gw.handle_datagram(self.now, from.clone(), data);
-    }
-
-    fn tx(&mut self) -> Vec<(LinkAddr, Vec<u8>)> {
-        std::iter::from_fn(|| self.gw.poll_transmit())
-            .map(|t| (t.to, t.data))
-            .collect()
-    }
-
-    fn cmds(&mut self) -> Vec<(ClientKey, Command)> {
-        std::iter::from_fn(|| self.gw.poll_command()).collect()
-    }
-
-    /// Feeds a CONNECT (plain or encapsulated) and accepts the broker connection.
-    fn connected(&mut self, from: &LinkAddr, datagram: &[u8]) -> ClientKey {
-        self.feed(from, datagram);
-        let cmds = self.cmds();
-        let [(key, Command::Connect(_))] = cmds.as_slice() else {
-            panic!("expected a broker connect, got {cmds:?}")
-        };
-        let key = *key;
-        self.gw
-            .handle_broker_event(self.now, key, BrokerEvent::Connected { session_present: false });
-        self.tx();
-        key
-    }
 }
 
 fn will() -> Will {
@@ -155,7 +106,7 @@ fn link_down_loses_every_session_on_that_link_only() {
     assert_eq!((m.lost, m.links_down), (3, 1));
     assert_eq!(t.gw.stats().sessions, 2);
     // No timer of a removed session is left behind.
-    t.at(10_000);
+    t.at(10_000.0);
     assert!(t.cmds().iter().all(|(k, _)| ![key_will, node_a, node_b].contains(k)));
 
     // The port comes back: a device connects again on it.
@@ -182,7 +133,7 @@ fn advertise_every_period_on_udp_broadcast_and_serial_links_that_are_up() {
     assert_eq!(t.gw.poll_timeout(), Some(t.t0 + Duration::from_secs(60)));
 
     // A port that comes up hears at once how long until the next one.
-    t.at(10);
+    t.at(10.0);
     t.gw.link_up(t.now, &LinkAddr::Serial(0));
     t.gw.link_up(t.now, &LinkAddr::Serial(3));
     assert_eq!(
@@ -190,9 +141,9 @@ fn advertise_every_period_on_udp_broadcast_and_serial_links_that_are_up() {
         vec![(LinkAddr::Serial(0), adv(50)), (LinkAddr::Serial(3), adv(50))]
     );
 
-    t.at(59);
+    t.at(59.0);
     assert!(t.tx().is_empty());
-    t.at(60);
+    t.at(60.0);
     assert_eq!(
         t.tx(),
         vec![
@@ -205,10 +156,10 @@ fn advertise_every_period_on_udp_broadcast_and_serial_links_that_are_up() {
 
     // A port that went away is not advertised on.
     t.gw.link_down(t.now, &LinkAddr::Serial(3));
-    t.at(120);
+    t.at(120.0);
     assert_eq!(t.tx(), vec![(b.clone(), adv(60)), (LinkAddr::Serial(0), adv(60))]);
     // A stalled process catches up with one ADVERTISE, not a burst.
-    t.at(1000);
+    t.at(1000.0);
     assert_eq!(t.tx().len(), 2);
     assert_eq!(t.gw.poll_timeout(), Some(t.t0 + Duration::from_secs(1060)));
     assert_eq!(t.gw.stats().metrics.advertisements, 1 + 2 + 3 + 2 + 2);
