@@ -129,7 +129,7 @@ struct CommonArgs {
     /// The gateway's UDP address, HOST:PORT.
     #[arg(long, short = 'g', value_name = "ADDR", default_value = "127.0.0.1:10000")]
     gateway: String,
-    /// Client id (default: mqtt-sn-sim-<pid>).
+    /// Client id (default: mqtt-sn-sim-PID).
     #[arg(short = 'i', long = "id", value_name = "ID")]
     client_id: Option<String>,
     /// Keep-alive in seconds.
