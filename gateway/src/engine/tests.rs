@@ -200,6 +200,14 @@ fn msg(topic: &str, payload: &str, qos: MqttQos, pkid: u16) -> BrokerEvent {
     })
 }
 
+fn puback(topic_id: u16, msg_id: u16) -> Packet<'static> {
+    Packet::PubAck(PubAck {
+        topic_id,
+        msg_id,
+        code: ReturnCode::Accepted,
+    })
+}
+
 fn publish<'a>(qos: QoS, topic: TopicRef, msg_id: u16, data: &'a [u8], dup: bool) -> Packet<'a> {
     Packet::Publish(Publish {
         dup,
@@ -351,14 +359,7 @@ fn qos1_publish_is_acknowledged_only_after_the_broker() {
     t.send(&d, publish(QoS::AtLeastOnce, TopicRef::Normal(id), 7, b"x", true));
     assert!(t.cmds().is_empty());
     t.event(key, BrokerEvent::Published { token: *token });
-    t.expect(
-        &d,
-        &[Packet::PubAck(PubAck {
-            topic_id: id,
-            msg_id: 7,
-            code: ReturnCode::Accepted,
-        })],
-    );
+    t.expect(&d, &[puback(id, 7)]);
 }
 
 #[test]
@@ -610,14 +611,7 @@ fn one_message_in_flight_at_a_time() {
         panic!()
     };
     assert_eq!(p.data, b"1");
-    t.send(
-        &d,
-        Packet::PubAck(PubAck {
-            topic_id: 77,
-            msg_id: p.msg_id,
-            code: ReturnCode::Accepted,
-        }),
-    );
+    t.send(&d, puback(77, p.msg_id));
     let got = t.tx();
     let Packet::Publish(p2) = Packet::decode(&got[0].1).unwrap() else {
         panic!()
@@ -674,14 +668,7 @@ fn message_ids_wrap_and_skip_zero() {
         };
         assert_ne!(p.msg_id, 0);
         seen_max |= p.msg_id == u16::MAX;
-        t.send(
-            &d,
-            Packet::PubAck(PubAck {
-                topic_id: 77,
-                msg_id: p.msg_id,
-                code: ReturnCode::Accepted,
-            }),
-        );
+        t.send(&d, puback(77, p.msg_id));
         t.cmds();
     }
     assert!(seen_max);
@@ -772,14 +759,7 @@ fn sleeping_client_gets_held_messages_in_order_then_pingresp() {
     assert_eq!(p1.data, b"1");
     assert_eq!(got.len(), 2);
     assert!(got.iter().all(|(to, _)| *to == d2));
-    t.send(
-        &d2,
-        Packet::PubAck(PubAck {
-            topic_id: 77,
-            msg_id: p1.msg_id,
-            code: ReturnCode::Accepted,
-        }),
-    );
+    t.send(&d2, puback(77, p1.msg_id));
     let got = t.tx();
     let Packet::Publish(p2) = Packet::decode(&got[0].1).unwrap() else {
         panic!()
