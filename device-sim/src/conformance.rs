@@ -684,28 +684,48 @@ async fn raw_socket(gateway: SocketAddr) -> Result<UdpSocket, String> {
     Ok(s)
 }
 
-async fn check_discovery(ctx: &mut Ctx) -> CheckResult {
-    let sock = raw_socket(ctx.opts.gateway).await?;
+/// Sends `request` (encoded) up to three times, each time waiting a third of `timeout` for
+/// an answer that `pick` accepts. `None` when none came.
+async fn ask<T>(
+    sock: &UdpSocket,
+    request: &Packet<'_>,
+    timeout: Duration,
+    mut pick: impl FnMut(Packet<'_>) -> Option<T>,
+) -> Result<Option<T>, String> {
     let mut buf = [0u8; 64];
-    let n = Packet::SearchGw { radius: 1 }
-        .encode(&mut buf)
-        .map_err(|e| format!("{e:?}"))?;
+    let n = request.encode(&mut buf).map_err(|e| format!("{e:?}"))?;
     let mut answer = [0u8; 512];
     for _ in 0..3 {
         sock.send(buf.get(..n).unwrap_or(&[]))
             .await
             .map_err(|e| e.to_string())?;
-        let end = tokio::time::Instant::now() + ctx.opts.timeout / 3;
+        let end = tokio::time::Instant::now() + timeout / 3;
         while let Ok(Ok(len)) = tokio::time::timeout_at(end, sock.recv(&mut answer)).await {
-            if let Ok(Packet::GwInfo(g)) = Packet::decode(answer.get(..len).unwrap_or(&[])) {
-                return Ok((Outcome::Pass, format!("gateway id {}", g.gw_id)));
+            if let Some(t) = Packet::decode(answer.get(..len).unwrap_or(&[]))
+                .ok()
+                .and_then(&mut pick)
+            {
+                return Ok(Some(t));
             }
         }
     }
-    Ok((
-        Outcome::NotSupported,
-        "no GWINFO in answer to a unicast SEARCHGW (the gateway may answer by broadcast only)".into(),
-    ))
+    Ok(None)
+}
+
+async fn check_discovery(ctx: &mut Ctx) -> CheckResult {
+    let sock = raw_socket(ctx.opts.gateway).await?;
+    let gw_id = ask(&sock, &Packet::SearchGw { radius: 1 }, ctx.opts.timeout, |p| match p {
+        Packet::GwInfo(g) => Some(g.gw_id),
+        _ => None,
+    })
+    .await?;
+    Ok(match gw_id {
+        Some(id) => (Outcome::Pass, format!("gateway id {id}")),
+        None => (
+            Outcome::NotSupported,
+            "no GWINFO in answer to a unicast SEARCHGW (the gateway may answer by broadcast only)".into(),
+        ),
+    })
 }
 
 async fn check_hostile(ctx: &mut Ctx) -> CheckResult {
@@ -724,41 +744,31 @@ async fn check_hostile(ctx: &mut Ctx) -> CheckResult {
         let _ = sock.send(g).await;
     }
     let id = format!("cf-{:08x}-hostile", ctx.run);
-    let mut buf = [0u8; 64];
-    let n = Packet::Connect(Connect {
+    let connect = Packet::Connect(Connect {
         will: false,
         clean_session: true,
         duration: 30,
         client_id: &id,
+    });
+    let code = ask(&sock, &connect, ctx.opts.timeout, |p| match p {
+        Packet::ConnAck(code) => Some(code),
+        _ => None,
     })
-    .encode(&mut buf)
-    .map_err(|e| format!("{e:?}"))?;
-    let mut answer = [0u8; 512];
-    for _ in 0..3 {
-        sock.send(buf.get(..n).unwrap_or(&[]))
-            .await
-            .map_err(|e| e.to_string())?;
-        let end = tokio::time::Instant::now() + ctx.opts.timeout / 3;
-        while let Ok(Ok(len)) = tokio::time::timeout_at(end, sock.recv(&mut answer)).await {
-            match Packet::decode(answer.get(..len).unwrap_or(&[])) {
-                Ok(Packet::ConnAck(ReturnCode::Accepted)) => {
-                    let mut d = [0u8; 8];
-                    if let Ok(n) = Packet::Disconnect(None).encode(&mut d) {
-                        let _ = sock.send(d.get(..n).unwrap_or(&[])).await;
-                    }
-                    return pass();
-                }
-                Ok(Packet::ConnAck(code)) => {
-                    return Ok((Outcome::Fail, format!("CONNECT after garbage refused: {code:?}")))
-                }
-                _ => {}
+    .await?;
+    Ok(match code {
+        Some(ReturnCode::Accepted) => {
+            let mut d = [0u8; 8];
+            if let Ok(n) = Packet::Disconnect(None).encode(&mut d) {
+                let _ = sock.send(d.get(..n).unwrap_or(&[])).await;
             }
+            (Outcome::Pass, String::new())
         }
-    }
-    Ok((
-        Outcome::Fail,
-        "no CONNACK to a valid CONNECT sent after malformed datagrams".into(),
-    ))
+        Some(code) => (Outcome::Fail, format!("CONNECT after garbage refused: {code:?}")),
+        None => (
+            Outcome::Fail,
+            "no CONNACK to a valid CONNECT sent after malformed datagrams".into(),
+        ),
+    })
 }
 
 async fn run_check(ctx: &mut Ctx, name: &str) -> CheckResult {
