@@ -194,20 +194,27 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
 
     let progress = opts.progress.then(|| {
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        let task_bar = bar.clone();
+        let task = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
                 let l = &shared.live;
-                eprint!(
-                    "\r{:>5.0} s  connected {}  published {}  acknowledged {}  finished {}/{total}   ",
-                    (now_ms().saturating_sub(t0)) as f64 / 1000.0,
+                task_bar.set_message(format!(
+                    "connected {}  published {}  acknowledged {}  finished {}/{total}",
                     l.connected.load(Ordering::Relaxed),
                     l.published.load(Ordering::Relaxed),
                     l.acknowledged.load(Ordering::Relaxed),
                     l.finished.load(Ordering::Relaxed),
-                );
+                ));
+                task_bar.tick();
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
-        })
+        });
+        (bar, task)
     });
 
     let (mut ports, echo) = if opts.echo {
@@ -247,9 +254,9 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
             Err(e) => tracing::error!(error = %e, "a device task failed"),
         }
     }
-    if let Some(p) = progress {
-        p.abort();
-        eprintln!();
+    if let Some((bar, task)) = progress {
+        task.abort();
+        bar.finish();
     }
 
     let (arrivals, downlink_sent) = match verifier {
