@@ -13,7 +13,7 @@ use device_sim::scenario::{Dur, Group, QosMix, Scenario, SleepSpec};
 use device_sim::tools::{self, Common, PubArgs, SubArgs, TopicArg};
 use device_sim::verifier::BrokerUrl;
 use e2e::{init_logging, Mosquitto};
-use gateway::config::{Cli, FileConfig, Settings};
+use gateway::config::Config;
 use gateway::runtime::Running;
 use gateway::topics::Predefined;
 use sn_codec::QoS;
@@ -21,14 +21,12 @@ use sn_codec::QoS;
 const PREDEFINED_ID: u16 = 77;
 
 async fn start_gateway(broker: SocketAddr) -> Running {
-    // Through the command line's defaults, so that new settings get their defaults.
-    let cli = Cli {
-        udp: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
-        broker: Some(format!("mqtt://{broker}")),
-        stats_interval: Some(0),
-        ..Cli::default()
-    };
-    let mut settings = Settings::combine(FileConfig::default(), &cli).expect("valid gateway settings");
+    // Through the configuration's defaults, so that new settings get their defaults.
+    let mut config = Config::default();
+    config.udp.listen = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))];
+    config.broker.url = Some(format!("mqtt://{broker}"));
+    config.gateway.stats_interval_secs = 0;
+    let mut settings = config.validate().expect("valid gateway settings");
     settings.engine.retry_interval = Duration::from_millis(300);
     settings.engine.max_retries = 5;
     settings.engine.predefined =

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -12,11 +14,15 @@ use tracing::{error, info};
 /// Starts rumqttd on `addr` (port 0: a free port is picked) and waits until it accepts
 /// connections. Returns the address it listens on.
 pub async fn start(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let addr = if addr.port() == 0 {
-        let probe = std::net::TcpListener::bind(addr).context("finding a free port")?;
-        probe.local_addr()?
-    } else {
-        addr
+    // Bind first, ourselves: rumqttd reports a taken address only in its own log, from
+    // its own thread, and the readiness probe below would then be answered by whatever
+    // broker holds the address (a packaged mosquitto usually holds 127.0.0.1:1883).
+    let addr = match std::net::TcpListener::bind(addr) {
+        Ok(probe) => probe.local_addr()?,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "embedded broker address {addr} is already in use (another broker running? choose another with --embedded-broker-listen)"
+        ),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("embedded broker cannot listen on {addr}"))),
     };
     let server = ServerSettings {
         name: "mqtt-sn-gateway-embedded".into(),
@@ -52,6 +58,8 @@ pub async fn start(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
         prometheus: None,
         metrics: None,
     };
+    let stopped = Arc::new(AtomicBool::new(false));
+    let flag = stopped.clone();
     std::thread::Builder::new()
         .name("embedded-broker".into())
         .spawn(move || {
@@ -59,9 +67,13 @@ pub async fn start(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
             if let Err(e) = broker.start() {
                 error!(error = %e, "embedded broker stopped");
             }
+            flag.store(true, Ordering::SeqCst);
         })
         .context("spawning the embedded broker thread")?;
     for _ in 0..100 {
+        if stopped.load(Ordering::SeqCst) {
+            bail!("embedded broker on {addr} stopped at start (RUST_LOG=rumqttd=info shows why)");
+        }
         if probe(addr).await.is_ok() {
             info!(%addr, "embedded broker (rumqttd) listening");
             return Ok(addr);

@@ -1,25 +1,54 @@
 //! `mqtt-sn-gateway`: the command-line entry point.
 
-use clap::Parser;
-use gateway::config::{Cli, Settings};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use gateway::config::{Cli, Config, ConfigErrors};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        // rumqttd (the embedded broker) logs every client disconnect as an error: its own
-        // log is off unless RUST_LOG asks for it (e.g. RUST_LOG=info,rumqttd=info).
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off")))
-        .with_writer(std::io::stderr)
-        .init();
-    let settings = Settings::resolve(&cli).map_err(anyhow::Error::msg)?;
+/// Exit status for a configuration that does not validate.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_args();
+    let config = match Config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    if cli.print_config {
+        print!("{}", config.to_toml_redacted());
+        return ExitCode::SUCCESS;
+    }
+    let settings = match config.validate() {
+        Ok(s) => s,
+        Err(e) => return config_error(&e),
+    };
+    if cli.check_config {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fatal(&anyhow::Error::new(e).context("cannot start the async runtime")),
+    };
+    match runtime.block_on(run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fatal(&e),
+    }
+}
+
+async fn run(settings: gateway::config::Settings) -> anyhow::Result<()> {
     // Each device holds a broker connection (a file descriptor): take the hard limit.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
+    let probe = settings.embedded_broker.is_none().then(|| settings.broker.clone());
     let running = gateway::runtime::start(settings).await?;
+    if let Some(broker) = probe {
+        tokio::spawn(warn_if_unreachable(broker));
+    }
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("interrupted; stopping");
@@ -27,4 +56,43 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A broker that does not answer at start is not fatal (each device's connection keeps
+/// trying, and devices get CONNACK congestion meanwhile), but the operator should know.
+async fn warn_if_unreachable(broker: gateway::broker::mqtt::BrokerConfig) {
+    let addr = format!("{}:{}", broker.host, broker.port);
+    let wait = std::time::Duration::from_secs(broker.connect_timeout_secs.max(1));
+    let outcome = tokio::time::timeout(wait, tokio::net::TcpStream::connect(&addr)).await;
+    let reason = match outcome {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {} s", wait.as_secs()),
+    };
+    tracing::warn!(broker = %addr, %reason, "broker unreachable at start; devices get CONNACK congestion until it answers (the gateway keeps trying)");
+}
+
+/// Logs to stderr, in colour only when stderr is a terminal.
+fn init_logging() {
+    tracing_subscriber::fmt()
+        // rumqttd (the embedded broker) logs every client disconnect as an error: its own
+        // log is off unless RUST_LOG asks for it (e.g. RUST_LOG=info,rumqttd=info).
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off")))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Every configuration error, one per line, then exit status 2.
+fn config_error(e: &ConfigErrors) -> ExitCode {
+    for line in &e.0 {
+        eprintln!("error: {line}");
+    }
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// A fatal error at start or while running: one line (with its causes), no backtrace.
+fn fatal(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
 }

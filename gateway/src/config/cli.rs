@@ -1,0 +1,299 @@
+//! The command line: each flag is named by the configuration key it sets (its clap id is
+//! the key path), so that `--help` shows the key's default and only the flags given
+//! become the last configuration layer.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser};
+use figment::providers::Serialized;
+use serde::{Serialize, Serializer};
+use sn_codec::framing::FramingKind;
+
+use super::{Config, ConfigErrors};
+
+// ---------------------------------------------------------------------------------------
+
+/// The command line of `mqtt-sn-gateway`. Each flag's id is the configuration key it
+/// sets (`broker.url`), which is how `--help` finds its default and how the flags become
+/// the last configuration layer: only the flags given are serialized.
+#[derive(Debug, Clone, Default, Parser, Serialize)]
+#[command(
+    name = "mqtt-sn-gateway",
+    version,
+    about = "MQTT-SN v1.2 gateway: serves sensors speaking MQTT-SN over UDP and serial links and makes each an MQTT 3.1.1 client of a broker",
+    after_help = "Settings are layered: defaults, then the --config file, then MQTT_SN_<SECTION>__<KEY> environment variables (e.g. MQTT_SN_BROKER__URL), then these flags.\n\nExamples:\n  mqtt-sn-gateway --udp 127.0.0.1:10000 --broker mqtt://127.0.0.1:1883\n  mqtt-sn-gateway --embedded-broker\n  mqtt-sn-gateway --serial /dev/ttyUSB0:115200 --broker mqtt://127.0.0.1:1883\n  mqtt-sn-gateway --config gateway.toml --check-config\n\nLogging: RUST_LOG=debug (or e.g. RUST_LOG=gateway=debug,info). Configuration keys: docs/configuration.md"
+)]
+pub struct Cli {
+    /// TOML configuration file; the environment and flags override its values.
+    #[arg(short, long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration and exit: 0 when valid, 2 with every error otherwise.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
+    /// Print the effective configuration as TOML (password redacted) and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+    /// `[gateway]` flags.
+    #[command(flatten)]
+    pub gateway: GatewayFlags,
+    /// `[udp]` flags.
+    #[command(flatten)]
+    pub udp: UdpFlags,
+    /// `[broker]` flags.
+    #[command(flatten)]
+    pub broker: BrokerFlags,
+    /// `[timers]` flags.
+    #[command(flatten)]
+    pub timers: TimersFlags,
+    /// `[limits]` flags.
+    #[command(flatten)]
+    pub limits: LimitsFlags,
+    /// `[discovery]` flags.
+    #[command(flatten)]
+    pub discovery: DiscoveryFlags,
+    /// Predefined topic, ID=TOPIC (repeatable), e.g. 77=sensors/temp; replaces the
+    /// file's entry for the same id.
+    #[arg(long, id = "predefined", value_name = "ID=TOPIC", value_parser = parse_predefined)]
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "predefined_as_map")]
+    pub predefined: Vec<(u16, String)>,
+    /// Serial port to serve MQTT-SN on (repeatable), 8N1, e.g. /dev/ttyUSB0:115200 or
+    /// /dev/ttyACM0:9600:raw. Replaces the serial ports of the configuration file.
+    #[arg(long = "serial", id = "serial", value_name = "PATH[:BAUD[:FRAMING]]", value_parser = parse_serial_flag)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub serial: Vec<SerialFlag>,
+    /// Framing of the --serial ports that do not name one: cobs (default) or raw.
+    #[arg(long, value_name = "FRAMING")]
+    #[serde(skip)]
+    pub serial_framing: Option<FramingKind>,
+}
+
+/// `[gateway]` flags.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct GatewayFlags {
+    /// Gateway id announced in GWINFO/ADVERTISE.
+    #[arg(long = "gateway-id", id = "gateway.id", value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<u8>,
+    /// Seconds between statistics lines in the log (0: never).
+    #[arg(long = "stats-interval", id = "gateway.stats_interval_secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats_interval_secs: Option<u64>,
+    /// Seconds in-flight work may take on SIGTERM/SIGINT before the gateway exits.
+    #[arg(long = "shutdown-timeout", id = "gateway.shutdown_timeout_secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_secs: Option<f64>,
+    /// Publish the wills of connected devices when the gateway is stopped.
+    #[arg(long = "publish-wills-on-shutdown", id = "gateway.publish_wills_on_shutdown")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub publish_wills_on_shutdown: bool,
+}
+
+/// `[udp]` flags.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct UdpFlags {
+    /// UDP address to serve MQTT-SN on (repeatable); replaces the file's list.
+    #[arg(long = "udp", id = "udp.listen", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listen: Vec<SocketAddr>,
+}
+
+/// `[broker]` flags.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct BrokerFlags {
+    /// Broker URL, mqtt://host:port [default: the embedded broker when it runs, else mqtt://127.0.0.1:1883].
+    #[arg(long = "broker", id = "broker.url", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// User name for the broker.
+    #[arg(long = "username", id = "broker.username", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password for the broker (better: MQTT_SN_BROKER__PASSWORD in the environment).
+    #[arg(long = "password", id = "broker.password", value_name = "PASSWORD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Prefix added to each device's client id on the broker.
+    #[arg(long = "client-id-prefix", id = "broker.client_id_prefix", value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id_prefix: Option<String>,
+    /// Run an in-process broker (rumqttd) on loopback and serve through it.
+    #[arg(long = "embedded-broker", id = "broker.embedded")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub embedded: bool,
+    /// Address of the embedded broker.
+    #[arg(long = "embedded-broker-listen", id = "broker.embedded_listen", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedded_listen: Option<SocketAddr>,
+}
+
+/// `[timers]` flags.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct TimersFlags {
+    /// Tretry: seconds before a message to a device is retransmitted.
+    #[arg(long = "retry-interval", id = "timers.retry_interval_secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_interval_secs: Option<f64>,
+    /// Nretry: retransmissions before a device is declared lost.
+    #[arg(long = "max-retries", id = "timers.max_retries", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+}
+
+/// `[limits]` flags.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct LimitsFlags {
+    /// Maximum number of client sessions.
+    #[arg(long = "max-clients", id = "limits.max_clients", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_clients: Option<usize>,
+}
+
+/// `[discovery]` flags.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct DiscoveryFlags {
+    /// Seconds between ADVERTISE broadcasts (0: never).
+    #[arg(
+        long = "advertise-interval",
+        id = "discovery.advertise_interval_secs",
+        value_name = "SECS"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_interval_secs: Option<u64>,
+    /// UDP broadcast or multicast address for ADVERTISE and GWINFO, e.g. 255.255.255.255:10000.
+    #[arg(long = "advertise-addr", id = "discovery.advertise_addr", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_addr: Option<SocketAddr>,
+}
+
+/// A serial port given on the command line: `PATH[:BAUD[:FRAMING]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SerialFlag {
+    /// Device path.
+    pub path: PathBuf,
+    /// Baud rate, if given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baud: Option<u32>,
+    /// Framing, if given.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "framing_name")]
+    pub framing: Option<FramingKind>,
+}
+
+fn framing_name<S: Serializer>(f: &Option<FramingKind>, s: S) -> Result<S::Ok, S::Error> {
+    match f {
+        Some(f) => s.serialize_str(f.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
+fn predefined_as_map<S: Serializer>(entries: &[(u16, String)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(entries.iter().map(|(id, topic)| (id.to_string(), topic)))
+}
+
+pub(super) fn parse_serial_flag(s: &str) -> Result<SerialFlag, String> {
+    let usage =
+        || format!("{s:?}: expected PATH[:BAUD[:FRAMING]], e.g. /dev/ttyUSB0:115200 or /dev/ttyUSB0:115200:raw");
+    let mut rest = s;
+    let mut framing = None;
+    if let Some((head, tail)) = rest.rsplit_once(':') {
+        if let Ok(f) = tail.parse::<FramingKind>() {
+            framing = Some(f);
+            rest = head;
+        }
+    }
+    let mut baud = None;
+    if let Some((head, tail)) = rest.rsplit_once(':') {
+        baud = Some(tail.parse::<u32>().ok().filter(|b| *b > 0).ok_or_else(usage)?);
+        rest = head;
+    } else if framing.is_some() {
+        // PATH:FRAMING without a baud rate reads too much like a typo.
+        return Err(usage());
+    }
+    if rest.is_empty() {
+        return Err(usage());
+    }
+    Ok(SerialFlag {
+        path: PathBuf::from(rest),
+        baud,
+        framing,
+    })
+}
+
+pub(super) fn parse_predefined(s: &str) -> Result<(u16, String), String> {
+    let (id, topic) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ID=TOPIC, e.g. 77=sensors/temp"))?;
+    let id = id
+        .trim()
+        .parse::<u16>()
+        .map_err(|_| format!("{s:?}: topic id must be a number from 1 to 65534"))?;
+    Ok((id, topic.to_string()))
+}
+
+impl Cli {
+    /// The clap command, each flag's help ending with its default from [`Config`].
+    pub fn command_with_defaults() -> clap::Command {
+        let defaults = toml::Value::try_from(Config::default()).ok();
+        Cli::command().mut_args(|arg| {
+            let shown = defaults
+                .as_ref()
+                .and_then(|d| lookup(d, arg.get_id().as_str()))
+                .and_then(display_default);
+            match (shown, arg.get_help().cloned()) {
+                (Some(default), Some(help)) => arg.help(format!("{help} [default: {default}]")),
+                _ => arg,
+            }
+        })
+    }
+
+    /// Parses the process's arguments (exits with clap's message on a usage error).
+    pub fn parse_args() -> Cli {
+        let matches = Self::command_with_defaults().get_matches();
+        match Cli::from_arg_matches(&matches) {
+            Ok(cli) => cli,
+            Err(e) => e.exit(),
+        }
+    }
+
+    /// The flags as the last configuration layer.
+    pub(super) fn layer(&self) -> Result<Serialized<Cli>, ConfigErrors> {
+        let mut seen = std::collections::BTreeSet::new();
+        let twice: Vec<String> = self
+            .predefined
+            .iter()
+            .filter(|(id, _)| !seen.insert(*id))
+            .map(|(id, _)| format!("--predefined: topic id {id} is given twice"))
+            .collect();
+        if !twice.is_empty() {
+            return Err(ConfigErrors(twice));
+        }
+        let mut flags = self.clone();
+        for port in &mut flags.serial {
+            port.framing = port.framing.or(self.serial_framing);
+        }
+        Ok(Serialized::defaults(flags))
+    }
+}
+
+/// The value at a dotted key path.
+pub(super) fn lookup<'v>(root: &'v toml::Value, path: &str) -> Option<&'v toml::Value> {
+    path.split('.').try_fold(root, |v, key| v.get(key))
+}
+
+/// How a default appears in `--help`; `None` for flags whose default says nothing
+/// (off switches, empty lists).
+fn display_default(v: &toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) if s.is_empty() => Some("\"\"".into()),
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Boolean(false) => None,
+        toml::Value::Array(a) if a.is_empty() => None,
+        toml::Value::Table(t) if t.is_empty() => None,
+        toml::Value::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => Some(format!("{f:.0}")),
+        toml::Value::Array(a) => Some(a.iter().filter_map(display_default).collect::<Vec<_>>().join(", ")),
+        other => Some(other.to_string()),
+    }
+}

@@ -1,0 +1,318 @@
+//! Validation: every key checked once, every problem reported, and the runtime
+//! [`Settings`] built from a valid [`Config`].
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_serial::{DataBits, Parity, StopBits};
+
+use super::{Cli, Config, ConfigErrors, SerialConfig};
+use crate::broker::mqtt::BrokerConfig;
+use crate::engine::EngineConfig;
+use crate::topics::Predefined;
+use crate::transport::serial::SerialPortConfig;
+
+/// Everything the gateway runs with: each module's typed slice of a validated [`Config`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Protocol engine settings.
+    pub engine: EngineConfig,
+    /// UDP listen addresses.
+    pub udp: Vec<SocketAddr>,
+    /// Broker connection settings.
+    pub broker: BrokerConfig,
+    /// Run the embedded broker on this address.
+    pub embedded_broker: Option<SocketAddr>,
+    /// Statistics log period.
+    pub stats_interval: Option<Duration>,
+    /// Serial ports, indexed as [`crate::engine::LinkAddr::Serial`].
+    pub serial: Vec<SerialPortConfig>,
+    /// How long a graceful stop may take.
+    pub shutdown_timeout: Duration,
+    /// Publish the wills of connected devices on a graceful stop.
+    pub publish_wills_on_shutdown: bool,
+}
+
+impl Default for Settings {
+    /// The validated defaults.
+    fn default() -> Self {
+        match Config::default().validate_offline() {
+            Ok(s) => s,
+            // The defaults are valid (a unit test checks it); this arm is never taken.
+            Err(e) => panic!("the default configuration is invalid: {e}"),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads ([`Config::load`]) and validates ([`Config::validate`]) the configuration
+    /// the command line describes.
+    pub fn from_cli(cli: &Cli) -> Result<Settings, ConfigErrors> {
+        Config::load(cli)?.validate()
+    }
+}
+
+/// Checks that a number of seconds is a number, greater than zero (or zero, when
+/// `zero_ok`), and at most `max`.
+fn secs_in(errors: &mut Vec<String>, key: &str, v: f64, zero_ok: bool, max: f64) -> Duration {
+    let low_ok = if zero_ok { v >= 0.0 } else { v > 0.0 };
+    if v.is_finite() && low_ok && v <= max {
+        Duration::from_secs_f64(v)
+    } else {
+        let low = if zero_ok { "from 0" } else { "greater than 0" };
+        errors.push(format!("{key} must be a number of seconds {low} up to {max}, not {v}"));
+        Duration::ZERO
+    }
+}
+
+fn factor_in(errors: &mut Vec<String>, key: &str, v: f64) -> f64 {
+    if v.is_finite() && (1.0..=100.0).contains(&v) {
+        v
+    } else {
+        errors.push(format!("{key} must be a number from 1 to 100, not {v}"));
+        1.0
+    }
+}
+
+fn at_least<T: PartialOrd + fmt::Display + Copy>(errors: &mut Vec<String>, key: &str, v: T, min: T, max: T) -> T {
+    if v < min || v > max {
+        errors.push(format!("{key} must be from {min} to {max}, not {v}"));
+    }
+    v
+}
+
+/// Longest Tretry and connect timeout accepted: an hour.
+const MAX_TIMER_SECS: f64 = 3600.0;
+
+impl Config {
+    /// Checks every key and builds the runtime settings, reporting every problem at
+    /// once. Resolves the broker host name (a name that does not resolve is an error).
+    pub fn validate(&self) -> Result<Settings, ConfigErrors> {
+        let settings = self.validate_offline()?;
+        let b = &settings.broker;
+        if settings.embedded_broker.is_none() || self.broker.url.is_some() {
+            if let Err(e) = (b.host.as_str(), b.port).to_socket_addrs() {
+                return Err(ConfigErrors(vec![format!(
+                    "broker.url: cannot resolve broker host {:?}: {e}",
+                    b.host
+                )]));
+            }
+        }
+        Ok(settings)
+    }
+
+    /// [`Config::validate`] without the name lookup.
+    pub fn validate_offline(&self) -> Result<Settings, ConfigErrors> {
+        let mut errors = Vec::new();
+        let e = &mut errors;
+
+        let mut predefined = Vec::new();
+        for (id, topic) in &self.predefined {
+            match id.trim().parse::<u16>() {
+                Ok(n) => predefined.push((n, topic.clone())),
+                Err(_) => e.push(format!("[predefined] key {id:?} is not a topic id (1..65534)")),
+            }
+        }
+        let predefined = Predefined::new(predefined).unwrap_or_else(|err| {
+            e.push(format!("[predefined]: {err}"));
+            Predefined::default()
+        });
+
+        let t = &self.timers;
+        let s = &self.sleep;
+        let l = &self.limits;
+        let retry_interval = secs_in(
+            e,
+            "timers.retry_interval_secs",
+            t.retry_interval_secs,
+            false,
+            MAX_TIMER_SECS,
+        );
+        let connect_timeout = secs_in(
+            e,
+            "timers.connect_timeout_secs",
+            t.connect_timeout_secs,
+            false,
+            MAX_TIMER_SECS,
+        );
+        let max_sleep = at_least(
+            e,
+            "sleep.max_duration_secs",
+            s.max_duration_secs,
+            1,
+            u64::from(u16::MAX),
+        );
+        let advertise = at_least(
+            e,
+            "discovery.advertise_interval_secs (ADVERTISE carries it in 16 bits)",
+            self.discovery.advertise_interval_secs,
+            0,
+            u64::from(u16::MAX),
+        );
+        let mut engine = EngineConfig {
+            gateway_id: self.gateway.id,
+            retry_interval,
+            max_retries: at_least(e, "timers.max_retries", t.max_retries, 0, 1000),
+            keep_alive_factor: factor_in(e, "timers.keep_alive_factor", t.keep_alive_factor),
+            sleep_factor: factor_in(e, "sleep.tolerance_factor", s.tolerance_factor),
+            max_sleep: Duration::from_secs(max_sleep),
+            connect_timeout,
+            max_clients: at_least(e, "limits.max_clients", l.max_clients, 1, 10_000_000),
+            max_topics_per_client: at_least(e, "limits.max_topics_per_client", l.max_topics_per_client, 1, 0xFFFD),
+            max_queued_messages: at_least(e, "sleep.max_held_messages", s.max_held_messages, 1, 1_000_000),
+            max_queued_bytes: at_least(e, "sleep.max_held_bytes", s.max_held_bytes, 1, 1 << 30),
+            max_persisted_sessions: l.max_persisted_sessions,
+            predefined: Arc::new(predefined),
+            qos_minus_one: self.gateway.qos_minus_one,
+            advertise_interval: (advertise > 0).then(|| Duration::from_secs(advertise)),
+            udp_broadcast: None,
+        };
+
+        let broker = self.broker_config(e);
+        let udp = self.udp.listen.clone();
+        for (i, addr) in udp.iter().enumerate() {
+            if udp[..i].contains(addr) {
+                e.push(format!("udp.listen: {addr} is given twice"));
+            }
+        }
+        let serial = self.serial_ports(e);
+        if udp.is_empty() && serial.is_empty() {
+            e.push("udp.listen is empty and no serial port is configured: the gateway would serve nothing".into());
+        }
+
+        let advertise_addr = self.discovery.advertise_addr;
+        if let Some(addr) = advertise_addr {
+            if let Some(first) = udp.first() {
+                if addr.is_ipv4() != first.is_ipv4() {
+                    e.push(format!(
+                        "discovery.advertise_addr {addr} and the first UDP listener {first} must be of the same address family (ADVERTISE is sent from that listener)"
+                    ));
+                }
+            }
+            if addr.port() == 0 || addr.ip().is_unspecified() {
+                e.push(format!("discovery.advertise_addr {addr} needs an address and a port"));
+            }
+        }
+        engine.udp_broadcast = advertise_addr;
+
+        let shutdown_timeout = secs_in(
+            e,
+            "gateway.shutdown_timeout_secs",
+            self.gateway.shutdown_timeout_secs,
+            true,
+            MAX_TIMER_SECS,
+        );
+        let stats = self.gateway.stats_interval_secs;
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(Settings {
+            engine,
+            udp,
+            broker,
+            embedded_broker: self.broker.embedded.then_some(self.broker.embedded_listen),
+            stats_interval: (stats > 0).then(|| Duration::from_secs(stats)),
+            serial,
+            shutdown_timeout,
+            publish_wills_on_shutdown: self.gateway.publish_wills_on_shutdown,
+        })
+    }
+
+    fn broker_config(&self, e: &mut Vec<String>) -> BrokerConfig {
+        let b = &self.broker;
+        let default = BrokerConfig::default();
+        let (host, port) = match &b.url {
+            Some(url) => BrokerConfig::parse_url(url).unwrap_or_else(|err| {
+                e.push(format!("broker.url: {err}"));
+                (default.host.clone(), default.port)
+            }),
+            None if b.embedded => (b.embedded_listen.ip().to_string(), b.embedded_listen.port()),
+            None => (default.host.clone(), default.port),
+        };
+        if b.password.is_some() && b.username.is_none() {
+            e.push(
+                "broker.password is set without broker.username (MQTT 3.1.1 sends a password only with a user name)"
+                    .into(),
+            );
+        }
+        BrokerConfig {
+            host,
+            port,
+            username: b.username.clone(),
+            password: b.password.clone(),
+            client_id_prefix: b.client_id_prefix.clone(),
+            request_capacity: at_least(e, "broker.request_capacity", b.request_capacity, 1, 1_000_000),
+            inflight: at_least(e, "broker.inflight", b.inflight, 1, u16::MAX),
+            connect_timeout_secs: at_least(e, "broker.connect_timeout_secs", b.connect_timeout_secs, 1, 3600),
+        }
+    }
+
+    fn serial_ports(&self, e: &mut Vec<String>) -> Vec<SerialPortConfig> {
+        let mut ports: Vec<SerialPortConfig> = Vec::new();
+        for (n, s) in self.serial.iter().enumerate() {
+            match s.resolve(n) {
+                Ok(port) if ports.iter().any(|p| p.path == port.path) => {
+                    e.push(format!("serial port {} is configured twice", port.path.display()));
+                }
+                Ok(port) => ports.push(port),
+                Err(err) => e.push(err),
+            }
+        }
+        if u16::try_from(ports.len()).is_err() {
+            e.push("too many serial ports".into());
+        }
+        ports
+    }
+}
+
+impl SerialConfig {
+    /// Checks the values of the `n`-th port.
+    fn resolve(&self, n: usize) -> Result<SerialPortConfig, String> {
+        let at = |key: &str| format!("[[serial]] #{} {key}", n + 1);
+        let path = self
+            .path
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty())
+            .ok_or_else(|| format!("{} is required, e.g. path = \"/dev/ttyUSB0\"", at("path")))?;
+        if self.baud == 0 {
+            return Err(format!("{} must be a positive number", at("baud")));
+        }
+        let data_bits = match self.data_bits {
+            5 => DataBits::Five,
+            6 => DataBits::Six,
+            7 => DataBits::Seven,
+            8 => DataBits::Eight,
+            other => return Err(format!("{} must be 5, 6, 7 or 8, not {other}", at("data_bits"))),
+        };
+        let parity = match self.parity.to_ascii_lowercase().as_str() {
+            "none" => Parity::None,
+            "odd" => Parity::Odd,
+            "even" => Parity::Even,
+            other => {
+                return Err(format!(
+                    "{} must be \"none\", \"odd\" or \"even\", not {other:?}",
+                    at("parity")
+                ))
+            }
+        };
+        let stop_bits = match self.stop_bits {
+            1 => StopBits::One,
+            2 => StopBits::Two,
+            other => return Err(format!("{} must be 1 or 2, not {other}", at("stop_bits"))),
+        };
+        let framing = self
+            .framing
+            .parse()
+            .map_err(|_| format!("{} must be \"cobs\" or \"raw\", not {:?}", at("framing"), self.framing))?;
+        Ok(SerialPortConfig {
+            path,
+            baud: self.baud,
+            data_bits,
+            parity,
+            stop_bits,
+            framing,
+        })
+    }
+}
