@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sn_codec::{Packet, QoS};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, MqttQos};
 use crate::topics::{self, Predefined, TopicTable};
@@ -460,7 +460,7 @@ impl Gateway {
         if session.peer() == peer {
             return;
         }
-        info!(client = %session.client_id(), from = %session.peer(), to = %peer, "client changed address");
+        debug!(client = %session.client_id(), from = %session.peer(), to = %peer, "client changed address");
         let old = session.peer().clone();
         session.set_peer(peer.clone());
         if self.by_peer.get(&old) == Some(&key) {
@@ -504,7 +504,7 @@ impl Gateway {
         if let Some(key) = existing {
             if let Some(old) = self.remove_session(key) {
                 self.metrics.takeovers += 1;
-                info!(client = %c.client_id, from = %old.peer(), to = %peer, "session taken over");
+                debug!(client = %c.client_id, from = %old.peer(), to = %peer, "session taken over");
                 let table = old.take_over(&mut self.out);
                 if !c.clean_session {
                     topics = Some(table);
@@ -673,7 +673,7 @@ impl Gateway {
     /// Ends a session without a will (its address or id went to someone else).
     fn end_quietly(&mut self, key: ClientKey, why: &str) {
         if let Some(old) = self.remove_session(key) {
-            info!(client = %old.client_id(), peer = %old.peer(), "session ended: {why}");
+            debug!(client = %old.client_id(), peer = %old.peer(), "session ended: {why}");
             self.metrics.takeovers += 1;
             let clean = old.clean_session();
             let client_id = old.client_id().clone();

@@ -246,7 +246,7 @@ impl Session {
     fn become_active(&mut self, ctx: &mut Ctx<'_>) {
         self.state = SessionState::Active;
         ctx.metrics.connects += 1;
-        info!(client = %self.client_id, peer = %self.peer, keep_alive = self.keep_alive, clean = self.clean_session, "client connected");
+        debug!(client = %self.client_id, peer = %self.peer, keep_alive = self.keep_alive, clean = self.clean_session, "client connected");
         ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::Accepted));
         // Whatever was in flight when the client slept is sent again now.
         self.retransmit_inflight(ctx);
@@ -326,7 +326,7 @@ impl Session {
         self.last_heard = ctx.now;
         self.keep_alive = c.duration;
         self.resuming = true;
-        info!(client = %self.client_id, "client resumes from sleep with CONNECT");
+        debug!(client = %self.client_id, "client resumes from sleep with CONNECT");
         self.start_handshake(ctx, c.will);
         Flow::Continue
     }
@@ -391,7 +391,7 @@ impl Session {
             (S::Active | S::Awake | S::Asleep, Packet::Disconnect(None)) => {
                 ctx.out.send(&self.peer, &Packet::Disconnect(None));
                 ctx.metrics.disconnects += 1;
-                info!(client = %self.client_id, peer = %self.peer, "client disconnected");
+                debug!(client = %self.client_id, peer = %self.peer, "client disconnected");
                 ctx.out.command(self.key, Command::Disconnect { will: None });
                 return Flow::End;
             }
@@ -641,7 +641,7 @@ impl Session {
             ctx.metrics.sleeps += 1;
         }
         self.state = SessionState::Asleep;
-        info!(client = %self.client_id, secs, held = self.queue.len(), "client asleep");
+        debug!(client = %self.client_id, secs, held = self.queue.len(), "client asleep");
         ctx.out.send(&self.peer, &Packet::Disconnect(None));
         Flow::Continue
     }
