@@ -268,7 +268,7 @@ impl Verifier {
                                 l.down_since_us = Some(now_us());
                                 tracing::warn!(
                                     broker = %address, error = %e,
-                                    "verifier lost its broker connection; reconnecting (the broker keeps its session)"
+                                    "verifier lost its broker connection; reconnecting (a broker that keeps its session queues its messages meanwhile)"
                                 );
                             } else {
                                 tracing::debug!(broker = %address, error = %e, attempts = failures, "verifier still disconnected");
