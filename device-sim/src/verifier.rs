@@ -381,6 +381,51 @@ async fn end_session(broker: &BrokerUrl, client_id: &str) {
 mod tests {
     use super::*;
 
+    fn delivery(run: u32, device: u32, seq: u32, dup: bool) -> rumqttc::Publish {
+        let mut payload = Vec::new();
+        Stamp {
+            run,
+            device,
+            seq,
+            qos: sn_codec::QoS::ExactlyOnce,
+            sent_us: 0,
+        }
+        .encode(0, &mut payload);
+        let mut p = rumqttc::Publish::new("sim/run/g/1", QoS::AtLeastOnce, payload);
+        p.dup = dup;
+        p
+    }
+
+    #[test]
+    fn the_brokers_redeliveries_are_not_duplicates() {
+        let mut a = Arrivals::default();
+        record(&mut a, 7, &delivery(7, 1, 0, false));
+        // The broker resends what the verifier may not have acknowledged (DUP set).
+        record(&mut a, 7, &delivery(7, 1, 0, true));
+        assert_eq!(a.messages.get(&(1, 0)).map(|x| x.count), Some(1));
+        // A redelivery whose first copy was lost with the connection is the arrival.
+        record(&mut a, 7, &delivery(7, 1, 1, true));
+        assert_eq!(a.messages.get(&(1, 1)).map(|x| x.count), Some(1));
+        // A second message from the gateway is a second delivery without DUP.
+        record(&mut a, 7, &delivery(7, 1, 0, false));
+        assert_eq!(a.messages.get(&(1, 0)).map(|x| x.count), Some(2));
+        record(&mut a, 7, &delivery(8, 1, 0, false));
+        assert_eq!(a.foreign, 1);
+    }
+
+    #[test]
+    fn blind_windows() {
+        let a = Arrivals {
+            blind: vec![(100, 200)],
+            ..Arrivals::default()
+        };
+        assert!(a.blind_during(50, 100));
+        assert!(a.blind_during(150, 160));
+        assert!(a.blind_during(190, 400));
+        assert!(!a.blind_during(10, 99));
+        assert!(!a.blind_during(201, 300));
+    }
+
     #[test]
     fn broker_urls() {
         let u: BrokerUrl = "mqtt://127.0.0.1:1883".parse().expect("valid");
