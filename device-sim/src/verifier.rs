@@ -281,6 +281,10 @@ impl Verifier {
                 }
             }
         });
+        // QoS 1, not 2: rumqttc forgets the QoS 2 packet ids it received when a connection
+        // drops, so the PUBREL a broker resends on the resumed session would be an error
+        // (and the connection would drop again). QoS 1 with DUP-aware counting (`record`)
+        // verifies as much.
         for f in filters {
             // Queued until the connection is up.
             let _ = client.subscribe(f.clone(), QoS::AtLeastOnce).await;
