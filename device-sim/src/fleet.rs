@@ -20,6 +20,9 @@ use crate::scenario::{Group, Scenario};
 use crate::station::{now_ms, now_us, Station};
 use crate::verifier::{BrokerUrl, Verifier};
 
+/// How often the fleet's summary line is logged (at info).
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Devices per source address before the fleet spreads over 127.0.0.1..=127.0.0.254.
 pub const DEVICES_PER_ADDRESS: usize = 10_000;
 
@@ -72,9 +75,14 @@ pub enum FleetError {
 #[derive(Debug, Default)]
 struct Live {
     connected: AtomicU64,
+    /// Devices in the active state right now.
+    active: AtomicU64,
+    /// Devices asleep right now.
+    asleep: AtomicU64,
     published: AtomicU64,
     acknowledged: AtomicU64,
     finished: AtomicU64,
+    socket_errors: AtomicU64,
 }
 
 /// What every device task shares.
@@ -104,6 +112,10 @@ struct Sent {
     seq: u32,
     qos: QoS,
     acked: bool,
+    /// Sent (µs, the stamp's clock).
+    sent_us: u64,
+    /// Acknowledged by the gateway (µs); the broker had it by then.
+    acked_us: u64,
 }
 
 struct DeviceResult {
@@ -192,6 +204,32 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
         subscribed: (0..total).map(|_| AtomicBool::new(false)).collect(),
     });
 
+    // The log's view of the run (the progress line is the terminal's): one line at info
+    // every SUMMARY_INTERVAL, rather than one per device and event (those are at debug).
+    let summary = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let l = &shared.live;
+                tracing::info!(
+                    elapsed_s = started.elapsed().as_secs(),
+                    devices = total,
+                    active = l.active.load(Ordering::Relaxed),
+                    asleep = l.asleep.load(Ordering::Relaxed),
+                    connected_once = l.connected.load(Ordering::Relaxed),
+                    published = l.published.load(Ordering::Relaxed),
+                    acknowledged = l.acknowledged.load(Ordering::Relaxed),
+                    finished = l.finished.load(Ordering::Relaxed),
+                    "fleet"
+                );
+            }
+        })
+    };
+
     let progress = opts.progress.then(|| {
         let shared = shared.clone();
         let bar = indicatif::ProgressBar::new_spinner();
@@ -256,8 +294,10 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
     }
     if let Some((bar, task)) = progress {
         task.abort();
-        bar.finish();
+        // Off the terminal before the report prints (on stdout, often the same terminal).
+        bar.finish_and_clear();
     }
+    summary.abort();
 
     let (arrivals, downlink_sent) = match verifier {
         Some(verifier) => {
@@ -265,7 +305,11 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
             let mut last = verifier.distinct();
             let mut quiet_since = Instant::now();
             let grace_end = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < grace_end && quiet_since.elapsed() < Duration::from_secs(1) {
+            // A disconnected verifier gets the rest of the grace time to come back for what
+            // the broker kept in its session.
+            while Instant::now() < grace_end
+                && (quiet_since.elapsed() < Duration::from_secs(1) || !verifier.connected())
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let n = verifier.distinct();
                 if n != last {
@@ -330,7 +374,11 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
                 }
                 None => {
                     c.lost += 1;
-                    if s.acked {
+                    if s.acked && arrivals.blind_during(s.sent_us, s.acked_us) {
+                        // At the broker while the verifier could not see it (the broker
+                        // lost the verifier's session): unknowable, not the gateway's.
+                        c.lost_unverified += 1;
+                    } else if s.acked {
                         c.lost_acknowledged += 1;
                         if violations.len() < MAX_VIOLATIONS {
                             violations.push(format!(
@@ -404,8 +452,33 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
         verified,
         echo_datagrams: echo_handled,
         verifier_reconnects: arrivals.reconnects,
+        verifier_sessions_lost: arrivals.sessions_lost,
         violations,
     })
+}
+
+/// A device's contribution to the live active/asleep counts.
+#[derive(Debug, Default)]
+struct Gauge {
+    active: bool,
+    asleep: bool,
+}
+
+impl Gauge {
+    fn set(&mut self, live: &Live, state: State) {
+        let update = |was: &mut bool, is: bool, n: &AtomicU64| {
+            if *was != is {
+                if is {
+                    n.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    n.fetch_sub(1, Ordering::Relaxed);
+                }
+                *was = is;
+            }
+        };
+        update(&mut self.active, state == State::Active, &live.active);
+        update(&mut self.asleep, state == State::Asleep, &live.asleep);
+    }
 }
 
 /// What a device does next.
@@ -459,7 +532,12 @@ async fn device_task(
     let station = match bound {
         Ok(s) => s,
         Err((local, e)) => {
-            tracing::warn!(device = index, local = %local, error = %e, "cannot open the device's socket");
+            // One warning for the fleet (the rest are in the report's socket_errors).
+            if shared.live.socket_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(device = index, local = %local, error = %e, "cannot open a device's socket (further failures are counted in the report)");
+            } else {
+                tracing::debug!(device = index, local = %local, error = %e, "cannot open the device's socket");
+            }
             result.counts.socket_errors = 1;
             shared.live.finished.fetch_add(1, Ordering::Relaxed);
             return result;
@@ -537,6 +615,7 @@ async fn device_task(
     let down_qos = QoS::from_bits(g.downlink_qos);
     let flag = shared.subscribed.get(index as usize);
     let mut payload = Vec::with_capacity(g.payload_size.max(48));
+    let mut gauge = Gauge::default();
 
     loop {
         let now = now_ms();
@@ -548,6 +627,7 @@ async fn device_task(
                     }
                     result.counts.connected = 1;
                     result.counts.connects += 1;
+                    tracing::debug!(device = index, "connected");
                     plan.waking = false;
                     if plan.fresh_connect && g.clean_session {
                         plan.subscribed = false;
@@ -587,6 +667,7 @@ async fn device_task(
                             plan.pending = None;
                             if let Some(s) = result.sent.get_mut(i) {
                                 s.acked = true;
+                                s.acked_us = now_us();
                             }
                             result.counts.acknowledged += 1;
                             shared.live.acknowledged.fetch_add(1, Ordering::Relaxed);
@@ -630,9 +711,11 @@ async fn device_task(
                 }
                 Event::Asleep => {
                     if plan.waking {
+                        tracing::debug!(device = index, "woke, fetched its messages, asleep again");
                         result.counts.wakes += 1;
                         plan.waking = false;
                     } else {
+                        tracing::debug!(device = index, "asleep");
                         result.counts.sleeps += 1;
                     }
                 }
@@ -640,6 +723,7 @@ async fn device_task(
                 _ => {}
             }
         }
+        gauge.set(&shared.live, dev.client.state());
         if plan.done || now >= shared.end_ms {
             break;
         }
@@ -781,6 +865,7 @@ async fn device_task(
     if plan.pending.is_some() {
         result.counts.unacknowledged += 1;
     }
+    gauge.set(&shared.live, State::Disconnected);
     result.counts.retries = dev.counters.retries;
     result.counts.radio_dropped = dev.station.counters.dropped;
     result.counts.radio_duplicated = dev.station.counters.duplicated;
@@ -823,6 +908,8 @@ fn record(plan: &mut Plan, result: &mut DeviceResult, shared: &Shared, qos: QoS)
         seq: plan.seq,
         qos,
         acked: false,
+        sent_us: now_us(),
+        acked_us: 0,
     });
     plan.seq += 1;
     let c = &mut result.counts;

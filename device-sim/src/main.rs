@@ -332,19 +332,23 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mqtt-sn-sim: cannot start the runtime: {e}");
+            eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(main_async(cli)) {
         Ok(code) => code,
+        // One line, the causes joined: a user error is not a crash (no backtrace, even
+        // with RUST_BACKTRACE set, which anyhow's Debug output would print).
         Err(e) => {
-            eprintln!("mqtt-sn-sim: {e:#}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -46,6 +46,10 @@ pub struct Counts {
     pub lost: u64,
     /// Of the lost, QoS 1/2 messages that the gateway had acknowledged: a broken guarantee.
     pub lost_acknowledged: u64,
+    /// Of the lost, acknowledged QoS 1/2 messages that reached the broker while the
+    /// verifier could not see them (the broker lost the verifier's session, or the
+    /// verifier was disconnected at the end): not verifiable, not counted as broken.
+    pub lost_unverified: u64,
     /// Extra copies seen at the broker (all QoS).
     pub duplicated: u64,
     /// Of those, copies of QoS 2 messages: a broken guarantee.
@@ -104,6 +108,7 @@ impl Counts {
             arrived,
             lost,
             lost_acknowledged,
+            lost_unverified,
             duplicated,
             duplicated_qos2,
             retries,
@@ -203,9 +208,13 @@ pub struct Report {
     pub verified: bool,
     /// Datagrams the in-process echo gateway handled (`--echo`).
     pub echo_datagrams: u64,
-    /// Times the verifier lost its broker connection: messages published meanwhile are
-    /// counted as lost, so losses (even broken guarantees) may be the verifier's.
+    /// Times the verifier reconnected to the broker. With its session kept by the broker
+    /// nothing is missed.
     pub verifier_reconnects: u32,
+    /// Of those, times the broker had lost the verifier's session (a restart without
+    /// persistence): acknowledged messages missing from around then are counted as
+    /// unverified (`lost_unverified`), not as broken guarantees.
+    pub verifier_sessions_lost: u32,
     /// QoS 1/2 guarantees broken (acknowledged but lost, QoS 2 duplicated).
     pub guarantees_broken: u64,
     /// The first broken guarantees, described.
@@ -266,6 +275,7 @@ impl Report {
             ("arrived at broker", c(|c| c.arrived)),
             ("lost", c(|c| c.lost)),
             ("  acknowledged but lost", c(|c| c.lost_acknowledged)),
+            ("  acknowledged, unverifiable", c(|c| c.lost_unverified)),
             ("duplicated", c(|c| c.duplicated)),
             ("  qos 2 duplicated", c(|c| c.duplicated_qos2)),
             ("retries", c(|c| c.retries)),
@@ -331,11 +341,26 @@ impl Report {
                 self.echo_datagrams
             );
         }
-        if self.verifier_reconnects > 0 {
+        if self.verifier_reconnects > self.verifier_sessions_lost {
             let _ = writeln!(
                 out,
-                "WARNING: the verifier reconnected to the broker {} times; messages sent meanwhile count as lost",
-                self.verifier_reconnects
+                "note: the verifier reconnected to the broker {} times; the broker kept its session (and its messages)",
+                self.verifier_reconnects - self.verifier_sessions_lost
+            );
+        }
+        if self.verifier_sessions_lost > 0 {
+            let _ = writeln!(
+                out,
+                "WARNING: the broker lost the verifier's session {} times (restarted without persistence?): \
+                 messages it received then are unknowable, not counted as broken",
+                self.verifier_sessions_lost
+            );
+        }
+        if self.total.counts.lost_unverified > 0 {
+            let _ = writeln!(
+                out,
+                "WARNING: {} acknowledged messages could not be verified (the verifier could not see the broker then)",
+                self.total.counts.lost_unverified
             );
         }
         if self.ok() {

@@ -1,6 +1,7 @@
 //! The broker-side verifier: an MQTT 3.1.1 subscriber (rumqttc) that records which device
 //! messages reached the broker, how often, and how long after they were sent.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +51,7 @@ impl std::str::FromStr for BrokerUrl {
 /// What arrived for one device message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Arrival {
-    /// How many times it arrived.
+    /// How many times it arrived (the broker's own redeliveries to the verifier excluded).
     pub count: u32,
     /// Latency of the first arrival, µs.
     pub latency_us: u64,
@@ -65,127 +66,252 @@ pub struct Arrivals {
     pub foreign: u64,
     /// Will messages (topics `<prefix>/<run>-will/...`) by device.
     pub wills: HashMap<u32, u32>,
-    /// Times the verifier had to reconnect to the broker (messages in the gaps are missed).
+    /// Times the verifier reconnected to the broker.
     pub reconnects: u32,
+    /// Of those, times the broker no longer had the verifier's session (a broker restarted
+    /// without persistence): what it received meanwhile never reached the verifier.
+    pub sessions_lost: u32,
+    /// Stretches of time (µs, the clock of [`Stamp::sent_us`]) in which the verifier may
+    /// have missed messages that did reach the broker: from shortly before a connection
+    /// loss to the renewed subscriptions when the broker lost the session, or to the end
+    /// when the verifier was still disconnected then.
+    pub blind: Vec<(u64, u64)>,
+}
+
+impl Arrivals {
+    /// Whether a message that was at the broker some time in `from_us..=until_us` could
+    /// have been missed by the verifier.
+    pub fn blind_during(&self, from_us: u64, until_us: u64) -> bool {
+        self.blind.iter().any(|&(a, b)| from_us <= b && a <= until_us)
+    }
+}
+
+/// Messages the broker had shortly before the verifier noticed the connection loss may
+/// still have been on their way to it (and are gone with a lost session).
+const IN_FLIGHT_SLACK_US: u64 = 1_000_000;
+
+/// The verifier's connection, as the event loop sees it (shared with [`Verifier::finish`]).
+#[derive(Debug, Default)]
+struct Link {
+    arrivals: Arrivals,
+    /// Disconnected since (µs).
+    down_since_us: Option<u64>,
+    /// The broker lost the session; blind since (µs) until the subscriptions are renewed.
+    blind_since_us: Option<u64>,
+    /// SUBACKs still expected for renewed subscriptions.
+    resubscribing: usize,
 }
 
 /// A running verifier.
 pub struct Verifier {
-    arrivals: Arc<Mutex<Arrivals>>,
+    link: Arc<Mutex<Link>>,
     client: AsyncClient,
     task: JoinHandle<()>,
+    client_id: String,
+    broker: BrokerUrl,
 }
 
 /// The verifier could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifierError {
-    /// The broker did not accept the subscriptions in time.
-    #[error("the broker at {0} did not accept the verifier's subscription within {1:?}: {2}")]
-    NoBroker(String, Duration, String),
+    /// The broker could not be reached or did not accept the subscriptions in time.
+    #[error("cannot verify at the broker {0}: {1}")]
+    NoBroker(String, String),
+}
+
+/// How long the verifier waits for the broker at the start.
+const START_LIMIT: Duration = Duration::from_secs(10);
+
+fn lock(link: &Mutex<Link>) -> std::sync::MutexGuard<'_, Link> {
+    link.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts one delivery. The subscriptions are QoS 1: a copy with DUP set is the broker's
+/// own redelivery to the verifier (after a reconnect it resends what the verifier may
+/// not have acknowledged), not a second message from the gateway, so it counts only if
+/// the first copy never arrived. Two messages from the gateway are two deliveries without
+/// DUP, whatever their QoS, which is how a duplicated QoS 2 message shows.
+fn record(a: &mut Arrivals, run: u32, p: &rumqttc::Publish) {
+    let now = now_us();
+    match Stamp::decode(&p.payload) {
+        Some(s) if s.run == run && p.topic.contains("-will/") => {
+            if !p.dup || !a.wills.contains_key(&s.device) {
+                *a.wills.entry(s.device).or_insert(0) += 1;
+            }
+        }
+        Some(s) if s.run == run => match a.messages.entry((s.device, s.seq)) {
+            Entry::Occupied(_) if p.dup => {}
+            Entry::Occupied(mut e) => e.get_mut().count += 1,
+            Entry::Vacant(e) => {
+                e.insert(Arrival {
+                    count: 1,
+                    latency_us: now.saturating_sub(s.sent_us),
+                });
+            }
+        },
+        _ => a.foreign += 1,
+    }
 }
 
 impl Verifier {
-    /// Connects to the broker, subscribes to `filters` at QoS 2 and waits for the SUBACK.
+    /// Connects to the broker with a persistent session, subscribes to `filters` and waits
+    /// for the SUBACKs. Fails at once when the broker cannot be reached.
+    ///
+    /// The session is persistent (clean session off, a client id stable for the run) so
+    /// that the broker keeps the subscriptions and queues the QoS 1/2 messages while the
+    /// verifier is disconnected (a broker restart, a network cut): after reconnecting it
+    /// receives them and nothing is counted lost that the broker delivered.
+    /// [`Verifier::finish`] ends the session.
     pub async fn start(broker: &BrokerUrl, run: u32, filters: &[String]) -> Result<Verifier, VerifierError> {
-        let mut o = MqttOptions::new(
-            format!("mqtt-sn-sim-verifier-{run:08x}"),
-            broker.host.clone(),
-            broker.port,
-        );
+        let client_id = format!("mqtt-sn-sim-verifier-{run:08x}");
+        let mut o = MqttOptions::new(client_id.clone(), broker.host.clone(), broker.port);
         o.set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
+            .set_clean_session(false)
             // Brokers cap QoS 1/2 messages in flight per client (mosquitto: 20 by default,
             // and it silently drops QoS 2 publishes beyond that from a 3.1.1 client).
             .set_inflight(16)
             .set_max_packet_size(256 * 1024, 256 * 1024);
         let (client, mut eventloop) = AsyncClient::new(o, 1024);
-        let arrivals = Arc::new(Mutex::new(Arrivals::default()));
-        let (ready_tx, mut ready_rx) = watch::channel(Err::<(), String>("not connected yet".into()));
+        let link = Arc::new(Mutex::new(Link::default()));
+        let (ready_tx, mut ready_rx) = watch::channel(None::<Result<(), String>>);
         let want = filters.len();
-        let sink = arrivals.clone();
+        let shared = link.clone();
         let resubscribe = client.clone();
         let owned_filters = filters.to_vec();
+        let address = format!("{}:{}", broker.host, broker.port);
         let task = tokio::spawn(async move {
             let mut subacks = 0;
+            let mut ready = false;
             let mut connections = 0u32;
+            let mut failures = 0u32;
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let now = now_us();
-                        let mut a = sink.lock().unwrap_or_else(|e| e.into_inner());
-                        match Stamp::decode(&p.payload) {
-                            Some(s) if s.run == run && p.topic.contains("-will/") => {
-                                *a.wills.entry(s.device).or_insert(0) += 1;
-                            }
-                            Some(s) if s.run == run => {
-                                let e = a.messages.entry((s.device, s.seq)).or_insert(Arrival {
-                                    count: 0,
-                                    latency_us: now.saturating_sub(s.sent_us),
-                                });
-                                e.count += 1;
-                            }
-                            _ => a.foreign += 1,
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    Ok(Event::Incoming(Packet::Publish(p))) => record(&mut lock(&shared).arrivals, run, &p),
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         connections += 1;
-                        if connections > 1 {
-                            // A clean session lost the subscriptions: renew them. Messages
-                            // published meanwhile are missed (and reported as lost).
-                            sink.lock().unwrap_or_else(|e| e.into_inner()).reconnects += 1;
-                            for f in &owned_filters {
-                                let _ = resubscribe.try_subscribe(f.clone(), QoS::ExactlyOnce);
-                            }
+                        let mut l = lock(&shared);
+                        let down_since = l.down_since_us.take();
+                        if connections == 1 {
+                            continue;
                         }
+                        l.arrivals.reconnects += 1;
+                        let down_ms = down_since.map_or(0, |t| now_us().saturating_sub(t) / 1000);
+                        if ack.session_present {
+                            tracing::info!(
+                                broker = %address, down_ms, attempts = failures,
+                                "verifier reconnected; the broker kept its session"
+                            );
+                        } else {
+                            // The broker forgot the session (restarted without persistence):
+                            // subscribe again, and whatever it received meanwhile is
+                            // unknowable to the verifier.
+                            l.arrivals.sessions_lost += 1;
+                            if l.blind_since_us.is_none() {
+                                let since = down_since.unwrap_or_else(now_us);
+                                l.blind_since_us = Some(since.saturating_sub(IN_FLIGHT_SLACK_US));
+                            }
+                            l.resubscribing = owned_filters.len();
+                            for f in &owned_filters {
+                                let _ = resubscribe.try_subscribe(f.clone(), QoS::AtLeastOnce);
+                            }
+                            tracing::warn!(
+                                broker = %address, down_ms, attempts = failures,
+                                "verifier reconnected but the broker lost its session (restarted without persistence?): \
+                                 messages it received meanwhile cannot be verified"
+                            );
+                        }
+                        failures = 0;
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        subacks += 1;
-                        if subacks >= want {
-                            let _ = ready_tx.send(Ok(()));
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        if let Some(code) = ack
+                            .return_codes
+                            .iter()
+                            .find(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        {
+                            if !ready {
+                                let _ =
+                                    ready_tx.send(Some(Err(format!("the broker refused a subscription ({code:?})"))));
+                                return;
+                            }
+                            tracing::warn!(broker = %address, "the broker refused a renewed subscription of the verifier");
+                        }
+                        if !ready {
+                            subacks += 1;
+                            if subacks >= want {
+                                ready = true;
+                                let _ = ready_tx.send(Some(Ok(())));
+                            }
+                            continue;
+                        }
+                        let mut l = lock(&shared);
+                        if l.resubscribing > 0 {
+                            l.resubscribing -= 1;
+                            if l.resubscribing == 0 {
+                                if let Some(since) = l.blind_since_us.take() {
+                                    l.arrivals.blind.push((since, now_us()));
+                                }
+                            }
                         }
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "verifier's broker connection");
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        // rumqttc reconnects on the next poll; with a clean session the
-                        // subscriptions are re-sent only by us, so count again.
-                        subacks = 0;
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if !ready {
+                            // Fail fast, with one clear error instead of a warning per
+                            // attempt: nothing can be verified without the broker.
+                            let _ = ready_tx.send(Some(Err(e.to_string())));
+                            return;
+                        }
+                        failures += 1;
+                        {
+                            let mut l = lock(&shared);
+                            if l.down_since_us.is_none() {
+                                l.down_since_us = Some(now_us());
+                                tracing::warn!(
+                                    broker = %address, error = %e,
+                                    "verifier lost its broker connection; reconnecting (a broker that keeps its session queues its messages meanwhile)"
+                                );
+                            } else {
+                                tracing::debug!(broker = %address, error = %e, attempts = failures, "verifier still disconnected");
+                            }
+                        }
+                        // rumqttc reconnects on the next poll.
+                        let backoff = 100 * u64::from(failures.min(10));
+                        tokio::time::sleep(Duration::from_millis(backoff)).await;
                     }
                 }
             }
         });
+        // QoS 1, not 2: rumqttc forgets the QoS 2 packet ids it received when a connection
+        // drops, so the PUBREL a broker resends on the resumed session would be an error
+        // (and the connection would drop again). QoS 1 with DUP-aware counting (`record`)
+        // verifies as much.
         for f in filters {
             // Queued until the connection is up.
-            let _ = client.subscribe(f.clone(), QoS::ExactlyOnce).await;
+            let _ = client.subscribe(f.clone(), QoS::AtLeastOnce).await;
         }
-        let limit = Duration::from_secs(10);
-        let ok = tokio::time::timeout(limit, async {
+        let outcome = tokio::time::timeout(START_LIMIT, async {
             loop {
-                if ready_rx.borrow_and_update().is_ok() {
-                    return Ok(());
+                if let Some(r) = ready_rx.borrow_and_update().clone() {
+                    return r;
                 }
                 if ready_rx.changed().await.is_err() {
-                    return Err("verifier stopped".to_string());
+                    return Err("the verifier stopped".to_string());
                 }
             }
         })
-        .await;
-        let error = match ok {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e),
-            Err(_) => Some(ready_rx.borrow().clone().err().unwrap_or_else(|| "timed out".into())),
-        };
-        if let Some(e) = error {
+        .await
+        .unwrap_or_else(|_| Err(format!("no subscription acknowledged within {START_LIMIT:?}")));
+        if let Err(e) = outcome {
             task.abort();
-            return Err(VerifierError::NoBroker(
-                format!("{}:{}", broker.host, broker.port),
-                limit,
-                e,
-            ));
+            return Err(VerifierError::NoBroker(format!("{}:{}", broker.host, broker.port), e));
         }
-        Ok(Verifier { arrivals, client, task })
+        Ok(Verifier {
+            link,
+            client,
+            task,
+            client_id,
+            broker: broker.clone(),
+        })
     }
 
     /// A handle to publish on the verifier's broker connection (downlink messages).
@@ -195,23 +321,114 @@ impl Verifier {
 
     /// Number of distinct messages seen so far.
     pub fn distinct(&self) -> usize {
-        self.arrivals.lock().unwrap_or_else(|e| e.into_inner()).messages.len()
+        lock(&self.link).arrivals.messages.len()
     }
 
-    /// Stops and returns what arrived.
+    /// Whether the verifier is connected to the broker right now.
+    pub fn connected(&self) -> bool {
+        lock(&self.link).down_since_us.is_none()
+    }
+
+    /// Stops, ends the persistent session on the broker and returns what arrived.
     pub async fn finish(self) -> Arrivals {
-        // Dropping the connection is enough for a clean-session subscriber (and a
-        // DISCONNECT would make the event loop report the closed connection as an error).
         self.task.abort();
+        let _ = self.task.await;
         drop(self.client);
-        let mut a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::take(&mut *a)
+        let arrivals = {
+            let mut l = lock(&self.link);
+            let now = now_us();
+            // Still disconnected, or the session lost and not yet renewed: whatever the
+            // broker holds for the verifier was not seen.
+            let down = l.down_since_us.take().map(|t| t.saturating_sub(IN_FLIGHT_SLACK_US));
+            if let Some(since) = l.blind_since_us.take().into_iter().chain(down).min() {
+                l.arrivals.blind.push((since, now));
+            }
+            std::mem::take(&mut l.arrivals)
+        };
+        end_session(&self.broker, &self.client_id).await;
+        arrivals
+    }
+}
+
+/// Connects with a clean session under the verifier's client id and disconnects, so that
+/// the broker drops the persistent session (and stops queueing messages for it).
+/// Best effort and bounded: the broker may be gone.
+async fn end_session(broker: &BrokerUrl, client_id: &str) {
+    let mut o = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    o.set_clean_session(true).set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(o, 4);
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut connected = false;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    // The clean CONNECT alone discarded the session.
+                    connected = true;
+                    let _ = client.try_disconnect();
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return true,
+                Ok(_) => {}
+                Err(_) => return connected,
+            }
+        }
+    })
+    .await;
+    if ended != Ok(true) {
+        tracing::warn!(
+            client_id,
+            "could not end the verifier's session on the broker; it keeps it until it expires"
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn delivery(run: u32, device: u32, seq: u32, dup: bool) -> rumqttc::Publish {
+        let mut payload = Vec::new();
+        Stamp {
+            run,
+            device,
+            seq,
+            qos: sn_codec::QoS::ExactlyOnce,
+            sent_us: 0,
+        }
+        .encode(0, &mut payload);
+        let mut p = rumqttc::Publish::new("sim/run/g/1", QoS::AtLeastOnce, payload);
+        p.dup = dup;
+        p
+    }
+
+    #[test]
+    fn the_brokers_redeliveries_are_not_duplicates() {
+        let mut a = Arrivals::default();
+        record(&mut a, 7, &delivery(7, 1, 0, false));
+        // The broker resends what the verifier may not have acknowledged (DUP set).
+        record(&mut a, 7, &delivery(7, 1, 0, true));
+        assert_eq!(a.messages.get(&(1, 0)).map(|x| x.count), Some(1));
+        // A redelivery whose first copy was lost with the connection is the arrival.
+        record(&mut a, 7, &delivery(7, 1, 1, true));
+        assert_eq!(a.messages.get(&(1, 1)).map(|x| x.count), Some(1));
+        // A second message from the gateway is a second delivery without DUP.
+        record(&mut a, 7, &delivery(7, 1, 0, false));
+        assert_eq!(a.messages.get(&(1, 0)).map(|x| x.count), Some(2));
+        record(&mut a, 7, &delivery(8, 1, 0, false));
+        assert_eq!(a.foreign, 1);
+    }
+
+    #[test]
+    fn blind_windows() {
+        let a = Arrivals {
+            blind: vec![(100, 200)],
+            ..Arrivals::default()
+        };
+        assert!(a.blind_during(50, 100));
+        assert!(a.blind_during(150, 160));
+        assert!(a.blind_during(190, 400));
+        assert!(!a.blind_during(10, 99));
+        assert!(!a.blind_during(201, 300));
+    }
 
     #[test]
     fn broker_urls() {
