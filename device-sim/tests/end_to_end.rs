@@ -3,6 +3,8 @@
 //!
 //! mosquitto missing: a failure under `CI=true`, otherwise a note and the test returns.
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +15,6 @@ use device_sim::scenario::{Dur, Group, QosMix, Scenario, SleepSpec};
 use device_sim::tools::{self, Common, PubArgs, SubArgs, TopicArg};
 use device_sim::verifier::BrokerUrl;
 use e2e::{init_logging, Mosquitto};
-use gateway::config::Config;
 use gateway::runtime::Running;
 use gateway::topics::Predefined;
 use sn_codec::QoS;
@@ -21,14 +22,7 @@ use sn_codec::QoS;
 const PREDEFINED_ID: u16 = 77;
 
 async fn start_gateway(broker: SocketAddr) -> Running {
-    // Through the configuration's defaults, so that new settings get their defaults.
-    let mut config = Config::default();
-    config.udp.listen = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))];
-    config.broker.url = Some(format!("mqtt://{broker}"));
-    config.gateway.stats_interval_secs = 0;
-    let mut settings = config.validate().expect("valid gateway settings");
-    settings.engine.retry_interval = Duration::from_millis(300);
-    settings.engine.max_retries = 5;
+    let mut settings = common::gateway_settings(broker, 5);
     settings.engine.predefined =
         Arc::new(Predefined::new([(PREDEFINED_ID, "sim/predefined".to_string())]).expect("valid predefined topic"));
     gateway::runtime::start(settings).await.expect("the gateway starts")

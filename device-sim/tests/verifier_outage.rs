@@ -5,6 +5,8 @@
 //!
 //! mosquitto missing: a failure under `CI=true`, otherwise a note and the test returns.
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,7 +19,6 @@ use device_sim::report::Report;
 use device_sim::scenario::{Dur, Group, QosMix, Scenario};
 use device_sim::verifier::BrokerUrl;
 use e2e::{free_port, init_logging};
-use gateway::config::{Cli, FileConfig, Settings};
 use gateway::runtime::Running;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -187,15 +188,7 @@ impl Drop for Proxy {
 }
 
 async fn start_gateway(broker: SocketAddr) -> Running {
-    let cli = Cli {
-        udp: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
-        broker: Some(format!("mqtt://{broker}")),
-        stats_interval: Some(0),
-        ..Cli::default()
-    };
-    let mut settings = Settings::combine(FileConfig::default(), &cli).expect("valid gateway settings");
-    settings.engine.retry_interval = Duration::from_millis(300);
-    settings.engine.max_retries = 8;
+    let settings = common::gateway_settings(broker, 8);
     gateway::runtime::start(settings).await.expect("the gateway starts")
 }
 
