@@ -308,12 +308,9 @@ async fn a_cut_verifier_connection_misses_nothing() {
     gw.shutdown().await;
 }
 
-/// mosquitto restarted with persistence keeps the verifier's session (subscriptions and
-/// queued messages): no guarantee is reported broken when the broker delivered everything.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_persistent_broker_restart_breaks_no_guarantee() {
-    init_logging();
-    let Some(mut broker) = Broker::start(true) else { return };
+/// A fleet run during which mosquitto (with or without persistence) restarts: the report.
+async fn run_across_a_broker_restart(persistent: bool) -> Option<Report> {
+    let mut broker = Broker::start(persistent)?;
     let addr = broker.addr();
     let gw = start_gateway(addr).await;
     let run = tokio::spawn(fleet::run(options(gw.udp_addrs[0], addr, Duration::from_secs(6))));
@@ -328,6 +325,19 @@ async fn a_persistent_broker_restart_breaks_no_guarantee() {
         .expect("the run's task")
         .expect("the fleet runs");
     println!("{}", report.table());
+    drop(broker.await);
+    gw.shutdown().await;
+    Some(report)
+}
+
+/// mosquitto restarted with persistence keeps the verifier's session (subscriptions and
+/// queued messages): no guarantee is reported broken when the broker delivered everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_broker_restart_breaks_no_guarantee() {
+    init_logging();
+    let Some(report) = run_across_a_broker_restart(true).await else {
+        return;
+    };
     let t = &report.total.counts;
     assert!(
         report.verifier_reconnects >= 1,
@@ -339,8 +349,6 @@ async fn a_persistent_broker_restart_breaks_no_guarantee() {
     );
     assert!(report.ok(), "{:#?}", report.violations);
     assert!(t.acknowledged > 50, "acknowledged: {}", t.acknowledged);
-    drop(broker.await);
-    gw.shutdown().await;
 }
 
 /// mosquitto restarted without persistence forgets the verifier's session: what it
@@ -349,24 +357,10 @@ async fn a_persistent_broker_restart_breaks_no_guarantee() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_forgets_the_session_is_not_blamed_on_the_gateway() {
     init_logging();
-    let Some(mut broker) = Broker::start(false) else { return };
-    let addr = broker.addr();
-    let gw = start_gateway(addr).await;
-    let run = tokio::spawn(fleet::run(options(gw.udp_addrs[0], addr, Duration::from_secs(6))));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let broker = tokio::task::spawn_blocking(move || {
-        broker.restart(Duration::from_millis(500));
-        broker
-    });
-    let report = tokio::time::timeout(Duration::from_secs(25), run)
-        .await
-        .expect("the run ends in time")
-        .expect("the run's task")
-        .expect("the fleet runs");
-    println!("{}", report.table());
+    let Some(report) = run_across_a_broker_restart(false).await else {
+        return;
+    };
     assert!(report.verifier_sessions_lost >= 1, "the broker lost the session");
     assert!(report.ok(), "{:#?}", report.violations);
     assert!(report.table().contains("lost the verifier's session"));
-    drop(broker.await);
-    gw.shutdown().await;
 }
