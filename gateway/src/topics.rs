@@ -57,23 +57,101 @@ impl Predefined {
     }
 }
 
-/// A topic name that can be published to: non-empty, no wildcards, no NUL.
-pub fn is_valid_topic_name(name: &str) -> bool {
-    !name.is_empty() && !name.contains(['+', '#', '\0'])
+/// Longest topic name or filter accepted from a device, in octets of UTF-8.
+///
+/// MQTT allows 65535 and an MQTT-SN datagram could carry almost as much, but no sensor
+/// topic layout comes near 1024 octets (AWS IoT stops at 256), and every name a device
+/// registers is kept in its topic table (up to `max_topics_per_client` of them), so the
+/// gateway bounds it. The same rule holds for every path: REGISTER, PUBLISH to a short
+/// name, SUBSCRIBE, UNSUBSCRIBE, will topics and predefined topics in the configuration.
+pub const MAX_TOPIC_LEN: usize = 1024;
+
+/// Why a topic name or filter is refused (the device is answered with return code 0x03,
+/// and nothing goes to the broker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum TopicError {
+    /// The empty string (MQTT 3.1.1 section 4.7.3: at least one character).
+    #[error("empty topic")]
+    Empty,
+    /// Longer than [`MAX_TOPIC_LEN`] octets.
+    #[error("topic longer than {MAX_TOPIC_LEN} octets")]
+    TooLong,
+    /// A character brokers refuse: U+0000 (MQTT 3.1.1 section 1.5.3, a malformed
+    /// packet), the control characters U+0001..=U+001F and U+007F..=U+009F, and the
+    /// Unicode non-characters (U+FDD0..=U+FDEF, U+xFFFE, U+xFFFF). The spec says
+    /// "SHOULD NOT"; mosquitto closes the connection on any of them.
+    #[error("topic contains the character {0:?}")]
+    ForbiddenChar(char),
+    /// A wildcard (`+` or `#`) in a topic name (section 4.7.1: names have none).
+    #[error("wildcard in a topic name")]
+    WildcardInName,
+    /// A wildcard that is not a whole level, or `#` not at the end (`a/#/b`, `a+`,
+    /// `#a`; section 4.7.1.2, 4.7.1.3).
+    #[error("malformed wildcard in a topic filter")]
+    MalformedWildcard,
+    /// Not UTF-8 (a short topic name's two octets; MQTT 3.1.1 section 1.5.3).
+    #[error("topic is not valid UTF-8")]
+    NotUtf8,
 }
 
-/// A topic filter that can be subscribed to (MQTT 3.1.1 section 4.7 rules).
-pub fn is_valid_topic_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.contains('\0') {
-        return false;
+/// Whether brokers refuse `c` in a topic (see [`TopicError::ForbiddenChar`]).
+fn is_forbidden_char(c: char) -> bool {
+    let u = u32::from(c);
+    c.is_control() // U+0000..=U+001F and U+007F..=U+009F, exactly
+        || (0xFDD0..=0xFDEF).contains(&u)
+        || (u & 0xFFFE) == 0xFFFE
+}
+
+/// The rules names and filters share: length and characters.
+fn check_common(topic: &str) -> Result<(), TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::Empty);
     }
-    let levels: Vec<&str> = filter.split('/').collect();
-    let last = levels.len() - 1;
-    levels.iter().enumerate().all(|(i, level)| match *level {
-        "#" => i == last,
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong);
+    }
+    match topic.chars().find(|&c| is_forbidden_char(c)) {
+        Some(c) => Err(TopicError::ForbiddenChar(c)),
+        None => Ok(()),
+    }
+}
+
+/// Checks a topic name a device publishes to (or names as its will topic). Empty levels
+/// (`a//b`, `/a`) are allowed, as in MQTT.
+pub fn check_topic_name(name: &str) -> Result<(), TopicError> {
+    check_common(name)?;
+    if name.contains(['+', '#']) {
+        return Err(TopicError::WildcardInName);
+    }
+    Ok(())
+}
+
+/// Checks a topic filter a device subscribes or unsubscribes to (MQTT 3.1.1 section
+/// 4.7): `+` only as a whole level, `#` only as the whole last level.
+pub fn check_topic_filter(filter: &str) -> Result<(), TopicError> {
+    check_common(filter)?;
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        let ok = match level {
+            "#" => levels.peek().is_none(),
+            "+" => true,
+            l => !l.contains(['+', '#']),
+        };
+        if !ok {
+            return Err(TopicError::MalformedWildcard);
+        }
+    }
+    Ok(())
+}
+
+/// A topic name that can be published to ([`check_topic_name`]).
+pub fn is_valid_topic_name(name: &str) -> bool {
+    check_topic_name(name).is_ok()
+}
+
+/// A topic filter that can be subscribed to ([`check_topic_filter`]).
+pub fn is_valid_topic_filter(filter: &str) -> bool {
+    check_topic_filter(filter).is_ok()
 }
 
 /// Whether a filter contains wildcards (then SUBACK carries topic id 0).
@@ -167,15 +245,28 @@ pub fn raw_id(topic: TopicRef) -> u16 {
     }
 }
 
-/// The topic name a client's PUBLISH refers to, or `None` for an unknown id.
-pub fn resolve(topic: TopicRef, predefined: &Predefined, table: &TopicTable) -> Option<Arc<str>> {
+/// Why a client's topic reference names no topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Unresolved {
+    /// A normal or predefined id nobody assigned (return code 0x02, invalid topic id).
+    #[error("unknown topic id")]
+    UnknownId,
+    /// A short name that is not a valid topic name (return code 0x03, not supported).
+    #[error("invalid short topic name: {0}")]
+    Invalid(TopicError),
+}
+
+/// The topic name a client's PUBLISH refers to. Normal and predefined names were
+/// checked when they were registered or configured; a short name is checked here.
+pub fn resolve(topic: TopicRef, predefined: &Predefined, table: &TopicTable) -> Result<Arc<str>, Unresolved> {
     match topic {
-        TopicRef::Normal(id) => table.name(id).cloned(),
-        TopicRef::Predefined(id) => predefined.name(id).cloned(),
-        TopicRef::Short(bytes) => std::str::from_utf8(&bytes)
-            .ok()
-            .filter(|s| is_valid_topic_name(s))
-            .map(Arc::from),
+        TopicRef::Normal(id) => table.name(id).cloned().ok_or(Unresolved::UnknownId),
+        TopicRef::Predefined(id) => predefined.name(id).cloned().ok_or(Unresolved::UnknownId),
+        TopicRef::Short(bytes) => {
+            let name = std::str::from_utf8(&bytes).map_err(|_| Unresolved::Invalid(TopicError::NotUtf8))?;
+            check_topic_name(name).map_err(Unresolved::Invalid)?;
+            Ok(Arc::from(name))
+        }
     }
 }
 
@@ -239,6 +330,120 @@ mod tests {
         assert_eq!(outbound_ref("x/y", &p, &t), Some(TopicRef::Normal(id)));
         let id = t.assign("ab", 10, &p).expect("room");
         assert_eq!(outbound_ref("ab", &p, &t), Some(TopicRef::Normal(id)));
+    }
+
+    /// Every control character, C0 and C1 (U+0000..=U+001F, U+007F..=U+009F).
+    fn control_chars() -> impl Iterator<Item = char> {
+        (0u32..=0x1F).chain(0x7F..=0x9F).filter_map(char::from_u32)
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_names_and_filters() {
+        let mut n = 0;
+        for c in control_chars() {
+            n += 1;
+            for topic in [format!("a/{c}/b"), format!("{c}"), format!("ab{c}")] {
+                assert_eq!(check_topic_name(&topic), Err(TopicError::ForbiddenChar(c)), "{topic:?}");
+                assert_eq!(
+                    check_topic_filter(&topic),
+                    Err(TopicError::ForbiddenChar(c)),
+                    "{topic:?}"
+                );
+            }
+        }
+        assert_eq!(n, 32 + 33);
+        assert!(!is_valid_topic_name("\u{1}\u{2}"));
+        assert!(!is_valid_topic_filter("a/\u{7f}/#"));
+        // Just outside the ranges.
+        assert!(is_valid_topic_name("a/\u{20}/\u{7e}/\u{a0}"));
+    }
+
+    #[test]
+    fn non_characters_are_refused() {
+        for c in [
+            '\u{fdd0}',
+            '\u{fdef}',
+            '\u{fffe}',
+            '\u{ffff}',
+            '\u{1fffe}',
+            '\u{10ffff}',
+        ] {
+            assert_eq!(check_topic_name(&format!("a/{c}")), Err(TopicError::ForbiddenChar(c)));
+        }
+        assert!(is_valid_topic_name("température/°C/\u{fdcf}/\u{fff0}"));
+    }
+
+    #[test]
+    fn wildcards_are_refused_in_names() {
+        for name in ["a/+", "+", "#", "a/#", "+/b", "a+b", "a/b#"] {
+            assert_eq!(check_topic_name(name), Err(TopicError::WildcardInName), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_filters_are_refused() {
+        for filter in ["a/#/b", "a+", "#a", "a/b#", "+a/b", "##", "a/++", "#/", "#/#", "a/+b/c"] {
+            assert_eq!(
+                check_topic_filter(filter),
+                Err(TopicError::MalformedWildcard),
+                "{filter:?}"
+            );
+        }
+        for filter in ["+", "#", "a/+/c", "+/+", "/#", "a//b", "/", "+/#", "a/b"] {
+            assert_eq!(check_topic_filter(filter), Ok(()), "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn empty_topics_are_refused_but_empty_levels_are_not() {
+        assert_eq!(check_topic_name(""), Err(TopicError::Empty));
+        assert_eq!(check_topic_filter(""), Err(TopicError::Empty));
+        // MQTT 3.1.1 section 4.7.3: zero-length levels are allowed.
+        for name in ["a//b", "/a", "a/", "/", "//"] {
+            assert_eq!(check_topic_name(name), Ok(()), "{name:?}");
+            assert_eq!(check_topic_filter(name), Ok(()), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn over_long_topics_are_refused() {
+        let longest = "a".repeat(MAX_TOPIC_LEN);
+        assert_eq!(check_topic_name(&longest), Ok(()));
+        assert_eq!(check_topic_filter(&longest), Ok(()));
+        let too_long = "a".repeat(MAX_TOPIC_LEN + 1);
+        assert_eq!(check_topic_name(&too_long), Err(TopicError::TooLong));
+        assert_eq!(check_topic_filter(&too_long), Err(TopicError::TooLong));
+        // Octets, not characters: 513 two-octet characters are 1026 octets.
+        assert_eq!(check_topic_name(&"é".repeat(513)), Err(TopicError::TooLong));
+        assert_eq!(check_topic_name(&"é".repeat(512)), Ok(()));
+    }
+
+    #[test]
+    fn resolve_checks_short_names() {
+        let p = predefined();
+        let t = TopicTable::default();
+        assert_eq!(
+            resolve(TopicRef::Short([1, 2]), &p, &t),
+            Err(Unresolved::Invalid(TopicError::ForbiddenChar('\u{1}')))
+        );
+        assert_eq!(
+            resolve(TopicRef::Short([0xFF, 0xFE]), &p, &t),
+            Err(Unresolved::Invalid(TopicError::NotUtf8))
+        );
+        assert_eq!(
+            resolve(TopicRef::Short(*b"a#"), &p, &t),
+            Err(Unresolved::Invalid(TopicError::WildcardInName))
+        );
+        assert_eq!(resolve(TopicRef::Short(*b"ab"), &p, &t).as_deref(), Ok("ab"));
+        assert_eq!(resolve(TopicRef::Normal(5), &p, &t), Err(Unresolved::UnknownId));
+        assert_eq!(resolve(TopicRef::Predefined(5), &p, &t), Err(Unresolved::UnknownId));
+        assert_eq!(resolve(TopicRef::Predefined(77), &p, &t).as_deref(), Ok("sensors/temp"));
+    }
+
+    #[test]
+    fn predefined_topics_follow_the_same_rules() {
+        assert!(Predefined::new([(1, "a/\u{1}/b".into())]).is_err());
+        assert!(Predefined::new([(1, "a".repeat(MAX_TOPIC_LEN + 1))]).is_err());
     }
 
     #[test]

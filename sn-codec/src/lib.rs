@@ -20,5 +20,5 @@ mod packet;
 #[cfg(feature = "client")]
 pub mod client;
 
-pub use error::Error;
+pub use error::{Error, Reason, Request};
 pub use packet::*;

@@ -3,7 +3,7 @@
 //! Section numbers in comments refer to "MQTT For Sensor Networks (MQTT-SN) Protocol
 //! Specification, Version 1.2" (November 2013).
 
-use crate::Error;
+use crate::{Error, Reason, Request};
 
 /// Message type octet values (spec 5.2.2, table 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -416,11 +416,6 @@ mod field {
         pub const LONG_SIZE: usize = LONG_MSG_TYPE + 1;
         /// Largest total length the one-octet form can carry.
         pub const SHORT_MAX: usize = 0xFF;
-        /// Smallest total length the three-octet form may carry: a body that would not
-        /// fit the one-octet form (255 - 2 + 1 octets) plus the four header octets. Totals
-        /// 256 and 257 are refused too, since those messages fit the one-octet form and
-        /// would not re-encode to the same bytes.
-        pub const LONG_MIN: usize = SHORT_MAX - SHORT_SIZE + 1 + LONG_SIZE;
         /// Largest total length the three-octet form can carry.
         pub const LONG_MAX: usize = 0xFFFF;
     }
@@ -626,7 +621,8 @@ mod flags {
     /// TopicIdType: short topic name.
     pub const TOPIC_SHORT: u8 = 0b10;
 
-    /// Bits CONNECT defines (5.4.4).
+    /// Bits CONNECT uses (5.4.4). The others (DUP, QoS, Retain, TopicIdType) are "not
+    /// used" there: ignored on decoding, zero on encoding.
     pub const CONNECT: u8 = WILL | CLEAN_SESSION;
     /// Bits WILLTOPIC and WILLTOPICUPD define (5.4.7, 5.4.22).
     pub const WILL_TOPIC: u8 = QOS | RETAIN;
@@ -691,6 +687,17 @@ fn get_rest(b: &[u8], f: Rest) -> Result<&[u8], Error> {
 #[inline(always)]
 fn get_str(b: &[u8], f: Rest) -> Result<&str, Error> {
     core::str::from_utf8(get_rest(b, f)?).map_err(|_| Error::InvalidUtf8)
+}
+
+/// A string field of a request that is answered when refused ([`Error::Unsupported`]).
+#[inline(always)]
+fn get_request_str(b: &[u8], f: Rest, request: Request) -> Result<&str, Error> {
+    core::str::from_utf8(get_rest(b, f)?).map_err(|_| unsupported(request, Reason::NotUtf8))
+}
+
+#[inline(always)]
+const fn unsupported(request: Request, reason: Reason) -> Error {
+    Error::Unsupported { request, reason }
 }
 
 /// A fixed-size body: shorter is `Truncated`, longer is `InvalidField`.
@@ -769,9 +776,11 @@ fn read_length(buf: &[u8]) -> Result<(usize, usize), Error> {
     use field::header::*;
     match buf.first() {
         None => Err(Error::Truncated),
+        // Spec 5.2.1 says the three-octet form is for messages of 256 octets or more,
+        // but some clients always use it; any total that covers its own header is taken.
         Some(&LONG_MARKER) => {
             let total = usize::from(get_u16(buf, LONG_LENGTH)?);
-            if total < LONG_MIN {
+            if total < LONG_SIZE {
                 Err(Error::BadLength)
             } else {
                 Ok((total, LONG_MSG_TYPE))
@@ -851,9 +860,9 @@ pub fn encode_encapsulated(radius: u8, node_id: &[u8], inner: &Packet<'_>, buf: 
 /// Used by stream framings to find where a message ends.
 ///
 /// The header read is Length and MsgType, so at least two octets (four in the
-/// three-octet form) are needed. Lengths are checked as strictly as [`Packet::decode`]
-/// does: a one-octet length below 2, or a three-octet length below 258 (such a message
-/// fits the one-octet form), is `BadLength`.
+/// three-octet form) are needed. Lengths are checked as [`Packet::decode`] does: a
+/// one-octet length below 2, or a three-octet length below 4, is `BadLength`; the
+/// three-octet form is accepted for any size (spec 5.2.1 permits it).
 ///
 /// For a forwarder-encapsulated message (MsgType 0xFE, spec 5.5) the Length field covers
 /// the encapsulation header only, so the total returned is that header plus the length
@@ -880,13 +889,19 @@ pub fn peek_length(buf: &[u8]) -> Result<(usize, usize), Error> {
 impl<'a> Packet<'a> {
     /// Decodes exactly one message occupying all of `buf`.
     ///
-    /// Strict: the length field must equal `buf.len()`, the three-octet length form is
-    /// accepted only for messages of 256 octets or more, and flag bits a message type does
-    /// not define must be zero, so that any buffer that decodes re-encodes to the same bytes.
+    /// Strict where strictness costs no interoperability: the length field must equal
+    /// `buf.len()`, and flag bits a message type does not define must be zero.
+    /// Lenient where the specification or common clients are: the three-octet length
+    /// form is accepted for messages of any size (spec 5.2.1 permits it; some clients
+    /// always use it), and the CONNECT flags marked "not used" (5.4.4) are ignored. So
+    /// decoding then encoding gives the canonical form of a buffer: the same bytes,
+    /// except that [`Packet::encode`] picks the one-octet length whenever it fits and
+    /// writes unused CONNECT flags as zero.
     ///
-    /// More precisely the three-octet form is accepted only for totals of 258 octets or
-    /// more: a 256- or 257-octet message in that form would fit the one-octet form, which
-    /// is what [`Packet::encode`] writes. Fixed-size messages (and fixed fields) that end
+    /// Client requests that are well framed but use a reserved value (topic id type
+    /// `0b11`, QoS `0b11` in SUBSCRIBE or a will) or carry a client id or topic name that
+    /// is not UTF-8 are [`Error::Unsupported`], which carries what an answer with
+    /// return code 0x03 needs. Fixed-size messages (and fixed fields) that end
     /// early are `Truncated`; octets beyond what a message type defines are
     /// `InvalidField`. A forwarder-encapsulated message (spec 5.5) is the exception to
     /// "length equals `buf.len()`": its Length covers the encapsulation header only, and
@@ -1191,12 +1206,13 @@ fn write_filter(b: &mut [u8], f: u8, msg_id: u16, topic: TopicFilter<'_>) -> Res
     }
 }
 
-/// SUBSCRIBE / UNSUBSCRIBE topic, after the flags were checked.
+/// SUBSCRIBE / UNSUBSCRIBE topic, after the flags were checked; `request` is what a
+/// refusal answers.
 #[inline(always)]
-fn read_filter(b: &[u8], f: u8) -> Result<TopicFilter<'_>, Error> {
+fn read_filter(b: &[u8], f: u8, request: Request) -> Result<TopicFilter<'_>, Error> {
     use field::subscribe::*;
     match f & flags::TOPIC_ID_TYPE {
-        flags::TOPIC_NORMAL => Ok(TopicFilter::Name(get_str(b, TOPIC_NAME)?)),
+        flags::TOPIC_NORMAL => Ok(TopicFilter::Name(get_request_str(b, TOPIC_NAME, request)?)),
         flags::TOPIC_PREDEFINED => {
             expect_len(b, TOPIC_ID.end)?;
             Ok(TopicFilter::Predefined(get_u16(b, TOPIC_ID)?))
@@ -1205,13 +1221,13 @@ fn read_filter(b: &[u8], f: u8) -> Result<TopicFilter<'_>, Error> {
             expect_len(b, TOPIC_ID.end)?;
             Ok(TopicFilter::Short(get_pair(b, TOPIC_ID)?))
         }
-        _ => Err(Error::ReservedTopicIdType),
+        _ => Err(unsupported(request, Reason::ReservedTopicIdType)),
     }
 }
 
-/// WILLTOPIC / WILLTOPICUPD body.
+/// WILLTOPIC / WILLTOPICUPD body; `request` says which, for a refusal.
 #[inline(always)]
-fn read_will_topic(b: &[u8]) -> Result<Option<WillTopic<'_>>, Error> {
+fn read_will_topic(b: &[u8], request: Request) -> Result<Option<WillTopic<'_>>, Error> {
     use field::will_topic::*;
     if b.is_empty() {
         return Ok(None);
@@ -1220,12 +1236,12 @@ fn read_will_topic(b: &[u8]) -> Result<Option<WillTopic<'_>>, Error> {
     expect_flags(f, flags::WILL_TOPIC)?;
     let qos = qos_of(f);
     if qos == QoS::MinusOne {
-        return Err(Error::InvalidQos);
+        return Err(unsupported(request, Reason::ReservedQos));
     }
     Ok(Some(WillTopic {
         qos,
         retain: flags::has(f, flags::RETAIN),
-        topic: get_str(b, WILL_TOPIC)?,
+        topic: get_request_str(b, WILL_TOPIC, request)?,
     }))
 }
 
@@ -1274,8 +1290,9 @@ fn decode_body(msg_type: MsgType, b: &[u8]) -> Result<Packet<'_>, Error> {
         }),
         MsgType::Connect => {
             expect_min_len(b, connect::CLIENT_ID.start)?;
-            let f = get_u8(b, connect::FLAGS)?;
-            expect_flags(f, flags::CONNECT)?;
+            // No `expect_flags`: the bits CONNECT does not use are "not used" (5.4.4),
+            // not reserved, and clients that set them are common enough to accept.
+            let f = get_u8(b, connect::FLAGS)? & flags::CONNECT;
             let protocol = get_u8(b, connect::PROTOCOL_ID)?;
             if protocol != connect::PROTOCOL_V1_2 {
                 return Err(Error::UnsupportedProtocol(protocol));
@@ -1284,7 +1301,7 @@ fn decode_body(msg_type: MsgType, b: &[u8]) -> Result<Packet<'_>, Error> {
                 will: flags::has(f, flags::WILL),
                 clean_session: flags::has(f, flags::CLEAN_SESSION),
                 duration: get_u16(b, connect::DURATION)?,
-                client_id: get_str(b, connect::CLIENT_ID)?,
+                client_id: get_request_str(b, connect::CLIENT_ID, Request::Connect)?,
             })
         }
         MsgType::ConnAck => Packet::ConnAck(read_return_code(b)?),
@@ -1292,7 +1309,7 @@ fn decode_body(msg_type: MsgType, b: &[u8]) -> Result<Packet<'_>, Error> {
             expect_len(b, 0)?;
             Packet::WillTopicReq
         }
-        MsgType::WillTopic => Packet::WillTopic(read_will_topic(b)?),
+        MsgType::WillTopic => Packet::WillTopic(read_will_topic(b, Request::WillTopic)?),
         MsgType::WillMsgReq => {
             expect_len(b, 0)?;
             Packet::WillMsgReq
@@ -1300,10 +1317,13 @@ fn decode_body(msg_type: MsgType, b: &[u8]) -> Result<Packet<'_>, Error> {
         MsgType::WillMsg => Packet::WillMsg(get_rest(b, will_msg::WILL_MSG)?),
         MsgType::Register => {
             expect_min_len(b, register::TOPIC_NAME.start)?;
+            let topic_id = get_u16(b, register::TOPIC_ID)?;
+            let msg_id = get_u16(b, register::MSG_ID)?;
+            let request = Request::Register { topic_id, msg_id };
             Packet::Register(Register {
-                topic_id: get_u16(b, register::TOPIC_ID)?,
-                msg_id: get_u16(b, register::MSG_ID)?,
-                topic_name: get_str(b, register::TOPIC_NAME)?,
+                topic_id,
+                msg_id,
+                topic_name: get_request_str(b, register::TOPIC_NAME, request)?,
             })
         }
         MsgType::RegAck => {
@@ -1315,18 +1335,24 @@ fn decode_body(msg_type: MsgType, b: &[u8]) -> Result<Packet<'_>, Error> {
             let f = get_u8(b, publish::FLAGS)?;
             expect_flags(f, flags::PUBLISH)?;
             let id = get_pair(b, publish::TOPIC_ID)?;
+            let qos = qos_of(f);
+            let msg_id = get_u16(b, publish::MSG_ID)?;
             let topic = match f & flags::TOPIC_ID_TYPE {
                 flags::TOPIC_NORMAL => TopicRef::Normal(u16::from_be_bytes(id)),
                 flags::TOPIC_PREDEFINED => TopicRef::Predefined(u16::from_be_bytes(id)),
                 flags::TOPIC_SHORT => TopicRef::Short(id),
-                _ => return Err(Error::ReservedTopicIdType),
+                _ => {
+                    let topic_id = u16::from_be_bytes(id);
+                    let request = Request::Publish { qos, topic_id, msg_id };
+                    return Err(unsupported(request, Reason::ReservedTopicIdType));
+                }
             };
             Packet::Publish(Publish {
                 dup: flags::has(f, flags::DUP),
-                qos: qos_of(f),
+                qos,
                 retain: flags::has(f, flags::RETAIN),
                 topic,
-                msg_id: get_u16(b, publish::MSG_ID)?,
+                msg_id,
                 data: get_rest(b, publish::DATA)?,
             })
         }
@@ -1341,15 +1367,17 @@ fn decode_body(msg_type: MsgType, b: &[u8]) -> Result<Packet<'_>, Error> {
             expect_min_len(b, subscribe::TOPIC_NAME.start)?;
             let f = get_u8(b, subscribe::FLAGS)?;
             expect_flags(f, flags::SUBSCRIBE)?;
+            let msg_id = get_u16(b, subscribe::MSG_ID)?;
+            let request = Request::Subscribe { msg_id };
             let qos = qos_of(f);
             if qos == QoS::MinusOne {
-                return Err(Error::InvalidQos);
+                return Err(unsupported(request, Reason::ReservedQos));
             }
             Packet::Subscribe(Subscribe {
                 dup: flags::has(f, flags::DUP),
                 qos,
-                msg_id: get_u16(b, subscribe::MSG_ID)?,
-                topic: read_filter(b, f)?,
+                msg_id,
+                topic: read_filter(b, f, request)?,
             })
         }
         MsgType::SubAck => {
@@ -1371,9 +1399,10 @@ fn decode_body(msg_type: MsgType, b: &[u8]) -> Result<Packet<'_>, Error> {
             expect_min_len(b, subscribe::TOPIC_NAME.start)?;
             let f = get_u8(b, subscribe::FLAGS)?;
             expect_flags(f, flags::UNSUBSCRIBE)?;
+            let msg_id = get_u16(b, subscribe::MSG_ID)?;
             Packet::Unsubscribe(Unsubscribe {
-                msg_id: get_u16(b, subscribe::MSG_ID)?,
-                topic: read_filter(b, f)?,
+                msg_id,
+                topic: read_filter(b, f, Request::Unsubscribe { msg_id })?,
             })
         }
         MsgType::UnsubAck => Packet::UnsubAck(read_msg_id(b)?),
@@ -1392,7 +1421,7 @@ fn decode_body(msg_type: MsgType, b: &[u8]) -> Result<Packet<'_>, Error> {
             expect_len(b, disconnect::LEN)?;
             Some(get_u16(b, disconnect::DURATION)?)
         }),
-        MsgType::WillTopicUpd => Packet::WillTopicUpd(read_will_topic(b)?),
+        MsgType::WillTopicUpd => Packet::WillTopicUpd(read_will_topic(b, Request::WillTopicUpd)?),
         MsgType::WillTopicResp => Packet::WillTopicResp(read_return_code(b)?),
         MsgType::WillMsgUpd => Packet::WillMsgUpd(get_rest(b, will_msg::WILL_MSG)?),
         MsgType::WillMsgResp => Packet::WillMsgResp(read_return_code(b)?),

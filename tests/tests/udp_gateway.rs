@@ -34,6 +34,7 @@ e2e::broker_suite! {
     takeover_from_another_address,
     clean_session_false_keeps_topic_ids,
     hostile_datagrams_are_dropped_and_counted,
+    hostile_topics_do_not_cut_qos_minus_one_delivery,
     max_clients_congestion,
 }
 
@@ -774,14 +775,17 @@ impl Rng {
 }
 
 /// Whether the gateway counts `data` as malformed (it does not decode, or is an
-/// encapsulation whose content does not).
+/// encapsulation whose content does not). Requests the codec calls unsupported are
+/// answered instead, so they are not malformed.
 fn malformed(data: &[u8]) -> bool {
-    match Packet::decode(data) {
-        Err(_) => true,
-        Ok(Packet::Encapsulated(e)) => {
-            !matches!(Packet::decode(e.inner), Ok(p) if !matches!(p, Packet::Encapsulated(_)))
-        }
+    let undecodable = |r: Result<Packet<'_>, sn_codec::Error>| match r {
+        Err(sn_codec::Error::Unsupported { .. }) => false,
+        Err(_) | Ok(Packet::Encapsulated(_)) => true,
         Ok(_) => false,
+    };
+    match Packet::decode(data) {
+        Ok(Packet::Encapsulated(e)) => undecodable(Packet::decode(e.inner)),
+        r => undecodable(r),
     }
 }
 
@@ -965,6 +969,116 @@ async fn hostile_datagrams_are_dropped_and_counted(kind: BrokerKind) {
     let p = broker_to_device(&mut publisher, &mut good, "ho/down", 1, b"down").await;
     assert_eq!(p.topic, TopicRef::Normal(down.topic_id));
     obs.expect_msg_eq("ho/down", b"down").await;
+}
+
+/// Issue 9, item 1: a topic the broker would refuse must never go out on a connection
+/// other devices use. QoS -1 publishes of every sender share one broker connection, and
+/// mosquitto closes a connection that carries a control character in a topic: one
+/// hostile datagram per legitimate one used to cut legitimate QoS -1 delivery to a
+/// fifth. Every legitimate message must arrive; the hostile ones are refused with 0x03
+/// where they can be answered, and counted.
+async fn hostile_topics_do_not_cut_qos_minus_one_delivery(kind: BrokerKind) {
+    const N: usize = 50;
+    let Some(h) = Harness::start(kind).await else { return };
+    let mut obs = h.observe("#").await;
+    let legit = h.device_at(Ipv4Addr::new(127, 0, 0, 21), "ht-legit").await;
+    let hostile = h.device_at(Ipv4Addr::new(127, 0, 0, 22), "ht-hostile").await;
+    // A connected hostile device too, whose REGISTER and PUBLISH of `a/\x01/b` would have
+    // gone out on its own broker connection.
+    let mut connected = h.device_at(Ipv4Addr::new(127, 0, 0, 23), "ht-connected").await;
+    connected.connect(60, true).await;
+    let before = h.wait_stats("the connected device", |s| s.active == 1).await.metrics;
+
+    let mut refused = 0u64;
+    for i in 0..N {
+        let payload = format!("legit {i}");
+        let topic = if i % 2 == 0 {
+            TopicRef::Predefined(PREDEFINED_ID)
+        } else {
+            TopicRef::Short(*b"ht")
+        };
+        legit
+            .send_publish(false, topic, QoS::MinusOne, false, 0, payload.as_bytes())
+            .await;
+        hostile
+            .send_publish(false, TopicRef::Short([0x01, 0x02]), QoS::MinusOne, false, 0, b"evil")
+            .await;
+        refused += 1;
+        if i % 10 == 0 {
+            let msg_id = connected.msg_id();
+            connected
+                .send(&Packet::Register(e2e::Register {
+                    topic_id: 0,
+                    msg_id,
+                    topic_name: "a/\x01/b",
+                }))
+                .await;
+            connected
+                .expect(Rx::RegAck(RegAck {
+                    topic_id: 0,
+                    msg_id,
+                    code: ReturnCode::NotSupported,
+                }))
+                .await;
+            refused += 1;
+            // What it would publish on: no id was assigned, and a short name with control
+            // characters is refused too.
+            let msg_id = connected
+                .publish(TopicRef::Normal(1), QoS::AtLeastOnce, false, b"evil")
+                .await;
+            connected
+                .expect(Rx::PubAck(PubAck {
+                    topic_id: 1,
+                    msg_id,
+                    code: ReturnCode::InvalidTopicId,
+                }))
+                .await;
+            let msg_id = connected
+                .publish(TopicRef::Short([0x01, 0x02]), QoS::AtLeastOnce, false, b"evil")
+                .await;
+            connected
+                .expect(Rx::PubAck(PubAck {
+                    topic_id: 0x0102,
+                    msg_id,
+                    code: ReturnCode::NotSupported,
+                }))
+                .await;
+            refused += 1;
+        }
+    }
+
+    let mut got: Vec<String> = Vec::with_capacity(N);
+    while got.len() < N {
+        let Some(m) = obs.recv_within(e2e::WAIT).await else {
+            panic!("{} of {N} legitimate QoS -1 messages arrived: {got:?}", got.len())
+        };
+        assert!(
+            m.topic == PREDEFINED_TOPIC || m.topic == "ht",
+            "only legitimate topics reach the broker, got {m:?}"
+        );
+        got.push(String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    got.sort();
+    let mut want: Vec<String> = (0..N).map(|i| format!("legit {i}")).collect();
+    want.sort();
+    assert_eq!(got, want);
+    obs.expect_none().await;
+
+    let s = h
+        .wait_stats("the hostile traffic counted", |s| {
+            s.metrics.topic_refused >= before.topic_refused + refused
+        })
+        .await;
+    assert_eq!(s.metrics.topic_refused, before.topic_refused + refused);
+    assert_eq!(s.metrics.qos_minus_one, before.qos_minus_one + N as u64);
+    assert_eq!(s.metrics.qos_minus_one_dropped, before.qos_minus_one_dropped + N as u64);
+    // The connected hostile device's own session is unharmed too.
+    assert_eq!((s.sessions, s.active), (1, 1));
+    connected.ping().await;
+    connected
+        .publish_qos1(TopicRef::Predefined(PREDEFINED_ID), b"after")
+        .await;
+    obs.expect_msg_eq(PREDEFINED_TOPIC, b"after").await;
 }
 
 async fn max_clients_congestion(kind: BrokerKind) {

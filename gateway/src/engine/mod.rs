@@ -201,6 +201,12 @@ pub struct Metrics {
     pub searchgw: u64,
     /// Links (serial ports) that went away; their sessions are counted in `lost`.
     pub links_down: u64,
+    /// Topic names and filters refused before reaching the broker (control characters,
+    /// wildcards in a name, malformed filters, empty, too long, not UTF-8; see
+    /// [`topics::check_topic_name`]): in REGISTER, PUBLISH to a short name (QoS -1
+    /// included), SUBSCRIBE, UNSUBSCRIBE and will topics. Answered with return code 0x03
+    /// where the message has one.
+    pub topic_refused: u64,
 }
 
 /// A snapshot of gauges and counters.
@@ -368,37 +374,66 @@ impl Gateway {
     /// Feeds one datagram received from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: LinkAddr, data: &[u8]) {
         self.metrics.datagrams_in += 1;
-        let packet = match Packet::decode(data) {
-            Ok(p) => p,
+        let (peer, decoded) = match Packet::decode(data) {
+            Ok(Packet::Encapsulated(enc)) => {
+                let peer = Peer {
+                    link: from,
+                    node: Some(enc.node_id.into()),
+                };
+                match Packet::decode(enc.inner) {
+                    Ok(Packet::Encapsulated(_)) => {
+                        self.metrics.malformed += 1;
+                        debug!(peer = %peer, "nested encapsulation dropped");
+                        return;
+                    }
+                    inner => (peer, inner),
+                }
+            }
+            outer => (Peer::direct(from), outer),
+        };
+        match decoded {
+            Ok(packet) => self.handle_packet(now, peer, packet),
+            // Well framed, but asking for something not supported: answer 0x03, so the
+            // device stops retrying (the Paho gateway answers these too).
+            Err(sn_codec::Error::Unsupported { request, reason }) => {
+                debug!(peer = %peer, request = request.name(), %reason, "unsupported request refused");
+                if reason == sn_codec::Reason::NotUtf8 && request != sn_codec::Request::Connect {
+                    self.metrics.topic_refused += 1;
+                }
+                self.refuse_request(now, peer, request);
+            }
             Err(e) => {
                 self.metrics.malformed += 1;
-                debug!(peer = %from, error = %e, len = data.len(), "malformed datagram dropped");
+                debug!(peer = %peer, error = %e, len = data.len(), "malformed datagram dropped");
                 if let sn_codec::Error::UnsupportedProtocol(_) = e {
                     // A CONNECT for another protocol version: say so rather than stay silent.
                     let refusal = Packet::ConnAck(sn_codec::ReturnCode::NotSupported);
-                    self.out.send(&Peer::direct(from), &refusal);
+                    self.out.send(&peer, &refusal);
                 }
-                return;
             }
-        };
-        let (peer, packet) = match packet {
-            Packet::Encapsulated(enc) => match Packet::decode(enc.inner) {
-                Ok(Packet::Encapsulated(_)) | Err(_) => {
-                    self.metrics.malformed += 1;
-                    debug!(peer = %from, "malformed encapsulated message dropped");
-                    return;
+        }
+    }
+
+    /// Answers a request the decoder refused ([`sn_codec::Error::Unsupported`]) with
+    /// return code 0x03: CONNECT here, session requests by their session (an address
+    /// with none is told to connect), a QoS -1 PUBLISH by nobody.
+    fn refuse_request(&mut self, now: Instant, peer: Peer, request: sn_codec::Request) {
+        use sn_codec::Request as R;
+        match request {
+            R::Connect => {
+                self.metrics.connects_refused += 1;
+                self.out
+                    .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
+            }
+            R::Publish { qos: QoS::MinusOne, .. } => self.metrics.qos_minus_one_dropped += 1,
+            _ => match self.by_peer.get(&peer).copied() {
+                Some(key) => self.with_session(now, key, |s, ctx| s.refuse(ctx, request)),
+                None => {
+                    self.metrics.unknown_peer += 1;
+                    self.out.send(&peer, &Packet::Disconnect(None));
                 }
-                Ok(inner) => (
-                    Peer {
-                        link: from,
-                        node: Some(enc.node_id.into()),
-                    },
-                    inner,
-                ),
             },
-            p => (Peer::direct(from), p),
-        };
-        self.handle_packet(now, peer, packet);
+        }
     }
 
     fn handle_packet(&mut self, now: Instant, peer: Peer, packet: Packet<'_>) {
@@ -550,13 +585,24 @@ impl Gateway {
 
     fn handle_qos_minus_one(&mut self, peer: Peer, p: sn_codec::Publish<'_>) {
         let topic = match p.topic {
-            sn_codec::TopicRef::Normal(_) => None,
+            sn_codec::TopicRef::Normal(_) => Err(topics::Unresolved::UnknownId),
             t => topics::resolve(t, &self.cfg.predefined, &TopicTable::default()),
         };
-        let Some(topic) = topic.filter(|_| self.cfg.qos_minus_one) else {
-            self.metrics.qos_minus_one_dropped += 1;
-            debug!(peer = %peer, topic = ?p.topic, "QoS -1 publish dropped");
-            return;
+        // The QoS -1 connection is shared by every QoS -1 sender: nothing the broker
+        // would refuse may go on it (mosquitto closes it on a control character).
+        let topic = match topic {
+            Ok(topic) if self.cfg.qos_minus_one => topic,
+            Err(topics::Unresolved::Invalid(why)) => {
+                self.metrics.topic_refused += 1;
+                self.metrics.qos_minus_one_dropped += 1;
+                debug!(peer = %peer, topic = ?p.topic, %why, "QoS -1 publish to an invalid topic dropped");
+                return;
+            }
+            _ => {
+                self.metrics.qos_minus_one_dropped += 1;
+                debug!(peer = %peer, topic = ?p.topic, "QoS -1 publish dropped");
+                return;
+            }
         };
         if !self.qos_minus_one_connected {
             self.qos_minus_one_connected = true;

@@ -339,8 +339,9 @@ impl Session {
         }
         match (self.state, packet) {
             (S::WillTopic | S::WillMsg, Packet::WillTopic(Some(w))) => {
-                if w.qos == QoS::MinusOne || !topics::is_valid_topic_name(w.topic) {
-                    debug!(client = %self.client_id, "invalid will topic refused");
+                if let Err(why) = topics::check_topic_name(w.topic) {
+                    ctx.metrics.topic_refused += 1;
+                    debug!(client = %self.client_id, peer = %self.peer, topic = w.topic, %why, "invalid will topic refused");
                     ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::NotSupported));
                     ctx.metrics.connects_refused += 1;
                     return self.end_connecting(ctx);
@@ -403,11 +404,17 @@ impl Session {
                         self.will_message = Bytes::new();
                         ReturnCode::Accepted
                     }
-                    Some(w) if w.qos != QoS::MinusOne && topics::is_valid_topic_name(w.topic) => {
-                        self.will_topic = Some((w.topic.to_string(), mqtt_qos(w.qos), w.retain));
-                        ReturnCode::Accepted
-                    }
-                    Some(_) => ReturnCode::NotSupported,
+                    Some(w) => match topics::check_topic_name(w.topic) {
+                        Ok(()) => {
+                            self.will_topic = Some((w.topic.to_string(), mqtt_qos(w.qos), w.retain));
+                            ReturnCode::Accepted
+                        }
+                        Err(why) => {
+                            ctx.metrics.topic_refused += 1;
+                            debug!(client = %self.client_id, peer = %self.peer, topic = w.topic, %why, "invalid will topic refused");
+                            ReturnCode::NotSupported
+                        }
+                    },
                 };
                 debug!(client = %self.client_id, ?code, "will topic update");
                 ctx.out.send(&self.peer, &Packet::WillTopicResp(code));
@@ -423,6 +430,52 @@ impl Session {
             }
         }
         self.pump(ctx);
+        Flow::Continue
+    }
+
+    /// A request the decoder refused as unsupported (reserved value, not UTF-8): the
+    /// answer it would get for an invalid topic, return code 0x03, in the states where
+    /// the request itself is handled.
+    pub(crate) fn refuse(&mut self, ctx: &mut Ctx<'_>, request: sn_codec::Request) -> Flow {
+        use sn_codec::Request as R;
+        use SessionState as S;
+        if self.state != S::Asleep {
+            self.last_heard = ctx.now;
+        }
+        let rc = ReturnCode::NotSupported;
+        let answer = match (self.state, request) {
+            (S::WillTopic | S::WillMsg, R::WillTopic) => {
+                ctx.out.send(&self.peer, &Packet::ConnAck(rc));
+                ctx.metrics.connects_refused += 1;
+                return self.end_connecting(ctx);
+            }
+            (S::Active | S::Awake, R::WillTopicUpd) => Packet::WillTopicResp(rc),
+            (S::Active | S::Awake, R::Register { msg_id, .. }) => Packet::RegAck(RegAck {
+                topic_id: 0,
+                msg_id,
+                code: rc,
+            }),
+            (S::Active | S::Awake, R::Publish { topic_id, msg_id, .. }) => Packet::PubAck(PubAck {
+                topic_id,
+                msg_id,
+                code: rc,
+            }),
+            (S::Active | S::Awake, R::Subscribe { msg_id }) => Packet::SubAck(SubAck {
+                qos: QoS::AtMostOnce,
+                topic_id: 0,
+                msg_id,
+                code: rc,
+            }),
+            // UNSUBACK has no return code: nothing was subscribed by that topic.
+            (S::Active | S::Awake, R::Unsubscribe { msg_id }) => Packet::UnsubAck(msg_id),
+            (state, request) => {
+                ctx.metrics.unexpected += 1;
+                debug!(client = %self.client_id, ?state, request = request.name(), "unexpected message dropped");
+                return Flow::Continue;
+            }
+        };
+        debug!(client = %self.client_id, peer = %self.peer, request = request.name(), "request refused: not supported");
+        ctx.out.send(&self.peer, &answer);
         Flow::Continue
     }
 
@@ -451,7 +504,9 @@ impl Session {
     }
 
     fn on_register(&mut self, ctx: &mut Ctx<'_>, r: Register<'_>) {
-        let (topic_id, code) = if !topics::is_valid_topic_name(r.topic_name) {
+        let (topic_id, code) = if let Err(why) = topics::check_topic_name(r.topic_name) {
+            ctx.metrics.topic_refused += 1;
+            debug!(client = %self.client_id, peer = %self.peer, topic = ?r.topic_name, %why, "REGISTER of an invalid topic refused");
             (0, ReturnCode::NotSupported)
         } else {
             match self
@@ -473,16 +528,29 @@ impl Session {
 
     fn on_publish(&mut self, ctx: &mut Ctx<'_>, p: sn_codec::Publish<'_>) {
         let topic_id = topics::raw_id(p.topic);
-        let Some(topic) = topics::resolve(p.topic, &ctx.cfg.predefined, &self.topics) else {
-            ctx.metrics.invalid_topic += 1;
-            debug!(client = %self.client_id, topic = ?p.topic, "PUBLISH to unknown topic id");
-            let ack = Packet::PubAck(PubAck {
-                topic_id,
-                msg_id: p.msg_id,
-                code: ReturnCode::InvalidTopicId,
-            });
-            ctx.out.send(&self.peer, &ack);
-            return;
+        let topic = match topics::resolve(p.topic, &ctx.cfg.predefined, &self.topics) {
+            Ok(topic) => topic,
+            Err(unresolved) => {
+                let code = match unresolved {
+                    topics::Unresolved::UnknownId => {
+                        ctx.metrics.invalid_topic += 1;
+                        debug!(client = %self.client_id, topic = ?p.topic, "PUBLISH to unknown topic id");
+                        ReturnCode::InvalidTopicId
+                    }
+                    topics::Unresolved::Invalid(why) => {
+                        ctx.metrics.topic_refused += 1;
+                        debug!(client = %self.client_id, peer = %self.peer, topic = ?p.topic, %why, "PUBLISH to an invalid topic refused");
+                        ReturnCode::NotSupported
+                    }
+                };
+                let ack = Packet::PubAck(PubAck {
+                    topic_id,
+                    msg_id: p.msg_id,
+                    code,
+                });
+                ctx.out.send(&self.peer, &ack);
+                return;
+            }
         };
         let qos = mqtt_qos(p.qos);
         let token = match qos {
@@ -563,7 +631,9 @@ impl Session {
         };
         let (filter, topic_id) = match s.topic {
             TopicFilter::Name(name) => {
-                if !topics::is_valid_topic_filter(name) {
+                if let Err(why) = topics::check_topic_filter(name) {
+                    ctx.metrics.topic_refused += 1;
+                    debug!(client = %self.client_id, peer = %self.peer, filter = ?name, %why, "SUBSCRIBE to an invalid filter refused");
                     return reject(ctx, &self.peer, ReturnCode::NotSupported);
                 }
                 if topics::has_wildcards(name) {
@@ -584,8 +654,12 @@ impl Session {
             },
             TopicFilter::Short(bytes) => {
                 match topics::resolve(TopicRef::Short(bytes), &ctx.cfg.predefined, &self.topics) {
-                    Some(name) => (name.to_string(), u16::from_be_bytes(bytes)),
-                    None => return reject(ctx, &self.peer, ReturnCode::InvalidTopicId),
+                    Ok(name) => (name.to_string(), u16::from_be_bytes(bytes)),
+                    Err(why) => {
+                        ctx.metrics.topic_refused += 1;
+                        debug!(client = %self.client_id, peer = %self.peer, topic = ?bytes, %why, "SUBSCRIBE to an invalid short topic refused");
+                        return reject(ctx, &self.peer, ReturnCode::NotSupported);
+                    }
                 }
             }
         };
@@ -617,7 +691,16 @@ impl Session {
             TopicFilter::Predefined(id) => ctx.cfg.predefined.name(id).map(|n| n.to_string()),
             TopicFilter::Short(bytes) => std::str::from_utf8(&bytes).ok().map(str::to_string),
         };
-        match filter.filter(|f| topics::is_valid_topic_filter(f)) {
+        let filter = match filter.map(|f| topics::check_topic_filter(&f).map(|()| f)) {
+            Some(Err(why)) => {
+                ctx.metrics.topic_refused += 1;
+                debug!(client = %self.client_id, peer = %self.peer, topic = ?u.topic, %why, "UNSUBSCRIBE from an invalid filter refused");
+                None
+            }
+            Some(Ok(f)) => Some(f),
+            None => None,
+        };
+        match filter {
             Some(filter) => {
                 let token = self.next_token();
                 self.unsubs.insert(token, u.msg_id);

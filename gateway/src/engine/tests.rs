@@ -1052,3 +1052,337 @@ mod hostile {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Hardening: invalid topics never reach the broker; unsupported requests are answered.
+// ---------------------------------------------------------------------------------------
+
+fn refused(t: &T) -> u64 {
+    t.gw.stats().metrics.topic_refused
+}
+
+#[test]
+fn register_of_a_topic_with_control_characters_gets_regack_not_supported() {
+    let mut t = T::new();
+    let d = dev(1);
+    t.connect(&d, "c", true, 0);
+    let too_long = "a".repeat(topics::MAX_TOPIC_LEN + 1);
+    for (i, name) in ["a/\x01/b", "a/\u{9f}", "a/+", "#", "", too_long.as_str()]
+        .into_iter()
+        .enumerate()
+    {
+        let msg_id = 10 + i as u16;
+        t.send(
+            &d,
+            Packet::Register(Register {
+                topic_id: 0,
+                msg_id,
+                topic_name: name,
+            }),
+        );
+        t.expect(
+            &d,
+            &[Packet::RegAck(RegAck {
+                topic_id: 0,
+                msg_id,
+                code: ReturnCode::NotSupported,
+            })],
+        );
+    }
+    assert_eq!(refused(&t), 6);
+    // Nothing was assigned: a PUBLISH to the id a REGISTER would have got is refused.
+    t.send(&d, publish(QoS::AtLeastOnce, TopicRef::Normal(1), 3, b"x", false));
+    t.expect(
+        &d,
+        &[Packet::PubAck(PubAck {
+            topic_id: 1,
+            msg_id: 3,
+            code: ReturnCode::InvalidTopicId,
+        })],
+    );
+    assert!(t.cmds().is_empty(), "nothing goes to the broker");
+}
+
+#[test]
+fn qos_minus_one_to_an_invalid_short_topic_is_dropped_and_counted() {
+    let mut t = T::new();
+    let hostile = dev(9);
+    t.send(
+        &hostile,
+        publish(QoS::MinusOne, TopicRef::Short([0x01, 0x02]), 0, b"x", false),
+    );
+    t.send(
+        &hostile,
+        publish(QoS::MinusOne, TopicRef::Short(*b"a+"), 0, b"x", false),
+    );
+    t.send(
+        &hostile,
+        publish(QoS::MinusOne, TopicRef::Short([0xFF, 0xFE]), 0, b"x", false),
+    );
+    assert!(t.cmds().is_empty(), "no broker command, not even the QoS -1 connect");
+    t.expect_nothing();
+    let m = t.gw.stats().metrics;
+    assert_eq!((m.topic_refused, m.qos_minus_one_dropped, m.qos_minus_one), (3, 3, 0));
+    // A legitimate one still goes.
+    t.send(&dev(8), publish(QoS::MinusOne, TopicRef::Short(*b"ok"), 0, b"y", false));
+    let cmds = t.cmds();
+    assert!(matches!(
+        cmds.as_slice(),
+        [(QOS_MINUS_ONE_KEY, Command::Connect(_)), (QOS_MINUS_ONE_KEY, Command::Publish { topic, .. })] if &**topic == "ok"
+    ));
+}
+
+#[test]
+fn publish_to_an_invalid_short_topic_gets_puback_not_supported() {
+    let mut t = T::new();
+    let d = dev(1);
+    t.connect(&d, "c", true, 0);
+    t.send(
+        &d,
+        publish(QoS::AtLeastOnce, TopicRef::Short([0x01, 0x02]), 4, b"x", false),
+    );
+    t.expect(
+        &d,
+        &[Packet::PubAck(PubAck {
+            topic_id: 0x0102,
+            msg_id: 4,
+            code: ReturnCode::NotSupported,
+        })],
+    );
+    assert!(t.cmds().is_empty());
+    assert_eq!(refused(&t), 1);
+}
+
+#[test]
+fn publish_with_the_reserved_topic_id_type_gets_puback_not_supported() {
+    let mut t = T::new();
+    let d = dev(1);
+    t.connect(&d, "c", true, 0);
+    // PUBLISH, flags QoS 1 + topic id type 0b11, TopicId 0x0001, MsgId 0x0007, "x".
+    t.feed(&d, &[0x08, 0x0C, 0x23, 0x00, 0x01, 0x00, 0x07, b'x']);
+    t.expect(
+        &d,
+        &[Packet::PubAck(PubAck {
+            topic_id: 1,
+            msg_id: 7,
+            code: ReturnCode::NotSupported,
+        })],
+    );
+    // QoS 2 likewise; QoS -1 has nobody to answer.
+    t.feed(&d, &[0x08, 0x0C, 0x43, 0x00, 0x02, 0x00, 0x08, b'x']);
+    t.expect(
+        &d,
+        &[Packet::PubAck(PubAck {
+            topic_id: 2,
+            msg_id: 8,
+            code: ReturnCode::NotSupported,
+        })],
+    );
+    t.feed(&dev(9), &[0x08, 0x0C, 0x63, 0x00, 0x02, 0x00, 0x00, b'x']);
+    t.expect_nothing();
+    assert!(t.cmds().is_empty());
+    let m = t.gw.stats().metrics;
+    assert_eq!((m.malformed, m.qos_minus_one_dropped), (0, 1));
+    // From an address with no session: told to connect.
+    t.feed(&dev(5), &[0x08, 0x0C, 0x23, 0x00, 0x01, 0x00, 0x07, b'x']);
+    t.expect(&dev(5), &[Packet::Disconnect(None)]);
+}
+
+fn suback_not_supported(msg_id: u16) -> Packet<'static> {
+    Packet::SubAck(SubAck {
+        qos: QoS::AtMostOnce,
+        topic_id: 0,
+        msg_id,
+        code: ReturnCode::NotSupported,
+    })
+}
+
+#[test]
+fn subscribe_with_qos_bits_11_gets_suback_not_supported() {
+    let mut t = T::new();
+    let d = dev(1);
+    t.connect(&d, "c", true, 0);
+    // SUBSCRIBE, flags QoS 0b11 + topic name, MsgId 0x0005, "a/b".
+    t.feed(&d, &[0x08, 0x12, 0x60, 0x00, 0x05, b'a', b'/', b'b']);
+    t.expect(&d, &[suback_not_supported(5)]);
+    // Topic id type 0b11, MsgId 6.
+    t.feed(&d, &[0x07, 0x12, 0x23, 0x00, 0x06, 0x00, 0x01]);
+    t.expect(&d, &[suback_not_supported(6)]);
+    // UNSUBSCRIBE with topic id type 0b11: UNSUBACK (it has no return code).
+    t.feed(&d, &[0x07, 0x14, 0x03, 0x00, 0x07, 0x00, 0x01]);
+    t.expect(&d, &[Packet::UnsubAck(7)]);
+    assert!(t.cmds().is_empty());
+    assert_eq!(t.gw.stats().metrics.malformed, 0);
+}
+
+#[test]
+fn subscribe_to_a_malformed_filter_gets_suback_not_supported() {
+    let mut t = T::new();
+    let d = dev(1);
+    t.connect(&d, "c", true, 0);
+    let filters = ["a/#/b", "a+", "#a", "a/\x01/#", ""];
+    for (i, filter) in filters.into_iter().enumerate() {
+        let msg_id = 20 + i as u16;
+        t.send(
+            &d,
+            Packet::Subscribe(Subscribe {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                msg_id,
+                topic: TopicFilter::Name(filter),
+            }),
+        );
+        t.expect(&d, &[suback_not_supported(msg_id)]);
+    }
+    // A short name that is no topic name, and a topic name that is not UTF-8.
+    t.send(
+        &d,
+        Packet::Subscribe(Subscribe {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            msg_id: 30,
+            topic: TopicFilter::Short([0x01, 0x02]),
+        }),
+    );
+    t.expect(&d, &[suback_not_supported(30)]);
+    t.feed(&d, &[0x06, 0x12, 0x00, 0x00, 0x1F, 0xFF]);
+    t.expect(&d, &[suback_not_supported(31)]);
+    // UNSUBSCRIBE from one: answered, not forwarded.
+    t.send(
+        &d,
+        Packet::Unsubscribe(sn_codec::Unsubscribe {
+            msg_id: 32,
+            topic: TopicFilter::Name("a/#/b"),
+        }),
+    );
+    t.expect(&d, &[Packet::UnsubAck(32)]);
+    assert!(t.cmds().is_empty(), "nothing goes to the broker");
+    assert_eq!(refused(&t), filters.len() as u64 + 3);
+}
+
+#[test]
+fn invalid_will_topics_are_refused() {
+    let mut t = T::new();
+    let d = dev(1);
+    t.send(
+        &d,
+        Packet::Connect(Connect {
+            will: true,
+            clean_session: true,
+            duration: 10,
+            client_id: "w",
+        }),
+    );
+    t.expect(&d, &[Packet::WillTopicReq]);
+    t.send(
+        &d,
+        Packet::WillTopic(Some(WillTopic {
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "wills/\x01",
+        })),
+    );
+    t.expect(&d, &[Packet::ConnAck(ReturnCode::NotSupported)]);
+    assert!(t.cmds().is_empty(), "no broker connection with that will");
+    // WILLTOPIC with QoS bits 0b11.
+    t.send(
+        &d,
+        Packet::Connect(Connect {
+            will: true,
+            clean_session: true,
+            duration: 10,
+            client_id: "w",
+        }),
+    );
+    t.expect(&d, &[Packet::WillTopicReq]);
+    t.feed(&d, &[0x04, 0x07, 0x60, b'w']);
+    t.expect(&d, &[Packet::ConnAck(ReturnCode::NotSupported)]);
+    assert!(t.cmds().is_empty());
+
+    // WILLTOPICUPD, connected.
+    t.connect(&d, "c", true, 0);
+    t.send(
+        &d,
+        Packet::WillTopicUpd(Some(WillTopic {
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "a/#",
+        })),
+    );
+    t.expect(&d, &[Packet::WillTopicResp(ReturnCode::NotSupported)]);
+    t.feed(&d, &[0x04, 0x1A, 0x60, b'w']);
+    t.expect(&d, &[Packet::WillTopicResp(ReturnCode::NotSupported)]);
+    assert_eq!(refused(&t), 2);
+}
+
+#[test]
+fn connect_with_a_non_utf8_client_id_gets_connack_not_supported() {
+    let mut t = T::new();
+    // CONNECT, flags 0x04, protocol 0x01, duration 10, client id 0xFF.
+    t.feed(&dev(1), &[0x07, 0x04, 0x04, 0x01, 0x00, 0x0A, 0xFF]);
+    t.expect(&dev(1), &[Packet::ConnAck(ReturnCode::NotSupported)]);
+    // Behind a forwarder: answered encapsulated.
+    t.feed(
+        &dev(2),
+        &[0x04, 0xFE, 0x00, 0xAB, 0x07, 0x04, 0x04, 0x01, 0x00, 0x0A, 0xC3],
+    );
+    let got = t.tx();
+    let [(to, data)] = got.as_slice() else {
+        panic!("expected one answer, got {got:?}")
+    };
+    assert_eq!(to, &dev(2));
+    let Ok(Packet::Encapsulated(e)) = Packet::decode(data) else {
+        panic!("not encapsulated: {data:02x?}")
+    };
+    assert_eq!(e.node_id, &[0xAB]);
+    assert_eq!(Packet::decode(e.inner), Ok(Packet::ConnAck(ReturnCode::NotSupported)));
+    assert!(t.cmds().is_empty());
+    let m = t.gw.stats().metrics;
+    assert_eq!((m.connects_refused, m.malformed, m.topic_refused), (2, 0, 0));
+}
+
+#[test]
+fn connect_with_unused_flag_bits_set_is_accepted() {
+    let mut t = T::new();
+    let d = dev(1);
+    // Flags 0xF7: DUP, QoS 0b11, Retain and TopicIdType 0b11 (all "not used" in
+    // CONNECT, spec 5.4.4) plus CleanSession; no Will.
+    t.feed(&d, &[0x07, 0x04, 0xF7, 0x01, 0x00, 0x0A, b'c']);
+    let cmds = t.cmds();
+    let [(key, Command::Connect(p))] = cmds.as_slice() else {
+        panic!("expected a broker connect, got {cmds:?}")
+    };
+    assert!(p.clean_session);
+    assert_eq!(p.will, None);
+    assert_eq!(p.keep_alive, 10);
+    let key = *key;
+    t.event(key, BrokerEvent::Connected { session_present: false });
+    t.expect(&d, &[Packet::ConnAck(ReturnCode::Accepted)]);
+}
+
+#[test]
+fn three_octet_length_form_is_decoded_on_short_messages() {
+    let mut t = T::new();
+    let d = dev(1);
+    // CONNECT "c" in the three-octet form (9 octets).
+    t.feed(&d, &[0x01, 0x00, 0x09, 0x04, 0x04, 0x01, 0x00, 0x0A, b'c']);
+    let key = match t.cmds().as_slice() {
+        [(key, Command::Connect(_))] => *key,
+        other => panic!("expected a broker connect, got {other:?}"),
+    };
+    t.event(key, BrokerEvent::Connected { session_present: false });
+    // Answers are canonical (one-octet Length).
+    let got = t.tx();
+    assert_eq!(got, [(d.clone(), vec![0x03, 0x05, 0x00])]);
+    // PINGREQ in the smallest three-octet form.
+    t.feed(&d, &[0x01, 0x00, 0x04, 0x16]);
+    t.expect(&d, &[Packet::PingResp]);
+    // PUBLISH QoS 0 to predefined 77, "hi".
+    t.feed(&d, &[0x01, 0x00, 0x0B, 0x0C, 0x01, 0x00, 0x4D, 0x00, 0x00, b'h', b'i']);
+    let cmds = t.cmds();
+    assert!(
+        matches!(cmds.as_slice(), [(k, Command::Publish { topic, payload, .. })] if *k == key && &**topic == "sensors/temp" && &payload[..] == b"hi"),
+        "{cmds:?}"
+    );
+    assert_eq!(t.gw.stats().metrics.malformed, 0);
+}

@@ -353,7 +353,6 @@ impl ClientError {
             crate::Error::BufferTooSmall => ClientError::QueueFull,
             crate::Error::TooLong => ClientError::TooLong,
             crate::Error::InvalidQos => ClientError::InvalidQos,
-            crate::Error::ReservedTopicIdType => ClientError::InvalidTopic,
             _ => ClientError::InvalidArgument,
         }
     }
