@@ -77,14 +77,16 @@ fn check_one(prefix: &[u8]) -> One {
     let (total, header_len) = match first {
         // A length of 0 does not exist.
         0x00 => return One::Noise,
-        // Three-octet form: 0x01, then the length big-endian. Only used (and so only
-        // accepted) for messages of 256 octets or more (spec 5.2.1).
+        // Three-octet form: 0x01, then the length big-endian. Senders must use it only
+        // from 256 octets on (spec 5.2.1), but some always use it, and the packet decoder
+        // accepts it on short messages too: so does the framer, from the smallest
+        // message it can hold (three length octets and the type).
         0x01 => {
             let (Some(&hi), Some(&lo)) = (prefix.get(1), prefix.get(2)) else {
                 return One::NeedMore;
             };
             let total = usize::from(u16::from_be_bytes([hi, lo]));
-            if total < 256 {
+            if total < 4 {
                 return One::Noise;
             }
             (total, 3)
@@ -162,9 +164,10 @@ mod tests {
         assert_eq!(check(&[0x01, 0x01, 0x00, 0x0C], 1024), Check::Frame(256));
         assert_eq!(check(&[0x01, 0x01, 0x00, 0x0C], 255), Check::TooLong);
         assert_eq!(check(&[0x01, 0x01, 0x00, 0x03], 1024), Check::Noise);
-        // Only for messages of 256 octets or more (spec 5.2.1).
-        assert_eq!(check(&[0x01, 0x00, 0xFF], 1024), Check::Noise);
-        assert_eq!(check(&[0x01, 0x00, 0x04], 1024), Check::Noise);
+        // Also on short messages (lenient, as the packet decoder), never below 4 octets.
+        assert_eq!(check(&[0x01, 0x00, 0xFF], 1024), Check::NeedMore);
+        assert_eq!(check(&[0x01, 0x00, 0x04, 0x16], 1024), Check::Frame(4));
+        assert_eq!(check(&[0x01, 0x00, 0x03], 1024), Check::Noise);
         assert_eq!(check(&[0x01, 0x00, 0x00], 1024), Check::Noise);
         assert_eq!(check(&[0x01, 0xFF, 0xFF, 0x0C], 65535), Check::Frame(65535));
     }
