@@ -250,6 +250,10 @@ pub struct GatewaySection {
     pub stats_interval_secs: Option<u64>,
     /// Accept QoS -1 publishes.
     pub qos_minus_one: Option<bool>,
+    /// Seconds a graceful stop waits for exchanges in flight.
+    pub shutdown_timeout_secs: Option<u64>,
+    /// Publish every device's will when the gateway stops.
+    pub publish_wills_on_shutdown: Option<bool>,
 }
 
 /// `[udp]`.
@@ -339,6 +343,12 @@ pub struct Settings {
     pub stats_interval: Option<Duration>,
     /// Serial ports, indexed as [`crate::engine::LinkAddr::Serial`].
     pub serial: Vec<SerialPortConfig>,
+    /// On SIGTERM/SIGINT: how long, in seconds, exchanges in flight may take to finish
+    /// before every session is ended anyway (see [`crate::engine::Gateway::shutdown`]).
+    pub shutdown_timeout_secs: u64,
+    /// On SIGTERM/SIGINT: publish every device's will (default: no will fires on a
+    /// planned stop).
+    pub publish_wills_on_shutdown: bool,
 }
 
 impl Default for Settings {
@@ -351,6 +361,8 @@ impl Default for Settings {
             embedded_broker: None,
             stats_interval: Some(Duration::from_secs(60)),
             serial: Vec::new(),
+            shutdown_timeout_secs: 5,
+            publish_wills_on_shutdown: false,
         }
     }
 }
@@ -468,6 +480,7 @@ impl Settings {
                 .or(file.broker.client_id_prefix)
                 .unwrap_or_default(),
             request_capacity: file.broker.request_capacity.unwrap_or(db.request_capacity),
+            backlog_capacity: db.backlog_capacity,
             inflight: file.broker.inflight.unwrap_or(db.inflight),
             connect_timeout_secs: file.broker.connect_timeout_secs.unwrap_or(db.connect_timeout_secs),
         };
@@ -538,6 +551,8 @@ impl Settings {
             embedded_broker: embedded.then_some(embedded_addr),
             stats_interval: (stats > 0).then(|| Duration::from_secs(stats)),
             serial,
+            shutdown_timeout_secs: file.gateway.shutdown_timeout_secs.unwrap_or(5),
+            publish_wills_on_shutdown: file.gateway.publish_wills_on_shutdown.unwrap_or(false),
         })
     }
 }

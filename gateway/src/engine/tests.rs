@@ -928,7 +928,8 @@ fn broker_refusal_is_connack_congestion() {
     t.event(
         key,
         BrokerEvent::ConnectFailed {
-            reason: "refused".into(),
+            reason: "unreachable".into(),
+            refused: false,
         },
     );
     t.expect(&d, &[Packet::ConnAck(ReturnCode::Congestion)]);
@@ -963,7 +964,13 @@ fn congested_link_answers_puback_congestion() {
     let Some((_, Command::Publish { token, .. })) = t.cmds().pop() else {
         panic!()
     };
-    t.event(key, BrokerEvent::Rejected { token: token as Token });
+    t.event(
+        key,
+        BrokerEvent::Rejected {
+            token: token as Token,
+            reason: RejectReason::Full,
+        },
+    );
     t.expect(
         &d,
         &[Packet::PubAck(PubAck {
