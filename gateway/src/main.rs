@@ -45,14 +45,22 @@ async fn run(settings: gateway::config::Settings) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let probe = settings.embedded_broker.is_none().then(|| settings.broker.clone());
+    let mut signals = Signals::new()?;
     let running = gateway::runtime::start(settings).await?;
     if let Some(broker) = probe {
         tokio::spawn(warn_if_unreachable(broker));
     }
+    let which = signals.next().await;
+    tracing::info!(
+        signal = which,
+        "stopping: devices are told, broker connections closed cleanly"
+    );
+    // A second signal means "now".
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("interrupted; stopping");
-            running.shutdown().await;
+        _ = running.shutdown() => {}
+        which = signals.next() => {
+            tracing::warn!(signal = which, "second signal: exiting without finishing the stop");
+            std::process::exit(1);
         }
     }
     Ok(())
@@ -95,4 +103,43 @@ fn config_error(e: &ConfigErrors) -> ExitCode {
 fn fatal(e: &anyhow::Error) -> ExitCode {
     eprintln!("error: {e:#}");
     ExitCode::FAILURE
+}
+
+/// SIGTERM (systemd, Docker) and SIGINT (Ctrl-C) both ask for a graceful stop.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Waits for the next signal; its name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
 }

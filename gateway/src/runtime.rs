@@ -2,13 +2,14 @@
 //! timer ticks into it, and its outputs out to sockets and broker connections.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::broker::mqtt::MqttLinks;
 use crate::broker::{BrokerEvent, BrokerLink, ClientKey};
@@ -27,9 +28,17 @@ pub struct Running {
     /// The embedded broker's address, when one runs.
     pub embedded_broker: Option<SocketAddr>,
     stats: Arc<Mutex<Stats>>,
+    broker_links: Arc<AtomicUsize>,
     serial_stats: SerialStatsReader,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+}
+
+/// What a graceful stop is done with.
+#[derive(Debug, Clone, Copy)]
+struct StopSettings {
+    timeout: Duration,
+    publish_wills: bool,
 }
 
 /// The serial ports and the channel on which they say they came up or went away.
@@ -44,12 +53,21 @@ impl Running {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Broker connections held for sessions (refreshed with [`Running::stats`]).
+    pub fn broker_links(&self) -> usize {
+        self.broker_links.load(Ordering::Relaxed)
+    }
+
     /// The counters of every serial port, in configuration order.
     pub fn serial_stats(&self) -> Vec<SerialPortStats> {
         self.serial_stats.read()
     }
 
-    /// Stops the gateway and waits for its task to end.
+    /// Stops the gateway gracefully and waits until it has: no new session is taken,
+    /// every awake device gets DISCONNECT once its exchanges in flight are done (at
+    /// most `shutdown_timeout_secs`), and every broker connection is closed with an
+    /// MQTT DISCONNECT, so that no will fires (unless `publish_wills_on_shutdown`). See
+    /// [`Gateway::shutdown`] for what happens to each kind of session.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -118,16 +136,21 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let links = MqttLinks::new(broker, ev_tx);
     let gateway = Gateway::new(settings.engine.clone());
     let stats = Arc::new(Mutex::new(Stats::default()));
+    let broker_links = Arc::new(AtomicUsize::new(0));
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
+    let stop = StopSettings {
+        timeout: settings.shutdown_timeout,
+        publish_wills: settings.publish_wills_on_shutdown,
+    };
     let task = tokio::spawn(run(
         gateway,
         links,
         listeners,
         in_rx,
         ev_rx,
-        stats.clone(),
+        (stats.clone(), broker_links.clone()),
         settings.stats_interval,
-        shutdown_rx,
+        (shutdown_rx, stop),
         SerialLinks {
             ports: serial_ports,
             events: link_rx,
@@ -137,6 +160,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         udp_addrs,
         embedded_broker,
         stats,
+        broker_links,
         serial_stats,
         shutdown: Some(shutdown_tx),
         task,
@@ -150,24 +174,37 @@ async fn run(
     listeners: Vec<UdpListener>,
     mut inbound: mpsc::Receiver<Inbound>,
     mut events: mpsc::Receiver<(ClientKey, BrokerEvent)>,
-    stats: Arc<Mutex<Stats>>,
+    (stats, broker_links): (Arc<Mutex<Stats>>, Arc<AtomicUsize>),
     stats_interval: Option<Duration>,
-    mut shutdown: oneshot::Receiver<()>,
+    (mut shutdown, stop): (oneshot::Receiver<()>, StopSettings),
     mut serial: SerialLinks,
 ) {
+    // Set once the stop has begun: when the sessions' patience runs out.
+    let mut stop_deadline: Option<tokio::time::Instant> = None;
     let mut refresh = tokio::time::interval(Duration::from_millis(100));
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_log = Instant::now();
     gw.start(Instant::now());
     flush(&mut gw, &mut links, &listeners, &serial.ports).await;
     loop {
+        if stop_deadline.is_some() && gw.is_shut_down() {
+            break;
+        }
         let deadline = gw
             .poll_timeout()
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             biased;
-            _ = &mut shutdown => break,
+            // Also when the `Running` is dropped without a shutdown call.
+            _ = &mut shutdown, if stop_deadline.is_none() => {
+                info!(timeout = ?stop.timeout, publish_wills = stop.publish_wills, "stopping gracefully");
+                stop_deadline = Some(tokio::time::Instant::now() + stop.timeout);
+                gw.shutdown(Instant::now(), stop.publish_wills);
+            }
+            _ = tokio::time::sleep_until(stop_deadline.unwrap_or_else(tokio::time::Instant::now)), if stop_deadline.is_some() => {
+                gw.finish_shutdown(Instant::now());
+            }
             Some(first) = inbound.recv() => {
                 let now = Instant::now();
                 gw.handle_datagram(now, first.0, &first.1);
@@ -208,8 +245,10 @@ async fn run(
                 if let Some(every) = stats_interval {
                     if last_log.elapsed() >= every {
                         last_log = Instant::now();
-                        info!(sessions = s.sessions, active = s.active, asleep = s.asleep, held = s.held_messages,
-                              broker_links = links.active(), metrics = ?s.metrics, "stats");
+                        info!(
+                            "stats: sessions={} active={} asleep={} held={} broker_links={} broker_tasks={} {}",
+                            s.sessions, s.active, s.asleep, s.held_messages, links.active(), links.tasks(), s.metrics
+                        );
                         for (i, p) in serial.ports.stats().iter().enumerate() {
                             info!(port = i, path = %p.path.display(), open = p.open, frames_in = p.frames_in,
                                   frames_out = p.frames_out, dropped = p.frames_dropped(), noise_bytes = p.noise_bytes,
@@ -218,16 +257,40 @@ async fn run(
                     }
                 }
                 *stats.lock().unwrap_or_else(|e| e.into_inner()) = s;
+                broker_links.store(links.active(), Ordering::Relaxed);
             }
         }
         flush(&mut gw, &mut links, &listeners, &serial.ports).await;
     }
+    // Every session has closed its broker connection; close what is left (the QoS -1
+    // connection, any other) and wait until each DISCONNECT is written, reading the
+    // events meanwhile so that no connection task waits on a full channel.
+    links.reap();
+    links.close_all();
+    let until = stop_deadline
+        .unwrap_or_else(tokio::time::Instant::now)
+        .max(tokio::time::Instant::now() + Duration::from_secs(1));
+    let closing = links.wait_closed(until);
+    tokio::pin!(closing);
+    let left = loop {
+        tokio::select! {
+            left = &mut closing => break left,
+            Some(_) = events.recv() => {}
+        }
+    };
+    if left > 0 {
+        warn!(connections = left, "broker connections not closed in time");
+    }
+    *stats.lock().unwrap_or_else(|e| e.into_inner()) = gw.stats();
+    broker_links.store(0, Ordering::Relaxed);
     info!("gateway stopped");
 }
 
 /// Sends what the engine queued: datagrams to devices, commands to broker links (whose
 /// immediate refusals go straight back into the engine).
 async fn flush(gw: &mut Gateway, links: &mut MqttLinks, listeners: &[UdpListener], serial: &SerialPorts) {
+    // Connections whose task ended by itself (refused, unreachable, lost) are freed.
+    links.reap();
     loop {
         let mut idle = true;
         while let Some((key, command)) = gw.poll_command() {

@@ -107,3 +107,73 @@ fn embedded_broker_serves_a_device_end_to_end() {
         }
     }
 }
+
+/// Starts the binary with its embedded broker and connects one device; the gateway
+/// process and the device's socket.
+fn gateway_with_a_device(client_id: &str) -> (Kill, UdpSocket) {
+    let udp = free_udp_port();
+    let tcp = free_tcp_port();
+    let gw = Kill(
+        Command::new(BIN)
+            .args([
+                "--embedded-broker",
+                "--embedded-broker-listen",
+                &format!("127.0.0.1:{tcp}"),
+                "--udp",
+                &format!("127.0.0.1:{udp}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn gateway"),
+    );
+    let dev = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    dev.connect(("127.0.0.1", udp)).expect("connect");
+    dev.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let connect = Packet::Connect(Connect {
+        will: false,
+        clean_session: true,
+        duration: 30,
+        client_id,
+    });
+    let mut buf = [0u8; 64];
+    let n = connect.encode(&mut buf).expect("encode");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no CONNACK from the gateway binary");
+        let _ = dev.send(&buf[..n]);
+        let mut rx = [0u8; 64];
+        if let Ok(len) = dev.recv(&mut rx) {
+            assert_eq!(Packet::decode(&rx[..len]), Ok(Packet::ConnAck(ReturnCode::Accepted)));
+            break;
+        }
+    }
+    (gw, dev)
+}
+
+/// What systemd and Docker send (SIGTERM), and Ctrl-C (SIGINT): the awake device is told
+/// (DISCONNECT) and the process exits 0.
+#[test]
+fn sigterm_and_sigint_stop_gracefully_with_exit_0() {
+    for signal in ["-TERM", "-INT"] {
+        let (mut gw, dev) = gateway_with_a_device(&format!("cli-stop{signal}"));
+        let status = Command::new("kill")
+            .args([signal, &gw.0.id().to_string()])
+            .status()
+            .expect("runs kill");
+        assert!(status.success());
+        dev.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut rx = [0u8; 64];
+        let len = dev.recv(&mut rx).expect("DISCONNECT from the stopping gateway");
+        assert_eq!(Packet::decode(&rx[..len]), Ok(Packet::Disconnect(None)), "{signal}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = gw.0.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{signal}: the gateway did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(0), "{signal}: exit status {status:?}");
+    }
+}

@@ -117,6 +117,11 @@ pub enum BrokerEvent {
     ConnectFailed {
         /// Why, for the log.
         reason: String,
+        /// The broker answered and refused (CONNACK with a non-zero return code: not
+        /// authorised, bad credentials, identifier rejected): the device is told
+        /// "rejected" rather than "congestion", since retrying will not help. `false`
+        /// for an unreachable broker (connection refused, timeout), which is transient.
+        refused: bool,
     },
     /// A QoS 1 publish was acknowledged (PUBACK), or a QoS 2 one received (PUBREC).
     Published {
@@ -125,8 +130,10 @@ pub enum BrokerEvent {
     },
     /// The request could not be queued towards the broker (link congested or closed).
     Rejected {
-        /// The request's token.
+        /// The request's token (0 for a QoS 0 publish).
         token: Token,
+        /// Why.
+        reason: RejectReason,
     },
     /// SUBACK.
     SubAck {
@@ -149,6 +156,16 @@ pub enum BrokerEvent {
     },
 }
 
+/// Why a request could not be queued towards the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The connection's queue is full (the device sends faster than the broker
+    /// connection drains, for longer than its backlog absorbs).
+    Full,
+    /// The connection is gone (closed, or never opened).
+    Closed,
+}
+
 /// A message the broker delivered for a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -162,6 +179,42 @@ pub struct Message {
     pub retain: bool,
     /// Broker packet id (0 for QoS 0), for [`Command::Ack`].
     pub pkid: u16,
+}
+
+/// At most one log line per `every` for one kind of event, counting those it holds back,
+/// so that a flood (thousands of refused CONNECTs, a congested link) is visible in the
+/// log without drowning it. Time is a parameter (the engine is sans-IO).
+#[derive(Debug, Clone)]
+pub struct LogThrottle {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    /// A throttle letting one line through per `every`.
+    pub const fn new(every: std::time::Duration) -> Self {
+        LogThrottle {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log now; `Some(n)` with the number of lines held back since the last
+    /// one logged.
+    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
 }
 
 /// Carries session commands to the broker. Implementations must not block. Outcomes

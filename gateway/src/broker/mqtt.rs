@@ -1,15 +1,21 @@
 //! Transparent mode: one MQTT 3.1.1 connection (rumqttc) per MQTT-SN client.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, Publish, SubscribeReasonCode};
+use rumqttc::{
+    AsyncClient, ClientError, ConnectReturnCode, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions,
+    Outgoing, Publish, Request, SubscribeReasonCode,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use super::{BrokerEvent, BrokerLink, ClientKey, Command, ConnectParams, Message, MqttQos, Token};
+use super::{
+    BrokerEvent, BrokerLink, ClientKey, Command, ConnectParams, LogThrottle, Message, MqttQos, RejectReason, Token,
+};
 
 /// Where and how to reach the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,8 +30,13 @@ pub struct BrokerConfig {
     pub password: Option<String>,
     /// Prepended to each device's client id on the broker.
     pub client_id_prefix: String,
-    /// Requests queued per connection before the gateway answers congestion.
+    /// Requests queued per connection in rumqttc's request channel.
     pub request_capacity: usize,
+    /// Requests held per connection, in order, once rumqttc's request channel is full
+    /// (a device bursting faster than its broker connection drains): the burst is
+    /// absorbed and fed to rumqttc as it drains, instead of being dropped. Beyond this,
+    /// QoS 0 publishes are dropped (counted, warned) and QoS 1/2 answered congestion.
+    pub backlog_capacity: usize,
     /// QoS 1/2 publishes per connection awaiting the broker's acknowledgement.
     pub inflight: u16,
     /// Seconds to wait for the TCP connection and CONNACK.
@@ -41,6 +52,7 @@ impl Default for BrokerConfig {
             password: None,
             client_id_prefix: String::new(),
             request_capacity: 256,
+            backlog_capacity: 16_384,
             inflight: 16,
             connect_timeout_secs: 5,
         }
@@ -108,31 +120,142 @@ struct Pending {
 /// from 1), and answered by no event.
 const WILL_TOKEN: Token = Token::MAX;
 
+/// How often the link logs, at most, that a connection's backlog overflowed.
+const FULL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Requests held back for a connection whose rumqttc request channel was full, and the
+/// task that feeds them to rumqttc in order as the channel drains (back-pressure in the
+/// place of a drop).
+struct Backlog {
+    tx: mpsc::UnboundedSender<Request>,
+    /// Requests sent to the backlog and not yet taken by rumqttc's channel. While it is
+    /// not zero every new request goes to the backlog too, so order is kept.
+    len: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
 struct Conn {
     client: AsyncClient,
     pending: Arc<Mutex<Pending>>,
+    /// Which connection of this key this is: a late end of an older one must not remove
+    /// it.
+    generation: u64,
+    /// Cleared when the connection's drive task ends.
+    alive: Arc<AtomicBool>,
+    broker_id: Arc<str>,
+    backlog: Option<Backlog>,
+}
+
+/// A connection's drive task ended (whatever the reason): its table entries can go.
+#[derive(Debug)]
+struct Ended {
+    key: ClientKey,
+    generation: u64,
+    broker_id: Arc<str>,
+}
+
+/// Reports the end of a drive task when dropped, so that every way a task ends (refused,
+/// unreachable, closed by the broker, DISCONNECT sent, gateway stopping, even a panic)
+/// frees the connection's entries.
+struct EndGuard {
+    ended: mpsc::UnboundedSender<Ended>,
+    alive: Arc<AtomicBool>,
+    key: ClientKey,
+    generation: u64,
+    broker_id: Arc<str>,
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Release);
+        let _ = self.ended.send(Ended {
+            key: self.key,
+            generation: self.generation,
+            broker_id: self.broker_id.clone(),
+        });
+    }
 }
 
 /// The transparent-mode broker link: a connection per client, each driven by its own
 /// task, all reporting to one event channel.
+///
+/// A connection's entry goes when the session closes it ([`Command::Disconnect`]) or
+/// when its task ends by itself (broker refused or unreachable, connection lost); the
+/// latter is learnt by [`MqttLinks::reap`], which the runtime calls every loop turn.
 pub struct MqttLinks {
     cfg: Arc<BrokerConfig>,
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
     conns: HashMap<ClientKey, Conn>,
-    /// The last connection task of each broker client id: a new connection with the
-    /// same id waits for the old one to close, so the broker never sees them overlap.
-    last_task: HashMap<String, JoinHandle<()>>,
+    /// The running connection task of each broker client id, with its generation: a new
+    /// connection with the same id waits for the old one to close, so the broker never
+    /// sees them overlap. Removed when the task ends.
+    last_task: HashMap<Arc<str>, (u64, JoinHandle<()>)>,
+    next_generation: u64,
+    ended_tx: mpsc::UnboundedSender<Ended>,
+    ended_rx: mpsc::UnboundedReceiver<Ended>,
+    full_warn: LogThrottle,
 }
 
 impl MqttLinks {
     /// A link reporting to `events`.
     pub fn new(cfg: BrokerConfig, events: mpsc::Sender<(ClientKey, BrokerEvent)>) -> Self {
+        let (ended_tx, ended_rx) = mpsc::unbounded_channel();
         MqttLinks {
             cfg: Arc::new(cfg),
             events,
             conns: HashMap::new(),
             last_task: HashMap::new(),
+            next_generation: 0,
+            ended_tx,
+            ended_rx,
+            full_warn: LogThrottle::new(FULL_WARN_EVERY),
         }
+    }
+
+    /// Frees the entries of connections whose task has ended. Cheap when none has.
+    pub fn reap(&mut self) {
+        while let Ok(e) = self.ended_rx.try_recv() {
+            if self.conns.get(&e.key).is_some_and(|c| c.generation == e.generation) {
+                self.conns.remove(&e.key);
+            }
+            if self
+                .last_task
+                .get(&e.broker_id)
+                .is_some_and(|(g, _)| *g == e.generation)
+            {
+                self.last_task.remove(&e.broker_id);
+            }
+        }
+    }
+
+    /// Connection tasks still running (including those closing after their session
+    /// ended), after [`MqttLinks::reap`].
+    pub fn tasks(&self) -> usize {
+        self.last_task.len()
+    }
+
+    /// Closes every connection still open with an MQTT DISCONNECT (no will), after what
+    /// is already queued on it. For the gateway's shutdown, once the sessions have closed
+    /// theirs.
+    pub fn close_all(&mut self) {
+        let keys: Vec<ClientKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.execute(key, Command::Disconnect { will: None });
+        }
+    }
+
+    /// Waits, until `deadline`, for every connection task to end (for a closed
+    /// connection: its DISCONNECT written to the broker). Returns how many did not.
+    pub async fn wait_closed(&mut self, deadline: tokio::time::Instant) -> usize {
+        let tasks: Vec<_> = self.last_task.drain().map(|(_, (_, t))| t).collect();
+        let mut left = 0;
+        for task in tasks {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                left += 1;
+            }
+        }
+        self.reap();
+        left
     }
 
     fn options(&self, p: &ConnectParams) -> MqttOptions {
@@ -161,13 +284,20 @@ impl MqttLinks {
 
     fn connect(&mut self, key: ClientKey, p: ConnectParams) {
         let options = self.options(&p);
-        let broker_id = options.client_id();
+        let broker_id: Arc<str> = options.client_id().into();
         let (client, eventloop) = AsyncClient::new(options, self.cfg.request_capacity.max(1));
         let pending = Arc::new(Mutex::new(Pending::default()));
-        if self.last_task.len() > 2 * self.conns.len() + 1024 {
-            self.last_task.retain(|_, t| !t.is_finished());
-        }
-        let previous = self.last_task.remove(&broker_id);
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = EndGuard {
+            ended: self.ended_tx.clone(),
+            alive: alive.clone(),
+            key,
+            generation,
+            broker_id: broker_id.clone(),
+        };
+        let previous = self.last_task.remove(&broker_id).map(|(_, t)| t);
         let task = tokio::spawn(drive(
             key,
             eventloop,
@@ -175,10 +305,104 @@ impl MqttLinks {
             self.events.clone(),
             previous,
             self.cfg.connect_timeout_secs,
+            guard,
         ));
-        self.last_task.insert(broker_id, task);
-        if let Some(old) = self.conns.insert(key, Conn { client, pending }) {
+        self.last_task.insert(broker_id.clone(), (generation, task));
+        let conn = Conn {
+            client,
+            pending,
+            generation,
+            alive,
+            broker_id,
+            backlog: None,
+        };
+        if let Some(old) = self.conns.insert(key, conn) {
             let _ = old.client.try_disconnect();
+        }
+    }
+
+    /// Hands one request to rumqttc, or to the connection's backlog when rumqttc's
+    /// channel is full (or the backlog already holds something: order is kept).
+    fn submit(
+        cfg: &BrokerConfig,
+        full_warn: &mut LogThrottle,
+        key: ClientKey,
+        conn: &mut Conn,
+        direct: impl FnOnce(&AsyncClient) -> Result<(), ClientError>,
+        request: impl FnOnce() -> Request,
+    ) -> Result<(), RejectReason> {
+        let backlogged = conn.backlog.as_ref().map_or(0, |b| b.len.load(Ordering::Acquire));
+        let request = if backlogged == 0 {
+            match direct(&conn.client) {
+                Ok(()) => return Ok(()),
+                Err(ClientError::TryRequest(r) | ClientError::Request(r)) => r,
+            }
+        } else {
+            request()
+        };
+        if !conn.alive.load(Ordering::Acquire) {
+            return Err(RejectReason::Closed);
+        }
+        if backlogged >= cfg.backlog_capacity {
+            if let Some(held_back) = full_warn.allow(Instant::now()) {
+                warn!(
+                    key,
+                    client = %conn.broker_id,
+                    backlog = cfg.backlog_capacity,
+                    held_back,
+                    "broker connection backlog full: the device sends faster than the broker takes; \
+                     QoS 0 publishes dropped, QoS 1/2 answered congestion"
+                );
+            }
+            return Err(RejectReason::Full);
+        }
+        let backlog = conn.backlog.get_or_insert_with(|| {
+            debug!(key, client = %conn.broker_id, "request channel full: holding requests in the backlog");
+            let (tx, rx) = mpsc::unbounded_channel();
+            let len = Arc::new(AtomicUsize::new(0));
+            let task = tokio::spawn(feed_backlog(conn.client.clone(), rx, len.clone()));
+            Backlog { tx, len, task }
+        });
+        backlog.len.fetch_add(1, Ordering::AcqRel);
+        if backlog.tx.send(request).is_err() {
+            backlog.len.fetch_sub(1, Ordering::AcqRel);
+            return Err(RejectReason::Closed);
+        }
+        Ok(())
+    }
+}
+
+/// Feeds a connection's backlog to rumqttc in order, each request waiting for room in
+/// the request channel. Ends when the connection is dropped and the backlog is empty.
+async fn feed_backlog(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Request>, len: Arc<AtomicUsize>) {
+    while let Some(request) = rx.recv().await {
+        let sent = match request {
+            Request::Publish(p) => client.publish_bytes(p.topic, p.qos, p.retain, p.payload).await,
+            Request::Subscribe(s) => match s.filters.into_iter().next() {
+                Some(f) => client.subscribe(f.path, f.qos).await,
+                None => Ok(()),
+            },
+            Request::Unsubscribe(u) => match u.topics.into_iter().next() {
+                Some(t) => client.unsubscribe(t).await,
+                None => Ok(()),
+            },
+            Request::PubAck(a) => {
+                let mut p = Publish::new("", rumqttc::QoS::AtLeastOnce, Vec::new());
+                p.pkid = a.pkid;
+                client.ack(&p).await
+            }
+            Request::PubRec(a) => {
+                let mut p = Publish::new("", rumqttc::QoS::ExactlyOnce, Vec::new());
+                p.pkid = a.pkid;
+                client.ack(&p).await
+            }
+            _ => Ok(()),
+        };
+        len.fetch_sub(1, Ordering::AcqRel);
+        if let Err(e) = sent {
+            // The connection's task has ended: its session learns it from the Closed
+            // (or ConnectFailed) event; what is left here has nowhere to go.
+            debug!(error = %e, "backlogged request not delivered: connection gone");
         }
     }
 }
@@ -189,14 +413,19 @@ impl BrokerLink for MqttLinks {
             self.connect(key, p);
             return None;
         }
-        let Some(conn) = self.conns.get(&key) else {
+        let Some(conn) = self.conns.get_mut(&key) else {
             return match command {
                 Command::Publish { token, .. }
                 | Command::Subscribe { token, .. }
-                | Command::Unsubscribe { token, .. } => Some(BrokerEvent::Rejected { token }),
+                | Command::Unsubscribe { token, .. } => Some(BrokerEvent::Rejected {
+                    token,
+                    reason: RejectReason::Closed,
+                }),
                 _ => None,
             };
         };
+        let cfg = &self.cfg;
+        let full_warn = &mut self.full_warn;
         match command {
             Command::Connect(_) => None,
             Command::Publish {
@@ -206,52 +435,90 @@ impl BrokerLink for MqttLinks {
                 qos,
                 retain,
             } => {
-                let mut pending = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
-                pending
-                    .publishes
-                    .push_back((qos != MqttQos::AtMostOnce).then_some(token));
-                match conn
-                    .client
-                    .try_publish(&*topic, rumqttc_qos(qos), retain, payload.to_vec())
-                {
+                let pending = conn.pending.clone();
+                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+                let t = (qos != MqttQos::AtMostOnce).then_some(token);
+                pending.publishes.push_back(t);
+                let q = rumqttc_qos(qos);
+                // Exactly one of the two closures below runs.
+                let payload = std::cell::Cell::new(Some(payload));
+                let take = || payload.take().unwrap_or_default();
+                let result = Self::submit(
+                    cfg,
+                    full_warn,
+                    key,
+                    conn,
+                    |c| c.try_publish(&*topic, q, retain, Vec::from(take())),
+                    || {
+                        let mut p = Publish::from_bytes(&*topic, q, take());
+                        p.retain = retain;
+                        Request::Publish(p)
+                    },
+                );
+                match result {
                     Ok(()) => None,
-                    Err(e) => {
+                    Err(reason) => {
                         pending.publishes.pop_back();
-                        debug!(key, error = %e, "publish not queued");
-                        Some(BrokerEvent::Rejected { token })
+                        debug!(key, ?reason, "publish not queued");
+                        Some(BrokerEvent::Rejected { token, reason })
                     }
                 }
             }
             Command::Subscribe { token, filter, qos } => {
-                let mut pending = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let pending = conn.pending.clone();
+                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
                 pending.subscribes.push_back(token);
-                match conn.client.try_subscribe(filter, rumqttc_qos(qos)) {
+                let q = rumqttc_qos(qos);
+                let f2 = filter.clone();
+                let result = Self::submit(
+                    cfg,
+                    full_warn,
+                    key,
+                    conn,
+                    |c| c.try_subscribe(filter, q),
+                    || Request::Subscribe(rumqttc::Subscribe::new(f2, q)),
+                );
+                match result {
                     Ok(()) => None,
-                    Err(e) => {
+                    Err(reason) => {
                         pending.subscribes.pop_back();
-                        debug!(key, error = %e, "subscribe not queued");
-                        Some(BrokerEvent::Rejected { token })
+                        debug!(key, ?reason, "subscribe not queued");
+                        Some(BrokerEvent::Rejected { token, reason })
                     }
                 }
             }
             Command::Unsubscribe { token, filter } => {
-                let mut pending = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let pending = conn.pending.clone();
+                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
                 pending.unsubscribes.push_back(token);
-                match conn.client.try_unsubscribe(filter) {
+                let f2 = filter.clone();
+                let result = Self::submit(
+                    cfg,
+                    full_warn,
+                    key,
+                    conn,
+                    |c| c.try_unsubscribe(filter),
+                    || Request::Unsubscribe(rumqttc::Unsubscribe::new(f2)),
+                );
+                match result {
                     Ok(()) => None,
-                    Err(e) => {
+                    Err(reason) => {
                         pending.unsubscribes.pop_back();
-                        debug!(key, error = %e, "unsubscribe not queued");
-                        Some(BrokerEvent::Rejected { token })
+                        debug!(key, ?reason, "unsubscribe not queued");
+                        Some(BrokerEvent::Rejected { token, reason })
                     }
                 }
             }
             Command::Ack { qos, pkid } => {
                 let mut p = Publish::new("", rumqttc_qos(qos), Vec::new());
                 p.pkid = pkid;
-                if let Err(e) = conn.client.try_ack(&p) {
+                let request = || match qos {
+                    MqttQos::ExactlyOnce => Request::PubRec(rumqttc::PubRec::new(pkid)),
+                    _ => Request::PubAck(rumqttc::PubAck::new(pkid)),
+                };
+                if let Err(reason) = Self::submit(cfg, full_warn, key, conn, |c| c.try_ack(&p), request) {
                     // Not lost: unacknowledged, the broker delivers it again.
-                    warn!(key, pkid, error = %e, "acknowledgement not queued");
+                    warn!(key, pkid, ?reason, "acknowledgement not queued");
                 }
                 None
             }
@@ -270,13 +537,18 @@ impl BrokerLink for MqttLinks {
                     }
                 }
                 let wait = Duration::from_secs(self.cfg.connect_timeout_secs.max(1));
-                // Awaiting in a task keeps the order (will, then DISCONNECT) even when the
-                // request queue is full, without blocking the engine.
+                // Awaiting in a task keeps the order (backlog, will, then DISCONNECT)
+                // even when the request queue is full, without blocking the engine.
                 tokio::spawn(async move {
+                    if let Some(backlog) = conn.backlog {
+                        // What the device sent before it went comes before the DISCONNECT.
+                        drop(backlog.tx);
+                        let _ = tokio::time::timeout(wait, backlog.task).await;
+                    }
                     if let Some(w) = will {
                         let _ = conn
                             .client
-                            .publish(w.topic, rumqttc_qos(w.qos), w.retain, w.message.to_vec())
+                            .publish_bytes(w.topic, rumqttc_qos(w.qos), w.retain, w.message)
                             .await;
                     }
                     if let Some(done) = done {
@@ -302,6 +574,20 @@ fn will_delivered(pending: &Mutex<Pending>) {
     }
 }
 
+/// Whether a connect failure is the broker's answer (it will answer the same again)
+/// rather than a transient failure to reach it. "Server unavailable" is transient.
+fn is_refusal(e: &ConnectionError) -> bool {
+    matches!(
+        e,
+        ConnectionError::ConnectionRefused(
+            ConnectReturnCode::BadUserNamePassword
+                | ConnectReturnCode::NotAuthorized
+                | ConnectReturnCode::BadClientId
+                | ConnectReturnCode::RefusedProtocolVersion
+        )
+    )
+}
+
 /// Drives one broker connection until it closes, translating rumqttc's events.
 async fn drive(
     key: ClientKey,
@@ -310,6 +596,7 @@ async fn drive(
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
     previous: Option<JoinHandle<()>>,
     connect_timeout_secs: u64,
+    _guard: EndGuard,
 ) {
     if let Some(previous) = previous {
         let _ = tokio::time::timeout(Duration::from_secs(connect_timeout_secs.max(1)), previous).await;
@@ -399,7 +686,10 @@ async fn drive(
                 let event = if connected {
                     BrokerEvent::Closed { reason }
                 } else {
-                    BrokerEvent::ConnectFailed { reason }
+                    BrokerEvent::ConnectFailed {
+                        reason,
+                        refused: is_refusal(&e),
+                    }
                 };
                 let _ = events.send((key, event)).await;
                 return;
@@ -416,6 +706,145 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn params(id: &str) -> ConnectParams {
+        ConnectParams {
+            client_id: id.into(),
+            clean_session: true,
+            keep_alive: 30,
+            will: None,
+        }
+    }
+
+    fn links_to(port: u16, connect_timeout_secs: u64) -> (MqttLinks, mpsc::Receiver<(ClientKey, BrokerEvent)>) {
+        let (tx, rx) = mpsc::channel(4096);
+        let cfg = BrokerConfig {
+            port,
+            connect_timeout_secs,
+            ..BrokerConfig::default()
+        };
+        (MqttLinks::new(cfg, tx), rx)
+    }
+
+    /// A loopback port nobody listens on.
+    fn unused_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    /// A "broker" that reads the CONNECT and answers CONNACK with `code` (or, for
+    /// `None`, closes the connection at once).
+    async fn fake_broker(code: Option<u8>) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    if let Some(code) = code {
+                        let mut buf = [0; 512];
+                        let _ = s.read(&mut buf).await;
+                        let _ = s.write_all(&[0x20, 0x02, 0x00, code]).await;
+                        let _ = s.read(&mut buf).await;
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// Connects `n` clients, waits for each one's ConnectFailed, and for the link to
+    /// free every entry. Returns the failures' `refused` flags.
+    async fn connect_and_fail(port: u16, n: u64) -> Vec<bool> {
+        // A generous timeout: a loaded machine must not turn a refusal into a timeout.
+        let (mut links, mut rx) = links_to(port, 10);
+        for key in 1..=n {
+            assert_eq!(links.execute(key, Command::Connect(params(&format!("c{key}")))), None);
+        }
+        assert_eq!(links.active(), n as usize);
+        let mut refused = Vec::new();
+        while refused.len() < n as usize {
+            match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+                Ok(Some((_, BrokerEvent::ConnectFailed { refused: r, .. }))) => refused.push(r),
+                other => panic!("expected ConnectFailed, got {other:?}"),
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            links.reap();
+            if links.active() == 0 && links.tasks() == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker link entries not freed: {} connections, {} tasks",
+                links.active(),
+                links.tasks()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        refused
+    }
+
+    #[tokio::test]
+    async fn unreachable_broker_frees_every_link() {
+        let refused = connect_and_fail(unused_port(), 200).await;
+        assert!(refused.iter().all(|r| !r), "unreachable is not a refusal");
+    }
+
+    #[tokio::test]
+    async fn broker_closing_at_once_frees_every_link() {
+        let refused = connect_and_fail(fake_broker(None).await, 200).await;
+        assert!(refused.iter().all(|r| !r));
+    }
+
+    #[tokio::test]
+    async fn refusing_broker_frees_every_link_and_says_refused() {
+        // CONNACK 5: not authorised.
+        let refused = connect_and_fail(fake_broker(Some(5)).await, 200).await;
+        assert!(refused.iter().all(|r| *r), "CONNACK 5 is a refusal");
+        // CONNACK 3: server unavailable is transient.
+        let refused = connect_and_fail(fake_broker(Some(3)).await, 3).await;
+        assert!(refused.iter().all(|r| !r), "CONNACK 3 is transient");
+    }
+
+    #[tokio::test]
+    async fn late_end_of_an_old_connection_keeps_the_new_one() {
+        // A broker that accepts and never answers: each attempt ends at the timeout.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let (mut links, mut rx) = links_to(port, 1);
+        links.execute(1, Command::Connect(params("same")));
+        // The same session connects again (a new generation) under another broker id,
+        // so that it does not wait for the first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        links.execute(1, Command::Connect(params("other")));
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(
+            matches!(first, Ok(Some((1, BrokerEvent::ConnectFailed { .. })))),
+            "{first:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        links.reap();
+        assert_eq!(links.active(), 1, "the old connection's end removed the new one");
+        let second = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(
+            matches!(second, Ok(Some((1, BrokerEvent::ConnectFailed { .. })))),
+            "{second:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        links.reap();
+        assert_eq!((links.active(), links.tasks()), (0, 0));
+    }
 
     #[test]
     fn urls() {

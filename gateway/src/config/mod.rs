@@ -129,6 +129,8 @@ pub struct BrokerSection {
     pub embedded_listen: SocketAddr,
     /// Requests queued towards the broker per device connection.
     pub request_capacity: usize,
+    /// Requests per connection that wait, in order, behind a full request queue.
+    pub backlog_capacity: usize,
     /// QoS 1/2 publishes per connection awaiting the broker's acknowledgement.
     pub inflight: u16,
     /// Seconds allowed for the TCP connect and CONNACK.
@@ -146,6 +148,7 @@ impl Default for BrokerSection {
             embedded: false,
             embedded_listen: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), b.port),
             request_capacity: b.request_capacity,
+            backlog_capacity: b.backlog_capacity,
             inflight: b.inflight,
             connect_timeout_secs: b.connect_timeout_secs,
         }

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sn_codec::{Packet, QoS};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, MqttQos};
+use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, LogThrottle, MqttQos, RejectReason};
 use crate::topics::{self, Predefined, TopicTable};
 pub use session::SessionState;
 use session::{Ctx, Flow, Session};
@@ -144,8 +144,9 @@ impl Default for EngineConfig {
 }
 
 /// Counters kept by the engine. Gauges (clients by state, held messages) are computed on
-/// request by [`Gateway::stats`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// request by [`Gateway::stats`]. Displayed as `name=value` pairs of the counters that are
+/// not zero, for the statistics line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Metrics {
     /// Datagrams received.
     pub datagrams_in: u64,
@@ -207,6 +208,40 @@ pub struct Metrics {
     /// included), SUBSCRIBE, UNSUBSCRIBE and will topics. Answered with return code 0x03
     /// where the message has one.
     pub topic_refused: u64,
+    /// QoS 0 publishes (device and QoS -1) dropped because their broker connection's
+    /// queue and backlog were full (also counted in `broker_rejected`).
+    pub qos0_dropped_broker_full: u64,
+    /// QoS 0 publishes dropped because their broker connection was gone (also counted
+    /// in `broker_rejected`).
+    pub qos0_dropped_broker_closed: u64,
+}
+
+impl std::fmt::Display for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Through serde, so that a new counter is shown without being listed here.
+        let Ok(toml::Value::Table(counters)) = toml::Value::try_from(self) else {
+            return write!(f, "{self:?}");
+        };
+        let mut first = true;
+        for (name, value) in counters.iter().filter(|(_, v)| v.as_integer() != Some(0)) {
+            if !first {
+                f.write_str(" ")?;
+            }
+            first = false;
+            write!(f, "{name}={value}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// Counts a QoS 0 publish the broker link could not take, by reason.
+    pub(crate) fn qos0_dropped_by_link(&mut self, reason: RejectReason) {
+        match reason {
+            RejectReason::Full => self.qos0_dropped_broker_full += 1,
+            RejectReason::Closed => self.qos0_dropped_broker_closed += 1,
+        }
+    }
 }
 
 /// A snapshot of gauges and counters.
@@ -298,7 +333,15 @@ pub struct Gateway {
     next_advertise: Option<Instant>,
     /// Broadcast links that are up (serial ports): ADVERTISE goes to each.
     up_links: BTreeSet<LinkAddr>,
+    /// Set by [`Gateway::shutdown`]: whether wills are published on the way out.
+    stopping: Option<bool>,
+    /// Rate limits of the log lines for brokers refusing or unreachable.
+    refused_log: LogThrottle,
+    unreachable_log: LogThrottle,
 }
+
+/// At most one warning per this period for broker connect failures of each kind.
+const CONNECT_FAILED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Gateway {
     /// A gateway with no sessions.
@@ -316,6 +359,9 @@ impl Gateway {
             qos_minus_one_connected: false,
             next_advertise: None,
             up_links: BTreeSet::new(),
+            stopping: None,
+            refused_log: LogThrottle::new(CONNECT_FAILED_LOG_EVERY),
+            unreachable_log: LogThrottle::new(CONNECT_FAILED_LOG_EVERY),
         }
     }
 
@@ -509,6 +555,14 @@ impl Gateway {
     }
 
     fn handle_connect(&mut self, now: Instant, peer: Peer, c: sn_codec::Connect<'_>) {
+        if self.stopping.is_some() {
+            // No new sessions while stopping; congestion says "try again later", by
+            // when a restarted gateway answers.
+            self.metrics.connects_refused += 1;
+            debug!(client = %c.client_id, peer = %peer, "CONNECT refused: the gateway is stopping");
+            self.out.send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::Congestion));
+            return;
+        }
         if c.client_id.is_empty() {
             self.metrics.connects_refused += 1;
             debug!(peer = %peer, "CONNECT without client id refused");
@@ -634,18 +688,39 @@ impl Gateway {
     pub fn handle_broker_event(&mut self, now: Instant, client: ClientKey, event: BrokerEvent) {
         if client == QOS_MINUS_ONE_KEY {
             match &event {
-                BrokerEvent::Closed { reason } | BrokerEvent::ConnectFailed { reason } => {
+                BrokerEvent::Closed { reason } | BrokerEvent::ConnectFailed { reason, .. } => {
                     warn!(%reason, "QoS -1 broker connection closed; reconnecting on next QoS -1 publish");
                     self.qos_minus_one_connected = false;
                 }
-                BrokerEvent::Rejected { .. } => self.metrics.broker_rejected += 1,
+                BrokerEvent::Rejected { reason, .. } => {
+                    self.metrics.broker_rejected += 1;
+                    self.metrics.qos0_dropped_by_link(*reason);
+                }
                 _ => {}
             }
             return;
         }
-        if !self.sessions.contains_key(&client) {
+        let Some(session) = self.sessions.get(&client) else {
             // The session ended before its link did: nothing to do.
             return;
+        };
+        if let BrokerEvent::ConnectFailed { reason, refused } = &event {
+            // Thousands of devices may fail at once (broker down, credentials changed):
+            // one line per period, saying how many were held back.
+            let (log, what) = if *refused {
+                (
+                    &mut self.refused_log,
+                    "broker refused a device's connection; CONNACK rejected sent",
+                )
+            } else {
+                (
+                    &mut self.unreachable_log,
+                    "broker unreachable for a device's connection; CONNACK congestion sent",
+                )
+            };
+            if let Some(held_back) = log.allow(now) {
+                warn!(client = %session.client_id(), %reason, held_back, "{what}");
+            }
         }
         self.with_session(now, client, |s, ctx| s.handle_broker_event(ctx, event));
     }
@@ -675,7 +750,12 @@ impl Gateway {
             metrics: &mut self.metrics,
             now,
         };
-        match f(session, &mut ctx) {
+        let mut flow = f(session, &mut ctx);
+        if let (Flow::Continue, Some(publish_wills)) = (flow, self.stopping) {
+            // Stopping: the session goes as soon as nothing of it is in flight.
+            flow = session.stop(&mut ctx, publish_wills, false);
+        }
+        match flow {
             Flow::Continue => self.reschedule(key),
             Flow::End => {
                 if let Some(session) = self.remove_session(key) {
@@ -683,6 +763,78 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// Starts a graceful stop. No new session is accepted (CONNECT is answered
+    /// congestion), ADVERTISE stops, and each session is ended as follows:
+    ///
+    /// - Awake devices (active, or woken and being delivered to) get DISCONNECT once
+    ///   nothing of theirs is in flight: a QoS 1/2 PUBLISH (or SUBSCRIBE/UNSUBSCRIBE)
+    ///   from the device still awaiting the broker's answer gets it first, and its
+    ///   PUBACK/PUBREC (SUBACK/UNSUBACK) goes to the device; a QoS 2 exchange waits for
+    ///   the device's PUBREL. Then their broker connection is closed with an MQTT
+    ///   DISCONNECT, so the broker does not publish their will.
+    /// - Sleeping devices cannot hear a DISCONNECT: their broker connection is closed
+    ///   the same way, and they learn the gateway lost them when they next wake (PINGREQ
+    ///   or a publish is answered DISCONNECT by the restarted gateway, and they connect
+    ///   again). The messages the gateway held for them are lost to the gateway: QoS 0
+    ///   ones are gone; QoS 1/2 ones were not acknowledged to the broker (that happens
+    ///   only once the device has them), so for a clean-session-false device the
+    ///   broker keeps them in its session and delivers them again when the device
+    ///   reconnects; for a clean-session device the broker drops the session anyway.
+    /// - Devices still in the connect handshake get CONNACK congestion (try again) and
+    ///   any broker connection being opened for them is closed.
+    /// - Broker messages in flight to an awake device (sent, not yet acknowledged) are
+    ///   not waited for: unacknowledged at the broker, they are redelivered to a
+    ///   clean-session-false device.
+    ///
+    /// With `publish_wills`, each device's will (if it has one) is published before its
+    /// broker connection closes, as if every device were lost (for operators whose
+    /// subscribers watch wills to learn a device is unreachable).
+    ///
+    /// Whatever is still in flight when the caller's patience runs out is ended by
+    /// [`Gateway::finish_shutdown`]. [`Gateway::is_shut_down`] tells when all is done.
+    pub fn shutdown(&mut self, now: Instant, publish_wills: bool) {
+        if self.stopping.is_some() {
+            return;
+        }
+        info!(
+            sessions = self.sessions.len(),
+            publish_wills, "stopping: disconnecting every client"
+        );
+        self.stopping = Some(publish_wills);
+        self.next_advertise = None;
+        if self.qos_minus_one_connected {
+            self.qos_minus_one_connected = false;
+            self.out.command(QOS_MINUS_ONE_KEY, Command::Disconnect { will: None });
+        }
+        let keys: Vec<ClientKey> = self.sessions.keys().copied().collect();
+        for key in keys {
+            // with_session calls Session::stop for each.
+            self.with_session(now, key, |_, _| Flow::Continue);
+        }
+    }
+
+    /// Ends every session still waiting for something in flight (the shutdown's time is
+    /// up): awake devices get DISCONNECT, broker connections are closed.
+    pub fn finish_shutdown(&mut self, now: Instant) {
+        let publish_wills = self.stopping.unwrap_or(false);
+        self.stopping = Some(publish_wills);
+        let keys: Vec<ClientKey> = self.sessions.keys().copied().collect();
+        if !keys.is_empty() {
+            warn!(
+                sessions = keys.len(),
+                "shutdown timeout: ending sessions with exchanges still in flight"
+            );
+        }
+        for key in keys {
+            self.with_session(now, key, |s, ctx| s.stop(ctx, publish_wills, true));
+        }
+    }
+
+    /// Whether [`Gateway::shutdown`] was called and every session has ended.
+    pub fn is_shut_down(&self) -> bool {
+        self.stopping.is_some() && self.sessions.is_empty()
     }
 
     fn reschedule(&mut self, key: ClientKey) {
@@ -751,3 +903,5 @@ impl Gateway {
 mod tests;
 #[cfg(test)]
 mod tests_link;
+#[cfg(test)]
+mod tests_shutdown;

@@ -748,11 +748,19 @@ impl Session {
                     self.become_active(ctx);
                 }
             }
-            BrokerEvent::ConnectFailed { reason } => {
-                info!(client = %self.client_id, %reason, "broker refused connection");
+            BrokerEvent::ConnectFailed { reason, refused } => {
+                // Logged (rate-limited, at warn) by the engine.
+                debug!(client = %self.client_id, %reason, refused, "broker connection failed");
                 ctx.metrics.connects_refused += 1;
                 if self.state.is_connecting() {
-                    ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::Congestion));
+                    // Refused (not authorised, bad credentials): retrying will not help,
+                    // so "rejected: not supported"; unreachable: transient, congestion.
+                    let code = if refused {
+                        ReturnCode::NotSupported
+                    } else {
+                        ReturnCode::Congestion
+                    };
+                    ctx.out.send(&self.peer, &Packet::ConnAck(code));
                 } else {
                     ctx.out.send(&self.peer, &Packet::Disconnect(None));
                 }
@@ -783,8 +791,11 @@ impl Session {
                     }
                 }
             }
-            BrokerEvent::Rejected { token } => {
+            BrokerEvent::Rejected { token, reason } => {
                 ctx.metrics.broker_rejected += 1;
+                if token == 0 {
+                    ctx.metrics.qos0_dropped_by_link(reason);
+                }
                 if let Some(u) = self.uplink.remove(&token) {
                     self.qos2_in.remove(&u.msg_id);
                     self.qos2_digest.remove(&u.msg_id);
@@ -1171,6 +1182,43 @@ impl Session {
             return self.end_connecting(ctx);
         }
         self.lose(ctx, why)
+    }
+
+    /// The gateway is stopping (see [`super::Gateway::shutdown`]): ends the session
+    /// when nothing of it is in flight, or at once with `force`. `publish_will`: the
+    /// will goes to the broker before its connection closes.
+    pub(crate) fn stop(&mut self, ctx: &mut Ctx<'_>, publish_will: bool, force: bool) -> Flow {
+        let will = if publish_will { self.will() } else { None };
+        match self.state {
+            SessionState::WillTopic | SessionState::WillMsg | SessionState::Connecting => {
+                ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::Congestion));
+                if self.resuming {
+                    // The broker connection of the sleeping session being resumed.
+                    ctx.out.command(self.key, Command::Disconnect { will });
+                } else if self.state == SessionState::Connecting {
+                    ctx.out.command(self.key, Command::Disconnect { will: None });
+                }
+                Flow::End
+            }
+            SessionState::Asleep => {
+                // It cannot hear a DISCONNECT; it finds out when it next wakes.
+                ctx.out.command(self.key, Command::Disconnect { will });
+                Flow::End
+            }
+            SessionState::Active | SessionState::Awake => {
+                let in_flight = !self.uplink.is_empty()
+                    || !self.qos2_in.is_empty()
+                    || !self.subs.is_empty()
+                    || !self.unsubs.is_empty();
+                if in_flight && !force {
+                    return Flow::Continue;
+                }
+                info!(client = %self.client_id, peer = %self.peer, in_flight, "gateway stopping: client disconnected");
+                ctx.out.send(&self.peer, &Packet::Disconnect(None));
+                ctx.out.command(self.key, Command::Disconnect { will });
+                Flow::End
+            }
+        }
     }
 
     /// The client is lost: publish its will (the latest one) and close its broker

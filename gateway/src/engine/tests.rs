@@ -928,7 +928,8 @@ fn broker_refusal_is_connack_congestion() {
     t.event(
         key,
         BrokerEvent::ConnectFailed {
-            reason: "refused".into(),
+            reason: "unreachable".into(),
+            refused: false,
         },
     );
     t.expect(&d, &[Packet::ConnAck(ReturnCode::Congestion)]);
@@ -963,7 +964,13 @@ fn congested_link_answers_puback_congestion() {
     let Some((_, Command::Publish { token, .. })) = t.cmds().pop() else {
         panic!()
     };
-    t.event(key, BrokerEvent::Rejected { token: token as Token });
+    t.event(
+        key,
+        BrokerEvent::Rejected {
+            token: token as Token,
+            reason: RejectReason::Full,
+        },
+    );
     t.expect(
         &d,
         &[Packet::PubAck(PubAck {
@@ -1385,4 +1392,14 @@ fn three_octet_length_form_is_decoded_on_short_messages() {
         "{cmds:?}"
     );
     assert_eq!(t.gw.stats().metrics.malformed, 0);
+}
+
+#[test]
+fn metrics_display_as_key_value_pairs_of_nonzero_counters() {
+    let mut m = Metrics::default();
+    assert_eq!(m.to_string(), "");
+    m.datagrams_in = 3;
+    m.malformed = 1;
+    m.topic_refused = 2;
+    assert_eq!(m.to_string(), "datagrams_in=3 malformed=1 topic_refused=2");
 }
