@@ -41,6 +41,20 @@ struct StopSettings {
     publish_wills: bool,
 }
 
+/// What the engine task publishes for [`Running`] to read.
+#[derive(Clone)]
+struct Snapshot {
+    stats: Arc<Mutex<Stats>>,
+    broker_links: Arc<AtomicUsize>,
+}
+
+impl Snapshot {
+    fn store(&self, stats: Stats, broker_links: usize) {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+        self.broker_links.store(broker_links, Ordering::Relaxed);
+    }
+}
+
 /// The serial ports and the channel on which they say they came up or went away.
 struct SerialLinks {
     ports: SerialPorts,
@@ -148,9 +162,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         listeners,
         in_rx,
         ev_rx,
-        (stats.clone(), broker_links.clone()),
+        Snapshot {
+            stats: stats.clone(),
+            broker_links: broker_links.clone(),
+        },
         settings.stats_interval,
-        (shutdown_rx, stop),
+        shutdown_rx,
+        stop,
         SerialLinks {
             ports: serial_ports,
             events: link_rx,
@@ -174,9 +192,10 @@ async fn run(
     listeners: Vec<UdpListener>,
     mut inbound: mpsc::Receiver<Inbound>,
     mut events: mpsc::Receiver<(ClientKey, BrokerEvent)>,
-    (stats, broker_links): (Arc<Mutex<Stats>>, Arc<AtomicUsize>),
+    snapshot: Snapshot,
     stats_interval: Option<Duration>,
-    (mut shutdown, stop): (oneshot::Receiver<()>, StopSettings),
+    mut shutdown: oneshot::Receiver<()>,
+    stop: StopSettings,
     mut serial: SerialLinks,
 ) {
     // Set once the stop has begun: when the sessions' patience runs out.
@@ -256,8 +275,7 @@ async fn run(
                         }
                     }
                 }
-                *stats.lock().unwrap_or_else(|e| e.into_inner()) = s;
-                broker_links.store(links.active(), Ordering::Relaxed);
+                snapshot.store(s, links.active());
             }
         }
         flush(&mut gw, &mut links, &listeners, &serial.ports).await;
@@ -281,8 +299,7 @@ async fn run(
     if left > 0 {
         warn!(connections = left, "broker connections not closed in time");
     }
-    *stats.lock().unwrap_or_else(|e| e.into_inner()) = gw.stats();
-    broker_links.store(0, Ordering::Relaxed);
+    snapshot.store(gw.stats(), 0);
     info!("gateway stopped");
 }
 
