@@ -67,45 +67,11 @@ fn free_tcp_port() -> u16 {
         .port()
 }
 
+/// The README's "nothing else installed" command: a device connects through the
+/// embedded broker.
 #[test]
 fn embedded_broker_serves_a_device_end_to_end() {
-    let udp = free_udp_port();
-    let tcp = free_tcp_port();
-    let _gw = Kill(
-        Command::new(BIN)
-            .args([
-                "--embedded-broker",
-                "--embedded-broker-listen",
-                &format!("127.0.0.1:{tcp}"),
-                "--udp",
-                &format!("127.0.0.1:{udp}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn gateway"),
-    );
-    let dev = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    dev.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
-    let connect = Packet::Connect(Connect {
-        will: false,
-        clean_session: true,
-        duration: 30,
-        client_id: "cli-test",
-    });
-    let mut buf = [0u8; 64];
-    let n = connect.encode(&mut buf).expect("encode");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    // The gateway needs a moment to start: CONNECT is retried as a device would.
-    loop {
-        assert!(Instant::now() < deadline, "no CONNACK from the gateway binary");
-        let _ = dev.send_to(&buf[..n], ("127.0.0.1", udp));
-        let mut rx = [0u8; 64];
-        if let Ok(len) = dev.recv(&mut rx) {
-            assert_eq!(Packet::decode(&rx[..len]), Ok(Packet::ConnAck(ReturnCode::Accepted)));
-            break;
-        }
-    }
+    let (_gw, _dev) = gateway_with_a_device("cli-test");
 }
 
 /// Starts the binary with its embedded broker and connects one device; the gateway
@@ -139,6 +105,7 @@ fn gateway_with_a_device(client_id: &str) -> (Kill, UdpSocket) {
     let mut buf = [0u8; 64];
     let n = connect.encode(&mut buf).expect("encode");
     let deadline = Instant::now() + Duration::from_secs(20);
+    // The gateway needs a moment to start: CONNECT is retried as a device would.
     loop {
         assert!(Instant::now() < deadline, "no CONNACK from the gateway binary");
         let _ = dev.send(&buf[..n]);
