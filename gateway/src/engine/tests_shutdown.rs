@@ -165,13 +165,10 @@ fn shutdown_can_publish_wills() {
     }
 }
 
-#[test]
-fn shutdown_waits_for_an_uplink_publish_in_flight() {
-    let mut t = T::with(cfg());
-    let d = udp(1);
-    let key = t.connected(&d, &connect("c", false));
+/// The device publishes at QoS 1 (msg id 9, predefined topic 77).
+fn publish_qos1(t: &mut T, d: &LinkAddr) {
     t.feed(
-        &d,
+        d,
         &encode(&Packet::Publish(Publish {
             dup: false,
             qos: QoS::AtLeastOnce,
@@ -181,6 +178,14 @@ fn shutdown_waits_for_an_uplink_publish_in_flight() {
             data: b"x",
         })),
     );
+}
+
+#[test]
+fn shutdown_waits_for_an_uplink_publish_in_flight() {
+    let mut t = T::with(cfg());
+    let d = udp(1);
+    let key = t.connected(&d, &connect("c", false));
+    publish_qos1(&mut t, &d);
     let cmds = t.cmds();
     let [(_, Command::Publish { token, .. })] = cmds.as_slice() else {
         panic!("{cmds:?}")
@@ -214,17 +219,7 @@ fn shutdown_timeout_ends_what_is_still_in_flight() {
     let mut t = T::with(cfg());
     let d = udp(1);
     let key = t.connected(&d, &connect("c", false));
-    t.feed(
-        &d,
-        &encode(&Packet::Publish(Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: TopicRef::Predefined(77),
-            msg_id: 9,
-            data: b"x",
-        })),
-    );
+    publish_qos1(&mut t, &d);
     t.cmds();
     t.gw.shutdown(t.now, false);
     assert!(!t.gw.is_shut_down());
