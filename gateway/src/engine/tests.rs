@@ -1267,12 +1267,10 @@ fn subscribe_to_a_malformed_filter_gets_suback_not_supported() {
     assert_eq!(refused(&t), filters.len() as u64 + 3);
 }
 
-#[test]
-fn invalid_will_topics_are_refused() {
-    let mut t = T::new();
-    let d = dev(1);
+/// CONNECT "w" with the will flag, answered WILLTOPICREQ.
+fn connect_asking_for_a_will(t: &mut T, d: &LinkAddr) {
     t.send(
-        &d,
+        d,
         Packet::Connect(Connect {
             will: true,
             clean_session: true,
@@ -1280,7 +1278,14 @@ fn invalid_will_topics_are_refused() {
             client_id: "w",
         }),
     );
-    t.expect(&d, &[Packet::WillTopicReq]);
+    t.expect(d, &[Packet::WillTopicReq]);
+}
+
+#[test]
+fn invalid_will_topics_are_refused() {
+    let mut t = T::new();
+    let d = dev(1);
+    connect_asking_for_a_will(&mut t, &d);
     t.send(
         &d,
         Packet::WillTopic(Some(WillTopic {
@@ -1292,16 +1297,7 @@ fn invalid_will_topics_are_refused() {
     t.expect(&d, &[Packet::ConnAck(ReturnCode::NotSupported)]);
     assert!(t.cmds().is_empty(), "no broker connection with that will");
     // WILLTOPIC with QoS bits 0b11.
-    t.send(
-        &d,
-        Packet::Connect(Connect {
-            will: true,
-            clean_session: true,
-            duration: 10,
-            client_id: "w",
-        }),
-    );
-    t.expect(&d, &[Packet::WillTopicReq]);
+    connect_asking_for_a_will(&mut t, &d);
     t.feed(&d, &[0x04, 0x07, 0x60, b'w']);
     t.expect(&d, &[Packet::ConnAck(ReturnCode::NotSupported)]);
     assert!(t.cmds().is_empty());
