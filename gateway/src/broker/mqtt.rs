@@ -37,6 +37,9 @@ pub struct BrokerConfig {
     /// absorbed and fed to rumqttc as it drains, instead of being dropped. Beyond this,
     /// QoS 0 publishes are dropped (counted, warned) and QoS 1/2 answered congestion.
     pub backlog_capacity: usize,
+    /// Topic and payload octets the backlog may hold per connection: what bounds the
+    /// memory one device (or a device at a forged address) can make the gateway hold.
+    pub backlog_bytes: usize,
     /// QoS 1/2 publishes per connection awaiting the broker's acknowledgement.
     pub inflight: u16,
     /// Seconds to wait for the TCP connection and CONNACK.
@@ -53,6 +56,7 @@ impl Default for BrokerConfig {
             client_id_prefix: String::new(),
             request_capacity: 256,
             backlog_capacity: 16_384,
+            backlog_bytes: 1 << 20,
             inflight: 16,
             connect_timeout_secs: 5,
         }
@@ -128,10 +132,27 @@ const FULL_WARN_EVERY: Duration = Duration::from_secs(10);
 /// place of a drop).
 struct Backlog {
     tx: mpsc::UnboundedSender<Request>,
-    /// Requests sent to the backlog and not yet taken by rumqttc's channel. While it is
-    /// not zero every new request goes to the backlog too, so order is kept.
-    len: Arc<AtomicUsize>,
+    fill: Arc<Fill>,
     task: JoinHandle<()>,
+}
+
+/// What a backlog holds: requests sent to it and not yet taken by rumqttc's channel
+/// (while not zero, every new request goes to the backlog too, so order is kept), and
+/// their topic and payload octets.
+#[derive(Default)]
+struct Fill {
+    requests: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+/// The octets a request holds in a backlog (topic and payload; acknowledgements none).
+fn request_bytes(r: &Request) -> usize {
+    match r {
+        Request::Publish(p) => p.topic.len() + p.payload.len(),
+        Request::Subscribe(s) => s.filters.iter().map(|f| f.path.len()).sum(),
+        Request::Unsubscribe(u) => u.topics.iter().map(String::len).sum(),
+        _ => 0,
+    }
 }
 
 struct Conn {
@@ -331,7 +352,10 @@ impl MqttLinks {
         direct: impl FnOnce(&AsyncClient) -> Result<(), ClientError>,
         request: impl FnOnce() -> Request,
     ) -> Result<(), RejectReason> {
-        let backlogged = conn.backlog.as_ref().map_or(0, |b| b.len.load(Ordering::Acquire));
+        let backlogged = conn
+            .backlog
+            .as_ref()
+            .map_or(0, |b| b.fill.requests.load(Ordering::Acquire));
         let request = if backlogged == 0 {
             match direct(&conn.client) {
                 Ok(()) => return Ok(()),
@@ -343,12 +367,18 @@ impl MqttLinks {
         if !conn.alive.load(Ordering::Acquire) {
             return Err(RejectReason::Closed);
         }
-        if backlogged >= cfg.backlog_capacity {
+        let size = request_bytes(&request);
+        let held_bytes = conn
+            .backlog
+            .as_ref()
+            .map_or(0, |b| b.fill.bytes.load(Ordering::Acquire));
+        if backlogged >= cfg.backlog_capacity || held_bytes + size > cfg.backlog_bytes {
             if let Some(held_back) = full_warn.allow(Instant::now()) {
                 warn!(
                     key,
                     client = %conn.broker_id,
                     backlog = cfg.backlog_capacity,
+                    backlog_bytes = cfg.backlog_bytes,
                     held_back,
                     "broker connection backlog full: the device sends faster than the broker takes; \
                      QoS 0 publishes dropped, QoS 1/2 answered congestion"
@@ -359,13 +389,15 @@ impl MqttLinks {
         let backlog = conn.backlog.get_or_insert_with(|| {
             debug!(key, client = %conn.broker_id, "request channel full: holding requests in the backlog");
             let (tx, rx) = mpsc::unbounded_channel();
-            let len = Arc::new(AtomicUsize::new(0));
-            let task = tokio::spawn(feed_backlog(conn.client.clone(), rx, len.clone()));
-            Backlog { tx, len, task }
+            let fill = Arc::new(Fill::default());
+            let task = tokio::spawn(feed_backlog(conn.client.clone(), rx, fill.clone()));
+            Backlog { tx, fill, task }
         });
-        backlog.len.fetch_add(1, Ordering::AcqRel);
+        backlog.fill.requests.fetch_add(1, Ordering::AcqRel);
+        backlog.fill.bytes.fetch_add(size, Ordering::AcqRel);
         if backlog.tx.send(request).is_err() {
-            backlog.len.fetch_sub(1, Ordering::AcqRel);
+            backlog.fill.requests.fetch_sub(1, Ordering::AcqRel);
+            backlog.fill.bytes.fetch_sub(size, Ordering::AcqRel);
             return Err(RejectReason::Closed);
         }
         Ok(())
@@ -374,8 +406,9 @@ impl MqttLinks {
 
 /// Feeds a connection's backlog to rumqttc in order, each request waiting for room in
 /// the request channel. Ends when the connection is dropped and the backlog is empty.
-async fn feed_backlog(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Request>, len: Arc<AtomicUsize>) {
+async fn feed_backlog(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Request>, fill: Arc<Fill>) {
     while let Some(request) = rx.recv().await {
+        let size = request_bytes(&request);
         let sent = match request {
             Request::Publish(p) => client.publish_bytes(p.topic, p.qos, p.retain, p.payload).await,
             Request::Subscribe(s) => match s.filters.into_iter().next() {
@@ -398,7 +431,8 @@ async fn feed_backlog(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Reque
             }
             _ => Ok(()),
         };
-        len.fetch_sub(1, Ordering::AcqRel);
+        fill.requests.fetch_sub(1, Ordering::AcqRel);
+        fill.bytes.fetch_sub(size, Ordering::AcqRel);
         if let Err(e) = sent {
             // The connection's task has ended: its session learns it from the Closed
             // (or ConnectFailed) event; what is left here has nowhere to go.
@@ -844,6 +878,49 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         links.reap();
         assert_eq!((links.active(), links.tasks()), (0, 0));
+    }
+
+    /// A device sending large publishes faster than its connection drains is held to
+    /// `backlog_bytes`, however few requests that is.
+    #[tokio::test]
+    async fn the_backlog_is_bounded_in_octets() {
+        // A broker that accepts and never answers: nothing drains the request channel.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let (tx, _rx) = mpsc::channel(16);
+        let cfg = BrokerConfig {
+            port,
+            connect_timeout_secs: 30,
+            request_capacity: 1,
+            backlog_capacity: 1000,
+            backlog_bytes: 10_000,
+            ..BrokerConfig::default()
+        };
+        let mut links = MqttLinks::new(cfg, tx);
+        links.execute(1, Command::Connect(params("big")));
+        let publish = |token| Command::Publish {
+            token,
+            topic: Arc::from("t"),
+            payload: bytes::Bytes::from(vec![0u8; 3999]),
+            qos: MqttQos::AtMostOnce,
+            retain: false,
+        };
+        // One in rumqttc's channel, two in the backlog (8,000 octets), the fourth over.
+        let outcomes: Vec<Option<BrokerEvent>> = (1..=4).map(|t| links.execute(1, publish(t))).collect();
+        assert_eq!(outcomes[..3], [None, None, None], "{outcomes:?}");
+        assert_eq!(
+            outcomes[3],
+            Some(BrokerEvent::Rejected {
+                token: 4,
+                reason: RejectReason::Full
+            })
+        );
     }
 
     #[test]

@@ -131,6 +131,8 @@ pub struct BrokerSection {
     pub request_capacity: usize,
     /// Requests per connection that wait, in order, behind a full request queue.
     pub backlog_capacity: usize,
+    /// Topic and payload octets that backlog may hold per connection.
+    pub backlog_bytes: usize,
     /// QoS 1/2 publishes per connection awaiting the broker's acknowledgement.
     pub inflight: u16,
     /// Seconds allowed for the TCP connect and CONNACK.
@@ -149,6 +151,7 @@ impl Default for BrokerSection {
             embedded_listen: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), b.port),
             request_capacity: b.request_capacity,
             backlog_capacity: b.backlog_capacity,
+            backlog_bytes: b.backlog_bytes,
             inflight: b.inflight,
             connect_timeout_secs: b.connect_timeout_secs,
         }

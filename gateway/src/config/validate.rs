@@ -245,6 +245,7 @@ impl Config {
             client_id_prefix: b.client_id_prefix.clone(),
             request_capacity: at_least(e, "broker.request_capacity", b.request_capacity, 1, 1_000_000),
             backlog_capacity: at_least(e, "broker.backlog_capacity", b.backlog_capacity, 0, 10_000_000),
+            backlog_bytes: at_least(e, "broker.backlog_bytes", b.backlog_bytes, 0, 1 << 30),
             inflight: at_least(e, "broker.inflight", b.inflight, 1, u16::MAX),
             connect_timeout_secs: at_least(e, "broker.connect_timeout_secs", b.connect_timeout_secs, 1, 3600),
         }
