@@ -391,6 +391,9 @@ fn every_key() -> toml::Value {
     c.broker.username = Some("u".into());
     c.broker.password = Some("p".into());
     c.discovery.advertise_addr = Some(SocketAddr::from(([255, 255, 255, 255], 10000)));
+    c.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], 9100)));
+    c.metrics.udp_probe_request = Some("health?".into());
+    c.metrics.udp_probe_reply = Some("ok".into());
     c.serial.push(SerialConfig {
         path: Some("/dev/ttyUSB0".into()),
         ..SerialConfig::default()
