@@ -6,7 +6,7 @@
 //! engine is not touched.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,6 +96,8 @@ pub struct View {
     pub serial_ports: usize,
     /// Serial ports open now.
     pub serial_open: usize,
+    /// A graceful stop has begun.
+    pub stopping: bool,
 }
 
 /// The Prometheus text exposition (format 0.0.4) of `view`.
@@ -134,9 +136,12 @@ pub fn render(view: &View) -> String {
     out
 }
 
-/// The health verdict: `Ok` when every listener is up and the broker is reachable, else
-/// the reason, one line.
+/// The health verdict: `Ok` when every listener is up, the broker is reachable and the
+/// gateway is not stopping, else the reason, one line.
 pub fn health(view: &View) -> Result<(), String> {
+    if view.stopping {
+        return Err("stopping".into());
+    }
     match view.broker_reachable {
         None => return Err("broker not probed yet".into()),
         Some(false) => return Err("broker unreachable".into()),
@@ -163,6 +168,8 @@ pub struct Sources {
     pub broker_reachable: Arc<Mutex<Option<bool>>>,
     /// The serial ports' counters.
     pub serial: SerialStatsReader,
+    /// Set when a graceful stop begins.
+    pub stopping: Arc<AtomicBool>,
 }
 
 impl Sources {
@@ -175,6 +182,7 @@ impl Sources {
             broker_reachable: *self.broker_reachable.lock().unwrap_or_else(|e| e.into_inner()),
             serial_ports: serial.len(),
             serial_open: serial.iter().filter(|p| p.open).count(),
+            stopping: self.stopping.load(Ordering::Relaxed),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! timer ticks into it, and its outputs out to sockets and broker connections.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,8 @@ struct StopSettings {
 struct Snapshot {
     stats: Arc<Mutex<Stats>>,
     broker_links: Arc<AtomicUsize>,
+    /// Set when a graceful stop begins (`GET /healthz` then answers 503).
+    stopping: Arc<AtomicBool>,
 }
 
 impl Snapshot {
@@ -159,6 +161,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let gateway = Gateway::new(settings.engine.clone());
     let stats = Arc::new(Mutex::new(Stats::default()));
     let broker_links = Arc::new(AtomicUsize::new(0));
+    let stopping = Arc::new(AtomicBool::new(false));
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let stop = StopSettings {
         timeout: settings.shutdown_timeout,
@@ -191,6 +194,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
                 broker_links: broker_links.clone(),
                 broker_reachable: reachable,
                 serial: serial_stats.clone(),
+                stopping: stopping.clone(),
             },
         )));
     }
@@ -203,6 +207,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         Snapshot {
             stats: stats.clone(),
             broker_links: broker_links.clone(),
+            stopping,
         },
         settings.stats_interval,
         shutdown_rx,
@@ -264,6 +269,7 @@ async fn run(
             _ = &mut shutdown, if stop_deadline.is_none() => {
                 info!(timeout = ?stop.timeout, publish_wills = stop.publish_wills, "stopping gracefully");
                 stop_deadline = Some(tokio::time::Instant::now() + stop.timeout);
+                snapshot.stopping.store(true, Ordering::Relaxed);
                 gw.shutdown(Instant::now(), stop.publish_wills);
             }
             _ = tokio::time::sleep_until(stop_deadline.unwrap_or_else(tokio::time::Instant::now)), if stop_deadline.is_some() => {

@@ -83,6 +83,10 @@ fn health_needs_a_reachable_broker_and_open_ports() {
     view.serial_ports = 2;
     view.serial_open = 1;
     assert_eq!(health(&view), Err("1 of 2 serial ports not open".into()));
+    view.serial_open = 2;
+    assert_eq!(health(&view), Ok(()));
+    view.stopping = true;
+    assert_eq!(health(&view), Err("stopping".into()));
 }
 
 #[test]
