@@ -19,7 +19,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::engine::{Metrics, Stats};
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{MetricType, TypedMetric};
+
+use crate::engine::{Histogram, Metrics, Stats, LATENCY_BUCKETS};
 use crate::transport::serial::SerialStatsReader;
 
 /// Prefix of every metric name.
@@ -127,6 +130,16 @@ pub fn render(view: &View) -> String {
         "1 when the last TCP probe of the broker succeeded, else 0",
         gauge(usize::from(view.broker_reachable == Some(true))),
     );
+    registry.register(
+        "connack_latency_seconds",
+        "New sessions: CONNECT received to CONNACK accepted sent (will handshake and broker connect)",
+        ConstHistogram(s.latency.connack.clone()),
+    );
+    registry.register(
+        "publish_ack_latency_seconds",
+        "Device QoS 1/2 PUBLISH received to the broker's acknowledgement (PUBACK or PUBREC sent)",
+        ConstHistogram(s.latency.publish_ack.clone()),
+    );
     registry.register("serial_ports", "Serial ports configured", gauge(view.serial_ports));
     registry.register("serial_ports_open", "Serial ports open now", gauge(view.serial_open));
     let mut out = String::new();
@@ -134,6 +147,34 @@ pub fn render(view: &View) -> String {
         warn!(error = %e, "cannot encode the metrics");
     }
     out
+}
+
+/// An engine [`Histogram`], encoded as a Prometheus histogram in seconds.
+#[derive(Debug)]
+struct ConstHistogram(Histogram);
+
+impl TypedMetric for ConstHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = &self.0;
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(h.buckets.iter().copied())
+            .collect();
+        // Microseconds to seconds: exact enough for any sum a gateway reaches.
+        #[allow(clippy::cast_precision_loss)]
+        let sum = h.sum_micros as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, h.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// The health verdict: `Ok` when every listener is up, the broker is reachable and the

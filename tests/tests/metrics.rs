@@ -84,6 +84,28 @@ async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
                 v
             }
             prometheus_parse::Value::Gauge(v) => v,
+            // A histogram: its +Inf bucket (every observation) under its own name.
+            prometheus_parse::Value::Histogram(buckets) => {
+                assert!(s.metric.ends_with("_seconds"), "histogram {}", s.metric);
+                let inf = buckets
+                    .iter()
+                    .find(|b| b.less_than == f64::INFINITY)
+                    .expect("a +Inf bucket");
+                assert!(
+                    buckets.windows(2).all(|w| w[0].count <= w[1].count),
+                    "cumulative buckets: {buckets:?}"
+                );
+                inf.count
+            }
+            // A histogram's _sum and _count lines.
+            prometheus_parse::Value::Untyped(v) => {
+                assert!(
+                    s.metric.ends_with("_sum") || s.metric.ends_with("_count"),
+                    "untyped {}",
+                    s.metric
+                );
+                v
+            }
             other => panic!("{}: unexpected sample type {other:?}", s.metric),
         };
         assert!(s.metric.starts_with("mqttsn_"), "{}", s.metric);
@@ -186,6 +208,14 @@ async fn metrics_count_traffic_and_drops_by_reason() {
     // Drops of other reasons did not move.
     assert_eq!(moved("mqttsn_unknown_peer_total"), 0.0);
     assert_eq!(moved("mqttsn_qos0_dropped_total"), 0.0);
+    assert_eq!(moved("mqttsn_connack_latency_seconds_count"), 1.0);
+    assert_eq!(moved("mqttsn_connack_latency_seconds"), 1.0, "the +Inf bucket");
+    assert_eq!(
+        moved("mqttsn_publish_ack_latency_seconds_count"),
+        1.0,
+        "the QoS 1 publish"
+    );
+    assert!(moved("mqttsn_publish_ack_latency_seconds_sum") > 0.0);
     assert_eq!(after["mqttsn_sessions_active"], 1.0);
     assert_eq!(after["mqttsn_broker_connections"], 1.0);
 

@@ -1,5 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::Duration;
+
 use super::*;
 use crate::config::Config;
 
@@ -64,8 +66,11 @@ fn values_and_gauges_are_shown() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
     }
-    // Every sample line is a name and an integer.
-    for l in text.lines().filter(|l| !l.starts_with('#')) {
+    // Every sample line (histograms aside) is a name and an integer.
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.contains("_latency_seconds"))
+    {
         let (name, value) = l.split_once(' ').expect("name value");
         assert!(name.starts_with("mqttsn_"), "{l}");
         value.parse::<i64>().expect("an integer value");
@@ -135,4 +140,29 @@ fn udp_probe_is_validated() {
     assert!(half.mentions("together"), "{half}");
     let none = Config::default().validate_offline().unwrap();
     assert!(none.metrics.udp_probe.is_none() && none.metrics.listen.is_none());
+}
+
+#[test]
+fn latency_histograms_are_cumulative_in_seconds() {
+    let mut view = View::default();
+    let h = &mut view.stats.latency.connack;
+    h.observe(Duration::from_millis(3));
+    h.observe(Duration::from_millis(30));
+    h.observe(Duration::from_secs(60));
+    view.stats.latency.publish_ack.observe(Duration::from_millis(7));
+    let text = render(&view);
+    for line in [
+        "# TYPE mqttsn_connack_latency_seconds histogram",
+        "mqttsn_connack_latency_seconds_bucket{le=\"0.005\"} 1",
+        "mqttsn_connack_latency_seconds_bucket{le=\"0.025\"} 1",
+        "mqttsn_connack_latency_seconds_bucket{le=\"0.05\"} 2",
+        "mqttsn_connack_latency_seconds_bucket{le=\"30\"} 2",
+        "mqttsn_connack_latency_seconds_bucket{le=\"+Inf\"} 3",
+        "mqttsn_connack_latency_seconds_count 3",
+        "mqttsn_connack_latency_seconds_sum 60.033",
+        "mqttsn_publish_ack_latency_seconds_bucket{le=\"0.01\"} 1",
+        "mqttsn_publish_ack_latency_seconds_count 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+    }
 }
