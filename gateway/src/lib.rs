@@ -6,11 +6,13 @@
 //! - [`transport`]: sockets that move datagrams between devices and the engine.
 //! - [`runtime`]: the tokio shell that wires them together.
 //! - [`config`]: the configuration file and command line.
+//! - [`ops`]: Prometheus metrics, health checks and their HTTP endpoint.
 
 pub mod broker;
 pub mod config;
 pub mod embedded;
 pub mod engine;
+pub mod ops;
 pub mod runtime;
 pub mod topics;
 pub mod transport;

@@ -2,7 +2,7 @@
 //! timer ticks into it, and its outputs out to sockets and broker connections.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,12 +21,18 @@ use crate::transport::udp::{Inbound, UdpListener};
 /// How many queued inputs one loop turn takes before flushing outputs.
 const BATCH: usize = 256;
 
+/// How often the broker is probed with a TCP connect for `GET /healthz`.
+pub const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
 /// A running gateway.
 pub struct Running {
     /// The bound UDP addresses, in configuration order.
     pub udp_addrs: Vec<SocketAddr>,
     /// The embedded broker's address, when one runs.
     pub embedded_broker: Option<SocketAddr>,
+    /// The bound metrics and health address (`GET /metrics`, `GET /healthz`), when
+    /// `[metrics] listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     stats: Arc<Mutex<Stats>>,
     broker_links: Arc<AtomicUsize>,
     serial_stats: SerialStatsReader,
@@ -46,6 +52,8 @@ struct StopSettings {
 struct Snapshot {
     stats: Arc<Mutex<Stats>>,
     broker_links: Arc<AtomicUsize>,
+    /// Set when a graceful stop begins (`GET /healthz` then answers 503).
+    stopping: Arc<AtomicBool>,
 }
 
 impl Snapshot {
@@ -130,8 +138,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         info!(to = %addr, every = ?settings.engine.advertise_interval, "advertising on UDP");
     }
     let (in_tx, in_rx) = mpsc::channel::<Inbound>(4096);
+    let probe = settings.metrics.udp_probe.clone().map(Arc::new);
     for l in &listeners {
-        l.spawn_reader(in_tx.clone());
+        l.spawn_reader(in_tx.clone(), probe.clone());
     }
     let (link_tx, link_rx) = mpsc::channel(256);
     let serial_ports = SerialPorts::spawn(&settings.serial, in_tx.clone(), link_tx).map_err(anyhow::Error::msg)?;
@@ -147,16 +156,49 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         }
     }
     info!(broker = %format!("{}:{}", broker.host, broker.port), "broker");
+    let (broker_host, broker_port, broker_timeout) = (broker.host.clone(), broker.port, broker.connect_timeout_secs);
     let links = MqttLinks::new(broker, ev_tx);
     let gateway = Gateway::new(settings.engine.clone());
     let stats = Arc::new(Mutex::new(Stats::default()));
     let broker_links = Arc::new(AtomicUsize::new(0));
+    let stopping = Arc::new(AtomicBool::new(false));
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let stop = StopSettings {
         timeout: settings.shutdown_timeout,
         publish_wills: settings.publish_wills_on_shutdown,
     };
-    let task = tokio::spawn(run(
+    let metrics_listener = match settings.metrics.listen {
+        Some(addr) => Some(
+            crate::ops::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind the metrics address {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let mut helpers = Vec::new();
+    if let Some(listener) = metrics_listener {
+        info!(addr = ?metrics_addr, "serving /metrics and /healthz over HTTP");
+        let reachable = Arc::new(Mutex::new(None));
+        helpers.push(tokio::spawn(crate::ops::probe_broker(
+            broker_host,
+            broker_port,
+            BROKER_PROBE_INTERVAL,
+            Duration::from_secs(broker_timeout).min(BROKER_PROBE_INTERVAL),
+            reachable.clone(),
+        )));
+        helpers.push(tokio::spawn(crate::ops::serve(
+            listener,
+            crate::ops::Sources {
+                stats: stats.clone(),
+                broker_links: broker_links.clone(),
+                broker_reachable: reachable,
+                serial: serial_stats.clone(),
+                stopping: stopping.clone(),
+            },
+        )));
+    }
+    let engine = run(
         gateway,
         links,
         listeners,
@@ -165,6 +207,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         Snapshot {
             stats: stats.clone(),
             broker_links: broker_links.clone(),
+            stopping,
         },
         settings.stats_interval,
         shutdown_rx,
@@ -173,10 +216,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             ports: serial_ports,
             events: link_rx,
         },
-    ));
+    );
+    let task = tokio::spawn(async move {
+        engine.await;
+        for h in helpers {
+            h.abort();
+        }
+    });
     Ok(Running {
         udp_addrs,
         embedded_broker,
+        metrics_addr,
         stats,
         broker_links,
         serial_stats,
@@ -219,6 +269,7 @@ async fn run(
             _ = &mut shutdown, if stop_deadline.is_none() => {
                 info!(timeout = ?stop.timeout, publish_wills = stop.publish_wills, "stopping gracefully");
                 stop_deadline = Some(tokio::time::Instant::now() + stop.timeout);
+                snapshot.stopping.store(true, Ordering::Relaxed);
                 gw.shutdown(Instant::now(), stop.publish_wills);
             }
             _ = tokio::time::sleep_until(stop_deadline.unwrap_or_else(tokio::time::Instant::now)), if stop_deadline.is_some() => {

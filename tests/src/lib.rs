@@ -108,6 +108,16 @@ impl Mosquitto {
     /// Starts mosquitto. When it is not installed: a failure under `CI=true`, otherwise a
     /// loud note and `None` (the caller returns early; the test is not run).
     pub fn start() -> Option<Mosquitto> {
+        Self::launch(None)
+    }
+
+    /// [`Mosquitto::start`] on a given loopback port (e.g. the port of one that was
+    /// stopped, to bring a broker back).
+    pub fn start_at(port: u16) -> Option<Mosquitto> {
+        Self::launch(Some(port))
+    }
+
+    fn launch(fixed_port: Option<u16>) -> Option<Mosquitto> {
         let Some(bin) = find_mosquitto() else {
             if in_ci() {
                 panic!(
@@ -127,7 +137,7 @@ impl Mosquitto {
         let mut last_log = String::new();
         // A free port can be taken between probing and binding: try a few.
         for _ in 0..5 {
-            let port = free_port();
+            let port = fixed_port.unwrap_or_else(free_port);
             let dir = std::env::temp_dir().join(format!("e2e-mosquitto-{}-{}-{port}", std::process::id(), unique()));
             std::fs::create_dir_all(&dir).expect("creating the mosquitto directory");
             let conf = dir.join("mosquitto.conf");

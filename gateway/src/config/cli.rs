@@ -55,6 +55,9 @@ pub struct Cli {
     /// `[discovery]` flags.
     #[command(flatten)]
     pub discovery: DiscoveryFlags,
+    /// `[metrics]` flags.
+    #[command(flatten)]
+    pub metrics: MetricsFlags,
     /// Predefined topic, ID=TOPIC (repeatable), e.g. 77=sensors/temp; replaces the
     /// file's entry for the same id.
     #[arg(long, id = "predefined", value_name = "ID=TOPIC", value_parser = parse_predefined)]
@@ -167,6 +170,15 @@ pub struct DiscoveryFlags {
     #[arg(long = "advertise-addr", id = "discovery.advertise_addr", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_addr: Option<SocketAddr>,
+}
+
+/// `[metrics]` flags.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct MetricsFlags {
+    /// TCP address serving GET /metrics (Prometheus) and GET /healthz, e.g. 127.0.0.1:9100.
+    #[arg(long = "metrics", id = "metrics.listen", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
 }
 
 /// A serial port given on the command line: `PATH[:BAUD[:FRAMING]]`.

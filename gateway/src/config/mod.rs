@@ -22,8 +22,10 @@ use crate::transport::serial::SerialPortConfig;
 mod cli;
 mod validate;
 
-pub use cli::{BrokerFlags, Cli, DiscoveryFlags, GatewayFlags, LimitsFlags, SerialFlag, TimersFlags, UdpFlags};
-pub use validate::Settings;
+pub use cli::{
+    BrokerFlags, Cli, DiscoveryFlags, GatewayFlags, LimitsFlags, MetricsFlags, SerialFlag, TimersFlags, UdpFlags,
+};
+pub use validate::{MetricsSettings, Settings, UdpProbe};
 
 /// Prefix of the environment variables that set configuration keys:
 /// `MQTT_SN_<SECTION>__<KEY>`, e.g. `MQTT_SN_BROKER__URL`.
@@ -60,6 +62,25 @@ pub struct Config {
     pub predefined: BTreeMap<String, String>,
     /// `[[serial]]`: one table per serial port.
     pub serial: Vec<SerialConfig>,
+    /// `[metrics]`: the Prometheus and health endpoint, and the UDP health probe.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address serving `GET /metrics` (Prometheus text) and `GET /healthz`; unset:
+    /// no endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// A datagram on a UDP listener equal to these bytes is answered with
+    /// `udp_probe_reply` instead of reaching the engine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_probe_request: Option<String>,
+    /// The answer to `udp_probe_request`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_probe_reply: Option<String>,
 }
 
 /// `[gateway]`.

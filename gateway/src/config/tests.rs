@@ -391,6 +391,9 @@ fn every_key() -> toml::Value {
     c.broker.username = Some("u".into());
     c.broker.password = Some("p".into());
     c.discovery.advertise_addr = Some(SocketAddr::from(([255, 255, 255, 255], 10000)));
+    c.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], 9100)));
+    c.metrics.udp_probe_request = Some("health?".into());
+    c.metrics.udp_probe_reply = Some("ok".into());
     c.serial.push(SerialConfig {
         path: Some("/dev/ttyUSB0".into()),
         ..SerialConfig::default()
@@ -496,4 +499,35 @@ fn docs_list_every_flag() {
             );
         }
     }
+}
+
+#[test]
+fn metrics_flag_environment_and_file() {
+    let (_dir, path) =
+        file("[metrics]\nlisten = \"127.0.0.1:9100\"\nudp_probe_request = \"hc?\"\nudp_probe_reply = \"up\"\n");
+    let path = path.to_string_lossy().into_owned();
+    let from_file = Config::load_with_env(&cli(&["--config", &path]), env(&[]))
+        .expect("loads")
+        .validate_offline()
+        .expect("validates");
+    assert_eq!(from_file.metrics.listen, Some(SocketAddr::from(([127, 0, 0, 1], 9100))));
+    assert_eq!(from_file.metrics.udp_probe.map(|p| p.reply), Some(b"up".to_vec()));
+    let flagged = Config::load_with_env(
+        &cli(&["--config", &path, "--metrics", "127.0.0.1:9200"]),
+        env(&[("MQTT_SN_METRICS__LISTEN", "127.0.0.1:9300")]),
+    )
+    .expect("loads")
+    .validate_offline()
+    .expect("validates");
+    assert_eq!(
+        flagged.metrics.listen,
+        Some(SocketAddr::from(([127, 0, 0, 1], 9200))),
+        "flag beats environment"
+    );
+    let from_env = Config::load_with_env(&cli(&[]), env(&[("MQTT_SN_METRICS__LISTEN", "127.0.0.1:9300")]))
+        .expect("loads")
+        .validate_offline()
+        .expect("validates");
+    assert_eq!(from_env.metrics.listen, Some(SocketAddr::from(([127, 0, 0, 1], 9300))));
+    assert!(Cli::try_parse_from(["mqtt-sn-gateway", "--metrics", "not-an-address"]).is_err());
 }

@@ -33,6 +33,27 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Publish the wills of connected devices on a graceful stop.
     pub publish_wills_on_shutdown: bool,
+    /// The metrics and health endpoint, and the UDP health probe.
+    pub metrics: MetricsSettings,
+}
+
+/// `[metrics]`, validated.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSettings {
+    /// Where `GET /metrics` and `GET /healthz` are served; `None`: nowhere.
+    pub listen: Option<SocketAddr>,
+    /// The UDP health probe, when configured.
+    pub udp_probe: Option<UdpProbe>,
+}
+
+/// A UDP health probe: a datagram equal to `request` is answered with `reply` and not
+/// passed to the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpProbe {
+    /// The probe's bytes (never a valid MQTT-SN message).
+    pub request: Vec<u8>,
+    /// The answer's bytes.
+    pub reply: Vec<u8>,
 }
 
 impl Default for Settings {
@@ -205,6 +226,10 @@ impl Config {
             MAX_TIMER_SECS,
         );
         let stats = self.gateway.stats_interval_secs;
+        let metrics = MetricsSettings {
+            listen: self.metrics.listen,
+            udp_probe: self.udp_probe(e),
+        };
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -217,7 +242,38 @@ impl Config {
             serial,
             shutdown_timeout,
             publish_wills_on_shutdown: self.gateway.publish_wills_on_shutdown,
+            metrics,
         })
+    }
+
+    /// The UDP probe: both strings or neither, neither empty, and a request that no
+    /// MQTT-SN device could send (it must not decode as an MQTT-SN message), so that the
+    /// probe never hides a device's datagram.
+    fn udp_probe(&self, e: &mut Vec<String>) -> Option<UdpProbe> {
+        let m = &self.metrics;
+        match (&m.udp_probe_request, &m.udp_probe_reply) {
+            (None, None) => None,
+            (Some(request), Some(reply)) => {
+                if request.is_empty() || reply.is_empty() {
+                    e.push("metrics.udp_probe_request and metrics.udp_probe_reply must not be empty".into());
+                    return None;
+                }
+                if sn_codec::Packet::decode(request.as_bytes()).is_ok() {
+                    e.push(format!(
+                        "metrics.udp_probe_request {request:?} decodes as an MQTT-SN message; choose bytes no device sends"
+                    ));
+                    return None;
+                }
+                Some(UdpProbe {
+                    request: request.as_bytes().to_vec(),
+                    reply: reply.as_bytes().to_vec(),
+                })
+            }
+            _ => {
+                e.push("metrics.udp_probe_request and metrics.udp_probe_reply are set together or not at all".into());
+                None
+            }
+        }
     }
 
     fn broker_config(&self, e: &mut Vec<String>) -> BrokerConfig {

@@ -257,6 +257,53 @@ pub struct Stats {
     pub held_messages: usize,
     /// Counters.
     pub metrics: Metrics,
+    /// Latency histograms.
+    pub latency: Latencies,
+}
+
+/// Upper bounds, in seconds, of the buckets of every latency [`Histogram`].
+pub const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// A histogram of durations over [`LATENCY_BUCKETS`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative): `buckets[i]` counts those above
+    /// bucket `i - 1`'s bound and up to bucket `i`'s; the last counts those above every
+    /// bound.
+    pub buckets: [u64; LATENCY_BUCKETS.len() + 1],
+    /// Observations.
+    pub count: u64,
+    /// Sum of the observations, microseconds.
+    pub sum_micros: u64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        if let Some(b) = self.buckets.get_mut(i) {
+            *b += 1;
+        }
+        self.count += 1;
+        self.sum_micros = self
+            .sum_micros
+            .saturating_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+}
+
+/// Latencies the engine measures (with the time it is given, so testable like the rest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Latencies {
+    /// A new session's CONNECT received to its CONNACK (accepted) sent: the will
+    /// handshake and the broker's MQTT connect.
+    pub connack: Histogram,
+    /// A device's QoS 1/2 PUBLISH received to its acknowledgement from the broker (PUBACK
+    /// or PUBREC sent to the device).
+    pub publish_ack: Histogram,
 }
 
 /// The engine's queued outputs.
@@ -328,6 +375,7 @@ pub struct Gateway {
     next_key: ClientKey,
     out: Output,
     metrics: Metrics,
+    latency: Latencies,
     qos_minus_one_connected: bool,
     /// When the next periodic ADVERTISE is due (set by [`Gateway::start`]).
     next_advertise: Option<Instant>,
@@ -356,6 +404,7 @@ impl Gateway {
             next_key: QOS_MINUS_ONE_KEY + 1,
             out: Output::default(),
             metrics: Metrics::default(),
+            latency: Latencies::default(),
             qos_minus_one_connected: false,
             next_advertise: None,
             up_links: BTreeSet::new(),
@@ -398,6 +447,7 @@ impl Gateway {
         let mut stats = Stats {
             sessions: self.sessions.len(),
             metrics: self.metrics.clone(),
+            latency: self.latency.clone(),
             ..Stats::default()
         };
         for s in self.sessions.values() {
@@ -621,6 +671,7 @@ impl Gateway {
             cfg: &self.cfg,
             out: &mut self.out,
             metrics: &mut self.metrics,
+            latency: &mut self.latency,
             now,
         };
         let session = Session::new(
@@ -748,6 +799,7 @@ impl Gateway {
             cfg: &self.cfg,
             out: &mut self.out,
             metrics: &mut self.metrics,
+            latency: &mut self.latency,
             now,
         };
         let mut flow = f(session, &mut ctx);

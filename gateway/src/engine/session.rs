@@ -9,7 +9,7 @@ use bytes::Bytes;
 use sn_codec::{Packet, PubAck, QoS, RegAck, Register, ReturnCode, SubAck, TopicFilter, TopicRef};
 use tracing::{debug, info};
 
-use super::{EngineConfig, Metrics, Output, Peer};
+use super::{EngineConfig, Latencies, Metrics, Output, Peer};
 use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, Message, MqttQos, Token, Will};
 use crate::topics::{self, TopicTable};
 
@@ -54,6 +54,7 @@ pub(crate) struct Ctx<'a> {
     pub cfg: &'a EngineConfig,
     pub out: &'a mut Output,
     pub metrics: &'a mut Metrics,
+    pub latency: &'a mut Latencies,
     pub now: Instant,
 }
 
@@ -63,6 +64,8 @@ struct Uplink {
     msg_id: u16,
     topic_id: u16,
     qos: MqttQos,
+    /// When the device's PUBLISH arrived.
+    at: Instant,
 }
 
 /// A SUBSCRIBE waiting for the broker's SUBACK.
@@ -137,6 +140,8 @@ pub(crate) struct Session {
     sleep_since: Instant,
     sleep_duration: Duration,
     timer: Option<Instant>,
+    /// When the CONNECT that created the session arrived, until its CONNACK.
+    connect_started: Option<Instant>,
 }
 
 /// Completed QoS 2 publishes remembered per client.
@@ -209,6 +214,7 @@ impl Session {
             sleep_since: ctx.now,
             sleep_duration: Duration::ZERO,
             timer: None,
+            connect_started: Some(ctx.now),
         };
         s.start_handshake(ctx, c.will);
         s
@@ -246,6 +252,9 @@ impl Session {
     fn become_active(&mut self, ctx: &mut Ctx<'_>) {
         self.state = SessionState::Active;
         ctx.metrics.connects += 1;
+        if let Some(at) = self.connect_started.take() {
+            ctx.latency.connack.observe(ctx.now.saturating_duration_since(at));
+        }
         debug!(client = %self.client_id, peer = %self.peer, keep_alive = self.keep_alive, clean = self.clean_session, "client connected");
         ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::Accepted));
         // Whatever was in flight when the client slept is sent again now.
@@ -587,6 +596,7 @@ impl Session {
                     msg_id: p.msg_id,
                     topic_id,
                     qos,
+                    at: ctx.now,
                 },
             );
         }
@@ -775,6 +785,7 @@ impl Session {
             }
             BrokerEvent::Published { token } => {
                 if let Some(u) = self.uplink.remove(&token) {
+                    ctx.latency.publish_ack.observe(ctx.now.saturating_duration_since(u.at));
                     match u.qos {
                         MqttQos::ExactlyOnce => {
                             self.qos2_in.insert(u.msg_id, true);

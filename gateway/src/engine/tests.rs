@@ -1399,3 +1399,47 @@ fn metrics_display_as_key_value_pairs_of_nonzero_counters() {
     m.topic_refused = 2;
     assert_eq!(m.to_string(), "datagrams_in=3 malformed=1 topic_refused=2");
 }
+
+#[test]
+fn connack_and_publish_ack_latencies_are_measured_with_the_given_clock() {
+    let mut t = T::new();
+    let d = dev(1);
+    t.send(
+        &d,
+        Packet::Connect(Connect {
+            will: false,
+            clean_session: true,
+            duration: 0,
+            client_id: "lat",
+        }),
+    );
+    let cmds = t.cmds();
+    let [(key, Command::Connect(_))] = cmds.as_slice() else {
+        panic!("{cmds:?}")
+    };
+    let key = *key;
+    t.at(0.04);
+    t.event(key, BrokerEvent::Connected { session_present: false });
+    t.expect(&d, &[Packet::ConnAck(ReturnCode::Accepted)]);
+    let connack = t.gw.stats().latency.connack;
+    let at = |bound: f64| LATENCY_BUCKETS.iter().position(|b| *b == bound).unwrap();
+    assert_eq!((connack.count, connack.buckets[at(0.05)]), (1, 1), "{connack:?}");
+    assert_eq!(connack.sum_micros, 40_000);
+
+    let id = t.register(&d, "a/b", 1);
+    t.at(1.0);
+    t.send(&d, publish(QoS::AtLeastOnce, TopicRef::Normal(id), 7, b"x", false));
+    let cmds = t.cmds();
+    let [(_, Command::Publish { token, .. })] = cmds.as_slice() else {
+        panic!("{cmds:?}")
+    };
+    let token = *token;
+    t.at(1.2);
+    t.event(key, BrokerEvent::Published { token });
+    t.expect(&d, &[puback(id, 7)]);
+    let ack = t.gw.stats().latency.publish_ack;
+    assert_eq!((ack.count, ack.buckets[at(0.25)]), (1, 1), "{ack:?}");
+    // QoS 0 is not measured (nothing acknowledges it).
+    t.send(&d, publish(QoS::AtMostOnce, TopicRef::Normal(id), 0, b"y", false));
+    assert_eq!(t.gw.stats().latency.publish_ack.count, 1);
+}

@@ -7,6 +7,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::config::UdpProbe;
 use crate::engine::LinkAddr;
 
 /// A datagram received from a device.
@@ -53,8 +54,10 @@ impl UdpListener {
         self.socket.local_addr()
     }
 
-    /// Reads datagrams into `tx` until the receiver closes.
-    pub fn spawn_reader(&self, tx: mpsc::Sender<Inbound>) -> tokio::task::JoinHandle<()> {
+    /// Reads datagrams into `tx` until the receiver closes. A datagram equal to the
+    /// `probe`'s request is answered with its reply here and not passed on (validation
+    /// makes sure no MQTT-SN message equals the request).
+    pub fn spawn_reader(&self, tx: mpsc::Sender<Inbound>, probe: Option<Arc<UdpProbe>>) -> tokio::task::JoinHandle<()> {
         let socket = self.socket.clone();
         let index = self.index;
         tokio::spawn(async move {
@@ -62,6 +65,14 @@ impl UdpListener {
             loop {
                 match socket.recv_from(&mut buf).await {
                     Ok((n, from)) => {
+                        if let Some(p) = &probe {
+                            if buf.get(..n) == Some(p.request.as_slice()) {
+                                if let Err(e) = socket.send_to(&p.reply, from).await {
+                                    warn!(to = %from, error = %e, "UDP probe reply failed");
+                                }
+                                continue;
+                            }
+                        }
                         let data = buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default();
                         if tx.send((LinkAddr::Udp(index, from), data)).await.is_err() {
                             return;
