@@ -85,6 +85,18 @@ fn example_file_parses() {
     assert_eq!(s.udp.len(), 1);
 }
 
+/// The commented configuration the Debian package installs in /etc: it validates, and
+/// says what the defaults say (it only uncomments a default or two).
+#[test]
+fn packaged_file_validates_and_keeps_the_defaults() {
+    let text = include_str!("../../../packaging/gateway.toml");
+    let c = Config::parse(text).expect("packaging/gateway.toml parses");
+    c.validate_offline().expect("packaging/gateway.toml validates");
+    let mut expected = Config::default();
+    expected.broker.url = Some("mqtt://127.0.0.1:1883".into());
+    assert_eq!(c, expected);
+}
+
 #[test]
 fn layers_file_then_environment_then_flags() {
     let (_dir, path) = file(
