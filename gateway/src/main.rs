@@ -28,13 +28,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&settings.log);
+    let format = settings.log.format;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
-        Err(e) => return fatal(&anyhow::Error::new(e).context("cannot start the async runtime")),
+        Err(e) => return fatal(format, &anyhow::Error::new(e).context("cannot start the async runtime")),
     };
     match runtime.block_on(run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fatal(&e),
+        Err(e) => fatal(format, &e),
     }
 }
 
@@ -109,10 +110,13 @@ fn config_error(e: &ConfigErrors) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-/// A fatal error at start or while running: one line (with its causes), no backtrace,
-/// through the log (so that a JSON log stays one JSON object per line).
-fn fatal(e: &anyhow::Error) -> ExitCode {
-    tracing::error!("{e:#}");
+/// A fatal error at start or while running: one line (with its causes), no backtrace;
+/// `error: ...` in text, an ERROR event in a JSON log (which stays one object per line).
+fn fatal(format: LogFormat, e: &anyhow::Error) -> ExitCode {
+    match format {
+        LogFormat::Text => eprintln!("error: {e:#}"),
+        LogFormat::Json => tracing::error!("{e:#}"),
+    }
     ExitCode::FAILURE
 }
 

@@ -125,3 +125,29 @@ fn bad_format_or_level_exits_2_naming_the_key() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A fatal error at start (here the embedded broker's address is taken) is an ERROR
+/// object in a JSON log, not a plain `error:` line.
+#[test]
+fn a_fatal_error_in_a_json_log_is_json_too() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = Command::new(BIN)
+        .args(["--embedded-broker", "--embedded-broker-listen", &addr])
+        .args(["--udp", "127.0.0.1:0", "--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mut errors = 0;
+    for line in err.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}\nall:\n{err}"));
+        if v["level"] == "ERROR" {
+            errors += 1;
+            assert!(v["message"].as_str().is_some_and(|m| m.contains("in use")), "{line}");
+        }
+    }
+    assert_eq!(errors, 1, "{err}");
+}
