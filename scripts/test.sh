@@ -2,6 +2,11 @@
 # The one command that sets up what the tests need and runs them all: the README's test
 # command, and exactly what CI runs (.ci/run calls this script).
 #
+# Under CI=true (or with PACKAGE_TEST=1) it also builds the Debian package, installs it
+# with dpkg and validates the installed configuration with the installed binary
+# (scripts/package-test.sh); elsewhere that step is left out, since it installs into
+# the system.
+#
 # It installs mosquitto (with apt-get, as root or through sudo without a password) and
 # cargo-nextest when they are missing, and says plainly what it could not install. Under
 # CI=true a missing part is a failure; elsewhere the broker tests are skipped with a loud
@@ -80,5 +85,11 @@ if [ "$nextest" = yes ]; then
   cargo test --workspace --all-features --doc
 else
   cargo test --workspace --all-features --no-fail-fast
+fi
+if [ "${CI:-}" = true ] || [ "${PACKAGE_TEST:-}" = 1 ]; then
+  echo "== Debian package: build, install, check the installed configuration"
+  bash scripts/package-test.sh --remove
+else
+  echo "== Debian package: not built (CI=true or PACKAGE_TEST=1 builds and installs it)"
 fi
 echo "== all tests passed"

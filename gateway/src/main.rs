@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use gateway::config::{Cli, Config, ConfigErrors};
-use tracing_subscriber::EnvFilter;
+use gateway::config::{LogFormat, LogSettings};
 
 /// Exit status for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;
@@ -27,14 +27,15 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    init_logging();
+    init_logging(&settings.log);
+    let format = settings.log.format;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
-        Err(e) => return fatal(&anyhow::Error::new(e).context("cannot start the async runtime")),
+        Err(e) => return fatal(format, &anyhow::Error::new(e).context("cannot start the async runtime")),
     };
     match runtime.block_on(run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fatal(&e),
+        Err(e) => fatal(format, &e),
     }
 }
 
@@ -80,15 +81,25 @@ async fn warn_if_unreachable(broker: gateway::broker::mqtt::BrokerConfig) {
     tracing::warn!(broker = %addr, %reason, "broker unreachable at start; devices get CONNACK congestion until it answers (the gateway keeps trying)");
 }
 
-/// Logs to stderr, in colour only when stderr is a terminal.
-fn init_logging() {
-    tracing_subscriber::fmt()
-        // rumqttd (the embedded broker) logs every client disconnect as an error: its own
-        // log is off unless RUST_LOG asks for it (e.g. RUST_LOG=info,rumqttd=info).
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off")))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs to stderr as `log` says (`RUST_LOG` overrides its level): text, in colour only
+/// when stderr is a terminal, or one JSON object per line.
+fn init_logging(log: &LogSettings) {
+    let (filter, problem) = log.filter(std::env::var("RUST_LOG").ok().as_deref());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+    if let Some(problem) = problem {
+        tracing::warn!("{problem}");
+    }
 }
 
 /// Every configuration error, one per line, then exit status 2.
@@ -99,9 +110,13 @@ fn config_error(e: &ConfigErrors) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-/// A fatal error at start or while running: one line (with its causes), no backtrace.
-fn fatal(e: &anyhow::Error) -> ExitCode {
-    eprintln!("error: {e:#}");
+/// A fatal error at start or while running: one line (with its causes), no backtrace;
+/// `error: ...` in text, an ERROR event in a JSON log (which stays one object per line).
+fn fatal(format: LogFormat, e: &anyhow::Error) -> ExitCode {
+    match format {
+        LogFormat::Text => eprintln!("error: {e:#}"),
+        LogFormat::Json => tracing::error!("{e:#}"),
+    }
     ExitCode::FAILURE
 }
 

@@ -51,6 +51,21 @@ fn bad_config_is_a_clear_error() {
     assert!(!out.status.success());
 }
 
+/// What the Debian package installs in /etc passes `--check-config` (the package test,
+/// scripts/package-test.sh, checks the installed copy the same way).
+#[test]
+fn packaged_configuration_passes_check_config() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/gateway.toml");
+    let out = Command::new(BIN)
+        .args(["--check-config", "-c", path])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{path}: {err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "configuration OK");
+}
+
 fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
         .expect("bind")

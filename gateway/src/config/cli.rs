@@ -22,7 +22,7 @@ use super::{Config, ConfigErrors};
     name = "mqtt-sn-gateway",
     version,
     about = "MQTT-SN v1.2 gateway: serves sensors speaking MQTT-SN over UDP and serial links and makes each an MQTT 3.1.1 client of a broker",
-    after_help = "Settings are layered: defaults, then the --config file, then MQTT_SN_<SECTION>__<KEY> environment variables (e.g. MQTT_SN_BROKER__URL), then these flags.\n\nExamples:\n  mqtt-sn-gateway --udp 127.0.0.1:10000 --broker mqtt://127.0.0.1:1883\n  mqtt-sn-gateway --embedded-broker\n  mqtt-sn-gateway --serial /dev/ttyUSB0:115200 --broker mqtt://127.0.0.1:1883\n  mqtt-sn-gateway --config gateway.toml --check-config\n\nLogging: RUST_LOG=debug (or e.g. RUST_LOG=gateway=debug,info). Configuration keys: docs/configuration.md"
+    after_help = "Settings are layered: defaults, then the --config file, then MQTT_SN_<SECTION>__<KEY> environment variables (e.g. MQTT_SN_BROKER__URL), then these flags.\n\nExamples:\n  mqtt-sn-gateway --udp 127.0.0.1:10000 --broker mqtt://127.0.0.1:1883\n  mqtt-sn-gateway --embedded-broker\n  mqtt-sn-gateway --serial /dev/ttyUSB0:115200 --broker mqtt://127.0.0.1:1883\n  mqtt-sn-gateway --config gateway.toml --check-config\n\nLogging: --log-level / log.level (RUST_LOG, when set, overrides it), --log-format text|json. Configuration keys: docs/configuration.md"
 )]
 pub struct Cli {
     /// TOML configuration file; the environment and flags override its values.
@@ -58,6 +58,9 @@ pub struct Cli {
     /// `[metrics]` flags.
     #[command(flatten)]
     pub metrics: MetricsFlags,
+    /// `[log]` flags.
+    #[command(flatten)]
+    pub log: LogFlags,
     /// Predefined topic, ID=TOPIC (repeatable), e.g. 77=sensors/temp; replaces the
     /// file's entry for the same id.
     #[arg(long, id = "predefined", value_name = "ID=TOPIC", value_parser = parse_predefined)]
@@ -179,6 +182,19 @@ pub struct MetricsFlags {
     #[arg(long = "metrics", id = "metrics.listen", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+}
+
+/// `[log]` flags.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct LogFlags {
+    /// Log format on stderr: text, or json (one JSON object per line).
+    #[arg(long = "log-format", id = "log.format", value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Log level, a tracing EnvFilter directive such as info or info,gateway=debug (RUST_LOG, when set, overrides it).
+    #[arg(long = "log-level", id = "log.level", value_name = "LEVEL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
 }
 
 /// A serial port given on the command line: `PATH[:BAUD[:FRAMING]]`.

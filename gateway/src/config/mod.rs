@@ -23,9 +23,10 @@ mod cli;
 mod validate;
 
 pub use cli::{
-    BrokerFlags, Cli, DiscoveryFlags, GatewayFlags, LimitsFlags, MetricsFlags, SerialFlag, TimersFlags, UdpFlags,
+    BrokerFlags, Cli, DiscoveryFlags, GatewayFlags, LimitsFlags, LogFlags, MetricsFlags, SerialFlag, TimersFlags,
+    UdpFlags,
 };
-pub use validate::{MetricsSettings, Settings, UdpProbe};
+pub use validate::{LogSettings, MetricsSettings, Settings, UdpProbe};
 
 /// Prefix of the environment variables that set configuration keys:
 /// `MQTT_SN_<SECTION>__<KEY>`, e.g. `MQTT_SN_BROKER__URL`.
@@ -58,6 +59,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[discovery]`: ADVERTISE and GWINFO.
     pub discovery: DiscoveryConfig,
+    /// `[log]`: log format and level.
+    pub log: LogConfig,
     /// `[predefined]`: topic id (as a string key) = topic name.
     pub predefined: BTreeMap<String, String>,
     /// `[[serial]]`: one table per serial port.
@@ -271,6 +274,46 @@ impl Default for DiscoveryConfig {
         DiscoveryConfig {
             advertise_interval_secs: e.advertise_interval.map_or(0, |d| d.as_secs()),
             advertise_addr: e.udp_broadcast,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `"text"` (one human-readable line per event) or `"json"` (one JSON object per line).
+    pub format: String,
+    /// A tracing `EnvFilter` directive, e.g. `"info"` or `"info,gateway=debug"`;
+    /// `RUST_LOG`, when set, overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text.as_str().into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event (coloured when stderr is a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl LogFormat {
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
         }
     }
 }

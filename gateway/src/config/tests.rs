@@ -85,6 +85,18 @@ fn example_file_parses() {
     assert_eq!(s.udp.len(), 1);
 }
 
+/// The commented configuration the Debian package installs in /etc: it validates, and
+/// says what the defaults say (it only uncomments a default or two).
+#[test]
+fn packaged_file_validates_and_keeps_the_defaults() {
+    let text = include_str!("../../../packaging/gateway.toml");
+    let c = Config::parse(text).expect("packaging/gateway.toml parses");
+    c.validate_offline().expect("packaging/gateway.toml validates");
+    let mut expected = Config::default();
+    expected.broker.url = Some("mqtt://127.0.0.1:1883".into());
+    assert_eq!(c, expected);
+}
+
 #[test]
 fn layers_file_then_environment_then_flags() {
     let (_dir, path) = file(
@@ -530,4 +542,93 @@ fn metrics_flag_environment_and_file() {
         .expect("validates");
     assert_eq!(from_env.metrics.listen, Some(SocketAddr::from(([127, 0, 0, 1], 9300))));
     assert!(Cli::try_parse_from(["mqtt-sn-gateway", "--metrics", "not-an-address"]).is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// [log]
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn log_format_and_level_from_file_environment_and_flags() {
+    let d = Config::default().validate_offline().expect("defaults validate");
+    assert_eq!(
+        d.log,
+        LogSettings {
+            format: LogFormat::Text,
+            level: "info".into()
+        }
+    );
+    let (_dir, path) = file("[log]\nformat = \"json\"\nlevel = \"warn\"\n");
+    let from_file = Config::load_with_env(&cli(&["--config", path.to_str().expect("utf-8")]), no_env())
+        .expect("loads")
+        .validate_offline()
+        .expect("validates");
+    assert_eq!(from_file.log.format, LogFormat::Json);
+    assert_eq!(from_file.log.level, "warn");
+    let from_env = Config::load_with_env(&Cli::default(), env(&[("MQTT_SN_LOG__LEVEL", "info,gateway=debug")]))
+        .expect("loads")
+        .validate_offline()
+        .expect("validates");
+    assert_eq!(from_env.log.level, "info,gateway=debug");
+    let from_flags = Config::load_with_env(
+        &cli(&[
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--log-format",
+            "text",
+            "--log-level",
+            "debug",
+        ]),
+        no_env(),
+    )
+    .expect("loads")
+    .validate_offline()
+    .expect("validates");
+    assert_eq!(from_flags.log.format, LogFormat::Text);
+    assert_eq!(from_flags.log.level, "debug");
+}
+
+#[test]
+fn bad_log_format_and_level_name_their_key() {
+    let bad_format = Config::parse("[log]\nformat = \"xml\"\n").expect("parses");
+    let err = bad_format.validate_offline().unwrap_err();
+    assert!(err.mentions("log.format") && err.mentions("xml"), "{err}");
+    for level in ["loud", "gateway=loud", "", "info,,nonsense"] {
+        let bad = Config::parse(&format!("[log]\nlevel = {level:?}\n")).expect("parses");
+        let err = bad.validate_offline().unwrap_err();
+        assert!(err.mentions("log.level"), "{level:?}: {err}");
+    }
+    for level in [
+        "info",
+        "WARN",
+        "info,gateway=debug",
+        "off",
+        "error,gateway::runtime=trace",
+    ] {
+        let ok = Config::parse(&format!("[log]\nlevel = {level:?}\n")).expect("parses");
+        assert!(ok.validate_offline().is_ok(), "{level:?}");
+    }
+}
+
+#[test]
+fn rust_log_overrides_the_level_and_the_embedded_broker_stays_quiet() {
+    let s = Config::parse("[log]\nlevel = \"warn\"\n")
+        .expect("parses")
+        .validate_offline()
+        .expect("validates");
+    let (filter, problem) = s.log.filter(None);
+    assert!(problem.is_none());
+    assert_eq!(filter.max_level_hint(), Some(tracing::level_filters::LevelFilter::WARN));
+    let (filter, problem) = s.log.filter(Some("debug"));
+    assert!(problem.is_none());
+    assert_eq!(
+        filter.max_level_hint(),
+        Some(tracing::level_filters::LevelFilter::DEBUG)
+    );
+    assert!(filter.to_string().contains("rumqttd=off"), "{filter}");
+    let (filter, problem) = s.log.filter(Some("gateway=nonsense"));
+    assert!(problem.is_some_and(|p| p.contains("RUST_LOG")));
+    assert_eq!(filter.max_level_hint(), Some(tracing::level_filters::LevelFilter::WARN));
+    let (filter, _) = s.log.filter(Some(" "));
+    assert_eq!(filter.max_level_hint(), Some(tracing::level_filters::LevelFilter::WARN));
 }

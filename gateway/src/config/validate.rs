@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_serial::{DataBits, Parity, StopBits};
 
-use super::{Cli, Config, ConfigErrors, SerialConfig};
+use super::{Cli, Config, ConfigErrors, LogFormat, SerialConfig};
 use crate::broker::mqtt::BrokerConfig;
 use crate::engine::EngineConfig;
 use crate::topics::Predefined;
@@ -35,6 +35,8 @@ pub struct Settings {
     pub publish_wills_on_shutdown: bool,
     /// The metrics and health endpoint, and the UDP health probe.
     pub metrics: MetricsSettings,
+    /// Log format and filter.
+    pub log: LogSettings,
 }
 
 /// `[metrics]`, validated.
@@ -54,6 +56,66 @@ pub struct UdpProbe {
     pub request: Vec<u8>,
     /// The answer's bytes.
     pub reply: Vec<u8>,
+}
+
+/// How and what the binary logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Text or JSON lines.
+    pub format: LogFormat,
+    /// The validated `log.level`: an `EnvFilter` directive (`RUST_LOG` overrides it).
+    pub level: String,
+}
+
+impl LogSettings {
+    /// The filter to log with: `RUST_LOG` when it is set (and not empty), else `log.level`.
+    /// The embedded broker's own log (rumqttd reports every client disconnect as an
+    /// error) is off unless the directive names `rumqttd`. The second value is the
+    /// problem with `RUST_LOG`, when it is set but does not parse (then `log.level` is
+    /// used).
+    pub fn filter(&self, rust_log: Option<&str>) -> (tracing_subscriber::EnvFilter, Option<String>) {
+        let mut problem = None;
+        if let Some(env) = rust_log.map(str::trim).filter(|s| !s.is_empty()) {
+            // RUST_LOG keeps its usual meaning (a bare word is a target), unlike log.level.
+            let mut directive = env.to_string();
+            if !directive.contains("rumqttd") {
+                directive.push_str(",rumqttd=off");
+            }
+            match tracing_subscriber::EnvFilter::builder().parse(&directive) {
+                Ok(f) => return (f, None),
+                Err(e) => problem = Some(format!("RUST_LOG ignored: {e}")),
+            }
+        }
+        let filter =
+            parse_level(&self.level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+        (filter, problem)
+    }
+}
+
+/// Level names a bare directive may be (anything else bare would silently be read as a
+/// target name, enabling every level of a module that does not exist).
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Parses an `EnvFilter` directive strictly; `rumqttd=off` is added unless it names rumqttd.
+fn parse_level(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let parts: Vec<&str> = level.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if parts.is_empty() {
+        return Err("it is empty; e.g. \"info\" or \"info,gateway=debug\"".into());
+    }
+    for part in &parts {
+        if !part.contains('=') && !part.contains('[') && !LEVELS.contains(&part.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{part:?} is not a level (trace, debug, info, warn, error, off); a module's level is module=level, e.g. gateway=debug"
+            ));
+        }
+    }
+    let mut directive = parts.join(",");
+    if !directive.contains("rumqttd") {
+        directive.push_str(",rumqttd=off");
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(&directive)
+        .map_err(|e| format!("{level:?} is not a valid filter: {e}"))
 }
 
 impl Default for Settings {
@@ -230,6 +292,7 @@ impl Config {
             listen: self.metrics.listen,
             udp_probe: self.udp_probe(e),
         };
+        let log = self.log_settings(e);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -243,6 +306,7 @@ impl Config {
             shutdown_timeout,
             publish_wills_on_shutdown: self.gateway.publish_wills_on_shutdown,
             metrics,
+            log,
         })
     }
 
@@ -273,6 +337,27 @@ impl Config {
                 e.push("metrics.udp_probe_request and metrics.udp_probe_reply are set together or not at all".into());
                 None
             }
+        }
+    }
+
+    fn log_settings(&self, e: &mut Vec<String>) -> LogSettings {
+        let format = match self.log.format.to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => {
+                e.push(format!(
+                    "log.format must be \"text\" or \"json\", not {:?}",
+                    self.log.format
+                ));
+                LogFormat::Text
+            }
+        };
+        if let Err(err) = parse_level(&self.log.level) {
+            e.push(format!("log.level: {err}"));
+        }
+        LogSettings {
+            format,
+            level: self.log.level.trim().to_string(),
         }
     }
 
