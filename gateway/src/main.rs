@@ -70,15 +70,11 @@ async fn run(settings: gateway::config::Settings) -> anyhow::Result<()> {
 /// A broker that does not answer at start is not fatal (each device's connection keeps
 /// trying, and devices get CONNACK congestion meanwhile), but the operator should know.
 async fn warn_if_unreachable(broker: gateway::broker::mqtt::BrokerConfig) {
-    let addr = format!("{}:{}", broker.host, broker.port);
     let wait = std::time::Duration::from_secs(broker.connect_timeout_secs.max(1));
-    let outcome = tokio::time::timeout(wait, tokio::net::TcpStream::connect(&addr)).await;
-    let reason = match outcome {
-        Ok(Ok(_)) => return,
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no answer within {} s", wait.as_secs()),
-    };
-    tracing::warn!(broker = %addr, %reason, "broker unreachable at start; devices get CONNACK congestion until it answers (the gateway keeps trying)");
+    if let Err(reason) = gateway::ops::reach_broker(&broker.host, broker.port, wait).await {
+        let addr = format!("{}:{}", broker.host, broker.port);
+        tracing::warn!(broker = %addr, %reason, "broker unreachable at start; devices get CONNACK congestion until it answers (the gateway keeps trying)");
+    }
 }
 
 /// Logs to stderr as `log` says (`RUST_LOG` overrides its level): text, in colour only

@@ -228,6 +228,15 @@ impl Sources {
     }
 }
 
+/// Whether the broker accepts a TCP connection within `timeout`; why not, if it does not.
+pub async fn reach_broker(host: &str, port: u16, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+        Ok(Ok(_stream)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", timeout.as_secs_f64())),
+    }
+}
+
 /// Probes the broker with a TCP connect every `every`, each given `timeout`, and stores
 /// the verdict. Runs until aborted.
 pub async fn probe_broker(
@@ -241,14 +250,10 @@ pub async fn probe_broker(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let ok = match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port))).await {
-            Ok(Ok(_stream)) => true,
-            Ok(Err(e)) => {
-                debug!(error = %e, "broker probe failed");
-                false
-            }
-            Err(_) => {
-                debug!("broker probe timed out");
+        let ok = match reach_broker(&host, port, timeout).await {
+            Ok(()) => true,
+            Err(reason) => {
+                debug!(%reason, "broker probe failed");
                 false
             }
         };
