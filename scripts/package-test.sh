@@ -57,11 +57,15 @@ if ! command -v dpkg >/dev/null 2>&1; then
 fi
 
 step "contents"
-dpkg-deb --contents "$deb"
+# Read whole, then searched: `dpkg-deb | grep -q` would end the pipe early, and with
+# pipefail dpkg-deb's broken pipe would fail the check at random.
+contents=$(dpkg-deb --contents "$deb")
+echo "$contents"
 for path in ./usr/bin/mqtt-sn-gateway ./etc/mqtt-sn-gateway/gateway.toml ./lib/systemd/system/mqtt-sn-gateway.service; do
-  dpkg-deb --contents "$deb" | grep -q " $path\$" || fail "the package lacks $path"
+  grep -q " $path\$" <<<"$contents" || fail "the package lacks $path"
 done
-dpkg-deb --info "$deb" conffiles | grep -qx "/etc/mqtt-sn-gateway/gateway.toml" \
+conffiles=$(dpkg-deb --info "$deb" conffiles)
+grep -qx "/etc/mqtt-sn-gateway/gateway.toml" <<<"$conffiles" \
   || fail "/etc/mqtt-sn-gateway/gateway.toml is not a conffile"
 
 if ! as_root true; then
