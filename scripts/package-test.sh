@@ -23,15 +23,8 @@ for arg in "$@"; do
   esac
 done
 
-as_root() {
-  if [ "$(id -u)" = 0 ]; then
-    "$@"
-  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    sudo -n "$@"
-  else
-    return 1
-  fi
-}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 step() { echo "==> $*"; }
 fail() { echo "package-test: FAILED: $*" >&2; exit 1; }

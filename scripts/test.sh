@@ -17,15 +17,8 @@ cd "$(dirname "$0")/.."
 missing=()
 apt_updated=no
 
-as_root() {
-  if [ "$(id -u)" = 0 ]; then
-    "$@"
-  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    sudo -n "$@"
-  else
-    return 1
-  fi
-}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 apt_install() {
   command -v apt-get >/dev/null 2>&1 || return 1

@@ -845,9 +845,8 @@ mod tests {
         assert!(refused.iter().all(|r| !r), "CONNACK 3 is transient");
     }
 
-    #[tokio::test]
-    async fn late_end_of_an_old_connection_keeps_the_new_one() {
-        // A broker that accepts and never answers: each attempt ends at the timeout.
+    /// A broker that accepts connections and never answers (no CONNACK): its port.
+    async fn silent_broker() -> u16 {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = l.local_addr().expect("addr").port();
         tokio::spawn(async move {
@@ -856,6 +855,13 @@ mod tests {
                 held.push(s);
             }
         });
+        port
+    }
+
+    #[tokio::test]
+    async fn late_end_of_an_old_connection_keeps_the_new_one() {
+        // Each attempt ends at the timeout.
+        let port = silent_broker().await;
         let (mut links, mut rx) = links_to(port, 1);
         links.execute(1, Command::Connect(params("same")));
         // The same session connects again (a new generation) under another broker id,
@@ -884,15 +890,8 @@ mod tests {
     /// `backlog_bytes`, however few requests that is.
     #[tokio::test]
     async fn the_backlog_is_bounded_in_octets() {
-        // A broker that accepts and never answers: nothing drains the request channel.
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = l.accept().await {
-                held.push(s);
-            }
-        });
+        // Nothing drains the request channel.
+        let port = silent_broker().await;
         let (tx, _rx) = mpsc::channel(16);
         let cfg = BrokerConfig {
             port,
