@@ -419,6 +419,31 @@ impl Gateway {
         &self.cfg
     }
 
+    /// Replaces the predefined topic ids (a configuration reload, SIGHUP). The table is
+    /// read where a message needs it, never copied into a session, so the new one holds
+    /// from the next message on, for every session alike:
+    ///
+    /// - A PUBLISH (QoS 0, 1, 2) by predefined id is resolved with the new table: an id
+    ///   added works at once, an id no longer defined is answered PUBACK "invalid topic
+    ///   id" (0x02), an id given a new name publishes to the new name. A QoS -1 PUBLISH
+    ///   to an id no longer defined is dropped (and counted), as for any unknown id.
+    /// - SUBSCRIBE and UNSUBSCRIBE by predefined id use the new table. A subscription
+    ///   made earlier keeps the topic it was made with: the broker holds it by name, so
+    ///   an UNSUBSCRIBE by an id since given another name unsubscribes the new name, and
+    ///   the old subscription stays until the device unsubscribes it by name or
+    ///   reconnects with a clean session.
+    /// - Delivery to a device refers to a topic by the device's normal id for it if it
+    ///   has one, else by its predefined id in the new table, else (a name that is no
+    ///   longer predefined) the gateway REGISTERs a normal id first, as for any other
+    ///   name. Held messages (asleep devices) follow the same rule when they go out.
+    /// - Work in flight is not touched: a device PUBLISH already forwarded, a delivery
+    ///   already sent with a predefined id (its retransmissions keep that id).
+    /// - Normal ids already assigned are kept even when one equals a new predefined id
+    ///   (the id type on the wire tells them apart); new assignments skip the new ids.
+    pub fn set_predefined(&mut self, predefined: Arc<Predefined>) {
+        Arc::make_mut(&mut self.cfg).predefined = predefined;
+    }
+
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         let t = self.out.transmits.pop_front();
@@ -955,5 +980,7 @@ impl Gateway {
 mod tests;
 #[cfg(test)]
 mod tests_link;
+#[cfg(test)]
+mod tests_reload;
 #[cfg(test)]
 mod tests_shutdown;

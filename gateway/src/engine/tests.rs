@@ -11,7 +11,7 @@ use sn_codec::{
 
 const T_RETRY: Duration = Duration::from_secs(2);
 
-fn cfg() -> EngineConfig {
+pub(super) fn cfg() -> EngineConfig {
     EngineConfig {
         retry_interval: T_RETRY,
         max_retries: 2,
@@ -22,7 +22,7 @@ fn cfg() -> EngineConfig {
     }
 }
 
-fn dev(n: u16) -> LinkAddr {
+pub(super) fn dev(n: u16) -> LinkAddr {
     LinkAddr::Udp(0, SocketAddr::from(([127, 0, 0, 1], 20000 + n)))
 }
 
@@ -52,7 +52,7 @@ impl T {
         self.gw.handle_timeout(self.now);
     }
 
-    fn send(&mut self, from: &LinkAddr, p: Packet<'_>) {
+    pub(super) fn send(&mut self, from: &LinkAddr, p: Packet<'_>) {
         let mut buf = vec![0; p.encoded_len()];
         let n = p.encode(&mut buf).unwrap();
         self.gw.handle_datagram(self.now, from.clone(), &buf[..n]);
@@ -85,12 +85,12 @@ impl T {
         std::iter::from_fn(|| self.gw.poll_command()).collect()
     }
 
-    fn event(&mut self, key: ClientKey, ev: BrokerEvent) {
+    pub(super) fn event(&mut self, key: ClientKey, ev: BrokerEvent) {
         self.gw.handle_broker_event(self.now, key, ev);
     }
 
     /// Asserts the next datagrams are exactly `expected`, in order, to `to`.
-    fn expect(&mut self, to: &LinkAddr, expected: &[Packet<'_>]) {
+    pub(super) fn expect(&mut self, to: &LinkAddr, expected: &[Packet<'_>]) {
         let got = self.tx();
         let decoded: Vec<Packet<'_>> = got
             .iter()
@@ -102,13 +102,13 @@ impl T {
         assert_eq!(decoded, expected);
     }
 
-    fn expect_nothing(&mut self) {
+    pub(super) fn expect_nothing(&mut self) {
         let got = self.tx();
         assert!(got.is_empty(), "unexpected datagrams: {:?}", got);
     }
 
     /// Connects `id` from `from` without will; returns its client key.
-    fn connect(&mut self, from: &LinkAddr, id: &str, clean: bool, keep_alive: u16) -> ClientKey {
+    pub(super) fn connect(&mut self, from: &LinkAddr, id: &str, clean: bool, keep_alive: u16) -> ClientKey {
         self.send(
             from,
             Packet::Connect(Connect {
@@ -155,7 +155,7 @@ impl T {
         }
     }
 
-    fn subscribe(&mut self, from: &LinkAddr, key: ClientKey, topic: TopicFilter<'_>, qos: QoS, msg_id: u16) -> u16 {
+    pub(super) fn subscribe(&mut self, from: &LinkAddr, key: ClientKey, topic: TopicFilter<'_>, qos: QoS, msg_id: u16) -> u16 {
         self.send(
             from,
             Packet::Subscribe(Subscribe {
@@ -190,7 +190,7 @@ impl T {
     }
 }
 
-fn msg(topic: &str, payload: &str, qos: MqttQos, pkid: u16) -> BrokerEvent {
+pub(super) fn msg(topic: &str, payload: &str, qos: MqttQos, pkid: u16) -> BrokerEvent {
     BrokerEvent::Message(Message {
         topic: topic.into(),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
@@ -200,7 +200,7 @@ fn msg(topic: &str, payload: &str, qos: MqttQos, pkid: u16) -> BrokerEvent {
     })
 }
 
-fn puback(topic_id: u16, msg_id: u16) -> Packet<'static> {
+pub(super) fn puback(topic_id: u16, msg_id: u16) -> Packet<'static> {
     Packet::PubAck(PubAck {
         topic_id,
         msg_id,
@@ -208,7 +208,7 @@ fn puback(topic_id: u16, msg_id: u16) -> Packet<'static> {
     })
 }
 
-fn publish<'a>(qos: QoS, topic: TopicRef, msg_id: u16, data: &'a [u8], dup: bool) -> Packet<'a> {
+pub(super) fn publish<'a>(qos: QoS, topic: TopicRef, msg_id: u16, data: &'a [u8], dup: bool) -> Packet<'a> {
     Packet::Publish(Publish {
         dup,
         qos,
