@@ -3,8 +3,11 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use gateway::config::{Cli, Config, ConfigErrors};
+use gateway::config::{Changes, Cli, Config, ConfigErrors};
 use gateway::config::{LogFormat, LogSettings};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
 /// Exit status for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;
@@ -27,19 +30,24 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    init_logging(&settings.log);
+    let logging = init_logging(&settings.log);
     let format = settings.log.format;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return fatal(format, &anyhow::Error::new(e).context("cannot start the async runtime")),
     };
-    match runtime.block_on(run(settings)) {
+    let reload = Reload {
+        cli,
+        running: config,
+        logging,
+    };
+    match runtime.block_on(run(settings, reload)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fatal(format, &e),
     }
 }
 
-async fn run(settings: gateway::config::Settings) -> anyhow::Result<()> {
+async fn run(settings: gateway::config::Settings, mut reload: Reload) -> anyhow::Result<()> {
     // Each device holds a broker connection (a file descriptor): take the hard limit.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open-file limit"),
@@ -51,7 +59,12 @@ async fn run(settings: gateway::config::Settings) -> anyhow::Result<()> {
     if let Some(broker) = probe {
         tokio::spawn(warn_if_unreachable(broker));
     }
-    let which = signals.next().await;
+    let which = loop {
+        match signals.next().await {
+            Signal::Reload => reload.run(&running).await,
+            Signal::Stop(which) => break which,
+        }
+    };
     tracing::info!(
         signal = which,
         "stopping: devices are told, broker connections closed cleanly"
@@ -59,7 +72,7 @@ async fn run(settings: gateway::config::Settings) -> anyhow::Result<()> {
     // A second signal means "now".
     tokio::select! {
         _ = running.shutdown() => {}
-        which = signals.next() => {
+        which = signals.next_stop() => {
             tracing::warn!(signal = which, "second signal: exiting without finishing the stop");
             std::process::exit(1);
         }
@@ -77,24 +90,111 @@ async fn warn_if_unreachable(broker: gateway::broker::mqtt::BrokerConfig) {
     }
 }
 
+/// The log filter in force, and how to replace it.
+struct Logging {
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` when it set the filter at start (it then keeps it: the environment of
+    /// a running process does not change, so a reload finds it as the start did).
+    rust_log: Option<String>,
+}
+
 /// Logs to stderr as `log` says (`RUST_LOG` overrides its level): text, in colour only
-/// when stderr is a terminal, or one JSON object per line.
-fn init_logging(log: &LogSettings) {
-    let (filter, problem) = log.filter(std::env::var("RUST_LOG").ok().as_deref());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match log.format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder
+/// when stderr is a terminal, or one JSON object per line. The filter sits in a reload
+/// layer, so that SIGHUP can change the level without a restart.
+fn init_logging(log: &LogSettings) -> Logging {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (filter, problem) = log.filter(rust_log.as_deref());
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match log.format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => fmt
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
-            .init(),
-    }
+            .boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    let in_force = problem.is_none() && rust_log.as_deref().is_some_and(|v| !v.trim().is_empty());
     if let Some(problem) = problem {
         tracing::warn!("{problem}");
+    }
+    Logging {
+        filter: handle,
+        rust_log: rust_log.filter(|_| in_force),
+    }
+}
+
+/// What SIGHUP needs: the command line to load the configuration again exactly as at
+/// start (the same file, environment and flags, which keep their precedence), the
+/// configuration in force, and the log filter.
+struct Reload {
+    cli: Cli,
+    /// The configuration in force: the one loaded at start, with what reloads applied.
+    running: Config,
+    logging: Logging,
+}
+
+impl Reload {
+    /// Loads and validates the configuration again and applies what can change without
+    /// a restart: `log.level` and `[predefined]`. Other changes are named in a warning
+    /// and not applied. A configuration that does not load or validate changes nothing
+    /// (an ERROR per problem, the text `--check-config` prints). Never ends the process.
+    async fn run(&mut self, gateway: &gateway::runtime::Running) {
+        let file = self.cli.config.as_ref().map(|p| p.display().to_string());
+        tracing::info!(file = file.as_deref().unwrap_or("none"), "SIGHUP: reloading the configuration");
+        // Offline: the broker settings need a restart, so a name lookup of its host
+        // (which start-up does) would only let a DNS hiccup refuse a reload.
+        let loaded = Config::load(&self.cli).and_then(|c| c.validate_offline().map(|s| (c, s)));
+        let (new, settings) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                for line in &e.0 {
+                    tracing::error!("reload failed, running settings kept: {line}");
+                }
+                return;
+            }
+        };
+        let changes = Changes::between(&self.running, &new);
+        if !changes.needs_restart.is_empty() {
+            tracing::warn!(
+                "reload: {} changed: needs a restart, not applied",
+                changes.needs_restart.join(", ")
+            );
+        }
+        if let Some((old, level)) = &changes.log_level {
+            if let Some(rust_log) = &self.logging.rust_log {
+                tracing::warn!("reload: log.level {old} -> {level} not applied: RUST_LOG={rust_log} sets the level, as at start");
+                self.running.log.level.clone_from(&new.log.level);
+            } else {
+                let (filter, _) = settings.log.filter(None);
+                match self.logging.filter.reload(filter) {
+                    Ok(()) => {
+                        // After the change, so that every line that follows is at the new level.
+                        tracing::info!("reload: log.level {old} -> {level}");
+                        self.running.log.level.clone_from(&new.log.level);
+                    }
+                    Err(e) => tracing::error!("reload: log.level not applied: {e}"),
+                }
+            }
+        }
+        if changes.predefined.is_empty() {
+            // The same ids and names, perhaps written differently (" 7" and "7").
+            self.running.predefined.clone_from(&new.predefined);
+        } else {
+            match gateway.set_predefined(settings.engine.predefined.clone()).await {
+                Ok(()) => {
+                    let p = &changes.predefined;
+                    tracing::info!(added = ?p.added, removed = ?p.removed, renamed = ?p.changed, "reload: predefined {p}");
+                    self.running.predefined.clone_from(&new.predefined);
+                }
+                Err(e) => tracing::error!("reload: predefined topics not applied: {e}"),
+            }
+        }
+        if changes.is_empty() {
+            tracing::info!("reload: nothing changed");
+        }
     }
 }
 
@@ -116,12 +216,23 @@ fn fatal(format: LogFormat, e: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// SIGTERM (systemd, Docker) and SIGINT (Ctrl-C) both ask for a graceful stop.
+/// SIGTERM (systemd, Docker) and SIGINT (Ctrl-C) both ask for a graceful stop; SIGHUP
+/// (`systemctl reload`) for a configuration reload.
 struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+/// What a signal asks for.
+enum Signal {
+    /// Stop gracefully; the signal's name.
+    Stop(&'static str),
+    /// Reload the configuration.
+    Reload,
 }
 
 impl Signals {
@@ -132,14 +243,32 @@ impl Signals {
             Ok(Signals {
                 term: signal(SignalKind::terminate())?,
                 int: signal(SignalKind::interrupt())?,
+                hup: signal(SignalKind::hangup())?,
             })
         }
         #[cfg(not(unix))]
         Ok(Signals {})
     }
 
-    /// Waits for the next signal; its name.
-    async fn next(&mut self) -> &'static str {
+    /// Waits for the next signal.
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.hup.recv() => Signal::Reload,
+                _ = self.term.recv() => Signal::Stop("SIGTERM"),
+                _ = self.int.recv() => Signal::Stop("SIGINT"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Signal::Stop(self.next_stop().await)
+        }
+    }
+
+    /// Waits for the next stop signal; its name. (Once SIGHUP has a handler, it no
+    /// longer ends the process; while stopping it is ignored.)
+    async fn next_stop(&mut self) -> &'static str {
         #[cfg(unix)]
         {
             tokio::select! {

@@ -15,6 +15,7 @@ use crate::broker::mqtt::MqttLinks;
 use crate::broker::{BrokerEvent, BrokerLink, ClientKey};
 use crate::config::Settings;
 use crate::engine::{Gateway, LinkAddr, Stats};
+use crate::topics::Predefined;
 use crate::transport::serial::{LinkEvent, SerialPortStats, SerialPorts, SerialStatsReader};
 use crate::transport::udp::{Inbound, UdpListener};
 
@@ -36,9 +37,20 @@ pub struct Running {
     stats: Arc<Mutex<Stats>>,
     broker_links: Arc<AtomicUsize>,
     serial_stats: SerialStatsReader,
+    control: mpsc::Sender<Control>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
+
+/// A change to the running engine (a configuration reload), answered once applied.
+enum Control {
+    SetPredefined(Arc<Predefined>, oneshot::Sender<()>),
+}
+
+/// The engine task has ended: the gateway stopped, or is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the gateway engine has stopped")]
+pub struct Stopped;
 
 /// What a graceful stop is done with.
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +107,19 @@ impl Running {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+    }
+
+    /// Replaces the predefined topics of the running engine (there is one engine for
+    /// every UDP listener and serial port) and returns once it has them, so that any
+    /// datagram received afterwards is handled with the new table. See
+    /// [`Gateway::set_predefined`] for what that means for sessions already running.
+    pub async fn set_predefined(&self, predefined: Arc<Predefined>) -> Result<(), Stopped> {
+        let (done, applied) = oneshot::channel();
+        self.control
+            .send(Control::SetPredefined(predefined, done))
+            .await
+            .map_err(|_| Stopped)?;
+        applied.await.map_err(|_| Stopped)
     }
 
     /// Waits until the gateway stops (it does not by itself).
@@ -163,6 +188,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let broker_links = Arc::new(AtomicUsize::new(0));
     let stopping = Arc::new(AtomicBool::new(false));
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
+    let (control_tx, control_rx) = mpsc::channel(4);
     let stop = StopSettings {
         timeout: settings.shutdown_timeout,
         publish_wills: settings.publish_wills_on_shutdown,
@@ -211,6 +237,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         },
         settings.stats_interval,
         shutdown_rx,
+        control_rx,
         stop,
         SerialLinks {
             ports: serial_ports,
@@ -230,6 +257,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         stats,
         broker_links,
         serial_stats,
+        control: control_tx,
         shutdown: Some(shutdown_tx),
         task,
     })
@@ -245,6 +273,7 @@ async fn run(
     snapshot: Snapshot,
     stats_interval: Option<Duration>,
     mut shutdown: oneshot::Receiver<()>,
+    mut control: mpsc::Receiver<Control>,
     stop: StopSettings,
     mut serial: SerialLinks,
 ) {
@@ -275,6 +304,14 @@ async fn run(
             _ = tokio::time::sleep_until(stop_deadline.unwrap_or_else(tokio::time::Instant::now)), if stop_deadline.is_some() => {
                 gw.finish_shutdown(Instant::now());
             }
+            // Before datagrams: what a device sends after the caller was told the change
+            // is applied must meet the new table.
+            Some(ctl) = control.recv() => match ctl {
+                Control::SetPredefined(predefined, done) => {
+                    gw.set_predefined(predefined);
+                    let _ = done.send(());
+                }
+            },
             Some(first) = inbound.recv() => {
                 let now = Instant::now();
                 gw.handle_datagram(now, first.0, &first.1);

@@ -20,12 +20,14 @@ use crate::engine::EngineConfig;
 use crate::transport::serial::SerialPortConfig;
 
 mod cli;
+mod reload;
 mod validate;
 
 pub use cli::{
     BrokerFlags, Cli, DiscoveryFlags, GatewayFlags, LimitsFlags, LogFlags, MetricsFlags, SerialFlag, TimersFlags,
     UdpFlags,
 };
+pub use reload::{Changes, PredefinedChanges, RELOADABLE};
 pub use validate::{LogSettings, MetricsSettings, Settings, UdpProbe};
 
 /// Prefix of the environment variables that set configuration keys:
