@@ -75,6 +75,9 @@ as_root dpkg -i "$deb" || fail "dpkg -i $deb"
 step "checking the installed configuration with the installed binary"
 [ -x /usr/bin/mqtt-sn-gateway ] || fail "/usr/bin/mqtt-sn-gateway is not installed"
 [ -f /lib/systemd/system/mqtt-sn-gateway.service ] || fail "the systemd unit is not installed"
+# shellcheck disable=SC2016 # $MAINPID is systemd's, not the shell's
+grep -qxF 'ExecReload=/bin/kill -HUP $MAINPID' /lib/systemd/system/mqtt-sn-gateway.service \
+  || fail "the unit has no ExecReload: systemctl reload would not reload the configuration"
 /usr/bin/mqtt-sn-gateway --version
 /usr/bin/mqtt-sn-gateway --check-config -c /etc/mqtt-sn-gateway/gateway.toml \
   || fail "the installed configuration does not pass --check-config"
