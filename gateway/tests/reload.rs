@@ -62,12 +62,20 @@ impl Gateway {
     /// Starts the binary with `--config <dir>/gateway.toml` holding `text` (and `flags`),
     /// and waits until it listens.
     fn start(dir: &Path, text: &str, flags: &[&str]) -> Gateway {
+        Self::start_with_rust_log(dir, text, flags, None)
+    }
+
+    /// [`Gateway::start`], with `RUST_LOG` set to `rust_log` when given.
+    fn start_with_rust_log(dir: &Path, text: &str, flags: &[&str], rust_log: Option<&str>) -> Gateway {
         let config = dir.join("gateway.toml");
         write_config(&config, text);
         let mut cmd = Command::new(BIN);
         cmd.arg("--config").arg(&config).args(flags);
         // The environment is a configuration layer: nothing of the caller's may leak in.
-        cmd.env_remove("RUST_LOG");
+        match rust_log {
+            Some(v) => cmd.env("RUST_LOG", v),
+            None => cmd.env_remove("RUST_LOG"),
+        };
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("MQTT_SN_") {
                 cmd.env_remove(name);
@@ -304,6 +312,27 @@ fn sighup_changes_the_log_level() {
     assert!(
         !between.iter().any(|l| l.contains(MALFORMED_LINE)),
         "a debug line after the level went back to info:\n{}",
+        gw.log()
+    );
+    gw.stop();
+}
+
+#[test]
+fn rust_log_keeps_setting_the_level_at_a_reload() {
+    let dir = temp_dir("rust-log");
+    let udp = free_udp_port();
+    let base = embedded(udp, "");
+    let gw = Gateway::start_with_rust_log(&dir, &format!("{base}[log]\nlevel = \"info\"\n"), &[], Some("info"));
+    let dev = Device::new(udp_addr(udp));
+    gw.rewrite(&format!("{base}[log]\nlevel = \"debug\"\n"));
+    let i = gw.reload("reload: log.level info -> debug not applied: RUST_LOG=info sets the level");
+    assert!(gw.lines(i, i + 1).concat().contains(" WARN "));
+    dev.send_raw(MALFORMED);
+    dev.search();
+    let fence = gw.reload("reload: nothing changed");
+    assert!(
+        !gw.lines(i, fence).iter().any(|l| l.contains(MALFORMED_LINE)),
+        "log.level applied over RUST_LOG:\n{}",
         gw.log()
     );
     gw.stop();
