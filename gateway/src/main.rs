@@ -143,7 +143,10 @@ impl Reload {
     /// (an ERROR per problem, the text `--check-config` prints). Never ends the process.
     async fn run(&mut self, gateway: &gateway::runtime::Running) {
         let file = self.cli.config.as_ref().map(|p| p.display().to_string());
-        tracing::info!(file = file.as_deref().unwrap_or("none"), "SIGHUP: reloading the configuration");
+        tracing::info!(
+            file = file.as_deref().unwrap_or("none"),
+            "SIGHUP: reloading the configuration"
+        );
         // Offline: the broker settings need a restart, so a name lookup of its host
         // (which start-up does) would only let a DNS hiccup refuse a reload.
         let loaded = Config::load(&self.cli).and_then(|c| c.validate_offline().map(|s| (c, s)));
@@ -165,7 +168,9 @@ impl Reload {
         }
         if let Some((old, level)) = &changes.log_level {
             if let Some(rust_log) = &self.logging.rust_log {
-                tracing::warn!("reload: log.level {old} -> {level} not applied: RUST_LOG={rust_log} sets the level, as at start");
+                tracing::warn!(
+                    "reload: log.level {old} -> {level} not applied: RUST_LOG={rust_log} sets the level, as at start"
+                );
                 self.running.log.level.clone_from(&new.log.level);
             } else {
                 let (filter, _) = settings.log.filter(None);

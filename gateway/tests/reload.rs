@@ -159,7 +159,11 @@ impl Gateway {
 
     fn assert_running(&mut self) {
         let status = self.child.try_wait().expect("try_wait");
-        assert!(status.is_none(), "the gateway exited: {status:?}; stderr:\n{}", self.log());
+        assert!(
+            status.is_none(),
+            "the gateway exited: {status:?}; stderr:\n{}",
+            self.log()
+        );
     }
 
     /// SIGTERM, then the exit status must be 0.
@@ -222,7 +226,11 @@ impl Device {
             self.send(p);
             let mut rx = [0u8; 512];
             while let Ok(len) = self.socket.recv(&mut rx) {
-                if let Some(got) = rx.get(..len).and_then(|d| Packet::decode(d).ok()).and_then(|p| want(&p)) {
+                if let Some(got) = rx
+                    .get(..len)
+                    .and_then(|d| Packet::decode(d).ok())
+                    .and_then(|p| want(&p))
+                {
                     return got;
                 }
             }
@@ -365,7 +373,11 @@ fn a_bad_file_on_reload_keeps_the_running_settings() {
     let dev = Device::new(udp_addr(udp));
     let syntax = format!("{good}\n[gateway\nid = 3\n");
     let invalid = format!("{base}[log]\nlevel = \"loud\"\n[gateway]\nid = 3\n[timers]\nmax_retries = 100000\n");
-    for (what, text) in [("a syntax error", Some(syntax)), ("invalid values", Some(invalid)), ("a missing file", None)] {
+    for (what, text) in [
+        ("a syntax error", Some(syntax)),
+        ("invalid values", Some(invalid)),
+        ("a missing file", None),
+    ] {
         match &text {
             Some(text) => gw.rewrite(text),
             None => std::fs::remove_file(&gw.config).expect("remove config"),
@@ -572,10 +584,13 @@ fn predefined_topics_change_on_reload() {
     // QoS 0 to the added one reaches the broker.
     let device = Device::new(udp_addr(udp));
     device.connect("reload-device");
-    let code = device.exchange(&publish(QoS::AtLeastOnce, TopicRef::Predefined(10), 7, b"refused"), |p| match p {
-        Packet::PubAck(PubAck { msg_id: 7, code, .. }) => Some(*code),
-        _ => None,
-    });
+    let code = device.exchange(
+        &publish(QoS::AtLeastOnce, TopicRef::Predefined(10), 7, b"refused"),
+        |p| match p {
+            Packet::PubAck(PubAck { msg_id: 7, code, .. }) => Some(*code),
+            _ => None,
+        },
+    );
     assert_eq!(code, ReturnCode::InvalidTopicId);
     device.send(&publish(QoS::AtMostOnce, TopicRef::Predefined(11), 0, b"qos0"));
     assert_eq!(observer.next(), ("reload/new".to_string(), b"qos0".to_vec()));

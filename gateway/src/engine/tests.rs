@@ -155,7 +155,14 @@ impl T {
         }
     }
 
-    pub(super) fn subscribe(&mut self, from: &LinkAddr, key: ClientKey, topic: TopicFilter<'_>, qos: QoS, msg_id: u16) -> u16 {
+    pub(super) fn subscribe(
+        &mut self,
+        from: &LinkAddr,
+        key: ClientKey,
+        topic: TopicFilter<'_>,
+        qos: QoS,
+        msg_id: u16,
+    ) -> u16 {
         self.send(
             from,
             Packet::Subscribe(Subscribe {

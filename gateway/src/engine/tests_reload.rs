@@ -189,7 +189,10 @@ fn a_delivery_in_flight_keeps_its_predefined_id_on_retransmission() {
     let Packet::Publish(again) = Packet::decode(&got[0].1).unwrap() else {
         panic!("expected a retransmitted PUBLISH, got {got:?}")
     };
-    assert_eq!((again.topic, again.msg_id, again.dup), (TopicRef::Predefined(77), msg_id, true));
+    assert_eq!(
+        (again.topic, again.msg_id, again.dup),
+        (TopicRef::Predefined(77), msg_id, true)
+    );
     // The next message on that name, no longer predefined, is registered first.
     t.event(key, msg("sensors/temp", "2", MqttQos::AtMostOnce, 0));
     t.send(
