@@ -55,7 +55,14 @@ fn write_config(path: &Path, text: &str) {
 struct Gateway {
     child: Child,
     config: PathBuf,
-    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+    lines: Arc<(Mutex<Lines>, Condvar)>,
+}
+
+/// What the gateway wrote to stderr, and whether it closed it (it exited).
+#[derive(Default)]
+struct Lines {
+    lines: Vec<String>,
+    closed: bool,
 }
 
 impl Gateway {
@@ -87,16 +94,18 @@ impl Gateway {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn gateway");
-        let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let lines = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
         let stderr = child.stderr.take().expect("stderr piped");
         let sink = lines.clone();
         std::thread::spawn(move || {
+            let (lock, cvar) = &*sink;
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                let (lock, cvar) = &*sink;
-                lock.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                lock.lock().unwrap_or_else(|e| e.into_inner()).lines.push(line);
                 cvar.notify_all();
             }
+            lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+            cvar.notify_all();
         });
         let gw = Gateway { child, config, lines };
         gw.wait_line(0, "listening for MQTT-SN on UDP");
@@ -105,33 +114,35 @@ impl Gateway {
 
     /// Lines written so far.
     fn mark(&self) -> usize {
-        self.lines.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lines.0.lock().unwrap_or_else(|e| e.into_inner()).lines.len()
     }
 
     fn log(&self) -> String {
-        self.lines.0.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
+        self.lines.0.lock().unwrap_or_else(|e| e.into_inner()).lines.join("\n")
     }
 
     /// Lines `from..to`.
     fn lines(&self, from: usize, to: usize) -> Vec<String> {
         let lines = self.lines.0.lock().unwrap_or_else(|e| e.into_inner());
-        lines.get(from..to).map(<[String]>::to_vec).unwrap_or_default()
+        lines.lines.get(from..to).map(<[String]>::to_vec).unwrap_or_default()
     }
 
-    /// Waits for a line at index `from` or later containing `needle`; its index.
+    /// Waits for a line at index `from` or later containing `needle`; its index. Fails
+    /// at once if the gateway exits (closes stderr) first.
     fn wait_line(&self, from: usize, needle: &str) -> usize {
         let deadline = Instant::now() + WAIT;
         let (lock, cvar) = &*self.lines;
         let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(i) = lines.iter().skip(from).position(|l| l.contains(needle)) {
+            if let Some(i) = lines.lines.iter().skip(from).position(|l| l.contains(needle)) {
                 return from + i;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
-                !left.is_zero(),
-                "no line containing {needle:?} after line {from}; stderr:\n{}",
-                lines.join("\n")
+                !left.is_zero() && !lines.closed,
+                "no line containing {needle:?} after line {from} (gateway exited: {}); stderr:\n{}",
+                lines.closed,
+                lines.lines.join("\n")
             );
             lines = cvar.wait_timeout(lines, left).unwrap_or_else(|e| e.into_inner()).0;
         }
