@@ -525,17 +525,25 @@ impl Chart {
             TOP + plot_h / 2.0,
             escape(self.y_label)
         );
+        let mut row = 0;
         for (x, label) in &self.markers {
             if x.is_finite() && *x > x_min && *x < x_max {
                 let px = sx(*x);
+                // Labels near the right edge go to the left of their line; labels of
+                // markers close together step down so that they do not overlap.
+                let (tx, anchor) = if px > LEFT + plot_w * 0.8 {
+                    (px - 3.0, "end")
+                } else {
+                    (px + 3.0, "start")
+                };
                 let _ = writeln!(
                     out,
-                    "<line class=\"marker\" x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{TOP}\" y2=\"{:.1}\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+                    "<line class=\"marker\" x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{TOP}\" y2=\"{:.1}\"/><text x=\"{tx:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\">{}</text>",
                     TOP + plot_h,
-                    px + 3.0,
-                    TOP + 10.0,
+                    TOP + 10.0 + 12.0 * row as f64,
                     escape(label)
                 );
+                row += 1;
             }
         }
         // The data: one polyline per unbroken stretch, a dot for a lone point.
