@@ -162,8 +162,16 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The head (status line and headers, lower-cased names) and where the body starts.
-fn split_head(raw: &[u8]) -> Option<(u16, Vec<(String, String)>, usize)> {
+/// A response's status line and headers.
+struct Head {
+    status: u16,
+    /// Names lower-cased.
+    headers: Vec<(String, String)>,
+    /// Where the body starts.
+    body_start: usize,
+}
+
+fn split_head(raw: &[u8]) -> Option<Head> {
     let end = find(raw, b"\r\n\r\n")?;
     let head = std::str::from_utf8(raw.get(..end)?).ok()?;
     let mut lines = head.split("\r\n");
@@ -178,7 +186,11 @@ fn split_head(raw: &[u8]) -> Option<(u16, Vec<(String, String)>, usize)> {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    Some((status, headers, end + 4))
+    Some(Head {
+        status,
+        headers,
+        body_start: end + 4,
+    })
 }
 
 fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
@@ -186,7 +198,12 @@ fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
 }
 
 fn response_complete(raw: &[u8]) -> bool {
-    let Some((_, headers, start)) = split_head(raw) else {
+    let Some(Head {
+        headers,
+        body_start: start,
+        ..
+    }) = split_head(raw)
+    else {
         return false;
     };
     let body = raw.get(start..).unwrap_or_default();
@@ -201,7 +218,11 @@ fn response_complete(raw: &[u8]) -> bool {
 
 /// The body of a complete HTTP/1.x response, or why there is none.
 pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, ScrapeError> {
-    let (status, headers, start) = split_head(raw).ok_or_else(|| {
+    let Head {
+        status,
+        headers,
+        body_start: start,
+    } = split_head(raw).ok_or_else(|| {
         let shown: String = String::from_utf8_lossy(raw.get(..raw.len().min(40)).unwrap_or_default())
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })

@@ -241,20 +241,41 @@ fn throughput_chart(report: &Report, series: &TimeSeries) -> String {
         lines.push(Line::new("arrived at the broker / s", series.rate(|s| s.arrived)));
     }
     lines.push(Line::new("acknowledged / s", series.rate(|s| Some(s.acknowledged))));
-    if report.total.counts.downlink_sent > 0 {
-        lines.push(Line::new("downlink sent / s", series.rate(|s| Some(s.downlink_sent))));
-        lines.push(Line::new("downlink received / s", series.rate(|s| Some(s.downlink_received))));
-    }
-    Chart {
+    let mut out = Chart {
         id: "throughput",
-        title: "Throughput (messages per second)",
+        title: "Uplink throughput (messages per second)",
         x_label: "seconds since the start",
         y_label: "msg/s",
-        x_axis: XAxis::Time,
+        x_axis: XAxis::Time(end(series)),
         lines,
         markers: markers(series),
     }
-    .render()
+    .render();
+    // Apart: the broker side sends in bursts, every downlink interval, which would flatten
+    // the uplink's lines.
+    if report.total.counts.downlink_sent > 0 {
+        out.push_str(
+            &Chart {
+                id: "downlink-throughput",
+                title: "Downlink throughput (messages per second)",
+                x_label: "seconds since the start",
+                y_label: "msg/s",
+                x_axis: XAxis::Time(end(series)),
+                lines: vec![
+                    Line::new("downlink sent / s", series.rate(|s| Some(s.downlink_sent))),
+                    Line::new("downlink received / s", series.rate(|s| Some(s.downlink_received))),
+                ],
+                markers: markers(series),
+            }
+            .render(),
+        );
+    }
+    out
+}
+
+/// The time axis' end: the last sample.
+fn end(series: &TimeSeries) -> f64 {
+    series.samples.last().map_or(1.0, |s| s.elapsed_s)
 }
 
 fn latency_over_time_chart(series: &TimeSeries) -> String {
@@ -270,7 +291,7 @@ fn latency_over_time_chart(series: &TimeSeries) -> String {
         title: "Uplink latency over time (of the messages that arrived in each second)",
         x_label: "seconds since the start",
         y_label: "ms",
-        x_axis: XAxis::Time,
+        x_axis: XAxis::Time(end(series)),
         lines: vec![
             Line::new("p50", pick(|s| s.uplink_p50_ms)),
             Line::new("p90", pick(|s| s.uplink_p90_ms)),
@@ -290,7 +311,7 @@ fn devices_chart(series: &TimeSeries) -> String {
         title: "Devices connected (awake) and asleep",
         x_label: "seconds since the start",
         y_label: "devices",
-        x_axis: XAxis::Time,
+        x_axis: XAxis::Time(end(series)),
         lines: vec![
             Line::new("connected", pick(|s| s.connected)),
             Line::new("asleep", pick(|s| s.asleep)),
@@ -301,8 +322,14 @@ fn devices_chart(series: &TimeSeries) -> String {
 }
 
 fn gauges_chart(m: &GatewayMetrics, series: &TimeSeries) -> String {
-    // Sessions by state first (what an operator watches), then whatever else there is.
-    let mut keys: Vec<&String> = m.gauges.iter().filter(|(_, g)| !g.points.is_empty()).map(|(k, _)| k).collect();
+    // Sessions by state first (what an operator watches), then whatever else moved (a
+    // flat line, such as a configuration gauge, says nothing over time; it is in the table).
+    let mut keys: Vec<&String> = m
+        .gauges
+        .iter()
+        .filter(|(_, g)| !g.points.is_empty() && g.min != g.max)
+        .map(|(k, _)| k)
+        .collect();
     keys.sort_by_key(|k| !k.contains("session"));
     let lines = keys
         .into_iter()
@@ -314,10 +341,10 @@ fn gauges_chart(m: &GatewayMetrics, series: &TimeSeries) -> String {
         .collect();
     Chart {
         id: "gateway-gauges",
-        title: "Gateway gauges (scraped)",
+        title: "Gateway gauges that moved (scraped)",
         x_label: "seconds since the start",
         y_label: "value",
-        x_axis: XAxis::Time,
+        x_axis: XAxis::Time(end(series)),
         lines,
         markers: markers(series),
     }
@@ -356,10 +383,10 @@ fn nines(percentile: f64) -> f64 {
     -rest.log10()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum XAxis {
-    /// Seconds.
-    Time,
+    /// Seconds, from 0 to the given end.
+    Time(f64),
     /// Percentiles on the nines axis ([`nines`]).
     Nines,
 }
@@ -450,8 +477,9 @@ impl Chart {
         }
         out.push_str("</div>\n");
         let (x_min, x_max) = match self.x_axis {
-            XAxis::Time => (0.0, all.iter().map(|p| p.0).fold(0.0, f64::max).max(1.0)),
-            XAxis::Nines => (0.0, all.iter().map(|p| p.0).fold(1.0, f64::max).ceil()),
+            XAxis::Time(end) => (0.0, all.iter().map(|p| p.0).fold(end, f64::max).max(1.0)),
+            // Rounded first: 99.999 % sits at 5.000000000004.
+            XAxis::Nines => (0.0, ((all.iter().map(|p| p.0).fold(1.0, f64::max) * 1e6).round() / 1e6).ceil()),
         };
         let y_data = all.iter().map(|p| p.1).fold(0.0, f64::max);
         let y_step = tick_step(y_data);
@@ -482,7 +510,7 @@ impl Chart {
         }
         // X ticks.
         match self.x_axis {
-            XAxis::Time => {
+            XAxis::Time(_) => {
                 let step = tick_step(x_max);
                 let mut x = 0.0;
                 while x <= x_max + step / 100.0 {
@@ -499,11 +527,13 @@ impl Chart {
             }
             XAxis::Nines => {
                 let labels = ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%"];
-                for (k, label) in labels.iter().enumerate().take(x_max as usize + 1) {
+                let last = x_max as usize;
+                for (k, label) in labels.iter().enumerate().take(last + 1) {
                     let px = sx(k as f64);
+                    let anchor = if k == last { "end" } else { "middle" };
                     let _ = write!(
                         out,
-                        "<line x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{TOP}\" y2=\"{:.1}\"/><text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>",
+                        "<line x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{TOP}\" y2=\"{:.1}\"/><text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\">{label}</text>",
                         TOP + plot_h,
                         TOP + plot_h + 14.0
                     );

@@ -24,13 +24,16 @@ pub enum MetricType {
     Untyped,
 }
 
+/// A sample's labels, name and value, in the order given.
+pub type Labels = Vec<(String, String)>;
+
 /// One sample line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     /// Metric name (with its suffix: `_total`, `_bucket`, ...).
     pub name: String,
     /// Labels in the order given.
-    pub labels: Vec<(String, String)>,
+    pub labels: Labels,
     /// The value (`NaN`, `+Inf` and `-Inf` included).
     pub value: f64,
 }
@@ -169,7 +172,7 @@ fn valid_name(name: &str) -> bool {
 
 fn parse_sample(line: &str) -> Result<Sample, String> {
     let name_end = line
-        .find(|c: char| c == '{' || c == ' ' || c == '\t')
+        .find(['{', ' ', '\t'])
         .ok_or("a sample without a value")?;
     let (name, mut rest) = line.split_at(name_end);
     if !valid_name(name) {
@@ -206,7 +209,7 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
 }
 
 /// Parses `a="x",b="y"}` (after the opening brace); returns the labels and what follows.
-fn parse_labels(mut s: &str) -> Result<(Vec<(String, String)>, &str), String> {
+fn parse_labels(mut s: &str) -> Result<(Labels, &str), String> {
     let mut labels = Vec::new();
     loop {
         s = s.trim_start();
