@@ -113,7 +113,9 @@ impl Live {
     fn sample(&self, elapsed_s: f64, verifier: Option<&VerifierWatch>) -> Sample {
         let published = self.published.load(Ordering::Relaxed);
         let arrived = verifier.map(|v| v.distinct() as u64);
-        let recent = verifier.map(VerifierWatch::take_recent_latency).filter(|h| !h.is_empty());
+        let recent = verifier
+            .map(VerifierWatch::take_recent_latency)
+            .filter(|h| !h.is_empty());
         let q = |q: f64| recent.as_ref().map(|h| h.quantile_ms(q));
         Sample {
             elapsed_s,
@@ -400,22 +402,20 @@ pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
     summary.abort();
 
     if let Some(verifier) = &verifier {
-            // Late arrivals: wait until nothing new arrives for a second (at most 5 s).
-            let mut last = verifier.distinct();
-            let mut quiet_since = Instant::now();
-            let grace_end = Instant::now() + Duration::from_secs(5);
-            // A disconnected verifier gets the rest of the grace time to come back for what
-            // the broker kept in its session.
-            while Instant::now() < grace_end
-                && (quiet_since.elapsed() < Duration::from_secs(1) || !verifier.connected())
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let n = verifier.distinct();
-                if n != last {
-                    last = n;
-                    quiet_since = Instant::now();
-                }
+        // Late arrivals: wait until nothing new arrives for a second (at most 5 s).
+        let mut last = verifier.distinct();
+        let mut quiet_since = Instant::now();
+        let grace_end = Instant::now() + Duration::from_secs(5);
+        // A disconnected verifier gets the rest of the grace time to come back for what
+        // the broker kept in its session.
+        while Instant::now() < grace_end && (quiet_since.elapsed() < Duration::from_secs(1) || !verifier.connected()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let n = verifier.distinct();
+            if n != last {
+                last = n;
+                quiet_since = Instant::now();
             }
+        }
     }
     let downlink_sent = match downlink {
         Some(d) => d.await.unwrap_or_default(),

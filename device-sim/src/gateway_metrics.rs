@@ -70,7 +70,11 @@ impl std::str::FromStr for MetricsUrl {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
         };
-        let path = if path.is_empty() || path == "/" { "/metrics" } else { path };
+        let path = if path.is_empty() || path == "/" {
+            "/metrics"
+        } else {
+            path
+        };
         if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(format!("{url:?}: spaces or control characters in the path"));
         }
@@ -501,16 +505,29 @@ mod tests {
     #[test]
     fn urls() {
         let u: MetricsUrl = "http://127.0.0.1:9100/metrics".parse().expect("valid");
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("127.0.0.1", 9100, "/metrics"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("127.0.0.1", 9100, "/metrics")
+        );
         assert_eq!(u.to_string(), "http://127.0.0.1:9100/metrics");
         let u: MetricsUrl = "localhost:9100".parse().expect("valid");
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("localhost", 9100, "/metrics"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("localhost", 9100, "/metrics")
+        );
         let u: MetricsUrl = "http://[::1]:9/m?x=1".parse().expect("valid");
         assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("::1", 9, "/m?x=1"));
         assert_eq!(u.to_string(), "http://[::1]:9/m?x=1");
         let u: MetricsUrl = "http://gw/".parse().expect("valid");
         assert_eq!((u.port, u.path.as_str()), (80, "/metrics"));
-        for bad in ["https://x/metrics", "http://:9/", "http://x:port/", "http://x/a b", "http://u@x/", "http://[::1/"] {
+        for bad in [
+            "https://x/metrics",
+            "http://:9/",
+            "http://x:port/",
+            "http://x/a b",
+            "http://u@x/",
+            "http://[::1/",
+        ] {
             assert!(bad.parse::<MetricsUrl>().is_err(), "{bad}");
         }
     }
@@ -521,7 +538,8 @@ mod tests {
         assert_eq!(parse_response(ok).expect("body"), b"hello");
         assert!(response_complete(ok));
         assert!(!response_complete(&ok[..ok.len() - 1]));
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWiki\r\n6;ext=1\r\npedia \r\n0\r\n\r\n";
+        let chunked =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWiki\r\n6;ext=1\r\npedia \r\n0\r\n\r\n";
         assert_eq!(parse_response(chunked).expect("body"), b"Wikipedia ");
         assert!(response_complete(chunked));
         let closed = b"HTTP/1.0 200 OK\r\n\r\nup 1\n";
@@ -530,7 +548,10 @@ mod tests {
             parse_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
             Err(ScrapeError::Status(404))
         ));
-        assert!(matches!(parse_response(b"SSH-2.0-OpenSSH\r\n"), Err(ScrapeError::Http(_))));
+        assert!(matches!(
+            parse_response(b"SSH-2.0-OpenSSH\r\n"),
+            Err(ScrapeError::Http(_))
+        ));
         assert!(matches!(
             parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"),
             Err(ScrapeError::Http(_))
@@ -558,13 +579,24 @@ mod tests {
             scrape("# TYPE a counter\na_total 100\ndrops_total{reason=\"x\"} 5\nsessions 0\n"),
         );
         c.observe(1.0, Err(ScrapeError::Timeout(SCRAPE_TIMEOUT)));
-        c.observe(2.0, scrape("a_total 160\ndrops_total{reason=\"x\"} 5\nsessions 7\nnew_total 3\n"));
+        c.observe(
+            2.0,
+            scrape("a_total 160\ndrops_total{reason=\"x\"} 5\nsessions 7\nnew_total 3\n"),
+        );
         // The gateway restarted: its counters began again.
-        c.observe(3.0, scrape("a_total 10\ndrops_total{reason=\"x\"} 6\nsessions 2\nnew_total 4\n"));
+        c.observe(
+            3.0,
+            scrape("a_total 10\ndrops_total{reason=\"x\"} 6\nsessions 2\nnew_total 4\n"),
+        );
         c.observe(4.0, scrape("<html>oops</html>\n"));
         let r = c.report();
         assert_eq!((r.scrapes, r.scrape_failures), (3, 2));
-        assert!(r.last_error.as_deref().is_some_and(|e| e.contains("not the Prometheus")), "{r:?}");
+        assert!(
+            r.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("not the Prometheus")),
+            "{r:?}"
+        );
         assert_eq!(r.counters.get("a_total"), Some(&70.0));
         assert_eq!(r.counters.get("drops_total{reason=\"x\"}"), Some(&1.0));
         assert_eq!(r.counters.get("new_total"), Some(&4.0));
@@ -587,6 +619,9 @@ mod tests {
         c.observe(1.0, Ok(page));
         let r = c.report();
         assert_eq!(r.gauges.len(), 100);
-        assert_eq!(r.gauges.values().filter(|g| !g.points.is_empty()).count(), MAX_GAUGES_OVER_TIME);
+        assert_eq!(
+            r.gauges.values().filter(|g| !g.points.is_empty()).count(),
+            MAX_GAUGES_OVER_TIME
+        );
     }
 }

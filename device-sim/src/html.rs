@@ -203,12 +203,19 @@ fn gateway_tables(m: &GatewayMetrics) -> String {
         return out;
     }
     out.push_str("<div class=\"grid\">\n<div>\n<h3>Counters: increase over the run</h3>\n");
-    out.push_str("<table id=\"gateway-counters\">\n<thead><tr><th>counter</th><th>increase</th></tr></thead>\n<tbody>\n");
+    out.push_str(
+        "<table id=\"gateway-counters\">\n<thead><tr><th>counter</th><th>increase</th></tr></thead>\n<tbody>\n",
+    );
     // The ones that moved first: they are the run's story.
     let mut counters: Vec<(&String, &f64)> = m.counters.iter().collect();
     counters.sort_by_key(|(_, v)| **v == 0.0);
     for (k, v) in counters {
-        let _ = writeln!(out, "<tr><th scope=\"row\">{}</th><td>{}</td></tr>", escape(k), number(*v));
+        let _ = writeln!(
+            out,
+            "<tr><th scope=\"row\">{}</th><td>{}</td></tr>",
+            escape(k),
+            number(*v)
+        );
     }
     out.push_str("</tbody>\n</table>\n</div>\n<div>\n<h3>Gauges</h3>\n");
     out.push_str("<table id=\"gateway-gauges\">\n<thead><tr><th>gauge</th><th>first</th><th>min</th><th>max</th><th>last</th></tr></thead>\n<tbody>\n");
@@ -351,7 +358,12 @@ fn gauges_chart(m: &GatewayMetrics, series: &TimeSeries) -> String {
     .render()
 }
 
-fn distribution_chart(id: &'static str, title: &'static str, report: &Report, f: fn(&GroupReport) -> &Latency) -> String {
+fn distribution_chart(
+    id: &'static str,
+    title: &'static str,
+    report: &Report,
+    f: fn(&GroupReport) -> &Latency,
+) -> String {
     let mut groups: Vec<&GroupReport> = report.groups.iter().collect();
     if report.groups.len() > 1 {
         groups.push(&report.total);
@@ -362,7 +374,10 @@ fn distribution_chart(id: &'static str, title: &'static str, report: &Report, f:
         .map(|g| {
             let l = f(g);
             let points = l.distribution.iter().map(|p| (nines(p.percentile), p.ms)).collect();
-            Line::new(&format!("{} ({} samples, max {:.1} ms)", g.name, l.samples, l.max_ms), points)
+            Line::new(
+                &format!("{} ({} samples, max {:.1} ms)", g.name, l.samples, l.max_ms),
+                points,
+            )
         })
         .collect();
     Chart {
@@ -455,7 +470,12 @@ fn tick_label(v: f64, step: f64) -> String {
 impl Chart {
     fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "<figure id=\"{}\">\n<figcaption>{}</figcaption>", self.id, escape(self.title));
+        let _ = writeln!(
+            out,
+            "<figure id=\"{}\">\n<figcaption>{}</figcaption>",
+            self.id,
+            escape(self.title)
+        );
         let finite = |&&(x, y): &&(f64, f64)| x.is_finite() && y.is_finite();
         let all: Vec<(f64, f64)> = self
             .lines
@@ -479,11 +499,18 @@ impl Chart {
         let (x_min, x_max) = match self.x_axis {
             XAxis::Time(end) => (0.0, all.iter().map(|p| p.0).fold(end, f64::max).max(1.0)),
             // Rounded first: 99.999 % sits at 5.000000000004.
-            XAxis::Nines => (0.0, ((all.iter().map(|p| p.0).fold(1.0, f64::max) * 1e6).round() / 1e6).ceil()),
+            XAxis::Nines => (
+                0.0,
+                ((all.iter().map(|p| p.0).fold(1.0, f64::max) * 1e6).round() / 1e6).ceil(),
+            ),
         };
         let y_data = all.iter().map(|p| p.1).fold(0.0, f64::max);
         let y_step = tick_step(y_data);
-        let y_max = if y_data > 0.0 { (y_data / y_step).ceil() * y_step } else { 1.0 };
+        let y_max = if y_data > 0.0 {
+            (y_data / y_step).ceil() * y_step
+        } else {
+            1.0
+        };
         let plot_w = WIDTH - LEFT - RIGHT;
         let plot_h = HEIGHT - TOP - BOTTOM;
         let sx = |x: f64| LEFT + (x - x_min) / (x_max - x_min).max(f64::MIN_POSITIVE) * plot_w;
@@ -592,7 +619,10 @@ impl Chart {
                         );
                     }
                     run => {
-                        let points: Vec<String> = run.iter().map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y))).collect();
+                        let points: Vec<String> = run
+                            .iter()
+                            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+                            .collect();
                         let _ = write!(
                             out,
                             "<polyline stroke=\"{colour}\" data-points=\"{}\" points=\"{}\"/>",
@@ -705,10 +735,18 @@ mod tests {
         assert_eq!(page.matches("</html>").count(), 1);
         assert_eq!(page.matches("<svg").count(), page.matches("</svg>").count());
         // Self-contained: nothing to fetch.
-        for needle in ["http://", "https://", "src=", "href=", "url(", "@import", "<script", "<link"] {
+        for needle in [
+            "http://", "https://", "src=", "href=", "url(", "@import", "<script", "<link",
+        ] {
             assert!(!page.contains(needle), "{needle} in the page");
         }
-        for id in ["throughput", "latency-over-time", "devices", "uplink-distribution", "summary"] {
+        for id in [
+            "throughput",
+            "latency-over-time",
+            "devices",
+            "uplink-distribution",
+            "summary",
+        ] {
             assert!(page.contains(&format!("id=\"{id}\"")), "{id}");
         }
         // Throughput: 9 rates from 10 samples, published and arrived.
@@ -722,7 +760,11 @@ mod tests {
         // The summary table has the text table's rows and numbers.
         let summary = r.summary();
         for (name, cells) in &summary.rows {
-            let row = format!("<th scope=\"row\">{}</th><td>{}</td>", escape(name.trim()), escape(&cells[0]));
+            let row = format!(
+                "<th scope=\"row\">{}</th><td>{}</td>",
+                escape(name.trim()),
+                escape(&cells[0])
+            );
             assert!(page.contains(&row), "{row}");
         }
         assert!(page.contains("<th scope=\"row\">published</th><td>1234</td>"));

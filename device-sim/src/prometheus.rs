@@ -171,9 +171,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 fn parse_sample(line: &str) -> Result<Sample, String> {
-    let name_end = line
-        .find(['{', ' ', '\t'])
-        .ok_or("a sample without a value")?;
+    let name_end = line.find(['{', ' ', '\t']).ok_or("a sample without a value")?;
     let (name, mut rest) = line.split_at(name_end);
     if !valid_name(name) {
         return Err(format!("invalid metric name {name:?}"));
@@ -333,7 +331,10 @@ mqttsn_connack_latency_seconds_bucket{le=\"+Inf\"} 3
         assert_eq!(d.value, 3.0);
         assert_eq!(e.kind(d), Kind::Cumulative);
         // The key escapes again, so that it reads as Prometheus shows it.
-        assert_eq!(d.key(), "drops_total{reason=\"queue \\\"full\\\"\",path=\"C:\\\\x\",n=\"a\\nb\"}");
+        assert_eq!(
+            d.key(),
+            "drops_total{reason=\"queue \\\"full\\\"\",path=\"C:\\\\x\",n=\"a\\nb\"}"
+        );
         assert_eq!(e.samples[1].labels, [("room".to_string(), "hall".to_string())]);
         assert_eq!(e.samples[1].value, -150.0);
         assert!(e.samples[2].value.is_nan());
@@ -361,7 +362,18 @@ mqttsn_connack_latency_seconds_bucket{le=\"+Inf\"} 3
         assert_eq!(e.bad_lines, 10);
         assert_eq!(e.first_bad_line.as_ref().map(|(n, _)| *n), Some(2));
         // Garbage never panics, whatever the bytes.
-        for junk in ["{", "a{", "a{b", "a{b=", "a{b=\"", "a{b=\"\\", "a{b=\"c\"", "a{b=\"c\" 1", "#", "# TYPE a"] {
+        for junk in [
+            "{",
+            "a{",
+            "a{b",
+            "a{b=",
+            "a{b=\"",
+            "a{b=\"\\",
+            "a{b=\"c\"",
+            "a{b=\"c\" 1",
+            "#",
+            "# TYPE a",
+        ] {
             let _ = parse(junk);
         }
     }

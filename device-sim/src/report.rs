@@ -527,7 +527,10 @@ mod tests {
         assert!((l.p99_ms - 99.0).abs() < 0.1, "{l:?}");
         assert!((l.max_ms - 100.0).abs() < 0.1, "{l:?}");
         assert_eq!(l.distribution.len(), 21);
-        assert!(l.distribution.windows(2).all(|w| w[0].percentile < w[1].percentile && w[0].ms <= w[1].ms));
+        assert!(l
+            .distribution
+            .windows(2)
+            .all(|w| w[0].percentile < w[1].percentile && w[0].ms <= w[1].ms));
         assert_eq!(l.distribution.first().map(|p| p.percentile), Some(0.0));
         let empty = Latency::from_histogram(&LatencyHistogram::new());
         assert_eq!((empty.samples, empty.p99_ms, empty.distribution.len()), (0, 0.0, 0));

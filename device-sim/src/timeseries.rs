@@ -81,7 +81,11 @@ impl TimeSeries {
         out.push('\n');
         for s in &self.samples {
             let int = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
-            let ms = |v: Option<f64>| v.filter(|v| v.is_finite()).map(|v| format!("{v:.3}")).unwrap_or_default();
+            let ms = |v: Option<f64>| {
+                v.filter(|v| v.is_finite())
+                    .map(|v| format!("{v:.3}"))
+                    .unwrap_or_default()
+            };
             let _ = writeln!(
                 out,
                 "{:.3},{},{},{},{},{},{},{},{},{},{},{},{}",
@@ -172,7 +176,10 @@ mod tests {
         for line in &lines[1..] {
             let fields: Vec<&str> = line.split(',').collect();
             assert_eq!(fields.len(), CSV_COLUMNS.len());
-            assert!(fields.iter().all(|f| f.is_empty() || f.parse::<f64>().is_ok()), "{line}");
+            assert!(
+                fields.iter().all(|f| f.is_empty() || f.parse::<f64>().is_ok()),
+                "{line}"
+            );
         }
     }
 

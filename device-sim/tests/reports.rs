@@ -56,7 +56,13 @@ fn steady(devices: usize) -> Scenario {
     }
 }
 
-fn options(gw: &Running, mosquitto: &Mosquitto, devices: usize, secs: u64, metrics: Option<MetricsUrl>) -> FleetOptions {
+fn options(
+    gw: &Running,
+    mosquitto: &Mosquitto,
+    devices: usize,
+    secs: u64,
+    metrics: Option<MetricsUrl>,
+) -> FleetOptions {
     FleetOptions {
         gateway: gw.udp_addrs[0],
         broker: BrokerUrl {
@@ -105,8 +111,13 @@ fn check_page(html: &str, allowed: &[&str], published: u64) {
     for a in allowed {
         rest = rest.replace(a, "");
     }
-    for needle in ["http://", "https://", "src=", "href=", "url(", "@import", "<script", "<link", "<img"] {
-        assert!(!rest.contains(needle), "the page refers to something outside it: {needle}");
+    for needle in [
+        "http://", "https://", "src=", "href=", "url(", "@import", "<script", "<link", "<img",
+    ] {
+        assert!(
+            !rest.contains(needle),
+            "the page refers to something outside it: {needle}"
+        );
     }
     for id in ["throughput", "latency-over-time", "devices", "uplink-distribution"] {
         let figure = html
@@ -191,7 +202,9 @@ async fn the_binary_writes_a_time_series_and_a_page() {
     // The JSON keeps its latency fields, and gains the distribution curve.
     assert!(report["total"]["uplink_latency"]["p99_ms"].as_f64().is_some());
     assert_eq!(
-        report["total"]["uplink_latency"]["distribution"].as_array().map(Vec::len),
+        report["total"]["uplink_latency"]["distribution"]
+            .as_array()
+            .map(Vec::len),
         Some(21)
     );
     assert!(report.get("gateway_metrics").is_none(), "not asked for");
@@ -215,14 +228,27 @@ async fn the_binary_writes_a_time_series_and_a_page() {
     assert!(rows.len() > duration_s as usize + 2, "{} rows:\n{text}", rows.len());
     let col = |name: &str| header.iter().position(|h| *h == name).expect("column");
     let (t, p, a, l) = (col("elapsed_s"), col("published"), col("arrived"), col("lost"));
-    assert!(rows.windows(2).all(|w| w[0][t] < w[1][t]), "elapsed is monotone:\n{text}");
-    assert!(rows.windows(2).all(|w| w[0][p] <= w[1][p]), "published is cumulative:\n{text}");
+    assert!(
+        rows.windows(2).all(|w| w[0][t] < w[1][t]),
+        "elapsed is monotone:\n{text}"
+    );
+    assert!(
+        rows.windows(2).all(|w| w[0][p] <= w[1][p]),
+        "published is cumulative:\n{text}"
+    );
     let last = rows.last().expect("rows");
-    assert_eq!(last[p], Some(published as f64), "the last row's published is the report's");
+    assert_eq!(
+        last[p],
+        Some(published as f64),
+        "the last row's published is the report's"
+    );
     assert_eq!(last[a], Some(arrived as f64), "the last row's arrived is the report's");
     assert_eq!(last[l], Some(json_u64(&report, &["total", "counts", "lost"]) as f64));
     let latencies = rows.iter().filter(|r| r[col("uplink_p99_ms")].is_some()).count();
-    assert!(latencies >= duration_s as usize, "seconds with latency samples: {latencies}\n{text}");
+    assert!(
+        latencies >= duration_s as usize,
+        "seconds with latency samples: {latencies}\n{text}"
+    );
     assert!(
         rows.iter().any(|r| r[col("connected")] == Some(10.0)),
         "every device connected at some second:\n{text}"
@@ -230,7 +256,10 @@ async fn the_binary_writes_a_time_series_and_a_page() {
 
     let page = std::fs::read_to_string(&html).expect("the page");
     check_page(&page, &[], published);
-    assert_eq!(summary_row(&page, "arrived at broker").first().map(String::as_str), Some(arrived.to_string().as_str()));
+    assert_eq!(
+        summary_row(&page, "arrived at broker").first().map(String::as_str),
+        Some(arrived.to_string().as_str())
+    );
     let _ = std::fs::remove_dir_all(&dir);
     gw.shutdown().await;
 }
@@ -265,16 +294,24 @@ async fn the_report_has_the_gateways_counters_over_the_run() {
     // the traffic from before, so that the run's first scrape does.
     let before = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let body = gateway_metrics::fetch(&url, Duration::from_secs(5)).await.expect("scraped");
+            let body = gateway_metrics::fetch(&url, Duration::from_secs(5))
+                .await
+                .expect("scraped");
             let e = prometheus::parse(&body);
-            let n = e.samples.iter().find(|s| s.name == "mqttsn_publishes_in_total").map(|s| s.value);
+            let n = e
+                .samples
+                .iter()
+                .find(|s| s.name == "mqttsn_publishes_in_total")
+                .map(|s| s.value);
             if n == Some(3.0) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    before.await.expect("the endpoint shows the publishes from before the run");
+    before
+        .await
+        .expect("the endpoint shows the publishes from before the run");
     let devices = 12;
     let run = fleet::run_recorded(options(&gw, &mosquitto, devices, 3, Some(url.clone())))
         .await
@@ -288,14 +325,26 @@ async fn the_report_has_the_gateways_counters_over_the_run() {
     assert_eq!(m.scrape_failures, 0, "{:?}", m.last_error);
     // The start, about one a second, the end.
     assert!(m.scrapes >= 4, "scrapes {}", m.scrapes);
-    let counter = |name: &str| m.counters.get(name).copied().unwrap_or_else(|| panic!("no counter {name}: {m:#?}"));
+    let counter = |name: &str| {
+        m.counters
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| panic!("no counter {name}: {m:#?}"))
+    };
     let publishes = counter("mqttsn_publishes_in_total");
     // Every message at the broker went through the gateway during the run; nothing was sent
     // twice (perfect radio, long Tretry), so the gateway forwarded exactly what the devices
     // published, and none of the publishes from before the run.
-    assert!(publishes >= t.arrived as f64, "{publishes} forwarded < {} arrived", t.arrived);
+    assert!(
+        publishes >= t.arrived as f64,
+        "{publishes} forwarded < {} arrived",
+        t.arrived
+    );
     if t.retries == 0 {
-        assert_eq!(publishes, t.published as f64, "forwarded by the gateway vs published by the fleet");
+        assert_eq!(
+            publishes, t.published as f64,
+            "forwarded by the gateway vs published by the fleet"
+        );
     }
     assert_eq!(counter("mqttsn_connects_total"), devices as f64);
     assert!(counter("mqttsn_datagrams_in_total") > t.published as f64);
@@ -309,9 +358,14 @@ async fn the_report_has_the_gateways_counters_over_the_run() {
     // In the text table, the JSON and the page.
     let table = r.table();
     assert!(table.contains("gateway metrics (http://"), "{table}");
-    assert!(table.contains(&format!("publishes_in {}", t.published)) || t.retries > 0, "{table}");
+    assert!(
+        table.contains(&format!("publishes_in {}", t.published)) || t.retries > 0,
+        "{table}"
+    );
     let json = serde_json::to_value(r).expect("serializes");
-    assert!(json["gateway_metrics"]["counters"]["mqttsn_publishes_in_total"].as_f64().is_some());
+    assert!(json["gateway_metrics"]["counters"]["mqttsn_publishes_in_total"]
+        .as_f64()
+        .is_some());
     let page = device_sim::html::page(r, &run.timeseries);
     check_page(&page, &[&url.to_string()], t.published);
     assert!(page.contains("<figure id=\"gateway-gauges\">"));
@@ -348,7 +402,9 @@ async fn failed_scrapes_are_counted_and_the_run_completes() {
         let last = m.last_error.as_deref().unwrap_or_default();
         assert!(last.to_lowercase().contains(&why.to_lowercase()), "{why}: {last}");
         assert!(m.counters.is_empty());
-        assert!(report.table().contains(&format!("0 scrapes, {} failed", m.scrape_failures)));
+        assert!(report
+            .table()
+            .contains(&format!("0 scrapes, {} failed", m.scrape_failures)));
     }
     gw.shutdown().await;
 }
