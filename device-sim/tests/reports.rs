@@ -408,3 +408,25 @@ async fn failed_scrapes_are_counted_and_the_run_completes() {
     }
     gw.shutdown().await;
 }
+
+#[test]
+fn bad_output_options_are_refused_before_the_run() {
+    let sim = || Command::new(env!("CARGO_BIN_EXE_mqtt-sn-sim"));
+    // A directory that does not exist: refused at once, not after a minute of running
+    // (nothing on stdout: no run, no table).
+    let out = sim()
+        .args(["run", "--echo", "-Q", "--html", "/nonexistent-dir/run.html"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot write /nonexistent-dir/run.html"), "{err}");
+    // Only plain HTTP endpoints.
+    let out = sim()
+        .args(["run", "--echo", "-Q", "--gateway-metrics", "https://127.0.0.1:9100/metrics"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plain http:// only"));
+}
