@@ -35,6 +35,10 @@ pub const MAX_RESPONSE: usize = 8 * 1024 * 1024;
 /// thousands of gauges cannot make the report huge.
 pub const MAX_GAUGES_OVER_TIME: usize = 32;
 
+/// Points kept per gauge at most (an hour of scrapes): a longer run keeps every 2nd, then
+/// every 4th ... scrape's value, so that a day-long soak's report stays small.
+pub const MAX_POINTS_PER_GAUGE: usize = 3_600;
+
 /// A metrics endpoint: `http://HOST[:PORT][/PATH]` (port 80; path `/metrics` when none).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsUrl {
@@ -384,6 +388,8 @@ pub struct Collector {
     report: GatewayMetrics,
     /// Last value of each cumulative series.
     previous: HashMap<String, f64>,
+    /// Gauge points are kept for every `stride`-th successful scrape.
+    stride: u64,
 }
 
 impl Collector {
@@ -395,6 +401,7 @@ impl Collector {
                 ..GatewayMetrics::default()
             },
             previous: HashMap::new(),
+            stride: 1,
         }
     }
 
@@ -426,6 +433,7 @@ impl Collector {
         };
         let r = &mut self.report;
         let baseline = r.scrapes == 0;
+        let keep_point = r.scrapes % self.stride.max(1) == 0;
         r.scrapes += 1;
         r.bad_lines += e.bad_lines;
         r.first_scrape_s.get_or_insert(elapsed_s);
@@ -457,7 +465,7 @@ impl Collector {
                             g.min = g.min.min(s.value);
                             g.max = g.max.max(s.value);
                             g.last = s.value;
-                            if !g.points.is_empty() {
+                            if !g.points.is_empty() && keep_point {
                                 g.points.push([elapsed_s, s.value]);
                             }
                         }
@@ -481,6 +489,16 @@ impl Collector {
                     }
                 }
                 Kind::Other => {}
+            }
+        }
+        if r.gauges.values().any(|g| g.points.len() > MAX_POINTS_PER_GAUGE) {
+            self.stride = self.stride.saturating_mul(2);
+            for g in r.gauges.values_mut() {
+                let mut i = 0;
+                g.points.retain(|_| {
+                    i += 1;
+                    i % 2 == 1
+                });
             }
         }
     }
@@ -608,6 +626,25 @@ mod tests {
         assert!(lines.contains("3 scrapes, 2 failed"), "{lines}");
         assert!(lines.contains("a 70"), "{lines}");
         assert!(lines.contains("sessions 7/2"), "{lines}");
+    }
+
+    #[test]
+    fn a_long_run_keeps_fewer_points() {
+        let url: MetricsUrl = "http://x:1/".parse().expect("valid");
+        let mut c = Collector::new(&url);
+        for i in 0..3 * MAX_POINTS_PER_GAUGE {
+            c.observe(i as f64, Ok(format!("g {i}\n")));
+        }
+        let r = c.report();
+        let g = r.gauges.get("g").expect("gauge");
+        assert!(
+            g.points.len() <= MAX_POINTS_PER_GAUGE && g.points.len() > MAX_POINTS_PER_GAUGE / 4,
+            "{}",
+            g.points.len()
+        );
+        assert!(g.points.windows(2).all(|w| w[0][0] < w[1][0]));
+        assert_eq!(g.points.first(), Some(&[0.0, 0.0]));
+        assert_eq!(g.last, (3 * MAX_POINTS_PER_GAUGE - 1) as f64);
     }
 
     #[test]

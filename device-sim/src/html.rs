@@ -72,8 +72,13 @@ ul.notes { font-size: 13px; }
 .empty { color: #888; font-style: italic; }
 ";
 
+/// Points per line at most in the charts over time: a day-long soak has 86,400 samples,
+/// more than a chart 560 units wide can show.
+const MAX_POINTS: usize = 1_500;
+
 /// The whole page.
 pub fn page(report: &Report, series: &TimeSeries) -> String {
+    let series = &series.thinned(MAX_POINTS);
     let mut out = String::new();
     let title = format!("mqtt-sn-sim run {}", report.run_id);
     let _ = write!(

@@ -107,6 +107,48 @@ impl TimeSeries {
         out
     }
 
+    /// At most `max` samples (at least 2), for drawing a long run: consecutive samples are
+    /// merged into one per window of `k` (the window's last sample, so cumulative counts
+    /// and the devices now stay exact, with the highest latency percentiles of the
+    /// window, so that a spike stays visible). The first and the last sample are kept.
+    pub fn thinned(&self, max: usize) -> TimeSeries {
+        let max = max.max(2);
+        let n = self.samples.len();
+        if n <= max {
+            return self.clone();
+        }
+        let k = (n - 1).div_ceil(max - 1);
+        let highest = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let mut samples = Vec::with_capacity(max);
+        samples.extend(self.samples.first().cloned());
+        for window in self.samples.get(1..).unwrap_or_default().chunks(k) {
+            let Some(last) = window.last() else { continue };
+            let mut merged = last.clone();
+            for s in window {
+                merged.uplink_p50_ms = highest(merged.uplink_p50_ms, s.uplink_p50_ms);
+                merged.uplink_p90_ms = highest(merged.uplink_p90_ms, s.uplink_p90_ms);
+                merged.uplink_p99_ms = highest(merged.uplink_p99_ms, s.uplink_p99_ms);
+            }
+            samples.push(merged);
+        }
+        TimeSeries {
+            samples,
+            ..self.clone_phases()
+        }
+    }
+
+    fn clone_phases(&self) -> TimeSeries {
+        TimeSeries {
+            samples: Vec::new(),
+            ramp_end_s: self.ramp_end_s,
+            publish_end_s: self.publish_end_s,
+            drain_end_s: self.drain_end_s,
+        }
+    }
+
     /// Per-second rates between consecutive samples of a cumulative count: `(time, rate)`
     /// at the later sample's time.
     pub fn rate(&self, f: impl Fn(&Sample) -> Option<u64>) -> Vec<(f64, f64)> {
@@ -181,6 +223,37 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    #[test]
+    fn long_runs_are_thinned_for_drawing() {
+        let s = TimeSeries {
+            samples: (0..=10_000u32)
+                .map(|i| Sample {
+                    elapsed_s: f64::from(i),
+                    published: u64::from(i) * 10,
+                    uplink_p99_ms: (i % 2 == 0).then_some(if i == 5_000 { 900.0 } else { 1.0 }),
+                    ..Sample::default()
+                })
+                .collect(),
+            publish_end_s: 9_000.0,
+            ..TimeSeries::default()
+        };
+        let t = s.thinned(1_000);
+        assert!(t.samples.len() <= 1_000, "{}", t.samples.len());
+        assert!(t.samples.len() > 900, "{}", t.samples.len());
+        assert_eq!(t.samples.first(), s.samples.first());
+        assert_eq!(t.samples.last().map(|s| s.published), Some(100_000));
+        assert_eq!(t.publish_end_s, 9_000.0);
+        assert!(t.samples.windows(2).all(|w| w[0].elapsed_s < w[1].elapsed_s));
+        // The spike survives, and rates stay averages of what happened.
+        assert!(t.samples.iter().any(|s| s.uplink_p99_ms == Some(900.0)));
+        assert!(t
+            .rate(|s| Some(s.published))
+            .iter()
+            .all(|(_, r)| (*r - 10.0).abs() < 1e-9));
+        // Short series are left alone.
+        assert_eq!(series().thinned(1_000), series());
     }
 
     #[test]

@@ -424,7 +424,13 @@ fn bad_output_options_are_refused_before_the_run() {
     assert!(err.contains("cannot write /nonexistent-dir/run.html"), "{err}");
     // Only plain HTTP endpoints.
     let out = sim()
-        .args(["run", "--echo", "-Q", "--gateway-metrics", "https://127.0.0.1:9100/metrics"])
+        .args([
+            "run",
+            "--echo",
+            "-Q",
+            "--gateway-metrics",
+            "https://127.0.0.1:9100/metrics",
+        ])
         .output()
         .expect("runs");
     assert_eq!(out.status.code(), Some(2), "a usage error");
