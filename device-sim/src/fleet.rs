@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
@@ -14,11 +14,16 @@ use sn_codec::{QoS, ReturnCode, TopicFilter, TopicRef};
 use tokio::task::JoinSet;
 
 use crate::device::{Device, Received, Step};
+use crate::gateway_metrics::{self, Collector, MetricsUrl};
 use crate::payload::Stamp;
-use crate::report::{Counts, GroupReport, Latency, Report};
+use crate::report::{Counts, GroupReport, Latency, LatencyHistogram, Report};
 use crate::scenario::{Group, Scenario};
 use crate::station::{now_ms, now_us, Station};
-use crate::verifier::{BrokerUrl, Verifier};
+use crate::timeseries::{Sample, TimeSeries};
+use crate::verifier::{BrokerUrl, Verifier, VerifierWatch};
+
+/// Time between two samples of the time series ([`TimeSeries`]).
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the fleet's summary line is logged (at info).
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -52,6 +57,18 @@ pub struct FleetOptions {
     /// No gateway and no broker: devices talk to the in-process [`crate::echo`] gateway
     /// over an in-memory network (measures the simulator alone; nothing is verified).
     pub echo: bool,
+    /// The gateway's Prometheus endpoint: scraped at the start, every second and at the
+    /// end, for the report's [`crate::gateway_metrics::GatewayMetrics`].
+    pub gateway_metrics: Option<MetricsUrl>,
+}
+
+/// What a fleet run produced: the report and the run over time.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// The report.
+    pub report: Report,
+    /// One sample per second.
+    pub timeseries: TimeSeries,
 }
 
 /// How a device reaches its gateway.
@@ -83,6 +100,39 @@ struct Live {
     acknowledged: AtomicU64,
     finished: AtomicU64,
     socket_errors: AtomicU64,
+    /// Device retransmissions so far.
+    retries: AtomicU64,
+    /// Downlink messages published so far.
+    downlink_sent: AtomicU64,
+    /// Distinct downlink messages received by devices so far.
+    downlink_received: AtomicU64,
+}
+
+impl Live {
+    /// The fleet now, for the time series.
+    fn sample(&self, elapsed_s: f64, verifier: Option<&VerifierWatch>) -> Sample {
+        let published = self.published.load(Ordering::Relaxed);
+        let arrived = verifier.map(|v| v.distinct() as u64);
+        let recent = verifier
+            .map(VerifierWatch::take_recent_latency)
+            .filter(|h| !h.is_empty());
+        let q = |q: f64| recent.as_ref().map(|h| h.quantile_ms(q));
+        Sample {
+            elapsed_s,
+            connected: self.active.load(Ordering::Relaxed),
+            asleep: self.asleep.load(Ordering::Relaxed),
+            published,
+            acknowledged: self.acknowledged.load(Ordering::Relaxed),
+            arrived,
+            lost: arrived.map(|a| published.saturating_sub(a)),
+            retries: self.retries.load(Ordering::Relaxed),
+            downlink_sent: self.downlink_sent.load(Ordering::Relaxed),
+            downlink_received: self.downlink_received.load(Ordering::Relaxed),
+            uplink_p50_ms: q(0.50),
+            uplink_p90_ms: q(0.90),
+            uplink_p99_ms: q(0.99),
+        }
+    }
 }
 
 /// What every device task shares.
@@ -98,6 +148,8 @@ struct Shared {
     live: Live,
     /// Per device: subscribed to its downlink topic (the broker side sends only then).
     subscribed: Vec<AtomicBool>,
+    /// Per group: latency of the first copy of each downlink message.
+    down_latency: Vec<Mutex<LatencyHistogram>>,
 }
 
 impl Shared {
@@ -125,8 +177,6 @@ struct DeviceResult {
     sent: Vec<Sent>,
     /// Downlink sequence number -> copies received.
     downlink: HashMap<u32, u32>,
-    /// Latency of the first copy of each downlink message, µs.
-    downlink_latency_us: Vec<u64>,
 }
 
 fn local_addr(gateway: SocketAddr, index: usize, total: usize) -> SocketAddr {
@@ -155,6 +205,15 @@ fn device_seed(seed: u64, index: u64) -> u64 {
 
 /// Runs the fleet and returns its report.
 pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
+    Ok(run_recorded(opts).await?.report)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs the fleet and returns its report and its time series.
+pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
     opts.scenario
         .validate()
         .map_err(|e| FleetError::Invalid(e.to_string()))?;
@@ -184,8 +243,31 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
     } else {
         Some(Verifier::start(&opts.broker, run, &filters).await?)
     };
+    let elapsed = move || started.elapsed().as_secs_f64();
+
+    // The gateway's counters before any device starts, so that the run's increase is
+    // all the fleet's.
+    let collector = opts
+        .gateway_metrics
+        .as_ref()
+        .map(|url| (url.clone(), Arc::new(Mutex::new(Collector::new(url)))));
+    if let Some((url, c)) = &collector {
+        gateway_metrics::scrape_into(url, c, elapsed).await;
+    }
+    let scraper = collector.clone().map(|(url, c)| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(gateway_metrics::SCRAPE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                gateway_metrics::scrape_into(&url, &c, elapsed).await;
+            }
+        })
+    });
 
     let total = opts.scenario.devices();
+    let t0_s = elapsed();
     let t0 = now_ms();
     let max_ramp = opts.scenario.groups.iter().map(|g| g.ramp.ms()).max().unwrap_or(0);
     let duration_ms = u64::try_from(opts.duration.as_millis()).unwrap_or(u64::MAX);
@@ -202,7 +284,27 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
             .saturating_add(drain_ms),
         live: Live::default(),
         subscribed: (0..total).map(|_| AtomicBool::new(false)).collect(),
+        down_latency: opts
+            .scenario
+            .groups
+            .iter()
+            .map(|_| Mutex::new(LatencyHistogram::new()))
+            .collect(),
     });
+    let watch = verifier.as_ref().map(Verifier::watch);
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let sampler = {
+        let (shared, watch, samples) = (shared.clone(), watch.clone(), samples.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let s = shared.live.sample(elapsed(), watch.as_ref());
+                lock(&samples).push(s);
+            }
+        })
+    };
 
     // The log's view of the run (the progress line is the terminal's): one line at info
     // every SUMMARY_INTERVAL, rather than one per device and event (those are at debug).
@@ -299,31 +401,51 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
     }
     summary.abort();
 
-    let (arrivals, downlink_sent) = match verifier {
-        Some(verifier) => {
-            // Late arrivals: wait until nothing new arrives for a second (at most 5 s).
-            let mut last = verifier.distinct();
-            let mut quiet_since = Instant::now();
-            let grace_end = Instant::now() + Duration::from_secs(5);
-            // A disconnected verifier gets the rest of the grace time to come back for what
-            // the broker kept in its session.
-            while Instant::now() < grace_end
-                && (quiet_since.elapsed() < Duration::from_secs(1) || !verifier.connected())
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let n = verifier.distinct();
-                if n != last {
-                    last = n;
-                    quiet_since = Instant::now();
-                }
+    if let Some(verifier) = &verifier {
+        // Late arrivals: wait until nothing new arrives for a second (at most 5 s).
+        let mut last = verifier.distinct();
+        let mut quiet_since = Instant::now();
+        let grace_end = Instant::now() + Duration::from_secs(5);
+        // A disconnected verifier gets the rest of the grace time to come back for what
+        // the broker kept in its session.
+        while Instant::now() < grace_end && (quiet_since.elapsed() < Duration::from_secs(1) || !verifier.connected()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let n = verifier.distinct();
+            if n != last {
+                last = n;
+                quiet_since = Instant::now();
             }
-            let sent = match downlink {
-                Some(d) => d.await.unwrap_or_default(),
-                None => Vec::new(),
-            };
-            (Some(verifier.finish().await), sent)
         }
-        None => (None, Vec::new()),
+    }
+    let downlink_sent = match downlink {
+        Some(d) => d.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    // The last sample: every device done, every late arrival in.
+    sampler.abort();
+    let last = shared.live.sample(elapsed(), watch.as_ref());
+    let timeseries = {
+        let mut samples = std::mem::take(&mut *lock(&samples));
+        samples.push(last);
+        TimeSeries {
+            samples,
+            ramp_end_s: t0_s + max_ramp as f64 / 1000.0,
+            publish_end_s: t0_s + (max_ramp as f64 + duration_ms as f64) / 1000.0,
+            drain_end_s: t0_s + (max_ramp as f64 + duration_ms as f64 + drain_ms as f64) / 1000.0,
+        }
+    };
+    let gateway_metrics = match (collector, scraper) {
+        (Some((url, c)), Some(scraper)) => {
+            scraper.abort();
+            gateway_metrics::scrape_into(&url, &c, elapsed).await;
+            let m = lock(&c).report();
+            Some(m)
+        }
+        _ => None,
+    };
+    let arrivals = match verifier {
+        Some(v) => Some(v.finish().await),
+        None => None,
     };
     let echo_handled = match echo {
         Some(task) => {
@@ -345,8 +467,7 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
             ..GroupReport::default()
         })
         .collect();
-    let mut latencies: Vec<Vec<u64>> = vec![Vec::new(); groups.len()];
-    let mut down_latencies: Vec<Vec<u64>> = vec![Vec::new(); groups.len()];
+    let mut latencies: Vec<LatencyHistogram> = groups.iter().map(|_| LatencyHistogram::new()).collect();
     let mut violations = Vec::new();
     const MAX_VIOLATIONS: usize = 50;
     results.sort_by_key(|r| r.index);
@@ -369,7 +490,7 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
                         }
                     }
                     if let Some(l) = latencies.get_mut(r.group) {
-                        l.push(a.latency_us);
+                        l.record(a.latency_us);
                     }
                 }
                 None => {
@@ -404,33 +525,27 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
                 None => c.downlink_lost += 1,
             }
         }
-        if let Some(l) = down_latencies.get_mut(r.group) {
-            l.extend_from_slice(&r.downlink_latency_us);
-        }
         g.counts.add(&c);
     }
-    let mut all_latencies = Vec::new();
-    let mut all_down = Vec::new();
-    for ((g, l), d) in groups
-        .iter_mut()
-        .zip(latencies.iter_mut())
-        .zip(down_latencies.iter_mut())
-    {
-        all_latencies.extend_from_slice(l);
-        all_down.extend_from_slice(d);
-        g.uplink_latency = Latency::from_us(l);
-        g.downlink_latency = Latency::from_us(d);
+    let mut all_up = LatencyHistogram::new();
+    let mut all_down = LatencyHistogram::new();
+    for ((g, up), down) in groups.iter_mut().zip(&latencies).zip(&shared.down_latency) {
+        let down = lock(down);
+        all_up.add(up);
+        all_down.add(&down);
+        g.uplink_latency = Latency::from_histogram(up);
+        g.downlink_latency = Latency::from_histogram(&down);
     }
     let mut total_report = GroupReport {
         name: "total".into(),
         counts: Counts::default(),
-        uplink_latency: Latency::from_us(&mut all_latencies),
-        downlink_latency: Latency::from_us(&mut all_down),
+        uplink_latency: Latency::from_histogram(&all_up),
+        downlink_latency: Latency::from_histogram(&all_down),
     };
     for g in &groups {
         total_report.counts.add(&g.counts);
     }
-    Ok(Report {
+    let report = Report {
         run_id: format!("{run:08x}"),
         seed: opts.seed,
         gateway: if opts.echo {
@@ -453,8 +568,10 @@ pub async fn run(opts: FleetOptions) -> Result<Report, FleetError> {
         echo_datagrams: echo_handled,
         verifier_reconnects: arrivals.reconnects,
         verifier_sessions_lost: arrivals.sessions_lost,
+        gateway_metrics,
         violations,
-    })
+    };
+    Ok(Recorded { report, timeseries })
 }
 
 /// A device's contribution to the live active/asleep counts.
@@ -518,7 +635,6 @@ async fn device_task(
         },
         sent: Vec::new(),
         downlink: HashMap::new(),
-        downlink_latency_us: Vec::new(),
     };
     let Some(g) = shared.groups.get(group) else {
         return result;
@@ -616,9 +732,17 @@ async fn device_task(
     let flag = shared.subscribed.get(index as usize);
     let mut payload = Vec::with_capacity(g.payload_size.max(48));
     let mut gauge = Gauge::default();
+    let mut retries_told = 0u64;
 
     loop {
         let now = now_ms();
+        if dev.counters.retries > retries_told {
+            shared
+                .live
+                .retries
+                .fetch_add(dev.counters.retries - retries_told, Ordering::Relaxed);
+            retries_told = dev.counters.retries;
+        }
         while let Some(e) = dev.poll_event() {
             match e {
                 Event::Connected => {
@@ -840,7 +964,10 @@ async fn device_task(
             }
             let n = result.downlink.entry(stamp.seq).or_insert(0);
             if *n == 0 {
-                result.downlink_latency_us.push(now_us().saturating_sub(stamp.sent_us));
+                if let Some(h) = shared.down_latency.get(group) {
+                    lock(h).record(now_us().saturating_sub(stamp.sent_us));
+                }
+                shared.live.downlink_received.fetch_add(1, Ordering::Relaxed);
             }
             *n += 1;
         };
@@ -866,6 +993,10 @@ async fn device_task(
         result.counts.unacknowledged += 1;
     }
     gauge.set(&shared.live, State::Disconnected);
+    shared
+        .live
+        .retries
+        .fetch_add(dev.counters.retries.saturating_sub(retries_told), Ordering::Relaxed);
     result.counts.retries = dev.counters.retries;
     result.counts.radio_dropped = dev.station.counters.dropped;
     result.counts.radio_duplicated = dev.station.counters.duplicated;
@@ -1021,6 +1152,7 @@ async fn downlink_task(shared: Arc<Shared>, client: rumqttc::AsyncClient) -> Vec
                     return sent;
                 }
                 *n += 1;
+                shared.live.downlink_sent.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -7,16 +7,22 @@
 //! - [`tools`]: `mqtt-sn-sim pub` / `sub`, one-shot tools like `mosquitto_pub` / `mosquitto_sub`,
 //! - [`fleet`]: `mqtt-sn-sim run`, thousands of (sleepy) devices described by a
 //!   [`scenario`], checked by a broker-side [`verifier`] and summed up in a [`report`],
+//!   with the run over time ([`timeseries`]), an HTML page of charts ([`html`]) and the
+//!   gateway's own metrics ([`gateway_metrics`], parsed by [`prometheus`]),
 //! - [`conformance`]: `mqtt-sn-sim conformance`, named protocol checks against any gateway.
 
 pub mod conformance;
 pub mod device;
 pub mod echo;
 pub mod fleet;
+pub mod gateway_metrics;
+pub mod html;
 pub mod payload;
+pub mod prometheus;
 pub mod radio;
 pub mod report;
 pub mod scenario;
 pub mod station;
+pub mod timeseries;
 pub mod tools;
 pub mod verifier;

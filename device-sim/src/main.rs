@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use device_sim::conformance;
 use device_sim::fleet::{self, FleetOptions};
+use device_sim::gateway_metrics::MetricsUrl;
 use device_sim::scenario::{parse_duration, Scenario};
 use device_sim::tools::{self, Common, PubArgs, SubArgs, TopicArg};
 use device_sim::verifier::BrokerUrl;
@@ -101,6 +102,28 @@ async fn run_conformance(cmd: ConformanceCmd) -> anyhow::Result<ExitCode> {
     }
     let failed = reports.iter().any(|r| r.outcome == conformance::Outcome::Fail);
     Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+fn check_writable(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(());
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!("cannot write {}: {} is not a directory", path.display(), dir.display());
+    }
+    Ok(())
+}
+
+fn parse_metrics_url(s: &str) -> Result<MetricsUrl, String> {
+    s.parse()
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -239,6 +262,17 @@ struct RunCmd {
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Write the run over time as CSV to this file: one row per second (see
+    /// docs/simulator.md for the columns).
+    #[arg(long, value_name = "FILE.csv")]
+    timeseries: Option<PathBuf>,
+    /// Write a self-contained HTML page with charts and the summary table to this file.
+    #[arg(long, value_name = "FILE.html")]
+    html: Option<PathBuf>,
+    /// The gateway's Prometheus endpoint, http://HOST:PORT[/PATH] (path /metrics by
+    /// default): its counters over the run go into the report.
+    #[arg(long, value_name = "URL", value_parser = parse_metrics_url)]
+    gateway_metrics: Option<MetricsUrl>,
     /// No progress line.
     #[arg(long, short = 'Q')]
     quiet: bool,
@@ -272,13 +306,27 @@ async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
         topic_prefix: scenario.run.topic_prefix.clone().unwrap_or_else(|| "sim".into()),
         progress: !cmd.quiet && std::io::stderr().is_terminal(),
         echo: cmd.echo,
+        gateway_metrics: cmd.gateway_metrics,
         scenario,
     };
-    let report = fleet::run(opts).await?;
+    // Refuse an output that cannot be written before the run rather than lose the run
+    // after it.
+    for path in [&cmd.report, &cmd.timeseries, &cmd.html].into_iter().flatten() {
+        check_writable(path)?;
+    }
+    let fleet::Recorded { report, timeseries } = fleet::run_recorded(opts).await?;
     print!("{}", report.table());
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    };
     if let Some(path) = &cmd.report {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+        write(path, serde_json::to_string_pretty(&report)? + "\n")?;
+    }
+    if let Some(path) = &cmd.timeseries {
+        write(path, timeseries.to_csv())?;
+    }
+    if let Some(path) = &cmd.html {
+        write(path, device_sim::html::page(&report, &timeseries))?;
     }
     Ok(if report.ok() {
         ExitCode::SUCCESS

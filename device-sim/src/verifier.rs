@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::payload::Stamp;
+use crate::report::LatencyHistogram;
 use crate::station::now_us;
 
 /// The broker's address, from `mqtt://host:port` (port 1883 by default).
@@ -100,6 +101,31 @@ struct Link {
     blind_since_us: Option<u64>,
     /// SUBACKs still expected for renewed subscriptions.
     resubscribing: usize,
+    /// Latency of the first arrivals since [`VerifierWatch::take_recent_latency`] last
+    /// looked (for the time series).
+    recent: LatencyHistogram,
+}
+
+/// A look at a running verifier from another task (the time series' sampler).
+#[derive(Clone)]
+pub struct VerifierWatch {
+    link: Arc<Mutex<Link>>,
+}
+
+impl VerifierWatch {
+    /// Number of distinct messages seen so far.
+    pub fn distinct(&self) -> usize {
+        lock(&self.link).arrivals.messages.len()
+    }
+
+    /// The latency of the messages that arrived (first copies) since the previous call,
+    /// which starts the next interval.
+    pub fn take_recent_latency(&self) -> LatencyHistogram {
+        let mut l = lock(&self.link);
+        let h = l.recent.clone();
+        l.recent.reset();
+        h
+    }
 }
 
 /// A running verifier.
@@ -130,26 +156,33 @@ fn lock(link: &Mutex<Link>) -> std::sync::MutexGuard<'_, Link> {
 /// own redelivery to the verifier (after a reconnect it resends what the verifier may
 /// not have acknowledged), not a second message from the gateway, so it counts only if
 /// the first copy never arrived. Two messages from the gateway are two deliveries without
-/// DUP, whatever their QoS, which is how a duplicated QoS 2 message shows.
-fn record(a: &mut Arrivals, run: u32, p: &rumqttc::Publish) {
+/// DUP, whatever their QoS, which is how a duplicated QoS 2 message shows. Returns the
+/// latency of a first arrival (µs).
+fn record(a: &mut Arrivals, run: u32, p: &rumqttc::Publish) -> Option<u64> {
     let now = now_us();
     match Stamp::decode(&p.payload) {
         Some(s) if s.run == run && p.topic.contains("-will/") => {
             if !p.dup || !a.wills.contains_key(&s.device) {
                 *a.wills.entry(s.device).or_insert(0) += 1;
             }
+            None
         }
         Some(s) if s.run == run => match a.messages.entry((s.device, s.seq)) {
-            Entry::Occupied(_) if p.dup => {}
-            Entry::Occupied(mut e) => e.get_mut().count += 1,
+            Entry::Occupied(_) if p.dup => None,
+            Entry::Occupied(mut e) => {
+                e.get_mut().count += 1;
+                None
+            }
             Entry::Vacant(e) => {
-                e.insert(Arrival {
-                    count: 1,
-                    latency_us: now.saturating_sub(s.sent_us),
-                });
+                let latency_us = now.saturating_sub(s.sent_us);
+                e.insert(Arrival { count: 1, latency_us });
+                Some(latency_us)
             }
         },
-        _ => a.foreign += 1,
+        _ => {
+            a.foreign += 1;
+            None
+        }
     }
 }
 
@@ -186,7 +219,12 @@ impl Verifier {
             let mut failures = 0u32;
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => record(&mut lock(&shared).arrivals, run, &p),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let mut l = lock(&shared);
+                        if let Some(us) = record(&mut l.arrivals, run, &p) {
+                            l.recent.record(us);
+                        }
+                    }
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         connections += 1;
                         let mut l = lock(&shared);
@@ -312,6 +350,13 @@ impl Verifier {
             client_id,
             broker: broker.clone(),
         })
+    }
+
+    /// A look at the verifier from another task.
+    pub fn watch(&self) -> VerifierWatch {
+        VerifierWatch {
+            link: self.link.clone(),
+        }
     }
 
     /// A handle to publish on the verifier's broker connection (downlink messages).

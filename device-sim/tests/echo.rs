@@ -51,6 +51,7 @@ async fn a_thousand_devices_against_the_echo_gateway() {
         topic_prefix: "echo".into(),
         progress: false,
         echo: true,
+        gateway_metrics: None,
     })
     .await
     .expect("runs without a broker");

@@ -121,6 +121,7 @@ async fn fleet_of_300_sleepy_lossy_devices_keeps_qos_guarantees() {
         topic_prefix: "simtest".into(),
         progress: false,
         echo: false,
+        gateway_metrics: None,
     })
     .await
     .expect("the fleet runs");

@@ -230,6 +230,7 @@ fn options(gateway: SocketAddr, verifier_broker: SocketAddr, duration: Duration)
         topic_prefix: "outage".into(),
         progress: false,
         echo: false,
+        gateway_metrics: None,
     }
 }
 
