@@ -7,9 +7,9 @@
 # (scripts/package-test.sh); elsewhere that step is left out, since it installs into
 # the system.
 #
-# It installs mosquitto (with apt-get, as root or through sudo without a password) and
-# cargo-nextest when they are missing, and says plainly what it could not install. Under
-# CI=true a missing part is a failure; elsewhere the broker tests are skipped with a loud
+# It installs mosquitto and chromium (for the HTML report check), with apt-get as root or
+# through sudo without a password, and cargo-nextest when they are missing, and says
+# plainly what it could not install. Under CI=true a missing part is a failure; elsewhere the broker tests are skipped with a loud
 # note, and plain `cargo test` stands in for nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +38,15 @@ if ! have_mosquitto; then
   echo "mosquitto is missing: installing it with apt-get"
   apt_install mosquitto || true
   have_mosquitto || missing+=("mosquitto (apt-get install mosquitto, as root)")
+fi
+# The HTML report check renders a simulator report in headless Chromium (Debian's package).
+have_chromium() {
+  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
+}
+if ! have_chromium; then
+  echo "chromium is missing: installing it with apt-get (for the HTML report check)"
+  apt_install chromium || true
+  have_chromium || missing+=("chromium (apt-get install chromium, as root)")
 fi
 # The harness starts its own broker on a free loopback port; a packaged service is not needed.
 export PATH="$PATH:/usr/sbin"
@@ -79,6 +88,8 @@ if [ "$nextest" = yes ]; then
 else
   cargo test --workspace --all-features --no-fail-fast
 fi
+echo "== simulator HTML report in headless Chromium"
+bash scripts/html-report-check.sh
 if [ "${CI:-}" = true ] || [ "${PACKAGE_TEST:-}" = 1 ]; then
   echo "== Debian package: build, install, check the installed configuration"
   bash scripts/package-test.sh --remove
