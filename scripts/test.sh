@@ -9,8 +9,9 @@
 #
 # It installs mosquitto and chromium (for the HTML report check), with apt-get as root or
 # through sudo without a password, and cargo-nextest when they are missing, and says
-# plainly what it could not install. Under CI=true a missing part is a failure; elsewhere the broker tests are skipped with a loud
-# note, and plain `cargo test` stands in for nextest.
+# plainly what it could not install. Under CI=true a missing part is a failure; elsewhere
+# the broker tests are skipped with a loud note, and plain `cargo test` stands in for
+# nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
