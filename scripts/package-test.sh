@@ -54,7 +54,7 @@ step "contents"
 # pipefail dpkg-deb's broken pipe would fail the check at random.
 contents=$(dpkg-deb --contents "$deb")
 echo "$contents"
-for path in ./usr/bin/mqtt-sn-gateway ./etc/mqtt-sn-gateway/gateway.toml ./lib/systemd/system/mqtt-sn-gateway.service; do
+for path in ./usr/bin/mqtt-sn-gateway ./etc/mqtt-sn-gateway/gateway.toml ./lib/systemd/system/mqtt-sn-gateway.service ./usr/share/doc/mqtt-sn-gateway/prometheus-alerts.yml; do
   grep -q " $path\$" <<<"$contents" || fail "the package lacks $path"
 done
 conffiles=$(dpkg-deb --info "$deb" conffiles)

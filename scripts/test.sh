@@ -7,11 +7,11 @@
 # (scripts/package-test.sh); elsewhere that step is left out, since it installs into
 # the system.
 #
-# It installs mosquitto and chromium (for the HTML report check), with apt-get as root or
-# through sudo without a password, and cargo-nextest when they are missing, and says
-# plainly what it could not install. Under CI=true a missing part is a failure; elsewhere
-# the broker tests are skipped with a loud note, and plain `cargo test` stands in for
-# nextest.
+# It installs mosquitto, chromium (the HTML report check) and prometheus (promtool, the
+# alerting rules check) with apt-get, as root or through sudo without a password, and
+# cargo-nextest when they are missing, and says plainly what it could not install. Under
+# CI=true a missing part is a failure; elsewhere the broker tests are skipped with a loud
+# note, and plain `cargo test` stands in for nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +48,12 @@ if ! have_chromium; then
   echo "chromium is missing: installing it with apt-get (for the HTML report check)"
   apt_install chromium || true
   have_chromium || missing+=("chromium (apt-get install chromium, as root)")
+fi
+# packaging/prometheus-alerts.yml is checked with promtool (Debian's prometheus package).
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "promtool is missing: installing prometheus with apt-get (for the alerting rules check)"
+  apt_install --no-install-recommends prometheus || true
+  command -v promtool >/dev/null 2>&1 || missing+=("promtool (apt-get install prometheus, as root)")
 fi
 # The harness starts its own broker on a free loopback port; a packaged service is not needed.
 export PATH="$PATH:/usr/sbin"
@@ -88,6 +94,12 @@ if [ "$nextest" = yes ]; then
   cargo test --workspace --all-features --doc
 else
   cargo test --workspace --all-features --no-fail-fast
+fi
+echo "== Prometheus alerting rules (promtool)"
+if command -v promtool >/dev/null 2>&1; then
+  promtool check rules packaging/prometheus-alerts.yml
+else
+  echo "promtool missing: alerting rules not checked (CI=true fails instead)" >&2
 fi
 echo "== simulator HTML report in headless Chromium"
 bash scripts/html-report-check.sh

@@ -166,3 +166,47 @@ fn latency_histograms_are_cumulative_in_seconds() {
         assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
     }
 }
+
+/// Every metric name that the operator's documents use (the metric list and the alerting
+/// advice in docs/operations.md, the shipped alerting rules) is one the endpoint serves,
+/// so that a renamed metric cannot leave a dashboard or an alert silently empty.
+#[test]
+fn documented_and_alerted_metrics_are_served() {
+    let text = render(&View::default());
+    let served: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split([' ', '{']).next())
+        .collect();
+    let docs = [
+        ("docs/operations.md", include_str!("../../../docs/operations.md")),
+        (
+            "packaging/prometheus-alerts.yml",
+            include_str!("../../../packaging/prometheus-alerts.yml"),
+        ),
+    ];
+    for (file, body) in docs {
+        let mut seen = 0;
+        for (at, _) in body.match_indices("mqttsn_") {
+            let name: String = body[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            // `mqttsn_(a|b)_total` in a regular expression, `mqttsn_<name>_total` in prose.
+            if name.ends_with('_') {
+                continue;
+            }
+            seen += 1;
+            let base = name
+                .strip_suffix("_bucket")
+                .or_else(|| name.strip_suffix("_sum"))
+                .or_else(|| name.strip_suffix("_count"))
+                .unwrap_or(&name);
+            assert!(
+                served.contains(name.as_str()) || served.contains(format!("{base}_bucket").as_str()),
+                "{file} names {name}, which /metrics does not serve"
+            );
+        }
+        assert!(seen >= 10, "{file}: only {seen} metric names found");
+    }
+}
