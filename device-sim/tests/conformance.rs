@@ -28,7 +28,9 @@ async fn start_gateway(broker: SocketAddr) -> Running {
     let mut settings = common::gateway_settings(broker, 5);
     settings.engine.predefined =
         Arc::new(Predefined::new([(PREDEFINED_ID, PREDEFINED.to_string())]).expect("valid predefined topic"));
-    settings.udp.push(SocketAddr::from((Ipv4Addr::new(127, 255, 255, 255), 0)));
+    settings
+        .udp
+        .push(SocketAddr::from((Ipv4Addr::new(127, 255, 255, 255), 0)));
     gateway::runtime::start(settings).await.expect("the gateway starts")
 }
 
@@ -169,14 +171,26 @@ async fn connect_fails_without_connack() {
 async fn register_fails_on_a_reserved_topic_id() {
     fails(
         "register",
-        on(Dir::Down, REGACK, |d| Verdict::Rewrite(patch(&patch(d, 1, |_| 0), 2, |_| 0))),
+        on(Dir::Down, REGACK, |d| {
+            Verdict::Rewrite(patch(&patch(d, 1, |_| 0), 2, |_| 0))
+        }),
     )
     .await;
 }
 
 #[tokio::test]
 async fn publish_qos0_fails_when_nothing_reaches_the_broker() {
-    fails("publish-qos0", on(Dir::Up, PUBLISH, |d| if qos_bits(d) == 0 { Verdict::Drop } else { Verdict::Forward })).await;
+    fails(
+        "publish-qos0",
+        on(Dir::Up, PUBLISH, |d| {
+            if qos_bits(d) == 0 {
+                Verdict::Drop
+            } else {
+                Verdict::Forward
+            }
+        }),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -186,7 +200,11 @@ async fn publish_qos1_fails_when_acknowledged_but_not_forwarded() {
 
 #[tokio::test]
 async fn publish_qos1_fails_on_a_puback_with_another_message_id() {
-    fails("publish-qos1", on(Dir::Down, PUBACK, |d| Verdict::Rewrite(patch(d, 4, |b| b ^ 0x01)))).await;
+    fails(
+        "publish-qos1",
+        on(Dir::Down, PUBACK, |d| Verdict::Rewrite(patch(d, 4, |b| b ^ 0x01))),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -195,7 +213,13 @@ async fn publish_qos2_fails_without_pubcomp() {
 }
 
 fn drop_qos_minus_one() -> Rule {
-    on(Dir::Up, PUBLISH, |d| if qos_bits(d) == 0b11 { Verdict::Drop } else { Verdict::Forward })
+    on(Dir::Up, PUBLISH, |d| {
+        if qos_bits(d) == 0b11 {
+            Verdict::Drop
+        } else {
+            Verdict::Forward
+        }
+    })
 }
 
 #[tokio::test]
@@ -210,14 +234,24 @@ async fn qos_minus_one_predefined_fails_when_dropped() {
 
 #[tokio::test]
 async fn short_topic_fails_on_a_puback_with_another_topic_id() {
-    fails("short-topic", on(Dir::Down, PUBACK, |d| Verdict::Rewrite(patch(d, 1, |b| b ^ 0x01)))).await;
+    fails(
+        "short-topic",
+        on(Dir::Down, PUBACK, |d| Verdict::Rewrite(patch(d, 1, |b| b ^ 0x01))),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn predefined_topic_fails_when_acknowledged_but_not_forwarded() {
     fails(
         "predefined-topic",
-        on(Dir::Up, PUBLISH, |d| if flags(d) & 0b11 == 0b01 { fake_puback(d) } else { Verdict::Forward }),
+        on(Dir::Up, PUBLISH, |d| {
+            if flags(d) & 0b11 == 0b01 {
+                fake_puback(d)
+            } else {
+                Verdict::Forward
+            }
+        }),
     )
     .await;
 }
@@ -226,19 +260,45 @@ async fn predefined_topic_fails_when_acknowledged_but_not_forwarded() {
 async fn length_three_octet_fails_when_the_long_form_is_refused_on_short_messages() {
     fails(
         "length-three-octet",
-        Box::new(|d, _, b| if d == Dir::Up && b.first() == Some(&0x01) && b.len() < 256 { Verdict::Drop } else { Verdict::Forward }),
+        Box::new(|d, _, b| {
+            if d == Dir::Up && b.first() == Some(&0x01) && b.len() < 256 {
+                Verdict::Drop
+            } else {
+                Verdict::Forward
+            }
+        }),
     )
     .await;
 }
 
 #[tokio::test]
 async fn long_topic_fails_when_datagrams_over_255_octets_are_dropped() {
-    fails("long-topic", Box::new(|d, _, b| if d == Dir::Up && b.len() > 255 { Verdict::Drop } else { Verdict::Forward })).await;
+    fails(
+        "long-topic",
+        Box::new(|d, _, b| {
+            if d == Dir::Up && b.len() > 255 {
+                Verdict::Drop
+            } else {
+                Verdict::Forward
+            }
+        }),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn large_payload_fails_when_datagrams_over_512_octets_are_dropped() {
-    fails("large-payload", Box::new(|d, _, b| if d == Dir::Up && b.len() > 512 { Verdict::Drop } else { Verdict::Forward })).await;
+    fails(
+        "large-payload",
+        Box::new(|d, _, b| {
+            if d == Dir::Up && b.len() > 512 {
+                Verdict::Drop
+            } else {
+                Verdict::Forward
+            }
+        }),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -274,19 +334,33 @@ async fn wildcard_fails_without_register() {
 
 #[tokio::test]
 async fn retained_fails_without_the_retain_flag() {
-    fails("retained", on(Dir::Down, PUBLISH, |d| Verdict::Rewrite(patch(d, 1, |f| f & !0x10)))).await;
+    fails(
+        "retained",
+        on(Dir::Down, PUBLISH, |d| Verdict::Rewrite(patch(d, 1, |f| f & !0x10))),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn retransmission_fails_without_dup() {
-    fails("retransmission", on(Dir::Down, PUBLISH, |d| Verdict::Rewrite(patch(d, 1, |f| f & !0x80)))).await;
+    fails(
+        "retransmission",
+        on(Dir::Down, PUBLISH, |d| Verdict::Rewrite(patch(d, 1, |f| f & !0x80))),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn retransmission_fails_when_nothing_is_sent_again() {
     fails(
         "retransmission",
-        on(Dir::Down, PUBLISH, |d| if flags(d) & 0x80 != 0 { Verdict::Drop } else { Verdict::Forward }),
+        on(Dir::Down, PUBLISH, |d| {
+            if flags(d) & 0x80 != 0 {
+                Verdict::Drop
+            } else {
+                Verdict::Forward
+            }
+        }),
     )
     .await;
 }
@@ -302,7 +376,13 @@ async fn sleep_and_wake_fails_when_the_waking_pingreq_is_not_answered() {
 async fn sleep_and_wake_fails_when_a_held_message_is_missing() {
     fails(
         "sleep-and-wake",
-        on(Dir::Down, PUBLISH, |d| if qos_bits(d) == 0 { Verdict::Drop } else { Verdict::Forward }),
+        on(Dir::Down, PUBLISH, |d| {
+            if qos_bits(d) == 0 {
+                Verdict::Drop
+            } else {
+                Verdict::Forward
+            }
+        }),
     )
     .await;
 }
@@ -310,7 +390,13 @@ async fn sleep_and_wake_fails_when_a_held_message_is_missing() {
 #[tokio::test]
 async fn will_fails_when_keep_alive_is_not_supervised() {
     // The gateway sees a keep-alive of 60 s instead of the 1 s asked for.
-    fails("will", on(Dir::Up, CONNECT, |d| Verdict::Rewrite(patch(&patch(d, 3, |_| 0), 4, |_| 60)))).await;
+    fails(
+        "will",
+        on(Dir::Up, CONNECT, |d| {
+            Verdict::Rewrite(patch(&patch(d, 3, |_| 0), 4, |_| 60))
+        }),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -319,7 +405,13 @@ async fn no_will_after_disconnect_fails_when_disconnect_loses_the_session() {
     // silent, and its will is published, as a gateway publishing wills on DISCONNECT would.
     fails(
         "no-will-after-disconnect",
-        on(Dir::Up, DISCONNECT, |d| if d.len() == 2 { Verdict::Answer(vec![0x02, DISCONNECT]) } else { Verdict::Forward }),
+        on(Dir::Up, DISCONNECT, |d| {
+            if d.len() == 2 {
+                Verdict::Answer(vec![0x02, DISCONNECT])
+            } else {
+                Verdict::Forward
+            }
+        }),
     )
     .await;
 }
@@ -329,7 +421,13 @@ async fn will_sleep_deadline_fails_when_the_deadline_is_not_supervised() {
     // The gateway sees a sleep of 60 s instead of 1 s.
     fails(
         "will-sleep-deadline",
-        on(Dir::Up, DISCONNECT, |d| if d.len() == 4 { Verdict::Rewrite(vec![0x04, DISCONNECT, 0x00, 60]) } else { Verdict::Forward }),
+        on(Dir::Up, DISCONNECT, |d| {
+            if d.len() == 4 {
+                Verdict::Rewrite(vec![0x04, DISCONNECT, 0x00, 60])
+            } else {
+                Verdict::Forward
+            }
+        }),
     )
     .await;
 }
@@ -470,11 +568,17 @@ async fn a_skipped_check_is_reported_skipped() {
 
 #[tokio::test]
 async fn unknown_check_names_are_an_error_listing_the_valid_ones() {
-    let mut opts = options(SocketAddr::from((Ipv4Addr::LOCALHOST, 9)), SocketAddr::from((Ipv4Addr::LOCALHOST, 9)));
+    let mut opts = options(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 9)),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 9)),
+    );
     opts.select.skip = vec!["sleep".into()];
     let err = conformance::run(opts).await.expect_err("unknown name");
     let text = err.to_string();
-    assert!(matches!(err, conformance::ConformanceError::UnknownCheck { .. }), "{err:?}");
+    assert!(
+        matches!(err, conformance::ConformanceError::UnknownCheck { .. }),
+        "{err:?}"
+    );
     for c in conformance::CHECKS {
         assert!(text.contains(c.name), "{text}");
     }
@@ -504,7 +608,10 @@ async fn discovery_accepts_a_gwinfo_broadcast_on_the_discovery_address() {
             }
         }
     });
-    let mut opts = options(SocketAddr::from((Ipv4Addr::LOCALHOST, 9)), SocketAddr::from((Ipv4Addr::LOCALHOST, 9)));
+    let mut opts = options(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 9)),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 9)),
+    );
     opts.broker = None;
     opts.timeout = Duration::from_secs(2);
     opts.discovery = Some(addr);
@@ -513,5 +620,10 @@ async fn discovery_accepts_a_gwinfo_broadcast_on_the_discovery_address() {
     answering.abort();
     print!("{}", conformance::table(&reports));
     assert_eq!(reports[0].outcome, Outcome::Pass, "{reports:#?}");
-    assert!(reports[0].detail.contains("gateway id 9, answered on the discovery address"), "{reports:#?}");
+    assert!(
+        reports[0]
+            .detail
+            .contains("gateway id 9, answered on the discovery address"),
+        "{reports:#?}"
+    );
 }

@@ -28,7 +28,10 @@ const PREDEFINED: Needs = Needs {
     predefined: true,
     discovery: false,
 };
-const DISCOVERY: Needs = Needs { discovery: true, ..NONE };
+const DISCOVERY: Needs = Needs {
+    discovery: true,
+    ..NONE
+};
 
 impl fmt::Display for Needs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -19,7 +19,11 @@ fn q(qos: QoS) -> i8 {
 
 /// Waits for one delivery on `topic_id` with `payload` (others are acknowledged and
 /// passed over).
-async fn delivered(w: &mut Wire, payload: &[u8], what: &'static str) -> Result<(Delivered, Vec<(u16, String)>), CheckError> {
+async fn delivered(
+    w: &mut Wire,
+    payload: &[u8],
+    what: &'static str,
+) -> Result<(Delivered, Vec<(u16, String)>), CheckError> {
     let end = Instant::now() + w.timeout;
     let mut names = Vec::new();
     loop {
@@ -42,7 +46,11 @@ async fn subscribe_at(ctx: &mut Ctx, qos: QoS) -> CheckResult {
     let (mut w, _) = ctx.connected(30).await?;
     let (granted, topic_id) = w.subscribe(TopicFilter::Name(&topic), qos).await?;
     if granted != qos {
-        return Err(CheckError::Wrong(format!("SUBACK granted QoS {} for QoS {}", q(granted), q(qos))));
+        return Err(CheckError::Wrong(format!(
+            "SUBACK granted QoS {} for QoS {}",
+            q(granted),
+            q(qos)
+        )));
     }
     let payload = ctx.payload(&format!("down qos {}", qos.bits()));
     ctx.observer()?.publish(&topic, &payload, qos, false).await?;
@@ -101,8 +109,15 @@ pub(super) async fn wildcard(ctx: &mut Ctx) -> CheckResult {
     let (mut w, _) = ctx.connected(30).await?;
     w.subscribe(TopicFilter::Name(&filter), QoS::AtLeastOnce).await?;
     let payload = ctx.payload("wild");
-    ctx.observer()?.publish(&topic, &payload, QoS::AtLeastOnce, false).await?;
-    let (d, names) = delivered(&mut w, &payload, "a broker message on a wildcard subscription (nothing delivered)").await?;
+    ctx.observer()?
+        .publish(&topic, &payload, QoS::AtLeastOnce, false)
+        .await?;
+    let (d, names) = delivered(
+        &mut w,
+        &payload,
+        "a broker message on a wildcard subscription (nothing delivered)",
+    )
+    .await?;
     w.ack(&d).await?;
     w.leave().await;
     let registered = names.iter().find(|(_, n)| n == &topic).map(|(i, _)| *i);
@@ -120,17 +135,26 @@ pub(super) async fn wildcard(ctx: &mut Ctx) -> CheckResult {
 pub(super) async fn retained(ctx: &mut Ctx) -> CheckResult {
     let topic = ctx.topic("retained");
     let payload = ctx.payload("kept");
-    ctx.observer()?.publish(&topic, &payload, QoS::AtLeastOnce, true).await?;
+    ctx.observer()?
+        .publish(&topic, &payload, QoS::AtLeastOnce, true)
+        .await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut w, _) = ctx.connected(30).await?;
     let r = async {
         w.subscribe(TopicFilter::Name(&topic), QoS::AtLeastOnce).await?;
-        let (d, _) = delivered(&mut w, &payload, "a SUBSCRIBE to a topic with a retained message (nothing delivered)").await?;
+        let (d, _) = delivered(
+            &mut w,
+            &payload,
+            "a SUBSCRIBE to a topic with a retained message (nothing delivered)",
+        )
+        .await?;
         w.ack(&d).await?;
         if d.retain {
             Ok(String::new())
         } else {
-            Err(CheckError::Wrong("the retained message was delivered without the RETAIN flag".into()))
+            Err(CheckError::Wrong(
+                "the retained message was delivered without the RETAIN flag".into(),
+            ))
         }
     }
     .await;
@@ -147,7 +171,9 @@ pub(super) async fn retransmission(ctx: &mut Ctx) -> CheckResult {
     let (mut w, _) = ctx.connected(60).await?;
     w.subscribe(TopicFilter::Name(&topic), QoS::AtLeastOnce).await?;
     let payload = ctx.payload("unacknowledged");
-    ctx.observer()?.publish(&topic, &payload, QoS::AtLeastOnce, false).await?;
+    ctx.observer()?
+        .publish(&topic, &payload, QoS::AtLeastOnce, false)
+        .await?;
     let (first, _) = delivered(&mut w, &payload, "a broker message at QoS 1 (nothing delivered)").await?;
     if first.dup {
         return Err(CheckError::Wrong("the first transmission has DUP set".into()));
@@ -181,8 +207,10 @@ pub(super) async fn sleep_and_wake(ctx: &mut Ctx) -> CheckResult {
     // Subscribed at QoS 2, each message comes at the QoS it was published with.
     w.subscribe(TopicFilter::Name(&topic), QoS::ExactlyOnce).await?;
     w.send(&Packet::Disconnect(Some(30))).await?;
-    w.expect("DISCONNECT with a sleep duration", |p| matches!(p, Packet::Disconnect(_)).then_some(()))
-        .await?;
+    w.expect("DISCONNECT with a sleep duration", |p| {
+        matches!(p, Packet::Disconnect(_)).then_some(())
+    })
+    .await?;
     let held: Vec<(QoS, Vec<u8>)> = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
         .into_iter()
         .map(|qos| (qos, ctx.payload(&format!("held qos {}", qos.bits()))))
@@ -193,7 +221,9 @@ pub(super) async fn sleep_and_wake(ctx: &mut Ctx) -> CheckResult {
     // Asleep: nothing may be delivered until the device wakes.
     if let Some(d) = w.next_raw(Duration::from_millis(700)).await? {
         if matches!(Packet::decode(&d), Ok(Packet::Publish(_))) {
-            return Err(CheckError::Wrong("a PUBLISH was sent to the device while it was asleep".into()));
+            return Err(CheckError::Wrong(
+                "a PUBLISH was sent to the device while it was asleep".into(),
+            ));
         }
     }
     // One PINGREQ, never repeated: the gateway must answer this one.

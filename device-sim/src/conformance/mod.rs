@@ -364,7 +364,11 @@ pub fn table(reports: &[CheckReport]) -> String {
             Outcome::NotSupported => "not supported",
             Outcome::Skipped => "skipped",
         };
-        let _ = write!(out, "{:<13} {:<w$} {:<8} {:>6} ms", verdict, r.name, r.section, r.millis);
+        let _ = write!(
+            out,
+            "{:<13} {:<w$} {:<8} {:>6} ms",
+            verdict, r.name, r.section, r.millis
+        );
         if !r.detail.is_empty() {
             let _ = write!(out, "  {}", r.detail);
         }

@@ -52,8 +52,10 @@ async fn connect_with_will(
         topic: will_topic,
     })))
     .await?;
-    w.expect("WILLTOPIC (WILLMSGREQ)", |p| matches!(p, Packet::WillMsgReq).then_some(()))
-        .await?;
+    w.expect("WILLTOPIC (WILLMSGREQ)", |p| {
+        matches!(p, Packet::WillMsgReq).then_some(())
+    })
+    .await?;
     w.send(&Packet::WillMsg(will_msg)).await?;
     w.connack().await?;
     Ok((w, id))
@@ -105,8 +107,10 @@ pub(super) async fn will_sleep_deadline(ctx: &mut Ctx) -> CheckResult {
     ctx.observer()?.subscribe(&topic).await?;
     let (mut w, _) = connect_with_will(ctx, 30, &topic, &msg).await?;
     w.send(&Packet::Disconnect(Some(1))).await?;
-    w.expect("DISCONNECT with a sleep duration", |p| matches!(p, Packet::Disconnect(_)).then_some(()))
-        .await?;
+    w.expect("DISCONNECT with a sleep duration", |p| {
+        matches!(p, Packet::Disconnect(_)).then_some(())
+    })
+    .await?;
     // Never wakes: after its 1 s sleep (and the gateway's tolerance) it is lost.
     drop(w);
     let within = Duration::from_secs(2) + ctx.timeout();
@@ -118,13 +122,17 @@ pub(super) async fn takeover(ctx: &mut Ctx) -> CheckResult {
     let id = ctx.client_id();
     let mut old = ctx.wire().await?;
     old.connect(&id, 30).await?;
-    old.subscribe(sn_codec::TopicFilter::Name(&topic), QoS::AtLeastOnce).await?;
+    old.subscribe(sn_codec::TopicFilter::Name(&topic), QoS::AtLeastOnce)
+        .await?;
     // The same client id from another address (another socket, so another port).
     let mut new = ctx.wire().await?;
     new.connect(&id, 30).await?;
-    new.subscribe(sn_codec::TopicFilter::Name(&topic), QoS::AtLeastOnce).await?;
+    new.subscribe(sn_codec::TopicFilter::Name(&topic), QoS::AtLeastOnce)
+        .await?;
     let payload = ctx.payload("taken over");
-    ctx.observer()?.publish(&topic, &payload, QoS::AtLeastOnce, false).await?;
+    ctx.observer()?
+        .publish(&topic, &payload, QoS::AtLeastOnce, false)
+        .await?;
     let mut names = Vec::new();
     let end = Instant::now() + ctx.timeout();
     let got = loop {
@@ -216,7 +224,12 @@ pub(super) async fn hostile_input(ctx: &mut Ctx) -> CheckResult {
     }
     .await;
     w.leave().await;
-    after.map_err(|e| CheckError::Wrong(format!("after {} malformed datagrams the session broke: {e}", GARBAGE.len() + 1)))?;
+    after.map_err(|e| {
+        CheckError::Wrong(format!(
+            "after {} malformed datagrams the session broke: {e}",
+            GARBAGE.len() + 1
+        ))
+    })?;
     Ok(String::new())
 }
 

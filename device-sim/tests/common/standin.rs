@@ -60,7 +60,7 @@ impl Proxy {
             let mut buf = vec![0u8; 65_536];
             while let Ok((n, client)) = front.recv_from(&mut buf).await {
                 let data = buf[..n].to_vec();
-                if !ups.contains_key(&client) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = ups.entry(client) {
                     let up = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind upstream"));
                     up.connect(gateway).await.expect("connect upstream");
                     let (up2, front2, rule2) = (up.clone(), front.clone(), rule.clone());
@@ -76,7 +76,7 @@ impl Proxy {
                             }
                         }
                     });
-                    ups.insert(client, (up, reader));
+                    slot.insert((up, reader));
                 }
                 let (up, _) = &ups[&client];
                 let verdict = (rule.lock().expect("rule"))(Dir::Up, client, &data);
