@@ -367,9 +367,20 @@ async fn retransmission_fails_when_nothing_is_sent_again() {
 
 #[tokio::test]
 async fn sleep_and_wake_fails_when_the_waking_pingreq_is_not_answered() {
-    // The held messages are delivered, the PINGRESP never comes; the suite does not
-    // send PINGREQ again.
-    fails("sleep-and-wake", on(Dir::Down, PINGRESP, |_| Verdict::Drop)).await;
+    // The held messages are delivered, the first PINGRESP never comes (a later PINGREQ
+    // would be answered): the suite must not send PINGREQ again.
+    let mut first = true;
+    fails(
+        "sleep-and-wake",
+        on(Dir::Down, PINGRESP, move |_| {
+            if std::mem::take(&mut first) {
+                Verdict::Drop
+            } else {
+                Verdict::Forward
+            }
+        }),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -626,4 +637,23 @@ async fn discovery_accepts_a_gwinfo_broadcast_on_the_discovery_address() {
             .contains("gateway id 9, answered on the discovery address"),
         "{reports:#?}"
     );
+}
+
+#[tokio::test]
+async fn large_payload_sends_exactly_max_datagram_octets() {
+    for max in [200usize, 256, 257, 1232] {
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let rule: Rule = Box::new(move |d, _, b| {
+            if d == Dir::Up && msg_type(b) == Some(PUBLISH) {
+                seen.lock().expect("sizes").push(b.len());
+            }
+            Verdict::Forward
+        });
+        let Some(r) = through("large-payload", rule, |o| o.max_datagram = max).await else {
+            return;
+        };
+        assert_eq!(r.outcome, Outcome::Pass, "{r:#?}");
+        assert_eq!(*sizes.lock().expect("sizes"), vec![max]);
+    }
 }

@@ -100,9 +100,9 @@ pub enum ConformanceError {
     /// The broker given with `--broker` cannot be used.
     #[error(transparent)]
     Broker(#[from] ObserverError),
-    /// An option's value cannot be used.
-    #[error("{0}")]
-    Option(String),
+    /// `--max-datagram` outside what the suite can send.
+    #[error("--max-datagram {0}: between 64 and 65535 octets")]
+    MaxDatagram(usize),
 }
 
 /// Why a check did not pass: the detail of its report.
@@ -273,10 +273,7 @@ fn millis(d: Duration) -> u64 {
 pub async fn run(opts: ConformanceOptions) -> Result<Vec<CheckReport>, ConformanceError> {
     opts.select.validate()?;
     if opts.max_datagram < 64 || opts.max_datagram > 0xFFFF {
-        return Err(ConformanceError::Option(format!(
-            "--max-datagram {}: between 64 and 65535 octets",
-            opts.max_datagram
-        )));
+        return Err(ConformanceError::MaxDatagram(opts.max_datagram));
     }
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

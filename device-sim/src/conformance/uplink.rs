@@ -203,27 +203,33 @@ pub(super) async fn large_payload(ctx: &mut Ctx) -> CheckResult {
     let max = ctx.opts.max_datagram;
     let topic = ctx.topic("large-payload");
     let (mut w, id) = registered(ctx, &topic).await?;
-    // PUBLISH header: 7 octets with the one-octet Length, 9 with the three-octet one.
-    let header = if max <= 0xFF { 7 } else { 9 };
-    let mut payload = ctx.payload("large");
+    let msg_id = w.msg_id();
+    // Written by hand so that the datagram is exactly `max` octets whatever the size
+    // (the codec picks the one-octet Length whenever it fits): spec 5.2.1 and 5.4.12,
+    // Length (1 or 3 octets), MsgType, Flags (QoS 1, normal topic id), TopicId, MsgId, Data.
+    let mut d = Vec::with_capacity(max);
+    if max <= 0xFF {
+        d.push(u8::try_from(max).unwrap_or(0xFF));
+    } else {
+        d.push(0x01);
+        d.extend_from_slice(&u16::try_from(max).unwrap_or(u16::MAX).to_be_bytes());
+    }
+    d.push(0x0C);
+    d.push(QoS::AtLeastOnce.bits() << 5);
+    d.extend_from_slice(&id.to_be_bytes());
+    d.extend_from_slice(&msg_id.to_be_bytes());
+    let start = d.len();
+    d.extend_from_slice(&ctx.payload("large"));
     let mut i = 0u8;
-    while payload.len() < max - header {
-        payload.push(b'a' + i % 26);
+    while d.len() < max {
+        d.push(b'a' + i % 26);
         i = i.wrapping_add(1);
     }
-    let msg_id = w.msg_id();
-    let p = Packet::Publish(Publish {
-        dup: false,
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        topic: TopicRef::Normal(id),
-        msg_id,
-        data: &payload,
-    });
-    debug_assert_eq!(p.encoded_len(), max);
-    w.send(&p).await?;
+    d.truncate(max);
+    let payload = d.get(start..).unwrap_or(&[]).to_vec();
+    w.send_raw(&d).await?;
     w.puback(TopicRef::Normal(id), msg_id).await?;
     let r = arrived(ctx, &topic, &payload, 1).await;
     w.leave().await;
-    r.map(|_| format!("datagram of {} octets", p.encoded_len()))
+    r.map(|_| format!("datagram of {} octets", d.len()))
 }
