@@ -138,7 +138,7 @@ pub(super) async fn retained(ctx: &mut Ctx) -> CheckResult {
     ctx.observer()?
         .publish(&topic, &payload, QoS::AtLeastOnce, true)
         .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let (mut w, _) = ctx.connected(30).await?;
     let r = async {
         w.subscribe(TopicFilter::Name(&topic), QoS::AtLeastOnce).await?;
@@ -218,8 +218,12 @@ pub(super) async fn sleep_and_wake(ctx: &mut Ctx) -> CheckResult {
     for (qos, payload) in &held {
         ctx.observer()?.publish(&topic, payload, *qos, false).await?;
     }
-    // Asleep: nothing may be delivered until the device wakes.
-    if let Some(d) = w.next_raw(Duration::from_millis(700)).await? {
+    // Asleep: nothing may be delivered until the device wakes. The wait also lets the
+    // messages reach the gateway through the broker (half the answer timeout: generous
+    // on a loaded machine, where a PINGREQ before them would find nothing to deliver).
+    let asleep = (ctx.timeout() / 2).max(Duration::from_millis(700));
+    let woken = Instant::now() + asleep;
+    while let Some(d) = w.next_raw(woken.saturating_duration_since(Instant::now())).await? {
         if matches!(Packet::decode(&d), Ok(Packet::Publish(_))) {
             return Err(CheckError::Wrong(
                 "a PUBLISH was sent to the device while it was asleep".into(),
