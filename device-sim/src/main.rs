@@ -45,31 +45,53 @@ struct ConformanceCmd {
     /// The gateway's UDP address, HOST:PORT.
     #[arg(long, short = 'g', value_name = "ADDR", default_value = "127.0.0.1:10000")]
     gateway: String,
-    /// The broker the gateway uses, mqtt://HOST:PORT.
-    #[arg(long, short = 'b', value_name = "URL", default_value = "mqtt://127.0.0.1:1883")]
-    broker: String,
+    /// The broker the gateway uses, mqtt://HOST:PORT. Without it, the checks that verify
+    /// at the broker are skipped (and say so).
+    #[arg(long, short = 'b', value_name = "URL")]
+    broker: Option<String>,
     /// A predefined topic the gateway is configured with, ID=TOPIC.
     #[arg(long, value_name = "ID=TOPIC")]
     predefined: Option<String>,
+    /// Where the gateway hears SEARCHGW by broadcast or multicast, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    discovery_addr: Option<String>,
     /// How long to wait for each expected answer.
     #[arg(long, value_parser = parse_dur, default_value = "5s")]
     timeout: Duration,
-    /// Run only checks whose names contain this (repeatable).
-    #[arg(long, value_name = "NAME")]
+    /// The gateway's retransmission interval (Tretry): how long the retransmission check
+    /// waits, beyond --timeout, for a PUBLISH to be sent again.
+    #[arg(long, value_parser = parse_dur, default_value = "15s")]
+    gateway_retry: Duration,
+    /// The largest datagram the gateway accepts, in octets (the large-payload check).
+    #[arg(long, default_value_t = conformance::DEFAULT_MAX_DATAGRAM)]
+    max_datagram: usize,
+    /// Run only this check (repeatable; exact names, see --list).
+    #[arg(long, value_name = "CHECK")]
     only: Vec<String>,
+    /// Do not run this check (repeatable); it is reported as skipped.
+    #[arg(long, value_name = "CHECK")]
+    skip: Vec<String>,
+    /// The gateway is known not to support this check's feature (repeatable): a failure
+    /// is reported as not supported.
+    #[arg(long, value_name = "CHECK")]
+    expect_unsupported: Vec<String>,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
-    /// List the checks and exit.
+    /// List the checks (name, specification section, needs) and exit.
     #[arg(long)]
     list: bool,
 }
 
 async fn run_conformance(cmd: ConformanceCmd) -> anyhow::Result<ExitCode> {
+    let select = conformance::Selection {
+        only: cmd.only,
+        skip: cmd.skip,
+        expect_unsupported: cmd.expect_unsupported,
+    };
+    select.validate()?;
     if cmd.list {
-        for (name, description) in conformance::CHECKS {
-            println!("{name:<22} {description}");
-        }
+        print!("{}", conformance::list());
         return Ok(ExitCode::SUCCESS);
     }
     let predefined = match &cmd.predefined {
@@ -77,24 +99,38 @@ async fn run_conformance(cmd: ConformanceCmd) -> anyhow::Result<ExitCode> {
             let (id, name) = p
                 .split_once('=')
                 .with_context(|| format!("--predefined {p:?}: expected ID=TOPIC"))?;
-            Some((
-                id.trim()
-                    .parse::<u16>()
-                    .with_context(|| format!("--predefined {p:?}: bad id"))?,
-                name.to_string(),
-            ))
+            let id = id
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|id| *id != 0 && *id != 0xFFFF)
+                .with_context(|| format!("--predefined {p:?}: the id is 1 to 65534"))?;
+            if name.is_empty() {
+                bail!("--predefined {p:?}: no topic name");
+            }
+            Some((id, name.to_string()))
         }
+        None => None,
+    };
+    let broker = match &cmd.broker {
+        Some(b) => Some(b.parse::<BrokerUrl>().map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let discovery = match &cmd.discovery_addr {
+        Some(a) => Some(resolve(a)?),
         None => None,
     };
     let reports = conformance::run(conformance::ConformanceOptions {
         gateway: resolve(&cmd.gateway)?,
-        broker: cmd.broker.parse::<BrokerUrl>().map_err(anyhow::Error::msg)?,
+        broker,
         predefined,
+        discovery,
         timeout: cmd.timeout,
-        only: cmd.only,
+        gateway_retry: cmd.gateway_retry,
+        max_datagram: cmd.max_datagram,
+        select,
     })
-    .await
-    .map_err(anyhow::Error::msg)?;
+    .await?;
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {

@@ -69,6 +69,57 @@ fn conformance_lists_its_checks() {
         text.contains("sleep-and-wake") && text.contains("hostile-input"),
         "{text}"
     );
+    // Name, section and needs on one line.
+    let line = text.lines().find(|l| l.starts_with("sleep-and-wake")).expect("listed");
+    assert!(line.contains("6.14") && line.contains("broker"), "{line}");
+    let line = text.lines().find(|l| l.starts_with("discovery")).expect("listed");
+    assert!(line.contains("discovery-addr"), "{line}");
+}
+
+#[test]
+fn conformance_refuses_unknown_check_names() {
+    let out = sim().args(["conformance", "--only", "sleep"]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown check \"sleep\"") && err.contains("sleep-and-wake"),
+        "{err}"
+    );
+}
+
+#[test]
+fn conformance_reports_a_silent_gateway_as_failed() {
+    // Port 9 (discard) on loopback: nobody answers.
+    let out = sim()
+        .args([
+            "conformance",
+            "-g",
+            "127.0.0.1:9",
+            "--only",
+            "connect",
+            "--timeout",
+            "300ms",
+            "--json",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json[0]["name"], "connect");
+    assert_eq!(json[0]["outcome"], "fail");
+    assert_eq!(json[0]["section"], "6.2");
+}
+
+#[test]
+fn conformance_without_a_broker_skips_the_broker_checks() {
+    let out = sim()
+        .args(["conformance", "-g", "127.0.0.1:9", "--only", "publish-qos1", "--json"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json[0]["outcome"], "skipped");
+    assert!(json[0]["detail"].as_str().unwrap_or("").contains("--broker"), "{json}");
 }
 
 #[test]

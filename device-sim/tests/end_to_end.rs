@@ -232,28 +232,3 @@ async fn pub_and_sub_tools_round_trip() {
     assert!(err.to_string().contains("no answer"), "{err}");
     gw.shutdown().await;
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_suite_passes_against_our_gateway() {
-    use device_sim::conformance::{self, ConformanceOptions, Outcome};
-    init_logging();
-    let Some(mosquitto) = Mosquitto::start() else { return };
-    let gw = start_gateway(mosquitto.addr()).await;
-    let reports = conformance::run(ConformanceOptions {
-        gateway: gw.udp_addrs[0],
-        broker: BrokerUrl {
-            host: mosquitto.addr().ip().to_string(),
-            port: mosquitto.addr().port(),
-        },
-        predefined: Some((PREDEFINED_ID, "sim/predefined".into())),
-        timeout: Duration::from_secs(5),
-        only: Vec::new(),
-    })
-    .await
-    .expect("the broker is reachable");
-    println!("{}", conformance::table(&reports));
-    assert_eq!(reports.len(), conformance::CHECKS.len());
-    let failed: Vec<_> = reports.iter().filter(|r| r.outcome != Outcome::Pass).collect();
-    assert!(failed.is_empty(), "checks not passed: {failed:#?}");
-    gw.shutdown().await;
-}
