@@ -95,13 +95,26 @@ impl BrokerConfig {
         };
         let rest = rest.trim_end_matches('/');
         let default_port = if tls { 8883 } else { 1883 };
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(':') => (
-                h.trim_start_matches('[').trim_end_matches(']'),
-                p.parse::<u16>()
-                    .map_err(|_| format!("broker URL {url:?}: bad port {p:?}"))?,
-            ),
-            _ => (rest, default_port),
+        let port_of = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("broker URL {url:?}: bad port {p:?}"))
+        };
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            // [IPv6 address], with or without :port.
+            match bracketed.split_once(']') {
+                Some((h, "")) => (h, default_port),
+                Some((h, p)) => match p.strip_prefix(':') {
+                    Some(p) => (h, port_of(p)?),
+                    None => return Err(format!("broker URL {url:?}: expected :port after ]")),
+                },
+                None => return Err(format!("broker URL {url:?}: no ] after [")),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                // A bare IPv6 address has more than one colon: no port then.
+                Some((h, p)) if !h.contains(':') => (h, port_of(p)?),
+                _ => (rest, default_port),
+            }
         };
         if host.is_empty() {
             return Err(format!("broker URL {url:?}: no host"));
@@ -986,5 +999,8 @@ mod tests {
         assert!(BrokerConfig::parse_url("mqtt://x:port").is_err());
         assert!(BrokerConfig::parse_url("mqtt://:1").is_err());
         assert!(BrokerConfig::parse_url("mqtts://:1").is_err());
+        assert_eq!(BrokerConfig::parse_url("::1"), url("::1", 1883, false));
+        assert!(BrokerConfig::parse_url("mqtt://[::1").is_err());
+        assert!(BrokerConfig::parse_url("mqtt://[::1]x").is_err());
     }
 }

@@ -412,6 +412,92 @@ mod tests {
         );
     }
 
+    fn testdata(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/broker/testdata")
+            .join(name)
+    }
+
+    #[test]
+    fn a_ca_file_and_a_client_certificate_load() {
+        let files = TlsFiles {
+            ca_file: Some(testdata("ca.pem")),
+            client_cert: Some(testdata("client.pem")),
+            client_key: Some(testdata("client.key")),
+        };
+        let tls = BrokerTls::load(files.clone()).expect("valid files");
+        assert_eq!(tls.files(), &files);
+        assert!(tls.config().client_auth_cert_resolver.has_certs());
+        let without = BrokerTls::load(TlsFiles {
+            ca_file: Some(testdata("ca.pem")),
+            ..TlsFiles::default()
+        })
+        .expect("a CA alone");
+        assert!(!without.config().client_auth_cert_resolver.has_certs());
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused() {
+        let e = BrokerTls::load(TlsFiles {
+            ca_file: Some(testdata("ca.pem")),
+            client_cert: Some(testdata("client.pem")),
+            client_key: Some(testdata("other.key")),
+        })
+        .expect_err("mismatched key");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("broker.client_key: ") && text.contains("other.key") && text.contains("client.pem"),
+            "{text}"
+        );
+        // A certificate where the key should be: no key in it.
+        let e = BrokerTls::load(TlsFiles {
+            ca_file: Some(testdata("ca.pem")),
+            client_cert: Some(testdata("client.pem")),
+            client_key: Some(testdata("client.pem")),
+        })
+        .expect_err("no key");
+        assert!(e.to_string().contains("no PEM private key"), "{e}");
+        // A key where the certificate should be.
+        let e = BrokerTls::load(TlsFiles {
+            ca_file: Some(testdata("client.key")),
+            ..TlsFiles::default()
+        })
+        .expect_err("no certificate");
+        assert!(e.to_string().starts_with("broker.ca_file: "), "{e}");
+    }
+
+    #[test]
+    fn failures_that_are_tls_ones() {
+        let cert = |e: CertificateError| {
+            ConnectionError::Tls(rumqttc::TlsError::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(e),
+            )))
+        };
+        let unknown = failure(&cert(CertificateError::UnknownIssuer), "b").expect("a TLS failure");
+        assert!(unknown.contains("not signed by a CA the gateway trusts"), "{unknown}");
+        let name = failure(&cert(CertificateError::NotValidForName), "b.example").expect("a TLS failure");
+        assert!(name.contains("does not name \"b.example\""), "{name}");
+        // An alert after the handshake, read as an MQTT state error.
+        let alert = ConnectionError::MqttState(rumqttc::StateError::Io(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+        )));
+        let required = failure(&alert, "b").expect("a TLS failure");
+        assert!(required.contains("requires a client certificate"), "{required}");
+        // Cut during the handshake, or not TLS at all: transient, not a TLS failure.
+        let cut = ConnectionError::Tls(rumqttc::TlsError::Io(io::Error::from(io::ErrorKind::ConnectionReset)));
+        assert_eq!(failure(&cut, "b"), None);
+        assert_eq!(failure(&ConnectionError::NetworkTimeout, "b"), None);
+        assert_eq!(
+            failure(
+                &ConnectionError::Io(io::Error::from(io::ErrorKind::ConnectionRefused)),
+                "b"
+            ),
+            None
+        );
+    }
+
     #[test]
     fn server_names_for_hosts_and_addresses() {
         assert!(matches!(server_name("127.0.0.1"), Ok(ServerName::IpAddress(_))));

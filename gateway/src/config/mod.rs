@@ -493,3 +493,5 @@ fn env_value(key: &str, value: String) -> figment::value::Value {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_tls;
