@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet as MqttPacket};
+use rumqttc::{AsyncClient, Event as MqttEvent, Packet as MqttPacket};
 use serde::Serialize;
 use sn_codec::client::{Client, Config, Event, Will};
 use sn_codec::{Connect, Packet, QoS, ReturnCode, TopicFilter, TopicRef};
@@ -144,7 +144,7 @@ struct Observer {
 
 impl Observer {
     async fn start(broker: &BrokerUrl, id: String) -> Result<Observer, String> {
-        let mut o = MqttOptions::new(id, broker.host.clone(), broker.port);
+        let mut o = broker.options(id);
         o.set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
             .set_inflight(16);

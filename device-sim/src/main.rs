@@ -44,9 +44,12 @@ struct ConformanceCmd {
     /// The gateway's UDP address, HOST:PORT.
     #[arg(long, short = 'g', value_name = "ADDR", default_value = "127.0.0.1:10000")]
     gateway: String,
-    /// The broker the gateway uses, mqtt://HOST:PORT.
+    /// The broker the gateway uses, mqtt://HOST:PORT (or mqtts://HOST:PORT for TLS).
     #[arg(long, short = 'b', value_name = "URL", default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
+    /// With mqtts://: PEM file of the CA(s) the broker's certificate must chain to [default: the system's trusted roots].
+    #[arg(long, value_name = "FILE")]
+    broker_ca: Option<PathBuf>,
     /// A predefined topic the gateway is configured with, ID=TOPIC.
     #[arg(long, value_name = "ID=TOPIC")]
     predefined: Option<String>,
@@ -87,7 +90,7 @@ async fn run_conformance(cmd: ConformanceCmd) -> anyhow::Result<ExitCode> {
     };
     let reports = conformance::run(conformance::ConformanceOptions {
         gateway: resolve(&cmd.gateway)?,
-        broker: cmd.broker.parse::<BrokerUrl>().map_err(anyhow::Error::msg)?,
+        broker: BrokerUrl::parse_with_ca(&cmd.broker, cmd.broker_ca.as_deref()).map_err(anyhow::Error::msg)?,
         predefined,
         timeout: cmd.timeout,
         only: cmd.only,
@@ -218,9 +221,12 @@ struct RunCmd {
     /// The gateway's UDP address, HOST:PORT.
     #[arg(long, short = 'g', value_name = "ADDR", default_value = "127.0.0.1:10000")]
     gateway: String,
-    /// The broker the gateway uses, mqtt://HOST:PORT (the verifier subscribes there).
+    /// The broker the gateway uses, mqtt://HOST:PORT or mqtts://HOST:PORT (the verifier subscribes there).
     #[arg(long, short = 'b', value_name = "URL", default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
+    /// With mqtts://: PEM file of the CA(s) the broker's certificate must chain to [default: the system's trusted roots].
+    #[arg(long, value_name = "FILE")]
+    broker_ca: Option<PathBuf>,
     /// Number of devices (scales the scenario's groups; default 10 without a scenario).
     #[arg(long, short = 'n', value_name = "N")]
     devices: Option<usize>,
@@ -259,7 +265,7 @@ async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
     scenario.validate()?;
     let opts = FleetOptions {
         gateway: resolve(&cmd.gateway)?,
-        broker: cmd.broker.parse::<BrokerUrl>().map_err(anyhow::Error::msg)?,
+        broker: BrokerUrl::parse_with_ca(&cmd.broker, cmd.broker_ca.as_deref()).map_err(anyhow::Error::msg)?,
         duration: cmd
             .duration
             .or(scenario.run.duration.map(|d| d.0))

@@ -113,6 +113,7 @@ async fn fleet_of_300_sleepy_lossy_devices_keeps_qos_guarantees() {
         broker: BrokerUrl {
             host: mosquitto.addr().ip().to_string(),
             port: mosquitto.addr().port(),
+            tls: None,
         },
         scenario,
         duration: Duration::from_secs(4),
@@ -243,6 +244,7 @@ async fn conformance_suite_passes_against_our_gateway() {
         broker: BrokerUrl {
             host: mosquitto.addr().ip().to_string(),
             port: mosquitto.addr().port(),
+            tls: None,
         },
         predefined: Some((PREDEFINED_ID, "sim/predefined".into())),
         timeout: Duration::from_secs(5),
