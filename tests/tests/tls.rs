@@ -113,9 +113,15 @@ async fn another_ca_is_a_clear_tls_error_and_connack_rejected() {
         return;
     };
     let (running, gateway) = gateway_to(pki.broker_config(broker.addr(), &pki.other_ca, None)).await;
+    let started = std::time::Instant::now();
     let log = refused_devices(gateway, 3, &capture).await;
     let lines = refusal_lines(&log);
-    assert_eq!(lines.len(), 1, "one warning per interval for three refusals:\n{log}");
+    // One warning per 10 s interval (however loaded the machine, that is the bound).
+    let intervals = 1 + started.elapsed().as_secs() / 10;
+    assert!(
+        !lines.is_empty() && lines.len() as u64 <= intervals,
+        "one warning per interval for three refusals:\n{log}"
+    );
     assert!(
         lines[0]
             .contains("TLS with the broker failed: the broker's certificate is not signed by a CA the gateway trusts")

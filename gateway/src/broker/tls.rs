@@ -396,6 +396,9 @@ mod tests {
         })
         .expect_err("not a certificate");
         assert!(e.to_string().contains("broker.ca_file"), "{e}");
+        if let Some(dir) = junk.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     #[test]
