@@ -45,10 +45,13 @@ struct ConformanceCmd {
     /// The gateway's UDP address, HOST:PORT.
     #[arg(long, short = 'g', value_name = "ADDR", default_value = "127.0.0.1:10000")]
     gateway: String,
-    /// The broker the gateway uses, mqtt://HOST:PORT. Without it, the checks that verify
-    /// at the broker are skipped (and say so).
+    /// The broker the gateway uses, mqtt://HOST:PORT (or mqtts://HOST:PORT for TLS).
+    /// Without it, the checks that verify at the broker are skipped (and say so).
     #[arg(long, short = 'b', value_name = "URL")]
     broker: Option<String>,
+    /// With mqtts://: PEM file of the CA(s) the broker's certificate must chain to [default: the system's trusted roots].
+    #[arg(long, value_name = "FILE")]
+    broker_ca: Option<PathBuf>,
     /// A predefined topic the gateway is configured with, ID=TOPIC.
     #[arg(long, value_name = "ID=TOPIC")]
     predefined: Option<String>,
@@ -113,8 +116,13 @@ async fn run_conformance(cmd: ConformanceCmd) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let broker = match &cmd.broker {
-        Some(b) => Some(b.parse::<BrokerUrl>().map_err(anyhow::Error::msg)?),
-        None => None,
+        Some(b) => Some(BrokerUrl::parse_with_ca(b, cmd.broker_ca.as_deref()).map_err(anyhow::Error::msg)?),
+        None => {
+            if cmd.broker_ca.is_some() {
+                anyhow::bail!("--broker-ca needs --broker mqtts://HOST:PORT");
+            }
+            None
+        }
     };
     let discovery = match &cmd.discovery_addr {
         Some(a) => Some(resolve(a)?),
@@ -277,9 +285,12 @@ struct RunCmd {
     /// The gateway's UDP address, HOST:PORT.
     #[arg(long, short = 'g', value_name = "ADDR", default_value = "127.0.0.1:10000")]
     gateway: String,
-    /// The broker the gateway uses, mqtt://HOST:PORT (the verifier subscribes there).
+    /// The broker the gateway uses, mqtt://HOST:PORT or mqtts://HOST:PORT (the verifier subscribes there).
     #[arg(long, short = 'b', value_name = "URL", default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
+    /// With mqtts://: PEM file of the CA(s) the broker's certificate must chain to [default: the system's trusted roots].
+    #[arg(long, value_name = "FILE")]
+    broker_ca: Option<PathBuf>,
     /// Number of devices (scales the scenario's groups; default 10 without a scenario).
     #[arg(long, short = 'n', value_name = "N")]
     devices: Option<usize>,
@@ -329,7 +340,7 @@ async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
     scenario.validate()?;
     let opts = FleetOptions {
         gateway: resolve(&cmd.gateway)?,
-        broker: cmd.broker.parse::<BrokerUrl>().map_err(anyhow::Error::msg)?,
+        broker: BrokerUrl::parse_with_ca(&cmd.broker, cmd.broker_ca.as_deref()).map_err(anyhow::Error::msg)?,
         duration: cmd
             .duration
             .or(scenario.run.duration.map(|d| d.0))

@@ -3,10 +3,13 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -14,38 +17,138 @@ use crate::payload::Stamp;
 use crate::report::LatencyHistogram;
 use crate::station::now_us;
 
-/// The broker's address, from `mqtt://host:port` (port 1883 by default).
+/// The broker's address, from `mqtt://host:port` (port 1883 by default) or
+/// `mqtts://host:port` (TLS, port 8883 by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     /// Host name or address.
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// TLS, for `mqtts://`; `None`: plain TCP.
+    pub tls: Option<BrokerTls>,
 }
 
-impl std::str::FromStr for BrokerUrl {
-    type Err = String;
-    fn from_str(url: &str) -> Result<Self, String> {
-        let rest = match url.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
-            Some((scheme, _)) => return Err(format!("{url:?}: unsupported scheme {scheme:?} (use mqtt://host:port)")),
-            None => url,
+/// TLS to the broker: the broker's certificate must chain to the CA file's certificates
+/// (or the system's trusted roots) and name the URL's host (a DNS name, or an IP address
+/// in an IP subjectAltName). The *ring* provider, as in the gateway. Compared by the CA
+/// file.
+#[derive(Clone)]
+pub struct BrokerTls {
+    ca_file: Option<PathBuf>,
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for BrokerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerTls")
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for BrokerTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca_file == other.ca_file
+    }
+}
+
+impl Eq for BrokerTls {}
+
+impl BrokerTls {
+    /// Trusts the PEM certificates of `ca_file`, or the system's roots when `None`.
+    /// Errors name the file (`--broker-ca`).
+    pub fn load(ca_file: Option<&Path>) -> Result<BrokerTls, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        match ca_file {
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| format!("--broker-ca: cannot read {}: {e}", path.display()))?;
+                let certs = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("--broker-ca: {}: not a PEM file: {e}", path.display()))?;
+                if certs.is_empty() {
+                    return Err(format!("--broker-ca: {}: no PEM certificate in it", path.display()));
+                }
+                for cert in certs {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("--broker-ca: {}: not usable as a CA: {e}", path.display()))?;
+                }
+            }
+            None => {
+                let (added, _) = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                if added == 0 {
+                    return Err("mqtts:// without --broker-ca: the system has no trusted root certificates".into());
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(BrokerTls {
+            ca_file: ca_file.map(Path::to_path_buf),
+            config: Arc::new(config),
+        })
+    }
+}
+
+impl BrokerUrl {
+    /// Parses `url`; with `ca_file` (`--broker-ca`), an `mqtts://` URL trusts that CA
+    /// instead of the system's roots (and a plain URL is an error: TLS was meant).
+    pub fn parse_with_ca(url: &str, ca_file: Option<&Path>) -> Result<BrokerUrl, String> {
+        let (rest, tls) = match url.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (rest, false),
+            Some(("mqtts" | "ssl", rest)) => (rest, true),
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "{url:?}: unsupported scheme {scheme:?} (use mqtt://host:port, or mqtts://host:port for TLS)"
+                ))
+            }
+            None => (url, false),
         };
         let rest = rest.trim_end_matches('/');
+        let default_port = if tls { 8883 } else { 1883 };
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.contains(':') || (h.starts_with('[') && h.ends_with(']')) => {
                 (h, p.parse().map_err(|_| format!("{url:?}: bad port {p:?}"))?)
             }
-            _ => (rest, 1883),
+            _ => (rest, default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(format!("{url:?}: no host"));
         }
+        let tls = match (tls, ca_file) {
+            (true, ca) => Some(BrokerTls::load(ca)?),
+            (false, Some(_)) => return Err(format!("--broker-ca is for TLS, but {url:?} is not mqtts://")),
+            (false, None) => None,
+        };
         Ok(BrokerUrl {
             host: host.to_string(),
             port,
+            tls,
         })
+    }
+
+    /// MQTT options for `client_id` at this broker, over TLS for `mqtts://` (the
+    /// certificate checked against the host).
+    pub fn options(&self, client_id: impl Into<String>) -> MqttOptions {
+        let mut o = MqttOptions::new(client_id, self.host.clone(), self.port);
+        if let Some(tls) = &self.tls {
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.config.clone())));
+        }
+        o
+    }
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = String;
+    /// [`BrokerUrl::parse_with_ca`] without a CA file (`mqtts://` trusts the system's roots).
+    fn from_str(url: &str) -> Result<Self, String> {
+        BrokerUrl::parse_with_ca(url, None)
     }
 }
 
@@ -197,7 +300,7 @@ impl Verifier {
     /// [`Verifier::finish`] ends the session.
     pub async fn start(broker: &BrokerUrl, run: u32, filters: &[String]) -> Result<Verifier, VerifierError> {
         let client_id = format!("mqtt-sn-sim-verifier-{run:08x}");
-        let mut o = MqttOptions::new(client_id.clone(), broker.host.clone(), broker.port);
+        let mut o = broker.options(client_id.clone());
         o.set_keep_alive(Duration::from_secs(30))
             .set_clean_session(false)
             // Brokers cap QoS 1/2 messages in flight per client (mosquitto: 20 by default,
@@ -399,7 +502,7 @@ impl Verifier {
 /// the broker drops the persistent session (and stops queueing messages for it).
 /// Best effort and bounded: the broker may be gone.
 async fn end_session(broker: &BrokerUrl, client_id: &str) {
-    let mut o = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    let mut o = broker.options(client_id);
     o.set_clean_session(true).set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(o, 4);
     let ended = tokio::time::timeout(Duration::from_secs(3), async {
@@ -483,7 +586,26 @@ mod tests {
         assert_eq!((u.host.as_str(), u.port), ("localhost", 1883));
         let u: BrokerUrl = "tcp://broker:1999/".parse().expect("valid");
         assert_eq!((u.host.as_str(), u.port), ("broker", 1999));
-        assert!("mqtts://x:1".parse::<BrokerUrl>().is_err());
+        assert!("ws://x:1".parse::<BrokerUrl>().is_err());
         assert!("mqtt://x:port".parse::<BrokerUrl>().is_err());
+    }
+
+    #[test]
+    fn tls_broker_urls() {
+        // The gateway's throwaway test CA.
+        let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/src/broker/testdata/ca.pem");
+        let u = BrokerUrl::parse_with_ca("mqtts://127.0.0.1", Some(&ca)).expect("valid");
+        assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 8883));
+        assert_eq!(u.tls.as_ref().and_then(|t| t.ca_file.as_deref()), Some(ca.as_path()));
+        let u = BrokerUrl::parse_with_ca("ssl://[::1]:18883", Some(&ca)).expect("valid");
+        assert_eq!((u.host.as_str(), u.port, u.tls.is_some()), ("::1", 18883, true));
+        let e = BrokerUrl::parse_with_ca("mqtt://127.0.0.1", Some(&ca)).expect_err("plain with a CA");
+        assert!(e.contains("--broker-ca is for TLS"), "{e}");
+        let e = BrokerUrl::parse_with_ca("mqtts://127.0.0.1", Some(Path::new("/nonexistent/ca.pem")))
+            .expect_err("no such file");
+        assert!(e.starts_with("--broker-ca: cannot read /nonexistent/ca.pem"), "{e}");
+        let key = ca.with_file_name("client.key");
+        let e = BrokerUrl::parse_with_ca("mqtts://127.0.0.1", Some(&key)).expect_err("a key, no certificate");
+        assert!(e.contains("no PEM certificate"), "{e}");
     }
 }

@@ -40,6 +40,7 @@ fn options(gateway: SocketAddr, broker: SocketAddr) -> ConformanceOptions {
         broker: Some(BrokerUrl {
             host: broker.ip().to_string(),
             port: broker.port(),
+            tls: None,
         }),
         predefined: Some((PREDEFINED_ID, PREDEFINED.into())),
         discovery: None,

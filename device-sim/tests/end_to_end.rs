@@ -113,6 +113,7 @@ async fn fleet_of_300_sleepy_lossy_devices_keeps_qos_guarantees() {
         broker: BrokerUrl {
             host: mosquitto.addr().ip().to_string(),
             port: mosquitto.addr().port(),
+            tls: None,
         },
         scenario,
         duration: Duration::from_secs(4),

@@ -68,6 +68,7 @@ fn options(
         broker: BrokerUrl {
             host: mosquitto.addr().ip().to_string(),
             port: mosquitto.addr().port(),
+            tls: None,
         },
         scenario: steady(devices),
         duration: Duration::from_secs(secs),

@@ -203,6 +203,7 @@ fn options(gateway: SocketAddr, verifier_broker: SocketAddr, duration: Duration)
         broker: BrokerUrl {
             host: verifier_broker.ip().to_string(),
             port: verifier_broker.port(),
+            tls: None,
         },
         scenario: Scenario {
             groups: vec![Group {

@@ -84,9 +84,8 @@ async fn run(settings: gateway::config::Settings, mut reload: Reload) -> anyhow:
 /// trying, and devices get CONNACK congestion meanwhile), but the operator should know.
 async fn warn_if_unreachable(broker: gateway::broker::mqtt::BrokerConfig) {
     let wait = std::time::Duration::from_secs(broker.connect_timeout_secs.max(1));
-    if let Err(reason) = gateway::ops::reach_broker(&broker.host, broker.port, wait).await {
-        let addr = format!("{}:{}", broker.host, broker.port);
-        tracing::warn!(broker = %addr, %reason, "broker unreachable at start; devices get CONNACK congestion until it answers (the gateway keeps trying)");
+    if let Err(reason) = gateway::ops::reach_broker(&broker, wait).await {
+        tracing::warn!(broker = %broker.url(), %reason, "broker unreachable at start; devices get CONNACK congestion until it answers (the gateway keeps trying)");
     }
 }
 

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
+use crate::broker::mqtt::BrokerConfig;
 use crate::engine::{Histogram, Metrics, Stats, LATENCY_BUCKETS};
 use crate::transport::serial::SerialStatsReader;
 
@@ -127,7 +128,7 @@ pub fn render(view: &View) -> String {
     );
     registry.register(
         "broker_reachable",
-        "1 when the last TCP probe of the broker succeeded, else 0",
+        "1 when the last probe of the broker (TCP connect; TLS handshake for mqtts://) succeeded, else 0",
         gauge(usize::from(view.broker_reachable == Some(true))),
     );
     registry.register(
@@ -228,41 +229,41 @@ impl Sources {
     }
 }
 
-/// Whether the broker accepts a TCP connection within `timeout`; why not, if it does not.
-pub async fn reach_broker(host: &str, port: u16, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+/// Whether the broker accepts a connection within `timeout`; why not, if it does not.
+/// For `mqtts://` that is a TLS handshake with the link's own configuration (the CA,
+/// the server name, the client certificate offered): a broker whose certificate the
+/// gateway refuses is as unusable as one that is down. (A broker that refuses the
+/// client certificate only after a TLS 1.3 handshake completes is not seen here; the
+/// devices' connections see it, and are refused.)
+pub async fn reach_broker(broker: &BrokerConfig, timeout: Duration) -> Result<(), String> {
+    if let Some(tls) = &broker.tls {
+        return tls.handshake(&broker.host, broker.port, timeout).await;
+    }
+    match tokio::time::timeout(timeout, TcpStream::connect((broker.host.as_str(), broker.port))).await {
         Ok(Ok(_stream)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {} s", timeout.as_secs_f64())),
     }
 }
 
-/// Probes the broker with a TCP connect every `every`, each given `timeout`, and stores
+/// Probes the broker ([`reach_broker`]) every `every`, each given `timeout`, and stores
 /// the verdict. Runs until aborted.
-pub async fn probe_broker(
-    host: String,
-    port: u16,
-    every: Duration,
-    timeout: Duration,
-    verdict: Arc<Mutex<Option<bool>>>,
-) {
+pub async fn probe_broker(broker: BrokerConfig, every: Duration, timeout: Duration, verdict: Arc<Mutex<Option<bool>>>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let url = broker.url();
     loop {
         tick.tick().await;
-        let ok = match reach_broker(&host, port, timeout).await {
-            Ok(()) => true,
-            Err(reason) => {
-                debug!(%reason, "broker probe failed");
-                false
-            }
-        };
+        let result = reach_broker(&broker, timeout).await;
+        if let Err(reason) = &result {
+            debug!(%reason, "broker probe failed");
+        }
+        let ok = result.is_ok();
         let mut v = verdict.lock().unwrap_or_else(|e| e.into_inner());
         if *v != Some(ok) {
-            if ok {
-                tracing::info!(broker = %format!("{host}:{port}"), "broker reachable");
-            } else {
-                warn!(broker = %format!("{host}:{port}"), "broker unreachable");
+            match &result {
+                Ok(()) => tracing::info!(broker = %url, "broker reachable"),
+                Err(reason) => warn!(broker = %url, %reason, "broker unreachable"),
             }
         }
         *v = Some(ok);

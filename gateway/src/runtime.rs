@@ -180,8 +180,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             broker.port = actual.port();
         }
     }
-    info!(broker = %format!("{}:{}", broker.host, broker.port), "broker");
-    let (broker_host, broker_port, broker_timeout) = (broker.host.clone(), broker.port, broker.connect_timeout_secs);
+    info!(broker = %broker.url(), "broker");
+    let probe = broker.clone();
     let links = MqttLinks::new(broker, ev_tx);
     let gateway = Gateway::new(settings.engine.clone());
     let stats = Arc::new(Mutex::new(Stats::default()));
@@ -206,11 +206,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     if let Some(listener) = metrics_listener {
         info!(addr = ?metrics_addr, "serving /metrics and /healthz over HTTP");
         let reachable = Arc::new(Mutex::new(None));
+        let timeout = Duration::from_secs(probe.connect_timeout_secs).min(BROKER_PROBE_INTERVAL);
         helpers.push(tokio::spawn(crate::ops::probe_broker(
-            broker_host,
-            broker_port,
+            probe,
             BROKER_PROBE_INTERVAL,
-            Duration::from_secs(broker_timeout).min(BROKER_PROBE_INTERVAL),
+            timeout,
             reachable.clone(),
         )));
         helpers.push(tokio::spawn(crate::ops::serve(

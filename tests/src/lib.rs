@@ -17,6 +17,8 @@
 //! lower of the publish's and the subscription's (MQTT 3.1.1, 3.8.4); see
 //! [`Harness::delivery_qos`] and [`Harness::assert_published_qos`].
 
+pub mod tls;
+
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet as MqttPacket};
+use rumqttc::{AsyncClient, Event as MqttEvent, Packet as MqttPacket};
 use sn_codec::QoS;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -56,7 +56,7 @@ pub(super) struct Observer {
 impl Observer {
     pub async fn start(broker: &BrokerUrl, id: String) -> Result<Observer, ObserverError> {
         let name = format!("{}:{}", broker.host, broker.port);
-        let mut o = MqttOptions::new(id, broker.host.clone(), broker.port);
+        let mut o = broker.options(id);
         o.set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
             .set_inflight(16);

@@ -6,6 +6,7 @@
 //! aggregating mode (one connection for all clients) can implement [`BrokerLink`] too.
 
 pub mod mqtt;
+pub mod tls;
 
 use bytes::Bytes;
 use std::sync::Arc;

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ClientError, ConnectReturnCode, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions,
-    Outgoing, Publish, Request, SubscribeReasonCode,
+    Outgoing, Publish, Request, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use super::tls::BrokerTls;
 use super::{
     BrokerEvent, BrokerLink, ClientKey, Command, ConnectParams, LogThrottle, Message, MqttQos, RejectReason, Token,
 };
@@ -24,6 +25,9 @@ pub struct BrokerConfig {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// TLS (`mqtts://`), with the broker's certificate checked against these roots and
+    /// `host`; `None`: plain TCP.
+    pub tls: Option<BrokerTls>,
     /// User name sent in every CONNECT, if any.
     pub username: Option<String>,
     /// Password sent with the user name.
@@ -51,6 +55,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             host: "127.0.0.1".into(),
             port: 1883,
+            tls: None,
             username: None,
             password: None,
             client_id_prefix: String::new(),
@@ -63,30 +68,72 @@ impl Default for BrokerConfig {
     }
 }
 
+/// A broker URL, parsed: where, and whether over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Host name or address (an IPv6 address without its brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// `mqtts://` (or `ssl://`): TLS.
+    pub tls: bool,
+}
+
 impl BrokerConfig {
     /// Parses `mqtt://host:port` (also `tcp://`, or a bare `host:port`; port 1883 when
-    /// omitted) into host and port.
-    pub fn parse_url(url: &str) -> Result<(String, u16), String> {
-        let rest = url
-            .strip_prefix("mqtt://")
-            .or_else(|| url.strip_prefix("tcp://"))
-            .unwrap_or(url);
-        if rest.contains("://") {
-            return Err(format!("broker URL {url:?}: only mqtt:// (plain TCP) is supported"));
-        }
+    /// omitted) and `mqtts://host:port` (also `ssl://`; TLS, port 8883 when omitted).
+    pub fn parse_url(url: &str) -> Result<BrokerUrl, String> {
+        let (rest, tls) = match url.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (rest, false),
+            Some(("mqtts" | "ssl", rest)) => (rest, true),
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "broker URL {url:?}: unknown scheme {scheme:?} (mqtt:// for TCP, mqtts:// for TLS)"
+                ))
+            }
+            None => (url, false),
+        };
         let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(':') => (
-                h.trim_start_matches('[').trim_end_matches(']'),
-                p.parse::<u16>()
-                    .map_err(|_| format!("broker URL {url:?}: bad port {p:?}"))?,
-            ),
-            _ => (rest, 1883),
+        let default_port = if tls { 8883 } else { 1883 };
+        let port_of = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("broker URL {url:?}: bad port {p:?}"))
+        };
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            // [IPv6 address], with or without :port.
+            match bracketed.split_once(']') {
+                Some((h, "")) => (h, default_port),
+                Some((h, p)) => match p.strip_prefix(':') {
+                    Some(p) => (h, port_of(p)?),
+                    None => return Err(format!("broker URL {url:?}: expected :port after ]")),
+                },
+                None => return Err(format!("broker URL {url:?}: no ] after [")),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                // A bare IPv6 address has more than one colon: no port then.
+                Some((h, p)) if !h.contains(':') => (h, port_of(p)?),
+                _ => (rest, default_port),
+            }
         };
         if host.is_empty() {
             return Err(format!("broker URL {url:?}: no host"));
         }
-        Ok((host.to_string(), port))
+        Ok(BrokerUrl {
+            host: host.to_string(),
+            port,
+            tls,
+        })
+    }
+
+    /// `mqtt://host:port` or `mqtts://host:port`, for the log.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -287,6 +334,11 @@ impl MqttLinks {
             .set_manual_acks(true)
             .set_inflight(self.cfg.inflight.max(1))
             .set_max_packet_size(256 * 1024, 256 * 1024);
+        if let Some(tls) = &self.cfg.tls {
+            // rumqttc checks the certificate against the host it connects to (an IP
+            // address host against the certificate's IP subjectAltNames).
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.config())));
+        }
         if let (Some(u), Some(pw)) = (&self.cfg.username, &self.cfg.password) {
             o.set_credentials(u.clone(), pw.clone());
         } else if let Some(u) = &self.cfg.username {
@@ -325,7 +377,7 @@ impl MqttLinks {
             pending.clone(),
             self.events.clone(),
             previous,
-            self.cfg.connect_timeout_secs,
+            self.cfg.clone(),
             guard,
         ));
         self.last_task.insert(broker_id.clone(), (generation, task));
@@ -629,9 +681,10 @@ async fn drive(
     pending: Arc<Mutex<Pending>>,
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
     previous: Option<JoinHandle<()>>,
-    connect_timeout_secs: u64,
+    cfg: Arc<BrokerConfig>,
     _guard: EndGuard,
 ) {
+    let connect_timeout_secs = cfg.connect_timeout_secs;
     if let Some(previous) = previous {
         let _ = tokio::time::timeout(Duration::from_secs(connect_timeout_secs.max(1)), previous).await;
     }
@@ -716,14 +769,15 @@ async fn drive(
                 None
             }
             Err(e) => {
-                let reason = e.to_string();
+                // A TLS failure (untrusted or misnamed certificate, client certificate
+                // refused) is answered the same on every retry: a refusal.
+                let tls = cfg.tls.as_ref().and_then(|_| super::tls::failure(&e, &cfg.host));
+                let refused = tls.is_some() || is_refusal(&e);
+                let reason = tls.unwrap_or_else(|| e.to_string());
                 let event = if connected {
                     BrokerEvent::Closed { reason }
                 } else {
-                    BrokerEvent::ConnectFailed {
-                        reason,
-                        refused: is_refusal(&e),
-                    }
+                    BrokerEvent::ConnectFailed { reason, refused }
                 };
                 let _ = events.send((key, event)).await;
                 return;
@@ -924,15 +978,29 @@ mod tests {
 
     #[test]
     fn urls() {
+        let url = |host: &str, port, tls| {
+            Ok(BrokerUrl {
+                host: host.into(),
+                port,
+                tls,
+            })
+        };
         assert_eq!(
             BrokerConfig::parse_url("mqtt://127.0.0.1:1884"),
-            Ok(("127.0.0.1".into(), 1884))
+            url("127.0.0.1", 1884, false)
         );
-        assert_eq!(BrokerConfig::parse_url("tcp://broker"), Ok(("broker".into(), 1883)));
-        assert_eq!(BrokerConfig::parse_url("localhost:99"), Ok(("localhost".into(), 99)));
-        assert_eq!(BrokerConfig::parse_url("mqtt://[::1]:1883"), Ok(("::1".into(), 1883)));
-        assert!(BrokerConfig::parse_url("mqtts://x:1").is_err());
+        assert_eq!(BrokerConfig::parse_url("tcp://broker"), url("broker", 1883, false));
+        assert_eq!(BrokerConfig::parse_url("localhost:99"), url("localhost", 99, false));
+        assert_eq!(BrokerConfig::parse_url("mqtt://[::1]:1883"), url("::1", 1883, false));
+        assert_eq!(BrokerConfig::parse_url("mqtts://x:1"), url("x", 1, true));
+        assert_eq!(BrokerConfig::parse_url("mqtts://broker/"), url("broker", 8883, true));
+        assert_eq!(BrokerConfig::parse_url("ssl://[::1]"), url("::1", 8883, true));
+        assert!(BrokerConfig::parse_url("ws://x:1").is_err());
         assert!(BrokerConfig::parse_url("mqtt://x:port").is_err());
         assert!(BrokerConfig::parse_url("mqtt://:1").is_err());
+        assert!(BrokerConfig::parse_url("mqtts://:1").is_err());
+        assert_eq!(BrokerConfig::parse_url("::1"), url("::1", 1883, false));
+        assert!(BrokerConfig::parse_url("mqtt://[::1").is_err());
+        assert!(BrokerConfig::parse_url("mqtt://[::1]x").is_err());
     }
 }

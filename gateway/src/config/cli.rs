@@ -110,10 +110,22 @@ pub struct UdpFlags {
 /// `[broker]` flags.
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct BrokerFlags {
-    /// Broker URL, mqtt://host:port [default: the embedded broker when it runs, else mqtt://127.0.0.1:1883].
+    /// Broker URL, mqtt://host:port, or mqtts://host:port for TLS [default: the embedded broker when it runs, else mqtt://127.0.0.1:1883].
     #[arg(long = "broker", id = "broker.url", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// PEM file of the CAs the broker's TLS certificate must chain to [default: the system's trusted roots].
+    #[arg(long = "broker-ca", id = "broker.ca_file", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate the gateway presents to a broker that asks for one (with --broker-key).
+    #[arg(long = "broker-cert", id = "broker.client_cert", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --broker-cert.
+    #[arg(long = "broker-key", id = "broker.client_key", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
     /// User name for the broker.
     #[arg(long = "username", id = "broker.username", value_name = "NAME")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -137,10 +137,20 @@ impl Default for UdpConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerSection {
-    /// `mqtt://host:port`; unset: the embedded broker when it runs, else
-    /// `mqtt://127.0.0.1:1883`.
+    /// `mqtt://host:port`, or `mqtts://host:port` for TLS; unset: the embedded broker
+    /// when it runs, else `mqtt://127.0.0.1:1883`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// With `mqtts://`: PEM file of the CA certificates the broker's certificate must
+    /// chain to; unset: the system's trusted roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// With `mqtts://`: PEM certificate (chain) the gateway presents to the broker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of `client_cert` (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
     /// User name sent in every device's MQTT CONNECT.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
@@ -170,6 +180,9 @@ impl Default for BrokerSection {
         let b = BrokerConfig::default();
         BrokerSection {
             url: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
             username: None,
             password: None,
             client_id_prefix: b.client_id_prefix.clone(),
@@ -480,3 +493,5 @@ fn env_value(key: &str, value: String) -> figment::value::Value {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_tls;

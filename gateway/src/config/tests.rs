@@ -235,7 +235,7 @@ fn values_that_cannot_work_are_refused_all_at_once() {
         ("[sleep]\nmax_duration_secs = 70000\n", "max_duration_secs"),
         ("[limits]\nmax_topics_per_client = 0\n", "max_topics_per_client"),
         ("[broker]\nconnect_timeout_secs = 0\n", "connect_timeout_secs"),
-        ("[broker]\nurl = \"mqtts://x\"\n", "broker.url"),
+        ("[broker]\nurl = \"ws://x\"\n", "broker.url"),
         ("[broker]\npassword = \"p\"\n", "username"),
         ("[gateway]\nshutdown_timeout_secs = -1\n", "shutdown_timeout_secs"),
         ("[udp]\nlisten = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n", "twice"),
@@ -402,6 +402,9 @@ fn every_key() -> toml::Value {
     c.broker.url = Some("mqtt://127.0.0.1:1883".into());
     c.broker.username = Some("u".into());
     c.broker.password = Some("p".into());
+    c.broker.ca_file = Some("ca.pem".into());
+    c.broker.client_cert = Some("cert.pem".into());
+    c.broker.client_key = Some("key.pem".into());
     c.discovery.advertise_addr = Some(SocketAddr::from(([255, 255, 255, 255], 10000)));
     c.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], 9100)));
     c.metrics.udp_probe_request = Some("health?".into());

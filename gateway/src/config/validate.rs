@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio_serial::{DataBits, Parity, StopBits};
 
 use super::{Cli, Config, ConfigErrors, LogFormat, SerialConfig};
-use crate::broker::mqtt::BrokerConfig;
+use crate::broker::mqtt::{BrokerConfig, BrokerUrl};
+use crate::broker::tls::{self, BrokerTls, TlsFiles};
 use crate::engine::EngineConfig;
 use crate::topics::Predefined;
 use crate::transport::serial::SerialPortConfig;
@@ -364,14 +365,17 @@ impl Config {
     fn broker_config(&self, e: &mut Vec<String>) -> BrokerConfig {
         let b = &self.broker;
         let default = BrokerConfig::default();
-        let (host, port) = match &b.url {
+        let plain = |host: String, port| BrokerUrl { host, port, tls: false };
+        let url = match &b.url {
             Some(url) => BrokerConfig::parse_url(url).unwrap_or_else(|err| {
                 e.push(format!("broker.url: {err}"));
-                (default.host.clone(), default.port)
+                plain(default.host.clone(), default.port)
             }),
-            None if b.embedded => (b.embedded_listen.ip().to_string(), b.embedded_listen.port()),
-            None => (default.host.clone(), default.port),
+            None if b.embedded => plain(b.embedded_listen.ip().to_string(), b.embedded_listen.port()),
+            None => plain(default.host.clone(), default.port),
         };
+        let tls = self.broker_tls(e, &url);
+        let BrokerUrl { host, port, .. } = url;
         if b.password.is_some() && b.username.is_none() {
             e.push(
                 "broker.password is set without broker.username (MQTT 3.1.1 sends a password only with a user name)"
@@ -381,6 +385,7 @@ impl Config {
         BrokerConfig {
             host,
             port,
+            tls,
             username: b.username.clone(),
             password: b.password.clone(),
             client_id_prefix: b.client_id_prefix.clone(),
@@ -390,6 +395,43 @@ impl Config {
             inflight: at_least(e, "broker.inflight", b.inflight, 1, u16::MAX),
             connect_timeout_secs: at_least(e, "broker.connect_timeout_secs", b.connect_timeout_secs, 1, 3600),
         }
+    }
+
+    /// TLS to the broker for an `mqtts://` URL: the files read and checked now, so that
+    /// a missing or invalid one is a start-up (and `--check-config`) error naming its
+    /// key and file. The TLS keys without `mqtts://` are an error: the operator expects
+    /// TLS and would get plain TCP.
+    fn broker_tls(&self, e: &mut Vec<String>, url: &BrokerUrl) -> Option<BrokerTls> {
+        let b = &self.broker;
+        let files = TlsFiles {
+            ca_file: b.ca_file.clone(),
+            client_cert: b.client_cert.clone(),
+            client_key: b.client_key.clone(),
+        };
+        if !url.tls {
+            let set: Vec<&str> = [
+                ("broker.ca_file", &files.ca_file),
+                ("broker.client_cert", &files.client_cert),
+                ("broker.client_key", &files.client_key),
+            ]
+            .into_iter()
+            .filter_map(|(key, v)| v.as_ref().map(|_| key))
+            .collect();
+            if !set.is_empty() {
+                e.push(format!(
+                    "{} set, but the broker URL is not mqtts:// (TLS): use broker.url = \"mqtts://{}:8883\" or remove {}",
+                    set.join(", "),
+                    url.host,
+                    if set.len() == 1 { "it" } else { "them" }
+                ));
+            }
+            return None;
+        }
+        if let Err(err) = tls::server_name(&url.host) {
+            e.push(format!("broker.url: {err}"));
+            return None;
+        }
+        BrokerTls::load(files).map_err(|err| e.push(err.to_string())).ok()
     }
 
     fn serial_ports(&self, e: &mut Vec<String>) -> Vec<SerialPortConfig> {
