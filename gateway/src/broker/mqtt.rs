@@ -287,7 +287,10 @@ impl MqttLinks {
             .set_manual_acks(true)
             .set_inflight(self.cfg.inflight.max(1))
             .set_max_packet_size(256 * 1024, 256 * 1024);
-        if let (Some(u), Some(pw)) = (&self.cfg.username, &self.cfg.password) {
+        if let Some(c) = &p.credentials {
+            // The device's own login (device registry) replaces the global one.
+            o.set_credentials(c.username.clone(), c.password.clone());
+        } else if let (Some(u), Some(pw)) = (&self.cfg.username, &self.cfg.password) {
             o.set_credentials(u.clone(), pw.clone());
         } else if let Some(u) = &self.cfg.username {
             o.set_credentials(u.clone(), String::new());
@@ -749,6 +752,7 @@ mod tests {
             clean_session: true,
             keep_alive: 30,
             will: None,
+            credentials: None,
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio_serial::{DataBits, Parity, StopBits};
 
 use super::{Cli, Config, ConfigErrors, LogFormat, SerialConfig};
+use crate::auth::{AddressChange, AuthConfig, Registry};
 use crate::broker::mqtt::BrokerConfig;
 use crate::engine::EngineConfig;
 use crate::topics::Predefined;
@@ -251,6 +252,7 @@ impl Config {
             qos_minus_one: self.gateway.qos_minus_one,
             advertise_interval: (advertise > 0).then(|| Duration::from_secs(advertise)),
             udp_broadcast: None,
+            auth: crate::auth::AuthConfig::default(),
         };
 
         let broker = self.broker_config(e);
@@ -279,6 +281,7 @@ impl Config {
             }
         }
         engine.udp_broadcast = advertise_addr;
+        engine.auth = self.auth_config(e, &serial, &broker);
 
         let shutdown_timeout = secs_in(
             e,
@@ -389,6 +392,83 @@ impl Config {
             backlog_bytes: at_least(e, "broker.backlog_bytes", b.backlog_bytes, 0, 1 << 30),
             inflight: at_least(e, "broker.inflight", b.inflight, 1, u16::MAX),
             connect_timeout_secs: at_least(e, "broker.connect_timeout_secs", b.connect_timeout_secs, 1, 3600),
+        }
+    }
+
+    /// `[auth]`, with the registry loaded (its errors are the configuration's).
+    fn auth_config(&self, e: &mut Vec<String>, serial: &[SerialPortConfig], broker: &BrokerConfig) -> AuthConfig {
+        let a = &self.auth;
+        let registry_mode = match a.mode.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None => a.devices_file.is_some(),
+            Some("registry") => true,
+            Some("open") => {
+                if a.devices_file.is_some() {
+                    e.push(
+                        "auth.mode is \"open\" but auth.devices_file is set: choose one (registry mode uses the file)"
+                            .into(),
+                    );
+                }
+                false
+            }
+            Some(other) => {
+                e.push(format!("auth.mode must be \"open\" or \"registry\", not {other:?}"));
+                false
+            }
+        };
+        let registry = if registry_mode {
+            match &a.devices_file {
+                None => {
+                    e.push(
+                        "auth.devices_file is required in registry mode, e.g. devices_file = \"devices.toml\"".into(),
+                    );
+                    None
+                }
+                Some(path) => match Registry::load(path) {
+                    Ok(r) => Some(Arc::new(r)),
+                    Err(mut errs) => {
+                        for err in &mut errs {
+                            *err = format!("auth.devices_file: {err}");
+                        }
+                        e.append(&mut errs);
+                        None
+                    }
+                },
+            }
+        } else {
+            None
+        };
+        let address_change = match a.address_change.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None if registry_mode => AddressChange::Deny,
+            None => AddressChange::Allow,
+            Some("allow") => AddressChange::Allow,
+            Some("deny") => AddressChange::Deny,
+            Some(other) => {
+                e.push(format!(
+                    "auth.address_change must be \"allow\" or \"deny\", not {other:?}"
+                ));
+                AddressChange::Allow
+            }
+        };
+        if let Some(m) = &a.mountpoint {
+            let check = crate::auth::registry::check_pattern(m).and_then(|()| {
+                if m.is_empty() || m.starts_with('$') || m.contains(['+', '#']) {
+                    Err(format!(
+                        "{m:?}: a mountpoint is a topic prefix: not empty, no wildcards, not starting with $"
+                    ))
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(why) = check {
+                e.push(format!("auth.mountpoint: {why}"));
+            }
+        }
+        AuthConfig {
+            registry,
+            address_change,
+            mountpoint: a.mountpoint.clone(),
+            serial_paths: serial.iter().map(|p| p.path.display().to_string()).collect(),
+            default_username: broker.username.clone(),
         }
     }
 

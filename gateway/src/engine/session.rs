@@ -10,7 +10,8 @@ use sn_codec::{Packet, PubAck, QoS, RegAck, Register, ReturnCode, SubAck, TopicF
 use tracing::{debug, info};
 
 use super::{EngineConfig, Latencies, Metrics, Output, Peer};
-use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, Message, MqttQos, Token, Will};
+use crate::auth::{Admission, AuthConfig, Grants};
+use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, Credentials, Message, MqttQos, Token, Will};
 use crate::topics::{self, TopicTable};
 
 /// Where a session is in its life.
@@ -142,6 +143,10 @@ pub(crate) struct Session {
     timer: Option<Instant>,
     /// When the CONNECT that created the session arrived, until its CONNACK.
     connect_started: Option<Instant>,
+    /// What it may publish and subscribe to, and its mountpoint.
+    grants: Grants,
+    /// Its own broker login (device registry), if any.
+    credentials: Option<Credentials>,
 }
 
 /// Completed QoS 2 publishes remembered per client.
@@ -186,6 +191,7 @@ impl Session {
         peer: Peer,
         c: sn_codec::Connect<'_>,
         topics: TopicTable,
+        admission: Admission,
     ) -> Session {
         let mut s = Session {
             key,
@@ -215,6 +221,8 @@ impl Session {
             sleep_duration: Duration::ZERO,
             timer: None,
             connect_started: Some(ctx.now),
+            grants: admission.grants,
+            credentials: admission.credentials,
         };
         s.start_handshake(ctx, c.will);
         s
@@ -245,6 +253,7 @@ impl Session {
                 clean_session: self.clean_session,
                 keep_alive: self.keep_alive,
                 will: self.will(),
+                credentials: self.credentials.clone(),
             }),
         );
     }
@@ -298,9 +307,41 @@ impl Session {
         self.topics
     }
 
+    /// Applies the registry in force now (a reload) to this session's rights.
+    pub(crate) fn regrant(&mut self, auth: &AuthConfig) {
+        self.grants = auth.regrant(
+            &self.client_id,
+            self.credentials.as_ref(),
+            self.grants.mountpoint.clone(),
+        );
+    }
+
+    /// Whether the device may publish to `topic` (and name it as its will); counts and
+    /// logs a refusal.
+    fn may_publish(&self, ctx: &mut Ctx<'_>, topic: &str, what: &str) -> bool {
+        match self.grants.may_publish(topic) {
+            Ok(()) => true,
+            Err(denied) => {
+                ctx.metrics.count_denied(denied);
+                // Counted; at debug, as a flood of them must not drown the log.
+                debug!(client = %self.client_id, peer = %self.peer, topic, ?denied, "{what} refused: topic not allowed");
+                false
+            }
+        }
+    }
+
+    /// The broker's name for one of the device's topics (the mountpoint prepended).
+    fn mounted(&self, topic: Arc<str>) -> Arc<str> {
+        if self.grants.mountpoint.is_some() {
+            self.grants.mount(&topic).into()
+        } else {
+            topic
+        }
+    }
+
     fn will(&self) -> Option<Will> {
         self.will_topic.as_ref().map(|(topic, qos, retain)| Will {
-            topic: topic.clone(),
+            topic: self.grants.mount(topic),
             message: self.will_message.clone(),
             qos: *qos,
             retain: *retain,
@@ -351,6 +392,11 @@ impl Session {
                 if let Err(why) = topics::check_topic_name(w.topic) {
                     ctx.metrics.topic_refused += 1;
                     debug!(client = %self.client_id, peer = %self.peer, topic = w.topic, %why, "invalid will topic refused");
+                    ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::NotSupported));
+                    ctx.metrics.connects_refused += 1;
+                    return self.end_connecting(ctx);
+                }
+                if !self.may_publish(ctx, w.topic, "will topic") {
                     ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::NotSupported));
                     ctx.metrics.connects_refused += 1;
                     return self.end_connecting(ctx);
@@ -414,6 +460,7 @@ impl Session {
                         ReturnCode::Accepted
                     }
                     Some(w) => match topics::check_topic_name(w.topic) {
+                        Ok(()) if !self.may_publish(ctx, w.topic, "will topic update") => ReturnCode::NotSupported,
                         Ok(()) => {
                             self.will_topic = Some((w.topic.to_string(), mqtt_qos(w.qos), w.retain));
                             ReturnCode::Accepted
@@ -517,6 +564,8 @@ impl Session {
             ctx.metrics.topic_refused += 1;
             debug!(client = %self.client_id, peer = %self.peer, topic = ?r.topic_name, %why, "REGISTER of an invalid topic refused");
             (0, ReturnCode::NotSupported)
+        } else if !self.may_publish(ctx, r.topic_name, "REGISTER") {
+            (0, ReturnCode::NotSupported)
         } else {
             match self
                 .topics
@@ -561,6 +610,20 @@ impl Session {
                 return;
             }
         };
+        // Checked at every PUBLISH, not only at REGISTER: predefined and short topics
+        // have no REGISTER, and a reload may have changed the patterns since.
+        if !self.may_publish(ctx, &topic, "PUBLISH") {
+            if p.qos != QoS::AtMostOnce {
+                let ack = Packet::PubAck(PubAck {
+                    topic_id,
+                    msg_id: p.msg_id,
+                    code: ReturnCode::NotSupported,
+                });
+                ctx.out.send(&self.peer, &ack);
+            }
+            return;
+        }
+        let topic = self.mounted(topic);
         let qos = mqtt_qos(p.qos);
         let token = match qos {
             MqttQos::AtMostOnce => 0,
@@ -646,6 +709,9 @@ impl Session {
                     debug!(client = %self.client_id, peer = %self.peer, filter = ?name, %why, "SUBSCRIBE to an invalid filter refused");
                     return reject(ctx, &self.peer, ReturnCode::NotSupported);
                 }
+                if !self.may_subscribe(ctx, name) {
+                    return reject(ctx, &self.peer, ReturnCode::NotSupported);
+                }
                 if topics::has_wildcards(name) {
                     (name.to_string(), 0)
                 } else {
@@ -659,11 +725,17 @@ impl Session {
                 }
             }
             TopicFilter::Predefined(id) => match ctx.cfg.predefined.name(id) {
+                Some(name) if !self.may_subscribe(ctx, name) => {
+                    return reject(ctx, &self.peer, ReturnCode::NotSupported)
+                }
                 Some(name) => (name.to_string(), id),
                 None => return reject(ctx, &self.peer, ReturnCode::InvalidTopicId),
             },
             TopicFilter::Short(bytes) => {
                 match topics::resolve(TopicRef::Short(bytes), &ctx.cfg.predefined, &self.topics) {
+                    Ok(name) if !self.may_subscribe(ctx, &name) => {
+                        return reject(ctx, &self.peer, ReturnCode::NotSupported)
+                    }
                     Ok(name) => (name.to_string(), u16::from_be_bytes(bytes)),
                     Err(why) => {
                         ctx.metrics.topic_refused += 1;
@@ -682,6 +754,7 @@ impl Session {
             },
         );
         debug!(client = %self.client_id, %filter, qos = ?s.qos, "SUBSCRIBE");
+        let filter = self.grants.mount(&filter);
         ctx.out.command(
             self.key,
             Command::Subscribe {
@@ -690,6 +763,16 @@ impl Session {
                 qos: mqtt_qos(s.qos),
             },
         );
+    }
+
+    /// Whether the device may subscribe to `filter`; counts and logs a refusal.
+    fn may_subscribe(&self, ctx: &mut Ctx<'_>, filter: &str) -> bool {
+        if self.grants.may_subscribe(filter) {
+            return true;
+        }
+        ctx.metrics.auth_subscribe_denied += 1;
+        debug!(client = %self.client_id, peer = %self.peer, filter, "SUBSCRIBE refused: filter not allowed");
+        false
     }
 
     fn on_unsubscribe(&mut self, ctx: &mut Ctx<'_>, u: sn_codec::Unsubscribe<'_>) {
@@ -712,6 +795,7 @@ impl Session {
         };
         match filter {
             Some(filter) => {
+                let filter = self.grants.mount(&filter);
                 let token = self.next_token();
                 self.unsubs.insert(token, u.msg_id);
                 ctx.out.command(self.key, Command::Unsubscribe { token, filter });
@@ -853,7 +937,28 @@ impl Session {
                     ctx.out.send(&self.peer, &Packet::UnsubAck(msg_id));
                 }
             }
-            BrokerEvent::Message(m) => self.enqueue(ctx, m),
+            BrokerEvent::Message(m) => match self.grants.unmount(&m.topic) {
+                Some(t) if self.grants.mountpoint.is_some() => {
+                    let topic: Arc<str> = t.into();
+                    self.enqueue(ctx, Message { topic, ..m });
+                }
+                Some(_) => self.enqueue(ctx, m),
+                None => {
+                    // Not for this device's view (another subscriber's overlap, a broker
+                    // bridge): released at the broker, never delivered.
+                    ctx.metrics.mountpoint_dropped += 1;
+                    debug!(client = %self.client_id, topic = %m.topic, "broker message outside the mountpoint dropped");
+                    if m.qos != MqttQos::AtMostOnce {
+                        ctx.out.command(
+                            self.key,
+                            Command::Ack {
+                                qos: m.qos,
+                                pkid: m.pkid,
+                            },
+                        );
+                    }
+                }
+            },
         }
         self.pump(ctx);
         Flow::Continue
