@@ -15,6 +15,7 @@ pub use registry::{Address, Device, Registry, RegistryChanges, Secret};
 
 use crate::broker::Credentials;
 use crate::engine::Peer;
+use crate::topics::Predefined;
 
 /// Whether a session may move to another address (a CONNECT takeover, or a PINGREQ
 /// wake from elsewhere).
@@ -124,6 +125,7 @@ impl AuthConfig {
                 publish: Some(Vec::new()),
                 subscribe: Some(Vec::new()),
                 mountpoint,
+                predefined: Vec::new(),
             },
         }
     }
@@ -176,6 +178,8 @@ pub struct Grants {
     pub subscribe: Option<Vec<String>>,
     /// The prefix of its topics on the broker.
     pub mountpoint: Option<String>,
+    /// Its own predefined topic ids (registry entry), on top of the global ones.
+    pub predefined: Vec<(u16, String)>,
 }
 
 impl Grants {
@@ -185,6 +189,7 @@ impl Grants {
             publish: None,
             subscribe: None,
             mountpoint,
+            predefined: Vec::new(),
         }
     }
 
@@ -194,6 +199,16 @@ impl Grants {
             publish: Some(fill(&device.publish)),
             subscribe: Some(fill(&device.subscribe)),
             mountpoint,
+            predefined: device.predefined.iter().map(|(id, n)| (*id, n.clone())).collect(),
+        }
+    }
+
+    /// The predefined topics of this device: `global` with its own on top.
+    pub fn predefined(&self, global: &Arc<Predefined>) -> Arc<Predefined> {
+        if self.predefined.is_empty() {
+            global.clone()
+        } else {
+            Arc::new(global.overlay(&self.predefined))
         }
     }
 

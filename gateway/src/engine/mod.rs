@@ -478,6 +478,10 @@ impl Gateway {
     ///   (the id type on the wire tells them apart); new assignments skip the new ids.
     pub fn set_predefined(&mut self, predefined: Arc<Predefined>) {
         Arc::make_mut(&mut self.cfg).predefined = predefined;
+        let global = &self.cfg.predefined;
+        for s in self.sessions.values_mut() {
+            s.set_predefined(global);
+        }
     }
 
     /// Replaces the device registry (a reload, SIGHUP) of an engine in registry mode
@@ -494,9 +498,9 @@ impl Gateway {
             return;
         }
         Arc::make_mut(&mut self.cfg).auth.registry = Some(registry);
-        let auth = &self.cfg.auth;
+        let (auth, global) = (&self.cfg.auth, &self.cfg.predefined);
         for s in self.sessions.values_mut() {
-            s.regrant(auth);
+            s.regrant(auth, global);
         }
     }
 
@@ -836,9 +840,21 @@ impl Gateway {
     }
 
     fn handle_qos_minus_one(&mut self, peer: Peer, p: sn_codec::Publish<'_>) {
+        // Who it is (registry mode: by address) decides which predefined ids it has too.
+        let Some(grants) = self.cfg.auth.qos_minus_one(&peer) else {
+            self.metrics.qos_minus_one_dropped += 1;
+            if self.cfg.auth.registry.is_some() {
+                self.metrics.auth_address_refused += 1;
+                info!(peer = %peer, "QoS -1 publish dropped: no registry entry with addresses admits the sender");
+            } else {
+                self.metrics.mountpoint_refused += 1;
+                debug!(peer = %peer, "QoS -1 publish dropped: the mountpoint needs a client id");
+            }
+            return;
+        };
         let topic = match p.topic {
             sn_codec::TopicRef::Normal(_) => Err(topics::Unresolved::UnknownId),
-            t => topics::resolve(t, &self.cfg.predefined, &TopicTable::default()),
+            t => topics::resolve(t, &grants.predefined(&self.cfg.predefined), &TopicTable::default()),
         };
         // The QoS -1 connection is shared by every QoS -1 sender: nothing the broker
         // would refuse may go on it (mosquitto closes it on a control character).
@@ -855,17 +871,6 @@ impl Gateway {
                 debug!(peer = %peer, topic = ?p.topic, "QoS -1 publish dropped");
                 return;
             }
-        };
-        let Some(grants) = self.cfg.auth.qos_minus_one(&peer) else {
-            self.metrics.qos_minus_one_dropped += 1;
-            if self.cfg.auth.registry.is_some() {
-                self.metrics.auth_address_refused += 1;
-                info!(peer = %peer, "QoS -1 publish dropped: no registry entry with addresses admits the sender");
-            } else {
-                self.metrics.mountpoint_refused += 1;
-                debug!(peer = %peer, "QoS -1 publish dropped: the mountpoint needs a client id");
-            }
-            return;
         };
         if let Err(denied) = grants.may_publish(&topic) {
             self.metrics.qos_minus_one_dropped += 1;

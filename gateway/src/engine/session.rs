@@ -12,7 +12,7 @@ use tracing::{debug, info};
 use super::{EngineConfig, Latencies, Metrics, Output, Peer};
 use crate::auth::{Admission, AuthConfig, Grants};
 use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, Credentials, Message, MqttQos, Token, Will};
-use crate::topics::{self, TopicTable};
+use crate::topics::{self, Predefined, TopicTable};
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -147,6 +147,8 @@ pub(crate) struct Session {
     grants: Grants,
     /// Its own broker login (device registry), if any.
     credentials: Option<Credentials>,
+    /// The predefined topics it sees: the global ones with its own (registry) on top.
+    predefined: Arc<Predefined>,
 }
 
 /// Completed QoS 2 publishes remembered per client.
@@ -221,6 +223,7 @@ impl Session {
             sleep_duration: Duration::ZERO,
             timer: None,
             connect_started: Some(ctx.now),
+            predefined: admission.grants.predefined(&ctx.cfg.predefined),
             grants: admission.grants,
             credentials: admission.credentials,
         };
@@ -308,12 +311,18 @@ impl Session {
     }
 
     /// Applies the registry in force now (a reload) to this session's rights.
-    pub(crate) fn regrant(&mut self, auth: &AuthConfig) {
+    pub(crate) fn regrant(&mut self, auth: &AuthConfig, global: &Arc<Predefined>) {
         self.grants = auth.regrant(
             &self.client_id,
             self.credentials.as_ref(),
             self.grants.mountpoint.clone(),
         );
+        self.predefined = self.grants.predefined(global);
+    }
+
+    /// The global predefined topics changed (a reload).
+    pub(crate) fn set_predefined(&mut self, global: &Arc<Predefined>) {
+        self.predefined = self.grants.predefined(global);
     }
 
     /// Whether the device may publish to `topic` (and name it as its will); counts and
@@ -569,7 +578,7 @@ impl Session {
         } else {
             match self
                 .topics
-                .assign(r.topic_name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined)
+                .assign(r.topic_name, ctx.cfg.max_topics_per_client, &self.predefined)
             {
                 Some(id) => (id, ReturnCode::Accepted),
                 None => (0, ReturnCode::Congestion),
@@ -586,7 +595,7 @@ impl Session {
 
     fn on_publish(&mut self, ctx: &mut Ctx<'_>, p: sn_codec::Publish<'_>) {
         let topic_id = topics::raw_id(p.topic);
-        let topic = match topics::resolve(p.topic, &ctx.cfg.predefined, &self.topics) {
+        let topic = match topics::resolve(p.topic, &self.predefined, &self.topics) {
             Ok(topic) => topic,
             Err(unresolved) => {
                 let code = match unresolved {
@@ -717,14 +726,14 @@ impl Session {
                 } else {
                     match self
                         .topics
-                        .assign(name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined)
+                        .assign(name, ctx.cfg.max_topics_per_client, &self.predefined)
                     {
                         Some(id) => (name.to_string(), id),
                         None => return reject(ctx, &self.peer, ReturnCode::Congestion),
                     }
                 }
             }
-            TopicFilter::Predefined(id) => match ctx.cfg.predefined.name(id) {
+            TopicFilter::Predefined(id) => match self.predefined.name(id) {
                 Some(name) if !self.may_subscribe(ctx, name) => {
                     return reject(ctx, &self.peer, ReturnCode::NotSupported)
                 }
@@ -732,7 +741,7 @@ impl Session {
                 None => return reject(ctx, &self.peer, ReturnCode::InvalidTopicId),
             },
             TopicFilter::Short(bytes) => {
-                match topics::resolve(TopicRef::Short(bytes), &ctx.cfg.predefined, &self.topics) {
+                match topics::resolve(TopicRef::Short(bytes), &self.predefined, &self.topics) {
                     Ok(name) if !self.may_subscribe(ctx, &name) => {
                         return reject(ctx, &self.peer, ReturnCode::NotSupported)
                     }
@@ -781,7 +790,7 @@ impl Session {
         }
         let filter = match u.topic {
             TopicFilter::Name(name) => Some(name.to_string()),
-            TopicFilter::Predefined(id) => ctx.cfg.predefined.name(id).map(|n| n.to_string()),
+            TopicFilter::Predefined(id) => self.predefined.name(id).map(|n| n.to_string()),
             TopicFilter::Short(bytes) => std::str::from_utf8(&bytes).ok().map(str::to_string),
         };
         let filter = match filter.map(|f| topics::check_topic_filter(&f).map(|()| f)) {
@@ -1033,7 +1042,7 @@ impl Session {
                 return;
             };
             let topic_name = front.msg.topic.clone();
-            match topics::outbound_ref(&topic_name, &ctx.cfg.predefined, &self.topics) {
+            match topics::outbound_ref(&topic_name, &self.predefined, &self.topics) {
                 Some(topic) => {
                     let qos = front.msg.qos;
                     let msg_id = if qos == MqttQos::AtMostOnce {
@@ -1055,7 +1064,7 @@ impl Session {
                 None => {
                     let Some(topic_id) =
                         self.topics
-                            .assign(&topic_name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined)
+                            .assign(&topic_name, ctx.cfg.max_topics_per_client, &self.predefined)
                     else {
                         debug!(client = %self.client_id, topic = %topic_name, "topic table full: message dropped");
                         self.give_up_front(ctx);

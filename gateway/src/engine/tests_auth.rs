@@ -373,3 +373,63 @@ fn a_reload_applies_new_acls_to_running_sessions() {
     t.gw.set_registry(registry("[[device]]\nclient_id = \"dev-9\"\n"));
     t.connect(&dev(4), "dev-9", true, 0);
 }
+
+#[test]
+fn per_device_predefined_topics_sit_on_top_of_the_global_ones() {
+    let mut t = with_auth(AuthConfig {
+        registry: Some(registry(
+            "[[device]]\nclient_id = \"own\"\npublish = [\"#\"]\nsubscribe = [\"#\"]\npredefined = { 5 = \"mine/p\", 77 = \"mine/override\" }\n\
+             [[device]]\nclient_id = \"plain\"\npublish = [\"#\"]\n",
+        )),
+        ..AuthConfig::default()
+    });
+    let (d1, d2) = (dev(1), dev(2));
+    let own = t.connect(&d1, "own", true, 0);
+    let plain = t.connect(&d2, "plain", true, 0);
+    t.send(&d1, publish(QoS::AtMostOnce, TopicRef::Predefined(5), 0, b"a", false));
+    t.send(&d1, publish(QoS::AtMostOnce, TopicRef::Predefined(77), 0, b"b", false));
+    t.send(&d2, publish(QoS::AtMostOnce, TopicRef::Predefined(77), 0, b"c", false));
+    let topics: Vec<(ClientKey, String)> = t
+        .cmds()
+        .into_iter()
+        .filter_map(|(k, c)| match c {
+            Command::Publish { topic, .. } => Some((k, topic.to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        topics,
+        [
+            (own, "mine/p".to_string()),
+            (own, "mine/override".into()),
+            (plain, "sensors/temp".into())
+        ]
+    );
+    // Another device does not have id 5.
+    t.send(&d2, publish(QoS::AtLeastOnce, TopicRef::Predefined(5), 3, b"d", false));
+    t.expect(
+        &d2,
+        &[Packet::PubAck(PubAck {
+            topic_id: 5,
+            msg_id: 3,
+            code: ReturnCode::InvalidTopicId,
+        })],
+    );
+    // Delivery to the device uses its own id for the name.
+    t.event(own, msg("mine/p", "in", MqttQos::AtMostOnce, 0));
+    let got = t.tx();
+    assert!(matches!(Packet::decode(&got[0].1).unwrap(), Packet::Publish(p) if p.topic == TopicRef::Predefined(5)));
+    // A reload of the global table keeps the device's own ids on top.
+    t.gw.set_predefined(Arc::new(Predefined::new([(6, "global/six".to_string())]).unwrap()));
+    t.send(&d1, publish(QoS::AtMostOnce, TopicRef::Predefined(5), 0, b"e", false));
+    t.send(&d1, publish(QoS::AtMostOnce, TopicRef::Predefined(6), 0, b"f", false));
+    let topics: Vec<String> = t
+        .cmds()
+        .into_iter()
+        .filter_map(|(_, c)| match c {
+            Command::Publish { topic, .. } => Some(topic.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(topics, ["mine/p", "global/six"]);
+}
