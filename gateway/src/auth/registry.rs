@@ -38,9 +38,11 @@ pub enum Address {
     },
     /// A serial port, by its configured path (`serial:/dev/ttyUSB0`).
     Serial(String),
-    /// A wireless node id behind a forwarder (`node:0a1b`, hexadecimal), through any
-    /// forwarder.
-    Node(Vec<u8>),
+    /// A wireless node id behind a forwarder (`node:0a1b`, hexadecimal): through the
+    /// forwarder at the given address (`node:0a1b@10.0.0.5`, `node:0a1b@serial:/dev/ttyUSB0`),
+    /// or, without one, through any forwarder (then anyone who can send to the gateway
+    /// can claim the node id).
+    Node(Vec<u8>, Option<Box<Address>>),
 }
 
 impl Address {
@@ -51,10 +53,17 @@ impl Address {
             }
             return Ok(Address::Serial(path.to_string()));
         }
-        if let Some(hex) = s.strip_prefix("node:") {
+        if let Some(rest) = s.strip_prefix("node:") {
+            let (hex, via) = match rest.split_once('@') {
+                Some((hex, via)) if !via.starts_with("node:") => (hex, Some(Box::new(Address::parse(via)?))),
+                Some(_) => return Err(format!("{s:?}: a forwarder is an IP network or serial:PATH")),
+                None => (rest, None),
+            };
             return match parse_hex(hex) {
-                Some(id) if !id.is_empty() => Ok(Address::Node(id)),
-                _ => Err(format!("{s:?}: expected node:HEX, e.g. node:0a1b")),
+                Some(id) if !id.is_empty() => Ok(Address::Node(id, via)),
+                _ => Err(format!(
+                    "{s:?}: expected node:HEX[@FORWARDER], e.g. node:0a1b or node:0a1b@10.0.0.5"
+                )),
             };
         }
         let usage = || format!("{s:?} is not an IP address, a CIDR network (10.0.0.0/8), serial:PATH or node:HEX");
@@ -88,7 +97,13 @@ impl Address {
             (Address::Serial(path), LinkAddr::Serial(i)) => {
                 serial_paths.get(usize::from(*i)).is_some_and(|p| p == path)
             }
-            (Address::Node(id), _) => peer.node.as_deref() == Some(id.as_slice()),
+            (Address::Node(id, via), _) => {
+                peer.node.as_deref() == Some(id.as_slice())
+                    && via.as_ref().map_or(true, |forwarder| {
+                        // The forwarder's own address, as if it spoke directly.
+                        forwarder.matches(&Peer::direct(peer.link.clone()), serial_paths)
+                    })
+            }
             _ => false,
         }
     }
@@ -544,7 +559,7 @@ password_env = "SENSOR_PASSWORD"
 
 [[device]]
 client_id = "sensor-7"
-addresses = ["10.1.2.3", "serial:/dev/ttyUSB0", "node:0a1b", "::ffff:192.168.0.0/112"]
+addresses = ["10.1.2.3", "serial:/dev/ttyUSB0", "node:0a1b", "::ffff:192.168.0.0/112", "node:0c0d@10.9.0.0/16"]
 predefined = { 5 = "sensors/seven" }
 psk_identity = "sensor-7"
 psk = "00112233445566778899aabbccddeeff"
@@ -589,6 +604,20 @@ psk = "00112233445566778899aabbccddeeff"
             node: Some(vec![0x0a, 0x1b].into()),
         };
         assert!(seven.admits(&node, &paths));
+        // A node bound to its forwarder: only through that forwarder.
+        let behind = |ip: &str| Peer {
+            link: LinkAddr::Udp(0, SocketAddr::new(ip.parse().unwrap(), 1)),
+            node: Some(vec![0x0c, 0x0d].into()),
+        };
+        assert!(seven.admits(&behind("10.9.1.1"), &paths));
+        assert!(
+            !seven.admits(&behind("10.8.1.1"), &paths),
+            "the node id claimed through another forwarder"
+        );
+        assert!(
+            !seven.admits(&Peer::direct(LinkAddr::Udp(0, "10.9.1.1:1".parse().unwrap())), &paths),
+            "the forwarder is not the node"
+        );
         // QoS -1 senders: the first entry with addresses that admits them.
         assert_eq!(r.by_address(&udp("127.0.0.5"), &paths).map(|d| d.index), Some(1));
         assert_eq!(r.by_address(&udp("10.1.2.3"), &paths).map(|d| d.index), Some(2));
