@@ -590,6 +590,17 @@ impl SnClient {
         self.socket.send(data).await.expect("UDP send");
     }
 
+    /// The next datagram from the gateway as bytes (an encapsulated answer, say);
+    /// panics after [`WAIT`].
+    pub async fn recv_raw(&mut self) -> Vec<u8> {
+        let mut buf = vec![0u8; 65_536];
+        match tokio::time::timeout(WAIT, self.socket.recv(&mut buf)).await {
+            Err(_) => panic!("device {}: no datagram within {WAIT:?}", self.client_id),
+            Ok(Err(e)) => panic!("device {}: UDP receive failed: {e}", self.client_id),
+            Ok(Ok(n)) => buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default(),
+        }
+    }
+
     /// The next message from the gateway, if one arrives within `within`. Panics on a
     /// datagram that does not decode: the gateway must only send valid messages.
     pub async fn recv_within(&mut self, within: Duration) -> Option<Rx> {

@@ -21,6 +21,7 @@ e2e::broker_suite! {
     topic_acls_in_both_directions_with_client_id,
     dollar_topics_are_refused_in_open_mode,
     mountpoint_both_ways,
+    a_node_id_is_bound_to_its_forwarder,
 }
 
 const A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -88,9 +89,12 @@ async fn unknown_ids_and_wrong_addresses_are_refused(kind: BrokerKind) {
         .await;
     watch.expect_msg_eq(e2e::PREDEFINED_TOPIC, b"real").await;
     watch.expect_none().await;
-    let s = h.stats();
+    let s = h
+        .wait_stats("two refusals, one session", |s| {
+            s.metrics.auth_unknown_client + s.metrics.auth_address_refused >= 2 && s.sessions == 1
+        })
+        .await;
     assert_eq!((s.metrics.auth_unknown_client, s.metrics.auth_address_refused), (1, 1));
-    assert_eq!(s.sessions, 1);
 }
 
 /// A sleeping victim with three held messages, and an attacker at another address who
@@ -215,7 +219,11 @@ async fn topic_acls_in_both_directions_with_client_id(kind: BrokerKind) {
     let p = dev.receive().await;
     assert_eq!(p.data, b"yours");
     dev.expect_nothing_new().await;
-    let s = h.stats();
+    let s = h
+        .wait_stats("five refusals", |s| {
+            s.metrics.auth_publish_denied + s.metrics.auth_subscribe_denied >= 5
+        })
+        .await;
     assert_eq!((s.metrics.auth_publish_denied, s.metrics.auth_subscribe_denied), (2, 3));
 }
 
@@ -368,4 +376,53 @@ async fn per_device_broker_logins_through_mosquitto_password_and_acl_files() {
     let mut b = h.device("dev-b").await;
     assert_eq!(b.try_connect(60, true).await, not_supported());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A CONNECT encapsulated as if from wireless node `node` behind a forwarder at `from`;
+/// the (encapsulated) answer's inner message.
+async fn connect_as_node(from: &mut e2e::SnClient, node: &[u8], client_id: &str) -> Rx {
+    let inner = Packet::Connect(e2e::Connect {
+        will: false,
+        clean_session: true,
+        duration: 60,
+        client_id,
+    });
+    let mut buf = vec![0; inner.encoded_len() + node.len() + 3];
+    let n = sn_codec::encode_encapsulated(0, node, &inner, &mut buf).expect("encodes");
+    from.send_raw(&buf[..n]).await;
+    let answer = from.recv_raw().await;
+    match Packet::decode(&answer) {
+        Ok(Packet::Encapsulated(e)) => {
+            assert_eq!(e.node_id, node, "answered to the node");
+            Rx::from_packet(&Packet::decode(e.inner).expect("the inner message decodes"))
+        }
+        other => panic!("expected an encapsulated answer, got {other:?}"),
+    }
+}
+
+async fn a_node_id_is_bound_to_its_forwarder(kind: BrokerKind) {
+    let devices = "[[device]]\nclient_id = \"node-1\"\naddresses = [\"node:0a1b@127.0.0.2\"]\n";
+    let Some(h) = start(kind, devices, AddressChange::Deny).await else {
+        return;
+    };
+    // Claimed through another "forwarder" (the attacker's own address): refused.
+    let mut attacker = h.device_at(B, "").await;
+    assert_eq!(
+        connect_as_node(&mut attacker, &[0x0a, 0x1b], "node-1").await,
+        not_supported()
+    );
+    // Sent directly from the forwarder's address, not as the node: refused.
+    let mut forwarder = h.device_at(A, "node-1").await;
+    assert_eq!(forwarder.try_connect(60, true).await, not_supported());
+    // Through its forwarder: accepted.
+    assert_eq!(
+        connect_as_node(&mut forwarder, &[0x0a, 0x1b], "node-1").await,
+        Rx::ConnAck(ReturnCode::Accepted)
+    );
+    let s = h
+        .wait_stats("two refusals, one session", |s| {
+            s.metrics.auth_address_refused >= 2 && s.sessions == 1
+        })
+        .await;
+    assert_eq!(s.metrics.auth_address_refused, 2);
 }
