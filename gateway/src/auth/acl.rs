@@ -61,7 +61,7 @@ fn substitutable(v: &str) -> bool {
 }
 
 /// `pattern` with `%c` and `%u` replaced. `None` when the pattern needs a value that is
-/// missing or not [`substitutable`]: such a pattern grants nothing.
+/// missing, empty, or holds `/`, `+` or `#`: such a pattern grants nothing.
 pub fn substitute(pattern: &str, s: Subst<'_>) -> Option<String> {
     if !pattern.contains('%') {
         return Some(pattern.to_string());
