@@ -71,7 +71,7 @@ pub fn counter_help(name: &str) -> Option<&'static str> {
         "qos0_dropped_broker_full" => "QoS 0 publishes dropped because their broker connection's queue was full",
         "qos0_dropped_broker_closed" => "QoS 0 publishes dropped because their broker connection was gone",
         "auth_unknown_client" => "CONNECTs refused in registry mode: no entry names the client id",
-        "auth_address_refused" => "CONNECTs, QoS -1 publishes and wakes refused: address not in the registry entry",
+        "auth_address_refused" => "CONNECTs and QoS -1 publishes refused: address not in the registry entry",
         "auth_publish_denied" => "REGISTER, PUBLISH and will topics outside the device's publish patterns",
         "auth_subscribe_denied" => "SUBSCRIBEs outside the device's subscribe patterns",
         "auth_dollar_refused" => "REGISTER, PUBLISH and will topics starting with $, refused",

@@ -221,7 +221,7 @@ pub struct Metrics {
     /// CONNECTs refused in registry mode: no entry names the client id (also counted
     /// in `connects_refused`).
     pub auth_unknown_client: u64,
-    /// CONNECTs (and QoS -1 publishes, wakes) refused in registry mode: the address is
+    /// CONNECTs (and QoS -1 publishes) refused in registry mode: the address is
     /// not among the entry's `addresses` (CONNECTs also in `connects_refused`).
     pub auth_address_refused: u64,
     /// REGISTER, PUBLISH (QoS -1 included) and will topics outside the device's
@@ -235,7 +235,8 @@ pub struct Metrics {
     /// CONNECTs with a live session's client id from another address, refused
     /// (`address_change = "deny"`; also counted in `connects_refused`).
     pub auth_takeover_refused: u64,
-    /// PINGREQs with a sleeping (or awake) client's id from another address, refused.
+    /// PINGREQs with a sleeping (or awake) client's id from another address, refused
+    /// (`address_change = "deny"`, or an address outside its registry entry).
     pub auth_wake_refused: u64,
     /// CONNECTs refused because the mountpoint cannot be formed for the device (also
     /// counted in `connects_refused`), and QoS -1 publishes dropped for that reason.
