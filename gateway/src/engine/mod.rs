@@ -423,6 +423,23 @@ pub struct Gateway {
     /// Rate limits of the log lines for brokers refusing or unreachable.
     refused_log: LogThrottle,
     unreachable_log: LogThrottle,
+    /// Rate limit of the INFO lines for requests the access rules refuse.
+    auth_log: LogThrottle,
+}
+
+/// At most one INFO line per this period for refusals by the access rules (an attacker
+/// sending CONNECTs as fast as it can must not drown the log); the others go to debug,
+/// and the next INFO line says how many were held back. Every refusal is counted.
+const AUTH_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Logs one refusal by the access rules: INFO when the throttle allows, else debug.
+macro_rules! refusal {
+    ($gw:expr, $now:expr, $($field:tt)*) => {
+        match $gw.auth_log.allow($now) {
+            Some(held_back) => info!(held_back, $($field)*),
+            None => debug!($($field)*),
+        }
+    };
 }
 
 /// At most one warning per this period for broker connect failures of each kind.
@@ -448,6 +465,7 @@ impl Gateway {
             stopping: None,
             refused_log: LogThrottle::new(CONNECT_FAILED_LOG_EVERY),
             unreachable_log: LogThrottle::new(CONNECT_FAILED_LOG_EVERY),
+            auth_log: LogThrottle::new(AUTH_LOG_EVERY),
         }
     }
 
@@ -624,14 +642,14 @@ impl Gateway {
             // Other gateways' announcements, and answers from clients on their behalf.
             Packet::Advertise(_) | Packet::GwInfo(_) => {}
             Packet::Connect(c) => self.handle_connect(now, peer, c),
-            Packet::Publish(p) if p.qos == QoS::MinusOne => self.handle_qos_minus_one(peer, p),
+            Packet::Publish(p) if p.qos == QoS::MinusOne => self.handle_qos_minus_one(now, peer, p),
             Packet::PingReq(Some(client_id)) => {
                 let key = self.by_client_id.get(client_id).copied();
                 match key {
                     Some(key) => {
                         if let Err(why) = self.may_move(key, &peer) {
                             self.metrics.auth_wake_refused += 1;
-                            info!(client = %client_id, peer = %peer, "PINGREQ refused: {why}");
+                            refusal!(self, now, client = %client_id, peer = %peer, "PINGREQ refused: {why}");
                             self.out.send(&peer, &Packet::Disconnect(None));
                             return;
                         }
@@ -755,7 +773,7 @@ impl Gateway {
                         "the mountpoint cannot be formed from its client id or user name"
                     }
                 };
-                info!(client = %c.client_id, peer = %peer, "CONNECT refused: {why}");
+                refusal!(self, now, client = %c.client_id, peer = %peer, "CONNECT refused: {why}");
                 self.out
                     .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
                 return;
@@ -766,7 +784,7 @@ impl Gateway {
             if old_peer != peer && self.cfg.auth.address_change == AddressChange::Deny {
                 self.metrics.connects_refused += 1;
                 self.metrics.auth_takeover_refused += 1;
-                info!(client = %c.client_id, peer = %peer, session = %old_peer, "CONNECT refused: the client id has a session at another address (address_change = deny)");
+                refusal!(self, now, client = %c.client_id, peer = %peer, session = %old_peer, "CONNECT refused: the client id has a session at another address (address_change = deny)");
                 self.out
                     .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
                 return;
@@ -840,13 +858,13 @@ impl Gateway {
         self.reschedule(key);
     }
 
-    fn handle_qos_minus_one(&mut self, peer: Peer, p: sn_codec::Publish<'_>) {
+    fn handle_qos_minus_one(&mut self, now: Instant, peer: Peer, p: sn_codec::Publish<'_>) {
         // Who it is (registry mode: by address) decides which predefined ids it has too.
         let Some(grants) = self.cfg.auth.qos_minus_one(&peer) else {
             self.metrics.qos_minus_one_dropped += 1;
             if self.cfg.auth.registry.is_some() {
                 self.metrics.auth_address_refused += 1;
-                info!(peer = %peer, "QoS -1 publish dropped: no registry entry with addresses admits the sender");
+                refusal!(self, now, peer = %peer, "QoS -1 publish dropped: no registry entry with addresses admits the sender");
             } else {
                 self.metrics.mountpoint_refused += 1;
                 debug!(peer = %peer, "QoS -1 publish dropped: the mountpoint needs a client id");
