@@ -22,6 +22,7 @@ e2e::broker_suite! {
     dollar_topics_are_refused_in_open_mode,
     mountpoint_both_ways,
     a_node_id_is_bound_to_its_forwarder,
+    qos_minus_one_senders_are_matched_by_address,
 }
 
 const A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -425,4 +426,32 @@ async fn a_node_id_is_bound_to_its_forwarder(kind: BrokerKind) {
         })
         .await;
     assert_eq!(s.metrics.auth_address_refused, 2);
+}
+
+async fn qos_minus_one_senders_are_matched_by_address(kind: BrokerKind) {
+    // QoS -1 carries no client id: the sender is the entry whose addresses admit it.
+    let devices = "[[device]]\nclient_id = \"beacon\"\naddresses = [\"127.0.0.2\"]\npublish = [\"e2e/#\"]\n";
+    let Some(h) = start(kind, devices, AddressChange::Deny).await else {
+        return;
+    };
+    let mut watch = h.observe("#").await;
+    let beacon = h.device_at(A, "").await;
+    let stranger = h.device_at(B, "").await;
+    let predefined = TopicRef::Predefined(e2e::PREDEFINED_ID);
+    stranger
+        .send_publish(false, predefined, QoS::MinusOne, false, 0, b"stranger")
+        .await;
+    // Outside the entry's patterns (a short topic "zz").
+    beacon
+        .send_publish(false, TopicRef::Short(*b"zz"), QoS::MinusOne, false, 0, b"outside")
+        .await;
+    beacon
+        .send_publish(false, predefined, QoS::MinusOne, false, 0, b"beacon")
+        .await;
+    watch.expect_msg_eq(e2e::PREDEFINED_TOPIC, b"beacon").await;
+    watch.expect_none().await;
+    let s = h
+        .wait_stats("two QoS -1 drops", |s| s.metrics.qos_minus_one_dropped >= 2)
+        .await;
+    assert_eq!((s.metrics.auth_address_refused, s.metrics.auth_publish_denied), (1, 1));
 }
