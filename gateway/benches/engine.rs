@@ -24,7 +24,12 @@ fn encode(p: &Packet<'_>) -> Vec<u8> {
 
 /// A gateway with `clients` connected clients; returns it with their addresses.
 fn setup(clients: u16) -> (Gateway, Vec<LinkAddr>, Vec<u64>) {
-    let mut gw = Gateway::new(EngineConfig::default());
+    setup_with(EngineConfig::default(), clients)
+}
+
+/// [`setup`] with a configuration.
+fn setup_with(cfg: EngineConfig, clients: u16) -> (Gateway, Vec<LinkAddr>, Vec<u64>) {
+    let mut gw = Gateway::new(cfg);
     let now = Instant::now();
     let mut addrs = Vec::new();
     let mut keys = Vec::new();
@@ -52,6 +57,42 @@ fn setup(clients: u16) -> (Gateway, Vec<LinkAddr>, Vec<u64>) {
 #[divan::bench(args = [1, 1000])]
 fn uplink_qos0(bencher: Bencher, clients: u16) {
     let (mut gw, addrs, _) = setup(clients);
+    let p = encode(&Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: TopicRef::Short(*b"t1"),
+        msg_id: 0,
+        data: b"0123456789",
+    }));
+    let now = Instant::now();
+    let mut i = 0usize;
+    bencher.bench_local(|| {
+        i = (i + 1) % addrs.len();
+        gw.handle_datagram(now, addrs[i].clone(), &p);
+        divan::black_box(gw.poll_command());
+    });
+}
+
+/// [`uplink_qos0`] in registry mode: each publish checked against the device's two
+/// `publish` patterns (the second matches), 1,000 clients round-robin.
+#[divan::bench]
+fn uplink_qos0_registry(bencher: Bencher) {
+    let registry = gateway::auth::Registry::parse(
+        "[[device]]\nclient_id = \"dev*\"\npublish = [\"sensors/%c/#\", \"t1\"]\n",
+        "bench",
+        std::path::Path::new("/"),
+        |_| None,
+    )
+    .unwrap();
+    let cfg = EngineConfig {
+        auth: gateway::auth::AuthConfig {
+            registry: Some(std::sync::Arc::new(registry)),
+            ..Default::default()
+        },
+        ..EngineConfig::default()
+    };
+    let (mut gw, addrs, _) = setup_with(cfg, 1000);
     let p = encode(&Packet::Publish(Publish {
         dup: false,
         qos: QoS::AtMostOnce,

@@ -5,9 +5,11 @@
 //! - [`broker`]: the broker link behind a trait; [`broker::mqtt`] is transparent mode.
 //! - [`transport`]: sockets that move datagrams between devices and the engine.
 //! - [`runtime`]: the tokio shell that wires them together.
+//! - [`auth`]: device registry, topic access control, address policy, mountpoint.
 //! - [`config`]: the configuration file and command line.
 //! - [`ops`]: Prometheus metrics, health checks and their HTTP endpoint.
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod embedded;

@@ -3,8 +3,10 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use gateway::auth::Registry as DeviceRegistry;
 use gateway::config::{Changes, Cli, Config, ConfigErrors};
 use gateway::config::{LogFormat, LogSettings};
+use std::sync::Arc;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let reload = Reload {
         cli,
         running: config,
+        registry: settings.engine.auth.registry.clone(),
         logging,
     };
     match runtime.block_on(run(settings, reload)) {
@@ -132,6 +135,8 @@ struct Reload {
     cli: Cli,
     /// The configuration in force: the one loaded at start, with what reloads applied.
     running: Config,
+    /// The device registry in force (registry mode).
+    registry: Option<Arc<DeviceRegistry>>,
     logging: Logging,
 }
 
@@ -196,8 +201,49 @@ impl Reload {
                 Err(e) => tracing::error!("reload: predefined topics not applied: {e}"),
             }
         }
-        if changes.is_empty() {
+        let registry_changed = self.reload_registry(gateway, &new, settings.engine.auth.registry).await;
+        if changes.is_empty() && !registry_changed {
             tracing::info!("reload: nothing changed");
+        }
+    }
+
+    /// Applies a new device registry (the devices file re-read, or another file named):
+    /// logs what changed, by client id. Returns whether anything did. From open to
+    /// registry mode or back needs a restart.
+    async fn reload_registry(
+        &mut self,
+        gateway: &gateway::runtime::Running,
+        new: &Config,
+        loaded: Option<Arc<DeviceRegistry>>,
+    ) -> bool {
+        match (&self.registry, loaded) {
+            (None, None) => false,
+            (Some(_), None) | (None, Some(_)) => {
+                tracing::warn!("reload: auth mode changed (open <-> registry): needs a restart, not applied");
+                true
+            }
+            (Some(old), Some(loaded)) => {
+                let diff = loaded.diff(old);
+                if diff.is_empty() && new.auth.devices_file == self.running.auth.devices_file {
+                    return false;
+                }
+                match gateway.set_registry(loaded.clone()).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            file = %loaded.origin,
+                            devices = loaded.len(),
+                            added = ?diff.added,
+                            removed = ?diff.removed,
+                            changed = ?diff.changed,
+                            "reload: devices {diff}"
+                        );
+                        self.registry = Some(loaded);
+                        self.running.auth.devices_file.clone_from(&new.auth.devices_file);
+                    }
+                    Err(e) => tracing::error!("reload: device registry not applied: {e}"),
+                }
+                true
+            }
         }
     }
 }

@@ -71,6 +71,15 @@ pub fn counter_help(name: &str) -> Option<&'static str> {
         "topic_refused" => "Topic names and filters refused before reaching the broker",
         "qos0_dropped_broker_full" => "QoS 0 publishes dropped because their broker connection's queue was full",
         "qos0_dropped_broker_closed" => "QoS 0 publishes dropped because their broker connection was gone",
+        "auth_unknown_client" => "CONNECTs refused in registry mode: no entry names the client id",
+        "auth_address_refused" => "CONNECTs and QoS -1 publishes refused: address not in the registry entry",
+        "auth_publish_denied" => "REGISTER, PUBLISH and will topics outside the device's publish patterns",
+        "auth_subscribe_denied" => "SUBSCRIBEs outside the device's subscribe patterns",
+        "auth_dollar_refused" => "REGISTER, PUBLISH and will topics starting with $, refused",
+        "auth_takeover_refused" => "CONNECTs with a live session's client id from another address, refused",
+        "auth_wake_refused" => "PINGREQs waking a client from another address, refused",
+        "mountpoint_refused" => "CONNECTs and QoS -1 publishes refused: the mountpoint cannot be formed",
+        "mountpoint_dropped" => "Broker messages outside a device's mountpoint, not delivered",
         _ => return None,
     })
 }

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::auth::Registry;
 use crate::broker::mqtt::MqttLinks;
 use crate::broker::{BrokerEvent, BrokerLink, ClientKey};
 use crate::config::Settings;
@@ -45,6 +46,7 @@ pub struct Running {
 /// A change to the running engine (a configuration reload), answered once applied.
 enum Control {
     SetPredefined(Arc<Predefined>, oneshot::Sender<()>),
+    SetRegistry(Arc<Registry>, oneshot::Sender<()>),
 }
 
 /// The engine task has ended: the gateway stopped, or is stopping.
@@ -117,6 +119,18 @@ impl Running {
         let (done, applied) = oneshot::channel();
         self.control
             .send(Control::SetPredefined(predefined, done))
+            .await
+            .map_err(|_| Stopped)?;
+        applied.await.map_err(|_| Stopped)
+    }
+
+    /// Replaces the device registry of the running engine (registry mode) and returns
+    /// once it has it. Sessions stay connected; see [`Gateway::set_registry`] for what
+    /// applies to them.
+    pub async fn set_registry(&self, registry: Arc<Registry>) -> Result<(), Stopped> {
+        let (done, applied) = oneshot::channel();
+        self.control
+            .send(Control::SetRegistry(registry, done))
             .await
             .map_err(|_| Stopped)?;
         applied.await.map_err(|_| Stopped)
@@ -309,6 +323,10 @@ async fn run(
             Some(ctl) = control.recv() => match ctl {
                 Control::SetPredefined(predefined, done) => {
                     gw.set_predefined(predefined);
+                    let _ = done.send(());
+                }
+                Control::SetRegistry(registry, done) => {
+                    gw.set_registry(registry);
                     let _ = done.send(());
                 }
             },

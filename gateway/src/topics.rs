@@ -55,6 +55,25 @@ impl Predefined {
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }
+
+    /// This table with `own` on top (one device's predefined topics over the global
+    /// ones): an id of `own` replaces the global entry with that id, and a name of `own`
+    /// the global entry with that name, so that each id and each name stays unique.
+    pub fn overlay(&self, own: &[(u16, String)]) -> Predefined {
+        let mut table = self.clone();
+        for (id, name) in own {
+            if let Some(old) = table.by_id.remove(id) {
+                table.by_name.remove(&old);
+            }
+            if let Some(old) = table.by_name.remove(name.as_str()) {
+                table.by_id.remove(&old);
+            }
+            let name: Arc<str> = name.as_str().into();
+            table.by_id.insert(*id, name.clone());
+            table.by_name.insert(name, *id);
+        }
+        table
+    }
 }
 
 /// Longest topic name or filter accepted from a device, in octets of UTF-8.

@@ -178,3 +178,65 @@ fn unreachable_broker_is_a_warning_and_logs_are_plain() {
         seen.join("\n")
     );
 }
+
+/// `--check-config` loads the device registry: its errors name the file, the entry and
+/// the key, and a password in it never shows in `--print-config`.
+#[test]
+fn check_config_reports_registry_errors() {
+    let dir = std::env::temp_dir().join(format!("gw-cli-devices-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let devices = dir.join("devices.toml");
+    std::fs::write(
+        &devices,
+        "[[device]]\nclient_id = \"ok\"\nusername = \"u\"\npassword = \"hunter2\"\n\
+         [[device]]\nclient_id = \"bad\"\naddresses = [\"10.0.0.0/99\"]\nsubscribe = [\"a/#/b\"]\n",
+    )
+    .expect("write");
+    let out = gateway()
+        .args([
+            "--check-config",
+            "--udp",
+            "127.0.0.1:0",
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--devices",
+        ])
+        .arg(&devices)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let at = format!(
+        "auth.devices_file: {}: [[device]] #2 (client_id \"bad\")",
+        devices.display()
+    );
+    assert!(err.contains(&format!("{at}: addresses: \"10.0.0.0/99\"")), "{err}");
+    assert!(err.contains(&format!("{at}: subscribe: \"a/#/b\"")), "{err}");
+
+    std::fs::write(
+        &devices,
+        "[[device]]\nclient_id = \"ok\"\nusername = \"u\"\npassword = \"hunter2\"\n",
+    )
+    .expect("write");
+    let out = gateway()
+        .args([
+            "--check-config",
+            "--udp",
+            "127.0.0.1:0",
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--devices",
+        ])
+        .arg(&devices)
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = gateway()
+        .args(["--print-config", "--devices"])
+        .arg(&devices)
+        .output()
+        .expect("runs");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("devices_file") && !shown.contains("hunter2"), "{shown}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -607,3 +607,81 @@ fn predefined_topics_change_on_reload() {
     assert_eq!(observer.next(), ("reload/new".to_string(), b"qos0".to_vec()));
     gw.stop();
 }
+
+impl Device {
+    /// CONNECT (sent again every 300 ms until answered); the CONNACK's return code.
+    fn try_connect(&self, client_id: &str) -> ReturnCode {
+        let connect = Packet::Connect(Connect {
+            will: false,
+            clean_session: true,
+            duration: 60,
+            client_id,
+        });
+        self.exchange(&connect, |p| match p {
+            Packet::ConnAck(code) => Some(*code),
+            _ => None,
+        })
+    }
+
+    /// A QoS 1 PUBLISH; the PUBACK's return code (a device without a session would be
+    /// answered DISCONNECT, which fails the test).
+    fn publish_qos1(&self, topic: TopicRef, msg_id: u16) -> ReturnCode {
+        self.exchange(&publish(QoS::AtLeastOnce, topic, msg_id, b"x"), |p| match p {
+            Packet::PubAck(PubAck { msg_id: m, code, .. }) if *m == msg_id => Some(*code),
+            Packet::Disconnect(_) => panic!("DISCONNECT: the session is gone"),
+            _ => None,
+        })
+    }
+}
+
+#[test]
+fn sighup_reloads_the_device_registry_while_devices_stay_connected() {
+    let dir = temp_dir("devices");
+    let udp = free_udp_port();
+    let devices = dir.join("devices.toml");
+    let entry = |id: &str| format!("[[device]]\nclient_id = \"{id}\"\npublish = [\"t/%c\"]\n");
+    write_config(&devices, &entry("dev-a"));
+    let config = embedded(
+        udp,
+        &format!(
+            "[auth]\ndevices_file = {:?}\n[predefined]\n1 = \"t/dev-a\"\n2 = \"t/dev-b\"\n",
+            devices.display().to_string()
+        ),
+    );
+    let mut gw = Gateway::start(&dir, &config, &[]);
+    let a = Device::new(udp_addr(udp));
+    let b = Device::new(udp_addr(udp));
+    a.connect("dev-a");
+    assert_eq!(
+        b.try_connect("dev-b"),
+        ReturnCode::NotSupported,
+        "not in the registry yet"
+    );
+    gw.wait_line(0, "CONNECT refused: no registry entry names the client id");
+
+    // dev-b added: it connects, dev-a's session is untouched.
+    write_config(&devices, &format!("{}{}", entry("dev-a"), entry("dev-b")));
+    gw.reload("reload: devices +1 -0 ~0");
+    assert_eq!(b.try_connect("dev-b"), ReturnCode::Accepted);
+    assert_eq!(
+        a.publish_qos1(TopicRef::Predefined(1), 1),
+        ReturnCode::Accepted,
+        "dev-a still connected"
+    );
+    assert_eq!(b.publish_qos1(TopicRef::Predefined(2), 1), ReturnCode::Accepted);
+
+    // A bad file: logged, the registry in force kept.
+    write_config(&devices, "[[device]]\nclient_id = \"dev-a\"\npublish = [\"a/#/b\"]\n");
+    let from = gw.mark();
+    gw.hup();
+    gw.wait_line(from, "reload failed, running settings kept: auth.devices_file:");
+    gw.assert_running();
+    assert_eq!(b.publish_qos1(TopicRef::Predefined(2), 2), ReturnCode::Accepted);
+
+    // dev-b removed: its session keeps running, allowed nothing; dev-a is unchanged.
+    write_config(&devices, &entry("dev-a"));
+    gw.reload("reload: devices +0 -1 ~0");
+    assert_eq!(b.publish_qos1(TopicRef::Predefined(2), 3), ReturnCode::NotSupported);
+    assert_eq!(a.publish_qos1(TopicRef::Predefined(1), 2), ReturnCode::Accepted);
+    gw.stop();
+}

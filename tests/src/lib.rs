@@ -110,16 +110,22 @@ impl Mosquitto {
     /// Starts mosquitto. When it is not installed: a failure under `CI=true`, otherwise a
     /// loud note and `None` (the caller returns early; the test is not run).
     pub fn start() -> Option<Mosquitto> {
-        Self::launch(None)
+        Self::launch(None, "")
+    }
+
+    /// [`Mosquitto::start`] with `extra` lines added to its configuration (e.g.
+    /// `password_file` and `acl_file` with absolute paths).
+    pub fn start_with_conf(extra: &str) -> Option<Mosquitto> {
+        Self::launch(None, extra)
     }
 
     /// [`Mosquitto::start`] on a given loopback port (e.g. the port of one that was
     /// stopped, to bring a broker back).
     pub fn start_at(port: u16) -> Option<Mosquitto> {
-        Self::launch(Some(port))
+        Self::launch(Some(port), "")
     }
 
-    fn launch(fixed_port: Option<u16>) -> Option<Mosquitto> {
+    fn launch(fixed_port: Option<u16>, extra: &str) -> Option<Mosquitto> {
         let Some(bin) = find_mosquitto() else {
             if in_ci() {
                 panic!(
@@ -147,7 +153,7 @@ impl Mosquitto {
                 &conf,
                 format!(
                     "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000\n\
-                     log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
+                     log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n{extra}\n"
                 ),
             )
             .expect("writing mosquitto.conf");
@@ -254,13 +260,27 @@ impl Harness {
 
     /// Like [`Harness::start`], with the engine configuration adjusted by `tweak`.
     pub async fn start_with(kind: BrokerKind, tweak: impl FnOnce(&mut EngineConfig)) -> Option<Harness> {
+        let mosquitto = match kind {
+            BrokerKind::Mosquitto => Some(Mosquitto::start()?),
+            BrokerKind::Embedded => None,
+        };
+        Self::start_custom(mosquitto, |s| tweak(&mut s.engine)).await
+    }
+
+    /// The gateway against `mosquitto` (one started by the caller, e.g. with
+    /// [`Mosquitto::start_with_conf`]), or the embedded broker when `None`, with the
+    /// whole settings adjusted by `tweak` (the broker's address is filled in already).
+    pub async fn start_custom(mosquitto: Option<Mosquitto>, tweak: impl FnOnce(&mut Settings)) -> Option<Harness> {
         init_logging();
-        let mut engine = test_engine_config();
-        tweak(&mut engine);
+        let engine = test_engine_config();
+        let kind = if mosquitto.is_some() {
+            BrokerKind::Mosquitto
+        } else {
+            BrokerKind::Embedded
+        };
         let loopback0 = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        let (mosquitto, broker, embedded_broker) = match kind {
-            BrokerKind::Mosquitto => {
-                let m = Mosquitto::start()?;
+        let (mosquitto, broker, embedded_broker) = match mosquitto {
+            Some(m) => {
                 let broker = BrokerConfig {
                     host: m.addr().ip().to_string(),
                     port: m.addr().port(),
@@ -268,7 +288,7 @@ impl Harness {
                 };
                 (Some(m), broker, None)
             }
-            BrokerKind::Embedded => {
+            None => {
                 let broker = BrokerConfig {
                     host: loopback0.ip().to_string(),
                     port: 0,
@@ -277,7 +297,7 @@ impl Harness {
                 (None, broker, Some(loopback0))
             }
         };
-        let settings = Settings {
+        let mut settings = Settings {
             engine,
             udp: vec![loopback0],
             broker,
@@ -285,6 +305,7 @@ impl Harness {
             stats_interval: None,
             ..Settings::default()
         };
+        tweak(&mut settings);
         let running = gateway::runtime::start(settings).await.expect("the gateway starts");
         let broker = match (&mosquitto, running.embedded_broker) {
             (Some(m), _) => m.addr(),
@@ -569,6 +590,17 @@ impl SnClient {
     /// Sends raw bytes as one datagram.
     pub async fn send_raw(&self, data: &[u8]) {
         self.socket.send(data).await.expect("UDP send");
+    }
+
+    /// The next datagram from the gateway as bytes (an encapsulated answer, say);
+    /// panics after [`WAIT`].
+    pub async fn recv_raw(&mut self) -> Vec<u8> {
+        let mut buf = vec![0u8; 65_536];
+        match tokio::time::timeout(WAIT, self.socket.recv(&mut buf)).await {
+            Err(_) => panic!("device {}: no datagram within {WAIT:?}", self.client_id),
+            Ok(Err(e)) => panic!("device {}: UDP receive failed: {e}", self.client_id),
+            Ok(Ok(n)) => buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default(),
+        }
     }
 
     /// The next message from the gateway, if one arrives within `within`. Panics on a

@@ -54,6 +54,28 @@ pub struct ConnectParams {
     /// The will as known at connect time (also registered with the broker, so that the
     /// broker publishes it should the gateway itself die).
     pub will: Option<Will>,
+    /// The device's own broker login (from the device registry); `None`: the link's
+    /// global one.
+    pub credentials: Option<Credentials>,
+}
+
+/// A broker login (MQTT 3.1.1 user name and password). The password never shows in a
+/// debug print.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password (empty: none is sent, only the user name).
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// A request from a session to its broker connection.

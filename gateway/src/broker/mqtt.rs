@@ -339,7 +339,10 @@ impl MqttLinks {
             // address host against the certificate's IP subjectAltNames).
             o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.config())));
         }
-        if let (Some(u), Some(pw)) = (&self.cfg.username, &self.cfg.password) {
+        if let Some(c) = &p.credentials {
+            // The device's own login (device registry) replaces the global one.
+            o.set_credentials(c.username.clone(), c.password.clone());
+        } else if let (Some(u), Some(pw)) = (&self.cfg.username, &self.cfg.password) {
             o.set_credentials(u.clone(), pw.clone());
         } else if let Some(u) = &self.cfg.username {
             o.set_credentials(u.clone(), String::new());
@@ -803,6 +806,7 @@ mod tests {
             clean_session: true,
             keep_alive: 30,
             will: None,
+            credentials: None,
         }
     }
 

@@ -61,6 +61,9 @@ pub struct Cli {
     /// `[log]` flags.
     #[command(flatten)]
     pub log: LogFlags,
+    /// `[auth]` flags.
+    #[command(flatten)]
+    pub auth: AuthFlags,
     /// Predefined topic, ID=TOPIC (repeatable), e.g. 77=sensors/temp; replaces the
     /// file's entry for the same id.
     #[arg(long, id = "predefined", value_name = "ID=TOPIC", value_parser = parse_predefined)]
@@ -207,6 +210,27 @@ pub struct LogFlags {
     #[arg(long = "log-level", id = "log.level", value_name = "LEVEL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
+}
+
+/// `[auth]` flags.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct AuthFlags {
+    /// Device registry file (TOML); selects registry mode by itself.
+    #[arg(long = "devices", id = "auth.devices_file", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices_file: Option<PathBuf>,
+    /// Authentication mode: open or registry [default: registry with --devices, else open].
+    #[arg(long = "auth-mode", id = "auth.mode", value_name = "MODE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Takeover and wake from another address: allow or deny [default: deny in registry mode, else allow].
+    #[arg(long = "address-change", id = "auth.address_change", value_name = "POLICY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_change: Option<String>,
+    /// Prefix of every device topic on the broker, e.g. site-a/%c/ (%c client id, %u user name).
+    #[arg(long = "mountpoint", id = "auth.mountpoint", value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mountpoint: Option<String>,
 }
 
 /// A serial port given on the command line: `PATH[:BAUD[:FRAMING]]`.

@@ -24,8 +24,8 @@ mod reload;
 mod validate;
 
 pub use cli::{
-    BrokerFlags, Cli, DiscoveryFlags, GatewayFlags, LimitsFlags, LogFlags, MetricsFlags, SerialFlag, TimersFlags,
-    UdpFlags,
+    AuthFlags, BrokerFlags, Cli, DiscoveryFlags, GatewayFlags, LimitsFlags, LogFlags, MetricsFlags, SerialFlag,
+    TimersFlags, UdpFlags,
 };
 pub use reload::{Changes, PredefinedChanges, RELOADABLE};
 pub use validate::{LogSettings, MetricsSettings, Settings, UdpProbe};
@@ -69,6 +69,30 @@ pub struct Config {
     pub serial: Vec<SerialConfig>,
     /// `[metrics]`: the Prometheus and health endpoint, and the UDP health probe.
     pub metrics: MetricsConfig,
+    /// `[auth]`: device identity and access control.
+    pub auth: AuthSection,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// `"open"` (any client id from anywhere) or `"registry"` (only the devices of
+    /// `devices_file`); unset: registry when `devices_file` is set, else open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The device registry (TOML, `[[device]]` entries); a relative path is taken from
+    /// the working directory. Re-read on SIGHUP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices_file: Option<PathBuf>,
+    /// `"allow"` or `"deny"` a CONNECT takeover or a PINGREQ wake from an address other
+    /// than the session's; unset: deny in registry mode, allow in open mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_change: Option<String>,
+    /// Prefix of every topic a device publishes or subscribes to on the broker
+    /// (`%c`: client id, `%u`: broker user name), stripped from what it receives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mountpoint: Option<String>,
 }
 
 /// `[metrics]`.

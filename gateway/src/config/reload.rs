@@ -1,6 +1,7 @@
 //! What a configuration reload (SIGHUP) changes: the difference between the
 //! configuration in force and one loaded again, split into what a running gateway
-//! applies (`log.level`, `[predefined]`) and what needs a restart (everything else).
+//! applies (`log.level`, `[predefined]`, `auth.devices_file` and the registry it names)
+//! and what needs a restart (everything else).
 //!
 //! The comparison walks the whole [`Config`] through serde, so a key added later is
 //! covered (as needing a restart) without being listed here.
@@ -11,7 +12,8 @@ use std::fmt;
 use super::Config;
 
 /// The keys a reload applies; any other key that changed needs a restart.
-pub const RELOADABLE: [&str; 2] = ["log.level", "predefined"];
+/// (The registry's contents are compared by the caller, from the loaded [`super::Settings`].)
+pub const RELOADABLE: [&str; 3] = ["log.level", "predefined", "auth.devices_file"];
 
 /// What differs between the running configuration and a newly loaded one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

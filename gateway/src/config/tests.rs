@@ -413,6 +413,12 @@ fn every_key() -> toml::Value {
         path: Some("/dev/ttyUSB0".into()),
         ..SerialConfig::default()
     });
+    c.auth = AuthSection {
+        mode: Some("registry".into()),
+        devices_file: Some("devices.toml".into()),
+        address_change: Some("deny".into()),
+        mountpoint: Some("site/%c/".into()),
+    };
     toml::Value::try_from(c).expect("the configuration serializes")
 }
 
@@ -634,4 +640,74 @@ fn rust_log_overrides_the_level_and_the_embedded_broker_stays_quiet() {
     assert_eq!(filter.max_level_hint(), Some(tracing::level_filters::LevelFilter::WARN));
     let (filter, _) = s.log.filter(Some(" "));
     assert_eq!(filter.max_level_hint(), Some(tracing::level_filters::LevelFilter::WARN));
+}
+
+#[test]
+fn auth_modes_and_defaults() {
+    use crate::auth::AddressChange;
+    let (dir, _) = file("");
+    let devices = dir.path().join("devices.toml");
+    std::fs::write(&devices, "[[device]]\nclient_id = \"a\"\n").expect("write");
+    let devices = devices.display().to_string();
+    // Open by default, allowing address changes.
+    let s = Config::default().validate_offline().expect("valid");
+    assert!(s.engine.auth.registry.is_none());
+    assert_eq!(s.engine.auth.address_change, AddressChange::Allow);
+    // --devices alone selects registry mode, which denies address changes by default.
+    let c = Config::load_with_env(&cli(&["--devices", &devices]), Vec::new()).expect("loads");
+    let s = c.validate_offline().expect("valid");
+    assert_eq!(s.engine.auth.registry.as_ref().map(|r| r.len()), Some(1));
+    assert_eq!(s.engine.auth.address_change, AddressChange::Deny);
+    let c = Config::load_with_env(
+        &cli(&[
+            "--devices",
+            &devices,
+            "--address-change",
+            "allow",
+            "--mountpoint",
+            "m/%c/",
+        ]),
+        Vec::new(),
+    )
+    .expect("loads");
+    let s = c.validate_offline().expect("valid");
+    assert_eq!(s.engine.auth.address_change, AddressChange::Allow);
+    assert_eq!(s.engine.auth.mountpoint.as_deref(), Some("m/%c/"));
+}
+
+#[test]
+fn auth_errors_name_the_key() {
+    let (dir, _) = file("");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[device]]\nclient_id = \"a\"\npublish = [\"a/#/b\"]\n").expect("write");
+    let check = |text: &str, needle: &str| {
+        let e = Config::parse(text)
+            .expect("parses")
+            .validate_offline()
+            .expect_err("invalid");
+        assert!(e.mentions(needle), "{needle:?} not in {e}");
+    };
+    check("[auth]\nmode = \"registry\"\n", "auth.devices_file is required");
+    check("[auth]\nmode = \"closed\"\n", "auth.mode must be");
+    check(
+        "[auth]\naddress_change = \"sometimes\"\n",
+        "auth.address_change must be",
+    );
+    check("[auth]\nmountpoint = \"a/#\"\n", "auth.mountpoint:");
+    check("[auth]\nmountpoint = \"a/%x/\"\n", "auth.mountpoint:");
+    check(
+        &format!(
+            "[auth]\nmode = \"open\"\ndevices_file = {:?}\n",
+            bad.display().to_string()
+        ),
+        "auth.mode is \"open\" but auth.devices_file is set",
+    );
+    check(
+        &format!("[auth]\ndevices_file = {:?}\n", bad.display().to_string()),
+        "[[device]] #1 (client_id \"a\"): publish: \"a/#/b\"",
+    );
+    check(
+        "[auth]\ndevices_file = \"/nonexistent/devices.toml\"\n",
+        "auth.devices_file: /nonexistent/devices.toml: cannot read",
+    );
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio_serial::{DataBits, Parity, StopBits};
 
 use super::{Cli, Config, ConfigErrors, LogFormat, SerialConfig};
+use crate::auth::{AddressChange, AuthConfig, Registry};
 use crate::broker::mqtt::{BrokerConfig, BrokerUrl};
 use crate::broker::tls::{self, BrokerTls, TlsFiles};
 use crate::engine::EngineConfig;
@@ -252,6 +253,7 @@ impl Config {
             qos_minus_one: self.gateway.qos_minus_one,
             advertise_interval: (advertise > 0).then(|| Duration::from_secs(advertise)),
             udp_broadcast: None,
+            auth: crate::auth::AuthConfig::default(),
         };
 
         let broker = self.broker_config(e);
@@ -280,6 +282,7 @@ impl Config {
             }
         }
         engine.udp_broadcast = advertise_addr;
+        engine.auth = self.auth_config(e, &serial, &broker);
 
         let shutdown_timeout = secs_in(
             e,
@@ -432,6 +435,83 @@ impl Config {
             return None;
         }
         BrokerTls::load(files).map_err(|err| e.push(err.to_string())).ok()
+    }
+
+    /// `[auth]`, with the registry loaded (its errors are the configuration's).
+    fn auth_config(&self, e: &mut Vec<String>, serial: &[SerialPortConfig], broker: &BrokerConfig) -> AuthConfig {
+        let a = &self.auth;
+        let registry_mode = match a.mode.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None => a.devices_file.is_some(),
+            Some("registry") => true,
+            Some("open") => {
+                if a.devices_file.is_some() {
+                    e.push(
+                        "auth.mode is \"open\" but auth.devices_file is set: choose one (registry mode uses the file)"
+                            .into(),
+                    );
+                }
+                false
+            }
+            Some(other) => {
+                e.push(format!("auth.mode must be \"open\" or \"registry\", not {other:?}"));
+                false
+            }
+        };
+        let registry = if registry_mode {
+            match &a.devices_file {
+                None => {
+                    e.push(
+                        "auth.devices_file is required in registry mode, e.g. devices_file = \"devices.toml\"".into(),
+                    );
+                    None
+                }
+                Some(path) => match Registry::load(path) {
+                    Ok(r) => Some(Arc::new(r)),
+                    Err(mut errs) => {
+                        for err in &mut errs {
+                            *err = format!("auth.devices_file: {err}");
+                        }
+                        e.append(&mut errs);
+                        None
+                    }
+                },
+            }
+        } else {
+            None
+        };
+        let address_change = match a.address_change.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None if registry_mode => AddressChange::Deny,
+            None => AddressChange::Allow,
+            Some("allow") => AddressChange::Allow,
+            Some("deny") => AddressChange::Deny,
+            Some(other) => {
+                e.push(format!(
+                    "auth.address_change must be \"allow\" or \"deny\", not {other:?}"
+                ));
+                AddressChange::Allow
+            }
+        };
+        if let Some(m) = &a.mountpoint {
+            let check = crate::auth::registry::check_pattern(m).and_then(|()| {
+                if m.is_empty() || m.starts_with('$') || m.contains(['+', '#']) {
+                    Err(format!(
+                        "{m:?}: a mountpoint is a topic prefix: not empty, no wildcards, not starting with $"
+                    ))
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(why) = check {
+                e.push(format!("auth.mountpoint: {why}"));
+            }
+        }
+        AuthConfig {
+            registry,
+            address_change,
+            mountpoint: a.mountpoint.clone(),
+            serial_paths: serial.iter().map(|p| p.path.display().to_string()).collect(),
+            default_username: broker.username.clone(),
+        }
     }
 
     fn serial_ports(&self, e: &mut Vec<String>) -> Vec<SerialPortConfig> {

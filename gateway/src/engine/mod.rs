@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use sn_codec::{Packet, QoS};
 use tracing::{debug, info, warn};
 
+use crate::auth::{AddressChange, AuthConfig, Denied, Refusal, Registry};
 use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, LogThrottle, MqttQos, RejectReason};
 use crate::topics::{self, Predefined, TopicTable};
 pub use session::SessionState;
@@ -118,6 +119,8 @@ pub struct EngineConfig {
     /// SEARCHGW received over UDP, are sent to, from UDP listener 0. `None`: discovery
     /// over UDP is unicast answers only.
     pub udp_broadcast: Option<SocketAddr>,
+    /// Who may connect, from where, and to which topics (see [`crate::auth`]).
+    pub auth: AuthConfig,
 }
 
 impl Default for EngineConfig {
@@ -139,6 +142,7 @@ impl Default for EngineConfig {
             qos_minus_one: true,
             advertise_interval: Some(Duration::from_secs(900)),
             udp_broadcast: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -214,6 +218,31 @@ pub struct Metrics {
     /// QoS 0 publishes dropped because their broker connection was gone (also counted
     /// in `broker_rejected`).
     pub qos0_dropped_broker_closed: u64,
+    /// CONNECTs refused in registry mode: no entry names the client id (also counted
+    /// in `connects_refused`).
+    pub auth_unknown_client: u64,
+    /// CONNECTs (and QoS -1 publishes) refused in registry mode: the address is
+    /// not among the entry's `addresses` (CONNECTs also in `connects_refused`).
+    pub auth_address_refused: u64,
+    /// REGISTER, PUBLISH (QoS -1 included) and will topics outside the device's
+    /// `publish` patterns.
+    pub auth_publish_denied: u64,
+    /// SUBSCRIBEs outside the device's `subscribe` patterns.
+    pub auth_subscribe_denied: u64,
+    /// REGISTER, PUBLISH (QoS -1 included) and will topics starting with `$`, refused
+    /// in every mode.
+    pub auth_dollar_refused: u64,
+    /// CONNECTs with a live session's client id from another address, refused
+    /// (`address_change = "deny"`; also counted in `connects_refused`).
+    pub auth_takeover_refused: u64,
+    /// PINGREQs with a sleeping (or awake) client's id from another address, refused
+    /// (`address_change = "deny"`, or an address outside its registry entry).
+    pub auth_wake_refused: u64,
+    /// CONNECTs refused because the mountpoint cannot be formed for the device (also
+    /// counted in `connects_refused`), and QoS -1 publishes dropped for that reason.
+    pub mountpoint_refused: u64,
+    /// Broker messages outside a device's mountpoint, not delivered.
+    pub mountpoint_dropped: u64,
 }
 
 impl std::fmt::Display for Metrics {
@@ -235,6 +264,14 @@ impl std::fmt::Display for Metrics {
 }
 
 impl Metrics {
+    /// Counts a topic refused to a device, by reason.
+    pub(crate) fn count_denied(&mut self, denied: Denied) {
+        match denied {
+            Denied::Dollar => self.auth_dollar_refused += 1,
+            Denied::Acl => self.auth_publish_denied += 1,
+        }
+    }
+
     /// Counts a QoS 0 publish the broker link could not take, by reason.
     pub(crate) fn qos0_dropped_by_link(&mut self, reason: RejectReason) {
         match reason {
@@ -386,6 +423,23 @@ pub struct Gateway {
     /// Rate limits of the log lines for brokers refusing or unreachable.
     refused_log: LogThrottle,
     unreachable_log: LogThrottle,
+    /// Rate limit of the INFO lines for requests the access rules refuse.
+    auth_log: LogThrottle,
+}
+
+/// At most one INFO line per this period for refusals by the access rules (an attacker
+/// sending CONNECTs as fast as it can must not drown the log); the others go to debug,
+/// and the next INFO line says how many were held back. Every refusal is counted.
+const AUTH_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Logs one refusal by the access rules: INFO when the throttle allows, else debug.
+macro_rules! refusal {
+    ($gw:expr, $now:expr, $($field:tt)*) => {
+        match $gw.auth_log.allow($now) {
+            Some(held_back) => info!(held_back, $($field)*),
+            None => debug!($($field)*),
+        }
+    };
 }
 
 /// At most one warning per this period for broker connect failures of each kind.
@@ -411,6 +465,7 @@ impl Gateway {
             stopping: None,
             refused_log: LogThrottle::new(CONNECT_FAILED_LOG_EVERY),
             unreachable_log: LogThrottle::new(CONNECT_FAILED_LOG_EVERY),
+            auth_log: LogThrottle::new(AUTH_LOG_EVERY),
         }
     }
 
@@ -442,6 +497,30 @@ impl Gateway {
     ///   (the id type on the wire tells them apart); new assignments skip the new ids.
     pub fn set_predefined(&mut self, predefined: Arc<Predefined>) {
         Arc::make_mut(&mut self.cfg).predefined = predefined;
+        let global = &self.cfg.predefined;
+        for s in self.sessions.values_mut() {
+            s.set_predefined(global);
+        }
+    }
+
+    /// Replaces the device registry (a reload, SIGHUP) of an engine in registry mode
+    /// (in open mode it changes nothing: the mode needs a restart). Sessions are not
+    /// dropped: each keeps running, and its next REGISTER, PUBLISH and SUBSCRIBE are
+    /// checked against the patterns of the entry that names it now; a session whose
+    /// entry is gone may publish and subscribe to nothing (what it subscribed to before
+    /// stays until it unsubscribes or reconnects), and its next CONNECT is refused.
+    /// Addresses and broker logins are checked at CONNECT, so a change to them applies
+    /// from the device's next CONNECT; the mountpoint is the one it connected with.
+    pub fn set_registry(&mut self, registry: Arc<Registry>) {
+        if self.cfg.auth.registry.is_none() {
+            warn!("set_registry on an engine in open mode: ignored");
+            return;
+        }
+        Arc::make_mut(&mut self.cfg).auth.registry = Some(registry);
+        let (auth, global) = (&self.cfg.auth, &self.cfg.predefined);
+        for s in self.sessions.values_mut() {
+            s.regrant(auth, global);
+        }
     }
 
     /// The next datagram to send.
@@ -563,11 +642,17 @@ impl Gateway {
             // Other gateways' announcements, and answers from clients on their behalf.
             Packet::Advertise(_) | Packet::GwInfo(_) => {}
             Packet::Connect(c) => self.handle_connect(now, peer, c),
-            Packet::Publish(p) if p.qos == QoS::MinusOne => self.handle_qos_minus_one(peer, p),
+            Packet::Publish(p) if p.qos == QoS::MinusOne => self.handle_qos_minus_one(now, peer, p),
             Packet::PingReq(Some(client_id)) => {
                 let key = self.by_client_id.get(client_id).copied();
                 match key {
                     Some(key) => {
+                        if let Err(why) = self.may_move(key, &peer) {
+                            self.metrics.auth_wake_refused += 1;
+                            refusal!(self, now, client = %client_id, peer = %peer, "PINGREQ refused: {why}");
+                            self.out.send(&peer, &Packet::Disconnect(None));
+                            return;
+                        }
                         self.rebind(key, &peer);
                         self.with_session(now, key, |s, ctx| s.handle_packet(ctx, packet));
                     }
@@ -579,6 +664,30 @@ impl Gateway {
                 None => self.unknown_peer(&peer, &packet),
             },
         }
+    }
+
+    /// Whether the session `key` may be reached from `peer` (a wake): its own address,
+    /// or, with `address_change = "allow"`, any address its registry entry admits.
+    fn may_move(&self, key: ClientKey, peer: &Peer) -> Result<(), &'static str> {
+        let Some(session) = self.sessions.get(&key) else {
+            return Ok(());
+        };
+        if session.peer() == peer {
+            return Ok(());
+        }
+        let auth = &self.cfg.auth;
+        if auth.address_change == AddressChange::Deny {
+            return Err("the client's session is at another address (address_change = deny)");
+        }
+        if let Some(registry) = &auth.registry {
+            let admitted = registry
+                .lookup(session.client_id())
+                .is_some_and(|d| d.admits(peer, &auth.serial_paths));
+            if !admitted {
+                return Err("the address is not among its registry entry's addresses");
+            }
+        }
+        Ok(())
     }
 
     /// A session message from an address with no session: counted, and answered with
@@ -645,7 +754,42 @@ impl Gateway {
                 .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
             return;
         }
+        // Before anything is touched: a refused CONNECT leaves every session as it was.
+        let admission = match self.cfg.auth.admit(c.client_id, &peer) {
+            Ok(a) => a,
+            Err(refusal) => {
+                self.metrics.connects_refused += 1;
+                let why = match refusal {
+                    Refusal::UnknownClient => {
+                        self.metrics.auth_unknown_client += 1;
+                        "no registry entry names the client id"
+                    }
+                    Refusal::Address => {
+                        self.metrics.auth_address_refused += 1;
+                        "the address is not among its registry entry's addresses"
+                    }
+                    Refusal::Mountpoint => {
+                        self.metrics.mountpoint_refused += 1;
+                        "the mountpoint cannot be formed from its client id or user name"
+                    }
+                };
+                refusal!(self, now, client = %c.client_id, peer = %peer, "CONNECT refused: {why}");
+                self.out
+                    .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
+                return;
+            }
+        };
         let existing = self.by_client_id.get(c.client_id).copied();
+        if let Some(old_peer) = existing.and_then(|k| self.sessions.get(&k)).map(|s| s.peer().clone()) {
+            if old_peer != peer && self.cfg.auth.address_change == AddressChange::Deny {
+                self.metrics.connects_refused += 1;
+                self.metrics.auth_takeover_refused += 1;
+                refusal!(self, now, client = %c.client_id, peer = %peer, session = %old_peer, "CONNECT refused: the client id has a session at another address (address_change = deny)");
+                self.out
+                    .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
+                return;
+            }
+        }
         if let Some(key) = existing {
             let state = self.sessions.get(&key).map(Session::state);
             match state {
@@ -706,6 +850,7 @@ impl Gateway {
             peer.clone(),
             c,
             topics.unwrap_or_default(),
+            admission,
         );
         self.sessions.insert(key, session);
         self.by_peer.insert(peer, key);
@@ -713,14 +858,26 @@ impl Gateway {
         self.reschedule(key);
     }
 
-    fn handle_qos_minus_one(&mut self, peer: Peer, p: sn_codec::Publish<'_>) {
+    fn handle_qos_minus_one(&mut self, now: Instant, peer: Peer, p: sn_codec::Publish<'_>) {
+        // Who it is (registry mode: by address) decides which predefined ids it has too.
+        let Some(grants) = self.cfg.auth.qos_minus_one(&peer) else {
+            self.metrics.qos_minus_one_dropped += 1;
+            if self.cfg.auth.registry.is_some() {
+                self.metrics.auth_address_refused += 1;
+                refusal!(self, now, peer = %peer, "QoS -1 publish dropped: no registry entry with addresses admits the sender");
+            } else {
+                self.metrics.mountpoint_refused += 1;
+                debug!(peer = %peer, "QoS -1 publish dropped: the mountpoint needs a client id");
+            }
+            return;
+        };
         let topic = match p.topic {
             sn_codec::TopicRef::Normal(_) => Err(topics::Unresolved::UnknownId),
-            t => topics::resolve(t, &self.cfg.predefined, &TopicTable::default()),
+            t => topics::resolve(t, &grants.predefined(&self.cfg.predefined), &TopicTable::default()),
         };
         // The QoS -1 connection is shared by every QoS -1 sender: nothing the broker
         // would refuse may go on it (mosquitto closes it on a control character).
-        let topic = match topic {
+        let topic: Arc<str> = match topic {
             Ok(topic) if self.cfg.qos_minus_one => topic,
             Err(topics::Unresolved::Invalid(why)) => {
                 self.metrics.topic_refused += 1;
@@ -734,6 +891,17 @@ impl Gateway {
                 return;
             }
         };
+        if let Err(denied) = grants.may_publish(&topic) {
+            self.metrics.qos_minus_one_dropped += 1;
+            self.metrics.count_denied(denied);
+            debug!(peer = %peer, %topic, ?denied, "QoS -1 publish refused");
+            return;
+        }
+        let topic = if grants.mountpoint.is_some() {
+            grants.mount(&topic).into()
+        } else {
+            topic
+        };
         if !self.qos_minus_one_connected {
             self.qos_minus_one_connected = true;
             self.out.command(
@@ -743,6 +911,7 @@ impl Gateway {
                     clean_session: true,
                     keep_alive: 60,
                     will: None,
+                    credentials: None,
                 }),
             );
         }
@@ -978,6 +1147,8 @@ impl Gateway {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_auth;
 #[cfg(test)]
 mod tests_link;
 #[cfg(test)]

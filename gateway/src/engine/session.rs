@@ -10,8 +10,9 @@ use sn_codec::{Packet, PubAck, QoS, RegAck, Register, ReturnCode, SubAck, TopicF
 use tracing::{debug, info};
 
 use super::{EngineConfig, Latencies, Metrics, Output, Peer};
-use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, Message, MqttQos, Token, Will};
-use crate::topics::{self, TopicTable};
+use crate::auth::{Admission, AuthConfig, Grants};
+use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, Credentials, Message, MqttQos, Token, Will};
+use crate::topics::{self, Predefined, TopicTable};
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,6 +143,12 @@ pub(crate) struct Session {
     timer: Option<Instant>,
     /// When the CONNECT that created the session arrived, until its CONNACK.
     connect_started: Option<Instant>,
+    /// What it may publish and subscribe to, and its mountpoint.
+    grants: Grants,
+    /// Its own broker login (device registry), if any.
+    credentials: Option<Credentials>,
+    /// The predefined topics it sees: the global ones with its own (registry) on top.
+    predefined: Arc<Predefined>,
 }
 
 /// Completed QoS 2 publishes remembered per client.
@@ -186,6 +193,7 @@ impl Session {
         peer: Peer,
         c: sn_codec::Connect<'_>,
         topics: TopicTable,
+        admission: Admission,
     ) -> Session {
         let mut s = Session {
             key,
@@ -215,6 +223,9 @@ impl Session {
             sleep_duration: Duration::ZERO,
             timer: None,
             connect_started: Some(ctx.now),
+            predefined: admission.grants.predefined(&ctx.cfg.predefined),
+            grants: admission.grants,
+            credentials: admission.credentials,
         };
         s.start_handshake(ctx, c.will);
         s
@@ -245,6 +256,7 @@ impl Session {
                 clean_session: self.clean_session,
                 keep_alive: self.keep_alive,
                 will: self.will(),
+                credentials: self.credentials.clone(),
             }),
         );
     }
@@ -298,9 +310,47 @@ impl Session {
         self.topics
     }
 
+    /// Applies the registry in force now (a reload) to this session's rights.
+    pub(crate) fn regrant(&mut self, auth: &AuthConfig, global: &Arc<Predefined>) {
+        self.grants = auth.regrant(
+            &self.client_id,
+            self.credentials.as_ref(),
+            self.grants.mountpoint.clone(),
+        );
+        self.predefined = self.grants.predefined(global);
+    }
+
+    /// The global predefined topics changed (a reload).
+    pub(crate) fn set_predefined(&mut self, global: &Arc<Predefined>) {
+        self.predefined = self.grants.predefined(global);
+    }
+
+    /// Whether the device may publish to `topic` (and name it as its will); counts and
+    /// logs a refusal.
+    fn may_publish(&self, ctx: &mut Ctx<'_>, topic: &str, what: &str) -> bool {
+        match self.grants.may_publish(topic) {
+            Ok(()) => true,
+            Err(denied) => {
+                ctx.metrics.count_denied(denied);
+                // Counted; at debug, as a flood of them must not drown the log.
+                debug!(client = %self.client_id, peer = %self.peer, topic, ?denied, "{what} refused: topic not allowed");
+                false
+            }
+        }
+    }
+
+    /// The broker's name for one of the device's topics (the mountpoint prepended).
+    fn mounted(&self, topic: Arc<str>) -> Arc<str> {
+        if self.grants.mountpoint.is_some() {
+            self.grants.mount(&topic).into()
+        } else {
+            topic
+        }
+    }
+
     fn will(&self) -> Option<Will> {
         self.will_topic.as_ref().map(|(topic, qos, retain)| Will {
-            topic: topic.clone(),
+            topic: self.grants.mount(topic),
             message: self.will_message.clone(),
             qos: *qos,
             retain: *retain,
@@ -351,6 +401,11 @@ impl Session {
                 if let Err(why) = topics::check_topic_name(w.topic) {
                     ctx.metrics.topic_refused += 1;
                     debug!(client = %self.client_id, peer = %self.peer, topic = w.topic, %why, "invalid will topic refused");
+                    ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::NotSupported));
+                    ctx.metrics.connects_refused += 1;
+                    return self.end_connecting(ctx);
+                }
+                if !self.may_publish(ctx, w.topic, "will topic") {
                     ctx.out.send(&self.peer, &Packet::ConnAck(ReturnCode::NotSupported));
                     ctx.metrics.connects_refused += 1;
                     return self.end_connecting(ctx);
@@ -414,6 +469,7 @@ impl Session {
                         ReturnCode::Accepted
                     }
                     Some(w) => match topics::check_topic_name(w.topic) {
+                        Ok(()) if !self.may_publish(ctx, w.topic, "will topic update") => ReturnCode::NotSupported,
                         Ok(()) => {
                             self.will_topic = Some((w.topic.to_string(), mqtt_qos(w.qos), w.retain));
                             ReturnCode::Accepted
@@ -517,10 +573,12 @@ impl Session {
             ctx.metrics.topic_refused += 1;
             debug!(client = %self.client_id, peer = %self.peer, topic = ?r.topic_name, %why, "REGISTER of an invalid topic refused");
             (0, ReturnCode::NotSupported)
+        } else if !self.may_publish(ctx, r.topic_name, "REGISTER") {
+            (0, ReturnCode::NotSupported)
         } else {
             match self
                 .topics
-                .assign(r.topic_name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined)
+                .assign(r.topic_name, ctx.cfg.max_topics_per_client, &self.predefined)
             {
                 Some(id) => (id, ReturnCode::Accepted),
                 None => (0, ReturnCode::Congestion),
@@ -537,7 +595,7 @@ impl Session {
 
     fn on_publish(&mut self, ctx: &mut Ctx<'_>, p: sn_codec::Publish<'_>) {
         let topic_id = topics::raw_id(p.topic);
-        let topic = match topics::resolve(p.topic, &ctx.cfg.predefined, &self.topics) {
+        let topic = match topics::resolve(p.topic, &self.predefined, &self.topics) {
             Ok(topic) => topic,
             Err(unresolved) => {
                 let code = match unresolved {
@@ -561,6 +619,20 @@ impl Session {
                 return;
             }
         };
+        // Checked at every PUBLISH, not only at REGISTER: predefined and short topics
+        // have no REGISTER, and a reload may have changed the patterns since.
+        if !self.may_publish(ctx, &topic, "PUBLISH") {
+            if p.qos != QoS::AtMostOnce {
+                let ack = Packet::PubAck(PubAck {
+                    topic_id,
+                    msg_id: p.msg_id,
+                    code: ReturnCode::NotSupported,
+                });
+                ctx.out.send(&self.peer, &ack);
+            }
+            return;
+        }
+        let topic = self.mounted(topic);
         let qos = mqtt_qos(p.qos);
         let token = match qos {
             MqttQos::AtMostOnce => 0,
@@ -646,24 +718,33 @@ impl Session {
                     debug!(client = %self.client_id, peer = %self.peer, filter = ?name, %why, "SUBSCRIBE to an invalid filter refused");
                     return reject(ctx, &self.peer, ReturnCode::NotSupported);
                 }
+                if !self.may_subscribe(ctx, name) {
+                    return reject(ctx, &self.peer, ReturnCode::NotSupported);
+                }
                 if topics::has_wildcards(name) {
                     (name.to_string(), 0)
                 } else {
                     match self
                         .topics
-                        .assign(name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined)
+                        .assign(name, ctx.cfg.max_topics_per_client, &self.predefined)
                     {
                         Some(id) => (name.to_string(), id),
                         None => return reject(ctx, &self.peer, ReturnCode::Congestion),
                     }
                 }
             }
-            TopicFilter::Predefined(id) => match ctx.cfg.predefined.name(id) {
+            TopicFilter::Predefined(id) => match self.predefined.name(id) {
+                Some(name) if !self.may_subscribe(ctx, name) => {
+                    return reject(ctx, &self.peer, ReturnCode::NotSupported)
+                }
                 Some(name) => (name.to_string(), id),
                 None => return reject(ctx, &self.peer, ReturnCode::InvalidTopicId),
             },
             TopicFilter::Short(bytes) => {
-                match topics::resolve(TopicRef::Short(bytes), &ctx.cfg.predefined, &self.topics) {
+                match topics::resolve(TopicRef::Short(bytes), &self.predefined, &self.topics) {
+                    Ok(name) if !self.may_subscribe(ctx, &name) => {
+                        return reject(ctx, &self.peer, ReturnCode::NotSupported)
+                    }
                     Ok(name) => (name.to_string(), u16::from_be_bytes(bytes)),
                     Err(why) => {
                         ctx.metrics.topic_refused += 1;
@@ -682,6 +763,7 @@ impl Session {
             },
         );
         debug!(client = %self.client_id, %filter, qos = ?s.qos, "SUBSCRIBE");
+        let filter = self.grants.mount(&filter);
         ctx.out.command(
             self.key,
             Command::Subscribe {
@@ -692,13 +774,23 @@ impl Session {
         );
     }
 
+    /// Whether the device may subscribe to `filter`; counts and logs a refusal.
+    fn may_subscribe(&self, ctx: &mut Ctx<'_>, filter: &str) -> bool {
+        if self.grants.may_subscribe(filter) {
+            return true;
+        }
+        ctx.metrics.auth_subscribe_denied += 1;
+        debug!(client = %self.client_id, peer = %self.peer, filter, "SUBSCRIBE refused: filter not allowed");
+        false
+    }
+
     fn on_unsubscribe(&mut self, ctx: &mut Ctx<'_>, u: sn_codec::Unsubscribe<'_>) {
         if self.unsubs.values().any(|&m| m == u.msg_id) {
             return;
         }
         let filter = match u.topic {
             TopicFilter::Name(name) => Some(name.to_string()),
-            TopicFilter::Predefined(id) => ctx.cfg.predefined.name(id).map(|n| n.to_string()),
+            TopicFilter::Predefined(id) => self.predefined.name(id).map(|n| n.to_string()),
             TopicFilter::Short(bytes) => std::str::from_utf8(&bytes).ok().map(str::to_string),
         };
         let filter = match filter.map(|f| topics::check_topic_filter(&f).map(|()| f)) {
@@ -712,6 +804,7 @@ impl Session {
         };
         match filter {
             Some(filter) => {
+                let filter = self.grants.mount(&filter);
                 let token = self.next_token();
                 self.unsubs.insert(token, u.msg_id);
                 ctx.out.command(self.key, Command::Unsubscribe { token, filter });
@@ -853,7 +946,28 @@ impl Session {
                     ctx.out.send(&self.peer, &Packet::UnsubAck(msg_id));
                 }
             }
-            BrokerEvent::Message(m) => self.enqueue(ctx, m),
+            BrokerEvent::Message(m) => match self.grants.unmount(&m.topic) {
+                Some(t) if self.grants.mountpoint.is_some() => {
+                    let topic: Arc<str> = t.into();
+                    self.enqueue(ctx, Message { topic, ..m });
+                }
+                Some(_) => self.enqueue(ctx, m),
+                None => {
+                    // Not for this device's view (another subscriber's overlap, a broker
+                    // bridge): released at the broker, never delivered.
+                    ctx.metrics.mountpoint_dropped += 1;
+                    debug!(client = %self.client_id, topic = %m.topic, "broker message outside the mountpoint dropped");
+                    if m.qos != MqttQos::AtMostOnce {
+                        ctx.out.command(
+                            self.key,
+                            Command::Ack {
+                                qos: m.qos,
+                                pkid: m.pkid,
+                            },
+                        );
+                    }
+                }
+            },
         }
         self.pump(ctx);
         Flow::Continue
@@ -928,7 +1042,7 @@ impl Session {
                 return;
             };
             let topic_name = front.msg.topic.clone();
-            match topics::outbound_ref(&topic_name, &ctx.cfg.predefined, &self.topics) {
+            match topics::outbound_ref(&topic_name, &self.predefined, &self.topics) {
                 Some(topic) => {
                     let qos = front.msg.qos;
                     let msg_id = if qos == MqttQos::AtMostOnce {
@@ -950,7 +1064,7 @@ impl Session {
                 None => {
                     let Some(topic_id) =
                         self.topics
-                            .assign(&topic_name, ctx.cfg.max_topics_per_client, &ctx.cfg.predefined)
+                            .assign(&topic_name, ctx.cfg.max_topics_per_client, &self.predefined)
                     else {
                         debug!(client = %self.client_id, topic = %topic_name, "topic table full: message dropped");
                         self.give_up_front(ctx);

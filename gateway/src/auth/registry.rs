@@ -1,0 +1,717 @@
+//! The device registry: a TOML file of `[[device]]` entries, each naming a client id
+//! (or a glob) and what that device may do. Parsed and validated once (at start and on
+//! each reload); every error names the file, the entry (its index and client id) and
+//! the key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::acl;
+use crate::engine::{LinkAddr, Peer};
+use crate::topics::{self, Predefined};
+
+/// A secret (a password, a pre-shared key) that never shows in a log or a debug print.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret<T>(pub T);
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// One place a device may come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// An IP network (`10.0.0.0/8`, or one address): the UDP source address, or that of
+    /// the forwarder a node speaks through.
+    Net {
+        /// The network address (canonical: an IPv4-mapped IPv6 address is IPv4).
+        ip: IpAddr,
+        /// Prefix length in bits.
+        prefix: u8,
+    },
+    /// A serial port, by its configured path (`serial:/dev/ttyUSB0`).
+    Serial(String),
+    /// A wireless node id behind a forwarder (`node:0a1b`, hexadecimal): through the
+    /// forwarder at the given address (`node:0a1b@10.0.0.5`, `node:0a1b@serial:/dev/ttyUSB0`),
+    /// or, without one, through any forwarder (then anyone who can send to the gateway
+    /// can claim the node id).
+    Node(Vec<u8>, Option<Box<Address>>),
+}
+
+impl Address {
+    fn parse(s: &str) -> Result<Address, String> {
+        if let Some(path) = s.strip_prefix("serial:") {
+            if path.is_empty() {
+                return Err(format!("{s:?}: expected serial:PATH, e.g. serial:/dev/ttyUSB0"));
+            }
+            return Ok(Address::Serial(path.to_string()));
+        }
+        if let Some(rest) = s.strip_prefix("node:") {
+            let (hex, via) = match rest.split_once('@') {
+                Some((hex, via)) if !via.starts_with("node:") => (hex, Some(Box::new(Address::parse(via)?))),
+                Some(_) => return Err(format!("{s:?}: a forwarder is an IP network or serial:PATH")),
+                None => (rest, None),
+            };
+            return match parse_hex(hex) {
+                Some(id) if !id.is_empty() => Ok(Address::Node(id, via)),
+                _ => Err(format!(
+                    "{s:?}: expected node:HEX[@FORWARDER], e.g. node:0a1b or node:0a1b@10.0.0.5"
+                )),
+            };
+        }
+        let usage = || format!("{s:?} is not an IP address, a CIDR network (10.0.0.0/8), serial:PATH or node:HEX");
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, bits)) => (ip, Some(bits.parse::<u8>().map_err(|_| usage())?)),
+            None => (s, None),
+        };
+        let written = ip.parse::<IpAddr>().map_err(|_| usage())?;
+        let max = if written.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(format!("{s:?}: prefix longer than {max} bits"));
+        }
+        let ip = written.to_canonical();
+        if ip.is_ipv4() && written.is_ipv6() {
+            // ::ffff:a.b.c.d/n is the IPv4 network a.b.c.d/(n - 96).
+            return match prefix.checked_sub(96) {
+                Some(prefix) => Ok(Address::Net { ip, prefix }),
+                None => Err(format!(
+                    "{s:?}: an IPv4-mapped network needs a prefix of at least 96 bits"
+                )),
+            };
+        }
+        Ok(Address::Net { ip, prefix })
+    }
+
+    /// Whether `peer` is at this address; `serial_paths` names the serial ports by index.
+    pub fn matches(&self, peer: &Peer, serial_paths: &[String]) -> bool {
+        match (self, &peer.link) {
+            (Address::Net { ip, prefix }, LinkAddr::Udp(_, from)) => in_net(from.ip().to_canonical(), *ip, *prefix),
+            (Address::Serial(path), LinkAddr::Serial(i)) => {
+                serial_paths.get(usize::from(*i)).is_some_and(|p| p == path)
+            }
+            (Address::Node(id, via), _) => {
+                peer.node.as_deref() == Some(id.as_slice())
+                    && via.as_ref().map_or(true, |forwarder| {
+                        // The forwarder's own address, as if it spoke directly.
+                        forwarder.matches(&Peer::direct(peer.link.clone()), serial_paths)
+                    })
+            }
+            _ => false,
+        }
+    }
+}
+
+fn in_net(addr: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (addr, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// One validated `[[device]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    /// Its position in the file (from 1), for messages.
+    pub index: usize,
+    /// A client id, or a glob (`*`, `?`) matching many.
+    pub client_id: String,
+    /// Where it may come from; empty: anywhere.
+    pub addresses: Vec<Address>,
+    /// Its broker user name (`%c` replaced by the client id); `None`: the global one.
+    pub username: Option<String>,
+    /// Its broker password, resolved from `password`, `password_env` or `password_file`.
+    pub password: Option<Secret<String>>,
+    /// Topic filter patterns it may publish to (`%c`, `%u`); empty: none.
+    pub publish: Vec<String>,
+    /// Topic filter patterns it may subscribe to; empty: none.
+    pub subscribe: Vec<String>,
+    /// Its own predefined topic ids (on top of the global ones), as written.
+    pub predefined: BTreeMap<u16, String>,
+    /// DTLS PSK identity (parsed for DTLS; not used over plain UDP).
+    pub psk_identity: Option<String>,
+    /// DTLS pre-shared key.
+    pub psk: Option<Secret<Vec<u8>>>,
+}
+
+impl Device {
+    /// Whether `peer` may speak for this device.
+    pub fn admits(&self, peer: &Peer, serial_paths: &[String]) -> bool {
+        self.addresses.is_empty() || self.addresses.iter().any(|a| a.matches(peer, serial_paths))
+    }
+
+    /// The broker user name for `client_id`.
+    pub fn username_for(&self, client_id: &str) -> Option<String> {
+        self.username.as_ref().map(|u| u.replace("%c", client_id))
+    }
+
+    /// How the entry is named in messages: `#3 (client_id "sensor-*")`.
+    pub fn name(&self) -> String {
+        format!("#{} (client_id {:?})", self.index, self.client_id)
+    }
+}
+
+/// The validated registry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registry {
+    /// Where it was read from (for messages).
+    pub origin: String,
+    devices: Vec<Arc<Device>>,
+    exact: HashMap<String, usize>,
+    globs: Vec<usize>,
+}
+
+/// The file's shape (unknown keys are errors).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    device: Vec<RawDevice>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    client_id: Option<String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    username: Option<String>,
+    password: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    predefined: BTreeMap<String, String>,
+    psk_identity: Option<String>,
+    psk: Option<String>,
+}
+
+/// Longest pre-shared key accepted, octets (what common DTLS stacks take).
+pub const MAX_PSK_LEN: usize = 64;
+
+impl Registry {
+    /// Reads and validates the file at `path` (`password_env` from the process
+    /// environment, `password_file` relative to the file's directory).
+    pub fn load(path: &Path) -> Result<Registry, Vec<String>> {
+        let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        Registry::parse(&text, &path.display().to_string(), base, |name| {
+            std::env::var(name).ok()
+        })
+    }
+
+    /// Parses and validates registry text; `origin` names it in errors, `base` is the
+    /// directory `password_file` paths are relative to, `env` reads `password_env`.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        base: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Registry, Vec<String>> {
+        let file: File = toml::from_str(text).map_err(|e| vec![format!("{origin}: {}", e.to_string().trim_end())])?;
+        let mut errors = Vec::new();
+        let mut registry = Registry {
+            origin: origin.to_string(),
+            ..Registry::default()
+        };
+        for (i, raw) in file.device.into_iter().enumerate() {
+            let index = i + 1;
+            let Some(client_id) = raw.client_id.clone().filter(|c| !c.is_empty()) else {
+                errors.push(format!(
+                    "{origin}: [[device]] #{index}: client_id is required, e.g. client_id = \"sensor-*\""
+                ));
+                continue;
+            };
+            let at = |key: &str| format!("{origin}: [[device]] #{index} (client_id {client_id:?}): {key}");
+            match raw.resolve(index, client_id.clone(), base, &env, &at) {
+                Ok(device) => {
+                    if acl::is_glob(&device.client_id) {
+                        registry.globs.push(registry.devices.len());
+                    } else if let Some(first) = registry.exact.get(&device.client_id) {
+                        errors.push(format!(
+                            "{}: the same client_id as entry #{}",
+                            at("client_id"),
+                            first + 1
+                        ));
+                        continue;
+                    } else {
+                        registry.exact.insert(device.client_id.clone(), registry.devices.len());
+                    }
+                    registry.devices.push(Arc::new(device));
+                }
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(registry)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The entry for `client_id`: the one naming it exactly, else the first glob (in
+    /// file order) that matches it.
+    pub fn lookup(&self, client_id: &str) -> Option<&Arc<Device>> {
+        let i = self.exact.get(client_id).copied().or_else(|| {
+            self.globs.iter().copied().find(|&i| {
+                self.devices
+                    .get(i)
+                    .is_some_and(|d| acl::glob_matches(&d.client_id, client_id))
+            })
+        })?;
+        self.devices.get(i)
+    }
+
+    /// The entry a QoS -1 sender (which carries no client id) speaks for: the first, in
+    /// file order, that gives `addresses` and admits `peer`.
+    pub fn by_address(&self, peer: &Peer, serial_paths: &[String]) -> Option<&Arc<Device>> {
+        self.devices
+            .iter()
+            .find(|d| !d.addresses.is_empty() && d.admits(peer, serial_paths))
+    }
+
+    /// Every entry, in file order.
+    pub fn devices(&self) -> &[Arc<Device>] {
+        &self.devices
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Whether there is no entry (every device is refused).
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// What changed from `old` to `self`, by client id (pattern): added, removed, and
+    /// changed in any field.
+    pub fn diff(&self, old: &Registry) -> RegistryChanges {
+        let by_id = |r: &Registry| -> BTreeMap<String, Arc<Device>> {
+            r.devices.iter().map(|d| (d.client_id.clone(), d.clone())).collect()
+        };
+        let (old, new) = (by_id(old), by_id(self));
+        let same = |a: &Device, b: &Device| {
+            // The position in the file alone is not a change.
+            let mut a = a.clone();
+            a.index = b.index;
+            a == *b
+        };
+        RegistryChanges {
+            added: new.keys().filter(|k| !old.contains_key(*k)).cloned().collect(),
+            removed: old.keys().filter(|k| !new.contains_key(*k)).cloned().collect(),
+            changed: new
+                .iter()
+                .filter(|(k, d)| old.get(*k).is_some_and(|o| !same(o, d)))
+                .map(|(k, _)| k.clone())
+                .collect(),
+        }
+    }
+}
+
+/// What a reload changed in the registry, by client id (pattern).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryChanges {
+    /// Entries new in the file.
+    pub added: Vec<String>,
+    /// Entries gone from the file.
+    pub removed: Vec<String>,
+    /// Entries whose fields changed.
+    pub changed: Vec<String>,
+}
+
+impl RegistryChanges {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl fmt::Display for RegistryChanges {
+    /// `+added -removed ~changed`, as counts.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "+{} -{} ~{}",
+            self.added.len(),
+            self.removed.len(),
+            self.changed.len()
+        )
+    }
+}
+
+/// Checks a topic pattern (`publish`, `subscribe`, `mountpoint`): its placeholders, and
+/// that it is a valid topic filter once they are filled in.
+pub(crate) fn check_pattern(pattern: &str) -> Result<(), String> {
+    if !acl::valid_placeholders(pattern) {
+        return Err(format!(
+            "{pattern:?}: only %c (client id) and %u (user name) may follow a %"
+        ));
+    }
+    let filled = pattern.replace("%c", "c").replace("%u", "u");
+    topics::check_topic_filter(&filled).map_err(|e| format!("{pattern:?}: {e}"))
+}
+
+impl RawDevice {
+    fn resolve(
+        self,
+        index: usize,
+        client_id: String,
+        base: &Path,
+        env: &impl Fn(&str) -> Option<String>,
+        at: &impl Fn(&str) -> String,
+    ) -> Result<Device, Vec<String>> {
+        let mut e = Vec::new();
+        if client_id.chars().any(char::is_control) {
+            e.push(format!("{}: control characters are not allowed", at("client_id")));
+        }
+        let mut addresses = Vec::new();
+        for a in &self.addresses {
+            match Address::parse(a.trim()) {
+                Ok(addr) => addresses.push(addr),
+                Err(why) => e.push(format!("{}: {why}", at("addresses"))),
+            }
+        }
+        if let Some(u) = &self.username {
+            if u.is_empty() {
+                e.push(format!(
+                    "{}: must not be empty (leave it out for the global [broker] login)",
+                    at("username")
+                ));
+            }
+            if u.replace("%c", "").contains('%') {
+                e.push(format!("{}: only %c (the client id) may follow a %", at("username")));
+            }
+        }
+        let given = [
+            self.password.is_some(),
+            self.password_env.is_some(),
+            self.password_file.is_some(),
+        ];
+        let password = match given.iter().filter(|g| **g).count() {
+            0 => None,
+            1 => {
+                if self.username.is_none() {
+                    e.push(format!(
+                        "{}: a password needs a username (MQTT 3.1.1 sends a password only with a user name)",
+                        at("password")
+                    ));
+                }
+                if let Some(p) = self.password {
+                    Some(p)
+                } else if let Some(name) = &self.password_env {
+                    if name.starts_with(crate::config::ENV_PREFIX) {
+                        e.push(format!(
+                            "{}: {name:?} starts with {}, which names configuration keys; choose another name",
+                            at("password_env"),
+                            crate::config::ENV_PREFIX
+                        ));
+                        None
+                    } else {
+                        match env(name) {
+                            Some(p) => Some(p),
+                            None => {
+                                e.push(format!(
+                                    "{}: the environment variable {name} is not set",
+                                    at("password_env")
+                                ));
+                                None
+                            }
+                        }
+                    }
+                } else if let Some(file) = &self.password_file {
+                    let path = base.join(file);
+                    match std::fs::read_to_string(&path) {
+                        // One line: the trailing newline an editor adds is not part of it.
+                        Ok(p) => Some(p.trim_end_matches(['\r', '\n']).to_string()),
+                        Err(err) => {
+                            e.push(format!(
+                                "{}: cannot read {}: {err}",
+                                at("password_file"),
+                                path.display()
+                            ));
+                            None
+                        }
+                    }
+                } else {
+                    None
+                }
+            }
+            _ => {
+                e.push(format!(
+                    "{}: give one of password, password_env and password_file",
+                    at("password")
+                ));
+                None
+            }
+        };
+        for (key, list) in [("publish", &self.publish), ("subscribe", &self.subscribe)] {
+            for p in list {
+                if let Err(why) = check_pattern(p) {
+                    e.push(format!("{}: {why}", at(key)));
+                }
+            }
+        }
+        let mut predefined = BTreeMap::new();
+        for (id, name) in &self.predefined {
+            match id.trim().parse::<u16>() {
+                Ok(n) => {
+                    predefined.insert(n, name.clone());
+                }
+                Err(_) => e.push(format!("{}: {id:?} is not a topic id (1..65534)", at("predefined"))),
+            }
+        }
+        if let Err(why) = Predefined::new(predefined.iter().map(|(k, v)| (*k, v.clone()))) {
+            e.push(format!("{}: {why}", at("predefined")));
+        }
+        let psk = match &self.psk {
+            None => None,
+            Some(hex) => match parse_hex(hex.trim()) {
+                Some(k) if !k.is_empty() && k.len() <= MAX_PSK_LEN => Some(Secret(k)),
+                _ => {
+                    e.push(format!(
+                        "{}: expected 1 to {MAX_PSK_LEN} octets in hexadecimal (an even number of 0-9a-f)",
+                        at("psk")
+                    ));
+                    None
+                }
+            },
+        };
+        match (&self.psk_identity, &self.psk) {
+            (Some(id), Some(_)) if id.is_empty() || id.len() > 128 => {
+                e.push(format!("{}: must be 1 to 128 octets", at("psk_identity")));
+            }
+            (Some(_), None) => e.push(format!("{}: given without psk", at("psk_identity"))),
+            (None, Some(_)) => e.push(format!("{}: given without psk_identity", at("psk"))),
+            _ => {}
+        }
+        if !e.is_empty() {
+            return Err(e);
+        }
+        Ok(Device {
+            index,
+            client_id,
+            addresses,
+            username: self.username,
+            password: password.map(Secret),
+            publish: self.publish,
+            subscribe: self.subscribe,
+            predefined,
+            psk_identity: self.psk_identity,
+            psk,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn parse(text: &str) -> Result<Registry, Vec<String>> {
+        Registry::parse(text, "devices.toml", Path::new("/nonexistent"), |n| {
+            (n == "SENSOR_PASSWORD").then(|| "s3cret".to_string())
+        })
+    }
+
+    fn udp(ip: &str) -> Peer {
+        Peer::direct(LinkAddr::Udp(0, SocketAddr::new(ip.parse().unwrap(), 5000)))
+    }
+
+    const EXAMPLE: &str = r#"
+[[device]]
+client_id = "sensor-*"
+addresses = ["127.0.0.0/8"]
+publish = ["sensors/%c/#"]
+subscribe = ["cmd/%c/#"]
+username = "%c"
+password_env = "SENSOR_PASSWORD"
+
+[[device]]
+client_id = "sensor-7"
+addresses = ["10.1.2.3", "serial:/dev/ttyUSB0", "node:0a1b", "::ffff:192.168.0.0/112", "node:0c0d@10.9.0.0/16"]
+predefined = { 5 = "sensors/seven" }
+psk_identity = "sensor-7"
+psk = "00112233445566778899aabbccddeeff"
+"#;
+
+    #[test]
+    fn the_issue_example_parses() {
+        let r = parse(EXAMPLE).unwrap();
+        assert_eq!(r.len(), 2);
+        let glob = r.lookup("sensor-1").unwrap();
+        assert_eq!(glob.index, 1);
+        assert_eq!(glob.username_for("sensor-1").as_deref(), Some("sensor-1"));
+        assert_eq!(glob.password, Some(Secret("s3cret".into())));
+        // The exact entry wins over an earlier glob.
+        let exact = r.lookup("sensor-7").unwrap();
+        assert_eq!(exact.index, 2);
+        assert_eq!(exact.predefined.get(&5).map(String::as_str), Some("sensors/seven"));
+        assert_eq!(exact.psk.as_ref().map(|k| k.0.len()), Some(16));
+        assert!(r.lookup("other").is_none());
+        assert!(!format!("{r:?}").contains("s3cret"), "a secret in a debug print");
+    }
+
+    #[test]
+    fn addresses_match() {
+        let r = parse(EXAMPLE).unwrap();
+        let paths = vec!["/dev/ttyUSB0".to_string(), "/dev/ttyUSB1".to_string()];
+        let glob = r.lookup("sensor-1").unwrap();
+        assert!(glob.admits(&udp("127.0.0.2"), &paths));
+        assert!(
+            glob.admits(&udp("::ffff:127.0.0.9"), &paths),
+            "IPv4-mapped addresses are IPv4"
+        );
+        assert!(!glob.admits(&udp("10.0.0.1"), &paths));
+        let seven = r.lookup("sensor-7").unwrap();
+        assert!(seven.admits(&udp("10.1.2.3"), &paths));
+        assert!(!seven.admits(&udp("10.1.2.4"), &paths));
+        assert!(seven.admits(&udp("192.168.3.4"), &paths));
+        assert!(seven.admits(&Peer::direct(LinkAddr::Serial(0)), &paths));
+        assert!(!seven.admits(&Peer::direct(LinkAddr::Serial(1)), &paths));
+        let node = Peer {
+            link: LinkAddr::Serial(1),
+            node: Some(vec![0x0a, 0x1b].into()),
+        };
+        assert!(seven.admits(&node, &paths));
+        // A node bound to its forwarder: only through that forwarder.
+        let behind = |ip: &str| Peer {
+            link: LinkAddr::Udp(0, SocketAddr::new(ip.parse().unwrap(), 1)),
+            node: Some(vec![0x0c, 0x0d].into()),
+        };
+        assert!(seven.admits(&behind("10.9.1.1"), &paths));
+        assert!(
+            !seven.admits(&behind("10.8.1.1"), &paths),
+            "the node id claimed through another forwarder"
+        );
+        assert!(
+            !seven.admits(&Peer::direct(LinkAddr::Udp(0, "10.9.1.1:1".parse().unwrap())), &paths),
+            "the forwarder is not the node"
+        );
+        // QoS -1 senders: the first entry with addresses that admits them.
+        assert_eq!(r.by_address(&udp("127.0.0.5"), &paths).map(|d| d.index), Some(1));
+        assert_eq!(r.by_address(&udp("10.1.2.3"), &paths).map(|d| d.index), Some(2));
+        assert!(r.by_address(&udp("172.16.0.1"), &paths).is_none());
+    }
+
+    #[test]
+    fn errors_name_the_file_the_entry_and_the_key() {
+        let e = parse(
+            r#"
+[[device]]
+client_id = "a"
+addresses = ["300.1.1.1", "10.0.0.0/33", "node:xyz"]
+publish = ["a/#/b", "x/%d"]
+password = "p"
+psk = "abc"
+
+[[device]]
+publish = ["a"]
+
+[[device]]
+client_id = "a"
+username = "u"
+password = "p"
+password_env = "P"
+
+[[device]]
+client_id = "b"
+username = "u"
+password_env = "MQTT_SN_X"
+
+[[device]]
+client_id = "c"
+username = "u"
+password_env = "UNSET"
+"#,
+        )
+        .unwrap_err();
+        let all = e.join("\n");
+        for needle in [
+            "devices.toml: [[device]] #1 (client_id \"a\"): addresses: \"300.1.1.1\"",
+            "#1 (client_id \"a\"): addresses: \"10.0.0.0/33\": prefix longer than 32 bits",
+            "#1 (client_id \"a\"): addresses: \"node:xyz\"",
+            "#1 (client_id \"a\"): publish: \"a/#/b\"",
+            "#1 (client_id \"a\"): publish: \"x/%d\"",
+            "#1 (client_id \"a\"): password: a password needs a username",
+            "#1 (client_id \"a\"): psk: expected 1 to 64 octets",
+            "devices.toml: [[device]] #2: client_id is required",
+            "#3 (client_id \"a\"): password: give one of",
+            "#4 (client_id \"b\"): password_env: \"MQTT_SN_X\" starts with MQTT_SN_",
+            "#5 (client_id \"c\"): password_env: the environment variable UNSET is not set",
+        ] {
+            assert!(all.contains(needle), "{needle:?} not in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn duplicates_unknown_keys_and_syntax_are_errors() {
+        let e = parse("[[device]]\nclient_id = \"a\"\n[[device]]\nclient_id = \"a\"\n").unwrap_err();
+        assert!(
+            e[0].contains("#2 (client_id \"a\"): client_id: the same client_id as entry #1"),
+            "{e:?}"
+        );
+        let e = parse("[[device]]\nclient_id = \"a\"\npublsh = [\"x\"]\n").unwrap_err();
+        assert!(e[0].starts_with("devices.toml:") && e[0].contains("publsh"), "{e:?}");
+        let e = parse("[[device]\n").unwrap_err();
+        assert!(e[0].starts_with("devices.toml:"), "{e:?}");
+        assert!(parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn password_files_are_read_relative_to_the_registry() {
+        let dir = std::env::temp_dir().join(format!("gw-registry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pw"), "from-file\n").unwrap();
+        let text = "[[device]]\nclient_id = \"a\"\nusername = \"a\"\npassword_file = \"pw\"\n";
+        std::fs::write(dir.join("devices.toml"), text).unwrap();
+        let r = Registry::load(&dir.join("devices.toml")).unwrap();
+        assert_eq!(r.lookup("a").unwrap().password, Some(Secret("from-file".into())));
+        let e = Registry::load(&dir.join("missing.toml")).unwrap_err();
+        assert!(e[0].contains("missing.toml: cannot read"), "{e:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn diff_by_client_id() {
+        let old = parse("[[device]]\nclient_id = \"a\"\n[[device]]\nclient_id = \"b\"\n").unwrap();
+        let new = parse("[[device]]\nclient_id = \"b\"\npublish = [\"x\"]\n[[device]]\nclient_id = \"c\"\n").unwrap();
+        let d = new.diff(&old);
+        assert_eq!(d.added, ["c"]);
+        assert_eq!(d.removed, ["a"]);
+        assert_eq!(d.changed, ["b"]);
+        assert_eq!(d.to_string(), "+1 -1 ~1");
+        let moved = parse("[[device]]\nclient_id = \"b\"\npublish = [\"x\"]\n").unwrap();
+        assert!(moved.diff(&new).removed == ["c"] && moved.diff(&new).changed.is_empty());
+    }
+}
