@@ -6,6 +6,8 @@
 //!   CONNACK 0x03 (rejected) and the gateway logs one clear TLS line per interval.
 //! - With `require_certificate`, the gateway's client certificate from the CA is
 //!   accepted; none, or one from another CA, is refused (CONNACK 0x03).
+//! - A device with its own client certificate in the device registry presents it (the
+//!   gateway has none): it is accepted, a device without one is refused.
 //! - The health probe does a TLS handshake: it fails on the wrong CA.
 //!
 //! mosquitto or openssl missing: a failure under `CI=true`, otherwise a note and the test
@@ -24,8 +26,13 @@ use gateway::runtime::Running;
 
 /// Starts the gateway against `broker`.
 async fn gateway_to(broker: BrokerConfig) -> (Running, SocketAddr) {
+    gateway_with(broker, test_engine_config()).await
+}
+
+/// Starts the gateway against `broker` with `engine`.
+async fn gateway_with(broker: BrokerConfig, engine: gateway::engine::EngineConfig) -> (Running, SocketAddr) {
     let settings = Settings {
-        engine: test_engine_config(),
+        engine,
         udp: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
         broker,
         embedded_broker: None,
@@ -214,4 +221,41 @@ async fn the_health_probe_does_a_tls_handshake() {
     // A plain-TCP probe of the same listener would say "reachable".
     let plain = BrokerConfig { tls: None, ..wrong };
     assert_eq!(gateway::ops::reach_broker(&plain, wait).await, Ok(()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devices_own_client_certificate_from_the_registry_is_presented() {
+    use gateway::auth::registry::Registry;
+    use gateway::auth::AuthConfig;
+    init_logging();
+    let Some(pki) = Pki::generate() else { return };
+    let Some(broker) = TlsMosquitto::start(&pki, true) else {
+        return;
+    };
+    // The gateway itself has no client certificate: only the device's entry gives one.
+    let cfg = pki.broker_config(broker.addr(), &pki.ca, None);
+    let devices = format!(
+        "[[device]]\nclient_id = \"cert-dev\"\npublish = [\"tls/%c/#\"]\nsubscribe = [\"tls/%c/#\"]\nclient_cert = {:?}\nclient_key = {:?}\n\n[[device]]\nclient_id = \"plain-dev\"\npublish = [\"tls/%c/#\"]\n",
+        pki.client_cert.display().to_string(),
+        pki.client_key.display().to_string(),
+    );
+    let registry = Registry::parse(&devices, "devices.toml", std::path::Path::new("/"), |_| None)
+        .expect("the test registry is valid");
+    let mut engine = test_engine_config();
+    engine.auth = AuthConfig {
+        registry: Some(std::sync::Arc::new(registry)),
+        ..AuthConfig::default()
+    };
+    let observer_cfg = pki.broker_config(broker.addr(), &pki.ca, Some((&pki.client_cert, &pki.client_key)));
+    let mut observer = TlsObserver::connect(&observer_cfg, "e2e-tls-observer-device-cert").await;
+    let (running, gateway) = gateway_with(cfg, engine).await;
+    both_ways(gateway, &mut observer, "cert-dev").await;
+    let mut plain = device(gateway, "plain-dev").await;
+    assert_eq!(
+        plain.try_connect(30, true).await,
+        Rx::ConnAck(ReturnCode::NotSupported),
+        "a device without a certificate is refused by a broker that requires one\nmosquitto:\n{}",
+        broker.log()
+    );
+    running.shutdown().await;
 }

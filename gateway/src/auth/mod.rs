@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 pub use registry::{Address, Device, Registry, RegistryChanges, Secret};
 
+use crate::broker::tls::ClientIdentity;
 use crate::broker::Credentials;
 use crate::engine::Peer;
 use crate::topics::Predefined;
@@ -73,6 +74,8 @@ pub struct Admission {
     pub grants: Grants,
     /// Its own broker login, when its entry gives one.
     pub credentials: Option<Credentials>,
+    /// Its own TLS client certificate for the broker, when its entry gives one.
+    pub client_identity: Option<Arc<ClientIdentity>>,
 }
 
 impl AuthConfig {
@@ -86,6 +89,7 @@ impl AuthConfig {
             return Ok(Admission {
                 grants: Grants::open(self.mount(subst)?),
                 credentials: None,
+                client_identity: None,
             });
         };
         let device = registry.lookup(client_id).ok_or(Refusal::UnknownClient)?;
@@ -102,7 +106,11 @@ impl AuthConfig {
             username,
             password: device.password.clone().map(|p| p.0).unwrap_or_default(),
         });
-        Ok(Admission { grants, credentials })
+        Ok(Admission {
+            grants,
+            credentials,
+            client_identity: device.client_identity.clone(),
+        })
     }
 
     /// The rights of a session already admitted, under the registry in force now (a

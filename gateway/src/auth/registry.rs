@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::acl;
+use crate::broker::tls::ClientIdentity;
 use crate::engine::{LinkAddr, Peer};
 use crate::topics::{self, Predefined};
 
@@ -156,6 +157,10 @@ pub struct Device {
     pub psk_identity: Option<String>,
     /// DTLS pre-shared key.
     pub psk: Option<Secret<Vec<u8>>>,
+    /// Its own TLS client certificate and key for the broker (`client_cert`,
+    /// `client_key`, PEM, relative to the registry's directory), presented over
+    /// `mqtts://` instead of the gateway's `broker.client_cert`.
+    pub client_identity: Option<Arc<ClientIdentity>>,
 }
 
 impl Device {
@@ -211,6 +216,8 @@ struct RawDevice {
     predefined: BTreeMap<String, String>,
     psk_identity: Option<String>,
     psk: Option<String>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 /// Longest pre-shared key accepted, octets (what common DTLS stacks take).
@@ -513,6 +520,26 @@ impl RawDevice {
             (None, Some(_)) => e.push(format!("{}: given without psk_identity", at("psk"))),
             _ => {}
         }
+        let client_identity = match (&self.client_cert, &self.client_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                match ClientIdentity::load("client_cert", &base.join(cert), "client_key", &base.join(key)) {
+                    Ok(id) => Some(Arc::new(id)),
+                    Err(err) => {
+                        e.push(format!("{}: {err}", at("client_cert")));
+                        None
+                    }
+                }
+            }
+            (Some(_), None) => {
+                e.push(format!("{}: given without client_key", at("client_cert")));
+                None
+            }
+            (None, Some(_)) => {
+                e.push(format!("{}: given without client_cert", at("client_key")));
+                None
+            }
+        };
         if !e.is_empty() {
             return Err(e);
         }
@@ -527,6 +554,7 @@ impl RawDevice {
             predefined,
             psk_identity: self.psk_identity,
             psk,
+            client_identity,
         })
     }
 }
@@ -700,6 +728,41 @@ password_env = "UNSET"
         let e = Registry::load(&dir.join("missing.toml")).unwrap_err();
         assert!(e[0].contains("missing.toml: cannot read"), "{e:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn client_certificates_are_read_relative_to_the_registry_and_checked() {
+        let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/broker/testdata");
+        let ok = "[[device]]\nclient_id = \"a\"\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n";
+        let r = Registry::parse(ok, "devices.toml", &testdata, |_| None).unwrap();
+        assert!(r.lookup("a").unwrap().client_identity.is_some());
+        for (text, wanted) in [
+            (
+                "client_cert = \"client.pem\"\n",
+                "client_cert: given without client_key",
+            ),
+            ("client_key = \"client.key\"\n", "client_key: given without client_cert"),
+            (
+                "client_cert = \"missing.pem\"\nclient_key = \"client.key\"\n",
+                "missing.pem: ",
+            ),
+            (
+                "client_cert = \"client.pem\"\nclient_key = \"other.key\"\n",
+                "not usable with client_cert",
+            ),
+            (
+                "client_cert = \"client.key\"\nclient_key = \"client.key\"\n",
+                "no PEM certificate",
+            ),
+        ] {
+            let text = format!("[[device]]\nclient_id = \"a\"\n{text}");
+            let e = Registry::parse(&text, "devices.toml", &testdata, |_| None).unwrap_err();
+            assert!(
+                e.iter()
+                    .any(|e| e.contains(wanted) && e.contains("#1 (client_id \"a\")")),
+                "{text}: {e:?}"
+            );
+        }
     }
 
     #[test]

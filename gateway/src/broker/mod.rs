@@ -57,6 +57,9 @@ pub struct ConnectParams {
     /// The device's own broker login (from the device registry); `None`: the link's
     /// global one.
     pub credentials: Option<Credentials>,
+    /// The device's own TLS client certificate (from the device registry), presented
+    /// instead of the gateway's `broker.client_cert` over `mqtts://`.
+    pub client_identity: Option<Arc<tls::ClientIdentity>>,
 }
 
 /// A broker login (MQTT 3.1.1 user name and password). The password never shows in a

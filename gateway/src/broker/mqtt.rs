@@ -337,7 +337,18 @@ impl MqttLinks {
         if let Some(tls) = &self.cfg.tls {
             // rumqttc checks the certificate against the host it connects to (an IP
             // address host against the certificate's IP subjectAltNames).
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.config())));
+            let config = match &p.client_identity {
+                // A device with its own certificate (device registry) presents it.
+                // Validated when the registry was loaded, so this does not fail in
+                // practice; if it does, the connection goes without a client
+                // certificate rather than with the gateway's.
+                Some(identity) => tls.config_for(identity).unwrap_or_else(|e| {
+                    tracing::warn!(client = %p.client_id, error = %e, "the device's TLS client certificate cannot be used");
+                    tls.config_without_client_auth()
+                }),
+                None => tls.config(),
+            };
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
         }
         if let Some(c) = &p.credentials {
             // The device's own login (device registry) replaces the global one.
@@ -807,6 +818,7 @@ mod tests {
             keep_alive: 30,
             will: None,
             credentials: None,
+            client_identity: None,
         }
     }
 

@@ -40,6 +40,8 @@ pub struct TlsFiles {
 #[derive(Clone)]
 pub struct BrokerTls {
     files: TlsFiles,
+    /// Kept for the configurations of devices with their own client certificate.
+    roots: RootCertStore,
     config: Arc<ClientConfig>,
 }
 
@@ -172,6 +174,76 @@ pub fn client_config(
     }
 }
 
+/// A client certificate chain with its private key, read and checked (the key belongs to
+/// the certificate): the gateway's own (`broker.client_cert`) or a device's (its
+/// registry entry's `client_cert`). Compared by the files it came from; the key never
+/// shows in a debug print.
+pub struct ClientIdentity {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert", &self.cert_path)
+            .field("key", &self.key_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for ClientIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert_path == other.cert_path && self.key_path == other.key_path && self.chain == other.chain
+    }
+}
+
+impl Eq for ClientIdentity {}
+
+impl ClientIdentity {
+    /// Reads the certificate chain at `cert` and the private key at `key` (PEM: PKCS#8,
+    /// PKCS#1 or SEC1), checking that the key belongs to the certificate. `cert_key` and
+    /// `key_key` name the settings in errors.
+    pub fn load(
+        cert_key: &'static str,
+        cert: &Path,
+        key_key: &'static str,
+        key_path: &Path,
+    ) -> Result<ClientIdentity, TlsSetupError> {
+        let chain = read_certificates(cert_key, cert)?;
+        let pem = read(key_key, key_path)?;
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsSetupError::Content {
+            key: key_key,
+            path: key_path.to_path_buf(),
+            problem: match e {
+                rustls::pki_types::pem::Error::NoItemsFound => {
+                    "no PEM private key (PKCS#8, PKCS#1 or SEC1) in it".into()
+                }
+                e => format!("not a PEM private key: {e}"),
+            },
+        })?;
+        let identity = ClientIdentity {
+            cert_path: cert.to_path_buf(),
+            key_path: key_path.to_path_buf(),
+            chain,
+            key,
+        };
+        // rustls checks that the key matches the certificate when a configuration is built.
+        client_config(RootCertStore::empty(), Some(identity.pair())).map_err(|e| TlsSetupError::Content {
+            key: key_key,
+            path: key_path.to_path_buf(),
+            problem: format!("not usable with {cert_key} {}: {e}", cert.display()),
+        })?;
+        Ok(identity)
+    }
+
+    fn pair(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (self.chain.clone(), self.key.clone_key())
+    }
+}
+
 impl BrokerTls {
     /// Reads and checks the files: the CA certificates (or the system's roots), and the
     /// client certificate with its key when both are given (one without the other is an
@@ -183,36 +255,19 @@ impl BrokerTls {
             _ => {}
         }
         let roots = root_store(files.ca_file.as_deref(), "broker.ca_file")?;
-        let client_auth = match (&files.client_cert, &files.client_key) {
-            (None, None) => None,
-            (Some(cert), Some(key_path)) => {
-                let chain = read_certificates("broker.client_cert", cert)?;
-                let pem = read("broker.client_key", key_path)?;
-                let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsSetupError::Content {
-                    key: "broker.client_key",
-                    path: key_path.clone(),
-                    problem: match e {
-                        rustls::pki_types::pem::Error::NoItemsFound => {
-                            "no PEM private key (PKCS#8, PKCS#1 or SEC1) in it".into()
-                        }
-                        e => format!("not a PEM private key: {e}"),
-                    },
-                })?;
-                Some((chain, key))
-            }
+        let identity = match (&files.client_cert, &files.client_key) {
+            (Some(cert), Some(key)) => Some(ClientIdentity::load(
+                "broker.client_cert",
+                cert,
+                "broker.client_key",
+                key,
+            )?),
             _ => None,
         };
-        let with_key = client_auth.is_some();
-        let config = client_config(roots, client_auth).map_err(|e| match (&files.client_cert, &files.client_key) {
-            (Some(cert), Some(key)) if with_key => TlsSetupError::Content {
-                key: "broker.client_key",
-                path: key.clone(),
-                problem: format!("not usable with broker.client_cert {}: {e}", cert.display()),
-            },
-            _ => TlsSetupError::Rustls(e),
-        })?;
+        let config = client_config(roots.clone(), identity.as_ref().map(ClientIdentity::pair))?;
         Ok(BrokerTls {
             files,
+            roots,
             config: Arc::new(config),
         })
     }
@@ -225,6 +280,22 @@ impl BrokerTls {
     /// The rustls configuration, for rumqttc's transport.
     pub fn config(&self) -> Arc<ClientConfig> {
         self.config.clone()
+    }
+
+    /// The configuration with no client certificate at all.
+    pub fn config_without_client_auth(&self) -> Arc<ClientConfig> {
+        match client_config(self.roots.clone(), None) {
+            Ok(c) => Arc::new(c),
+            // The same roots and provider built `config` already.
+            Err(_) => self.config.clone(),
+        }
+    }
+
+    /// The rustls configuration for a device that presents its own client certificate
+    /// (from the device registry) instead of the gateway's. Built per connection: only
+    /// devices with their own certificate pay for it.
+    pub fn config_for(&self, identity: &ClientIdentity) -> Result<Arc<ClientConfig>, rustls::Error> {
+        client_config(self.roots.clone(), Some(identity.pair())).map(Arc::new)
     }
 
     /// Connects to `host:port` and completes a TLS handshake, checking the broker's

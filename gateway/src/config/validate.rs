@@ -466,7 +466,18 @@ impl Config {
                     None
                 }
                 Some(path) => match Registry::load(path) {
-                    Ok(r) => Some(Arc::new(r)),
+                    Ok(r) => {
+                        if broker.tls.is_none() {
+                            for d in r.devices().iter().filter(|d| d.client_identity.is_some()) {
+                                e.push(format!(
+                                    "auth.devices_file: {}: {}: client_cert is set, but the broker URL is not mqtts:// (TLS)",
+                                    path.display(),
+                                    d.name()
+                                ));
+                            }
+                        }
+                        Some(Arc::new(r))
+                    }
                     Err(mut errs) => {
                         for err in &mut errs {
                             *err = format!("auth.devices_file: {err}");

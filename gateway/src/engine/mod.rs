@@ -912,6 +912,7 @@ impl Gateway {
                     keep_alive: 60,
                     will: None,
                     credentials: None,
+                    client_identity: None,
                 }),
             );
         }

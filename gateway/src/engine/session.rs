@@ -147,6 +147,7 @@ pub(crate) struct Session {
     grants: Grants,
     /// Its own broker login (device registry), if any.
     credentials: Option<Credentials>,
+    client_identity: Option<std::sync::Arc<crate::broker::tls::ClientIdentity>>,
     /// The predefined topics it sees: the global ones with its own (registry) on top.
     predefined: Arc<Predefined>,
 }
@@ -226,6 +227,7 @@ impl Session {
             predefined: admission.grants.predefined(&ctx.cfg.predefined),
             grants: admission.grants,
             credentials: admission.credentials,
+            client_identity: admission.client_identity,
         };
         s.start_handshake(ctx, c.will);
         s
@@ -257,6 +259,7 @@ impl Session {
                 keep_alive: self.keep_alive,
                 will: self.will(),
                 credentials: self.credentials.clone(),
+                client_identity: self.client_identity.clone(),
             }),
         );
     }
