@@ -240,3 +240,59 @@ fn check_config_reports_registry_errors() {
     assert!(shown.contains("devices_file") && !shown.contains("hunter2"), "{shown}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A device's own TLS client certificate needs a TLS broker URL: with `mqtt://` the
+/// entry is named as an error; with `mqtts://` the configuration is accepted.
+#[test]
+fn a_devices_client_certificate_needs_mqtts() {
+    let testdata = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/broker/testdata");
+    let dir = std::env::temp_dir().join(format!("gw-cli-device-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let devices = dir.join("devices.toml");
+    std::fs::write(
+        &devices,
+        format!(
+            "[[device]]\nclient_id = \"a\"\nclient_cert = {:?}\nclient_key = {:?}\n",
+            testdata.join("client.pem").display().to_string(),
+            testdata.join("client.key").display().to_string()
+        ),
+    )
+    .expect("write");
+    let check = |broker: &str| {
+        gateway()
+            .args([
+                "--check-config",
+                "--udp",
+                "127.0.0.1:0",
+                "--broker",
+                broker,
+                "--broker-ca",
+            ])
+            .arg(testdata.join("ca.pem"))
+            .arg("--devices")
+            .arg(&devices)
+            .output()
+            .expect("runs")
+    };
+    let out = check("mqtts://127.0.0.1:8883");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = gateway()
+        .args([
+            "--check-config",
+            "--udp",
+            "127.0.0.1:0",
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--devices",
+        ])
+        .arg(&devices)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("#1 (client_id \"a\"): client_cert is set, but the broker URL is not mqtts://"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
