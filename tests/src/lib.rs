@@ -83,6 +83,11 @@ pub struct Mosquitto {
     dir: PathBuf,
 }
 
+/// A plain MQTT listener on 127.0.0.1.
+fn plain_listener(port: u16) -> String {
+    format!("listener {port} 127.0.0.1\n")
+}
+
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
@@ -110,22 +115,28 @@ impl Mosquitto {
     /// Starts mosquitto. When it is not installed: a failure under `CI=true`, otherwise a
     /// loud note and `None` (the caller returns early; the test is not run).
     pub fn start() -> Option<Mosquitto> {
-        Self::launch(None, "")
+        Self::launch(None, &plain_listener, "")
     }
 
     /// [`Mosquitto::start`] with `extra` lines added to its configuration (e.g.
     /// `password_file` and `acl_file` with absolute paths).
     pub fn start_with_conf(extra: &str) -> Option<Mosquitto> {
-        Self::launch(None, extra)
+        Self::launch(None, &plain_listener, extra)
+    }
+
+    /// [`Mosquitto::start`] with its one listener configured by `listener(port)` (the
+    /// `listener PORT 127.0.0.1` line and what follows it, e.g. TLS files).
+    pub fn start_with_listener(listener: &dyn Fn(u16) -> String) -> Option<Mosquitto> {
+        Self::launch(None, listener, "")
     }
 
     /// [`Mosquitto::start`] on a given loopback port (e.g. the port of one that was
     /// stopped, to bring a broker back).
     pub fn start_at(port: u16) -> Option<Mosquitto> {
-        Self::launch(Some(port), "")
+        Self::launch(Some(port), &plain_listener, "")
     }
 
-    fn launch(fixed_port: Option<u16>, extra: &str) -> Option<Mosquitto> {
+    fn launch(fixed_port: Option<u16>, listener: &dyn Fn(u16) -> String, extra: &str) -> Option<Mosquitto> {
         let Some(bin) = find_mosquitto() else {
             if in_ci() {
                 panic!(
@@ -152,8 +163,9 @@ impl Mosquitto {
             std::fs::write(
                 &conf,
                 format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000\n\
-                     log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n{extra}\n"
+                    "{}allow_anonymous true\npersistence false\nmax_queued_messages 1000\n\
+                     log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n{extra}\n",
+                    listener(port)
                 ),
             )
             .expect("writing mosquitto.conf");
@@ -194,6 +206,11 @@ impl Mosquitto {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
 
     /// Its temporary directory (configuration and log).

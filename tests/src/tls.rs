@@ -8,9 +8,9 @@
 //! builds nothing more. Missing tools are a failure under `CI=true`, otherwise a loud
 //! note and `None` (the test returns early), as for mosquitto itself.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, TlsConfiguration, Trans
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::{free_port, BrokerMsg, WAIT};
+use crate::{BrokerMsg, Mosquitto, WAIT};
 
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
 
@@ -235,91 +235,32 @@ impl Pki {
 
 /// mosquitto with one TLS listener on 127.0.0.1, killed on drop.
 #[derive(Debug)]
-pub struct TlsMosquitto {
-    child: Child,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Drop for TlsMosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+pub struct TlsMosquitto(Mosquitto);
 
 impl TlsMosquitto {
     /// Starts mosquitto with a TLS listener on the certificates of `pki`; with
     /// `require_certificate`, clients must present a certificate from the CA. `None`
     /// when mosquitto is missing outside CI.
     pub fn start(pki: &Pki, require_certificate: bool) -> Option<TlsMosquitto> {
-        let Some(bin) = find(&["mosquitto"]) else {
-            return missing("mosquitto");
-        };
-        let mut last_log = String::new();
-        for _ in 0..5 {
-            let port = free_port();
-            let dir = std::env::temp_dir().join(format!(
-                "e2e-mosquitto-tls-{}-{}-{port}",
-                std::process::id(),
-                UNIQUE.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&dir).expect("creating the mosquitto directory");
-            let conf = dir.join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require_certificate}\n\
-                     allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n",
-                    pki.ca.display(),
-                    pki.server_cert.display(),
-                    pki.server_key.display(),
-                ),
+        let listener = |port: u16| {
+            format!(
+                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require_certificate}\n",
+                pki.ca.display(),
+                pki.server_cert.display(),
+                pki.server_key.display(),
             )
-            .expect("writing mosquitto.conf");
-            let log = dir.join("mosquitto.log");
-            let log_file = std::fs::File::create(&log).expect("creating mosquitto.log");
-            let child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().expect("log file handle"))
-                .stderr(log_file)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let mut m = TlsMosquitto { child, addr, dir };
-            if m.wait_ready() {
-                return Some(m);
-            }
-            last_log = std::fs::read_to_string(&log).unwrap_or_default();
-        }
-        panic!("mosquitto (TLS) did not start; its last log:\n{last_log}");
-    }
-
-    fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
-            }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        };
+        Mosquitto::start_with_listener(&listener).map(TlsMosquitto)
     }
 
     /// The TLS listener's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.0.addr()
     }
 
     /// What mosquitto logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+        self.0.log()
     }
 }
 
