@@ -326,54 +326,19 @@ impl Registry {
             r.devices.iter().map(|d| (d.client_id.clone(), d.clone())).collect()
         };
         let (old, new) = (by_id(old), by_id(self));
-        let same = |a: &Device, b: &Device| {
+        let same = |a: &Arc<Device>, b: &Arc<Device>| {
             // The position in the file alone is not a change.
-            let mut a = a.clone();
+            let mut a = Device::clone(a);
             a.index = b.index;
-            a == *b
+            a == **b
         };
-        RegistryChanges {
-            added: new.keys().filter(|k| !old.contains_key(*k)).cloned().collect(),
-            removed: old.keys().filter(|k| !new.contains_key(*k)).cloned().collect(),
-            changed: new
-                .iter()
-                .filter(|(k, d)| old.get(*k).is_some_and(|o| !same(o, d)))
-                .map(|(k, _)| k.clone())
-                .collect(),
-        }
+        RegistryChanges::between(&old, &new, same)
     }
 }
 
-/// What a reload changed in the registry, by client id (pattern).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RegistryChanges {
-    /// Entries new in the file.
-    pub added: Vec<String>,
-    /// Entries gone from the file.
-    pub removed: Vec<String>,
-    /// Entries whose fields changed.
-    pub changed: Vec<String>,
-}
-
-impl RegistryChanges {
-    /// Whether nothing changed.
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
-    }
-}
-
-impl fmt::Display for RegistryChanges {
-    /// `+added -removed ~changed`, as counts.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "+{} -{} ~{}",
-            self.added.len(),
-            self.removed.len(),
-            self.changed.len()
-        )
-    }
-}
+/// What a reload changed in the registry, by client id (pattern): entries new in the
+/// file, gone from it, and changed in any field.
+pub type RegistryChanges = crate::config::KeyedChanges<String>;
 
 /// Checks a topic pattern (`publish`, `subscribe`, `mountpoint`): its placeholders, and
 /// that it is a valid topic filter once they are filled in.

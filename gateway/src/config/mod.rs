@@ -27,7 +27,7 @@ pub use cli::{
     AuthFlags, BrokerFlags, Cli, DiscoveryFlags, GatewayFlags, LimitsFlags, LogFlags, MetricsFlags, SerialFlag,
     TimersFlags, UdpFlags,
 };
-pub use reload::{Changes, PredefinedChanges, RELOADABLE};
+pub use reload::{Changes, KeyedChanges, PredefinedChanges, RELOADABLE};
 pub use validate::{LogSettings, MetricsSettings, Settings, UdpProbe};
 
 /// Prefix of the environment variables that set configuration keys:

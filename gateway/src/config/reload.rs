@@ -27,26 +27,53 @@ pub struct Changes {
     pub needs_restart: Vec<String>,
 }
 
-/// Changes to `[predefined]`, by topic id.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PredefinedChanges {
-    /// Ids defined now and not before.
-    pub added: Vec<u16>,
-    /// Ids defined before and not now.
-    pub removed: Vec<u16>,
-    /// Ids defined both times, with another topic name now.
-    pub changed: Vec<u16>,
+/// What a reload changed in a table keyed by `K` (topic ids of `[predefined]`, client
+/// ids of the device registry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedChanges<K> {
+    /// Keys present now and not before.
+    pub added: Vec<K>,
+    /// Keys present before and not now.
+    pub removed: Vec<K>,
+    /// Keys present both times, with another value now.
+    pub changed: Vec<K>,
 }
 
-impl PredefinedChanges {
-    /// Whether the table is the same.
+impl<K> Default for KeyedChanges<K> {
+    fn default() -> Self {
+        KeyedChanges {
+            added: Vec::new(),
+            removed: Vec::new(),
+            changed: Vec::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone> KeyedChanges<K> {
+    /// The differences from `old` to `new`, `same` deciding whether a value kept its
+    /// meaning.
+    pub fn between<V>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>, same: impl Fn(&V, &V) -> bool) -> Self {
+        KeyedChanges {
+            added: new.keys().filter(|k| !old.contains_key(*k)).cloned().collect(),
+            removed: old.keys().filter(|k| !new.contains_key(*k)).cloned().collect(),
+            changed: new
+                .iter()
+                .filter(|(k, v)| old.get(*k).is_some_and(|o| !same(o, v)))
+                .map(|(k, _)| k.clone())
+                .collect(),
+        }
+    }
+}
+
+impl<K> KeyedChanges<K> {
+    /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
     }
 }
 
-impl fmt::Display for PredefinedChanges {
-    /// `+added -removed ~renamed`, as counts: `+3 -1 ~0`.
+impl<K> fmt::Display for KeyedChanges<K> {
+    /// `+added -removed ~changed`, as counts: `+3 -1 ~0`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -58,6 +85,9 @@ impl fmt::Display for PredefinedChanges {
     }
 }
 
+/// Changes to `[predefined]`, by topic id (`changed`: another topic name now).
+pub type PredefinedChanges = KeyedChanges<u16>;
+
 impl Changes {
     /// What differs from `running` in `new`. Both are expected to be valid
     /// ([`Config::validate_offline`]); `[predefined]` keys that are not topic ids are
@@ -66,15 +96,7 @@ impl Changes {
         let log_level = (running.log.level.trim() != new.log.level.trim())
             .then(|| (running.log.level.trim().to_string(), new.log.level.trim().to_string()));
         let (old_ids, new_ids) = (predefined_ids(running), predefined_ids(new));
-        let predefined = PredefinedChanges {
-            added: new_ids.keys().filter(|id| !old_ids.contains_key(id)).copied().collect(),
-            removed: old_ids.keys().filter(|id| !new_ids.contains_key(id)).copied().collect(),
-            changed: new_ids
-                .iter()
-                .filter(|(id, name)| old_ids.get(id).is_some_and(|old| old != *name))
-                .map(|(id, _)| *id)
-                .collect(),
-        };
+        let predefined = PredefinedChanges::between(&old_ids, &new_ids, |a, b| a == b);
         let (old_keys, new_keys) = (leaves(running), leaves(new));
         let needs_restart = old_keys
             .keys()
