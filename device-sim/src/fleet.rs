@@ -16,7 +16,9 @@ use tokio::task::JoinSet;
 use crate::device::{Device, Received, Step};
 use crate::gateway_metrics::{self, Collector, MetricsUrl};
 use crate::payload::Stamp;
-use crate::report::{Counts, GroupReport, Latency, LatencyHistogram, Report};
+use crate::report::{
+    self, Counts, DeviceRecord as DeviceResult, LatencyHistogram, Report, ReportInputs, RunFacts, Sent,
+};
 use crate::scenario::{Group, Scenario};
 use crate::station::{now_ms, now_us, Station};
 use crate::timeseries::{Sample, TimeSeries};
@@ -156,27 +158,6 @@ impl Shared {
     fn downlink_topic(&self, group: &str, index: u32) -> String {
         format!("{}/{:08x}-down/{group}/{index}", self.prefix, self.run)
     }
-}
-
-/// One published message, as the device saw it.
-#[derive(Debug, Clone, Copy)]
-struct Sent {
-    seq: u32,
-    qos: QoS,
-    acked: bool,
-    /// Sent (µs, the stamp's clock).
-    sent_us: u64,
-    /// Acknowledged by the gateway (µs); the broker had it by then.
-    acked_us: u64,
-}
-
-struct DeviceResult {
-    index: u32,
-    group: usize,
-    counts: Counts,
-    sent: Vec<Sent>,
-    /// Downlink sequence number -> copies received.
-    downlink: HashMap<u32, u32>,
 }
 
 fn local_addr(gateway: SocketAddr, index: usize, total: usize) -> SocketAddr {
@@ -454,123 +435,32 @@ pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
         }
         None => 0,
     };
-    let verified = arrivals.is_some();
-    let arrivals = arrivals.unwrap_or_default();
-
-    // The report.
-    let mut groups: Vec<GroupReport> = opts
-        .scenario
-        .groups
-        .iter()
-        .map(|g| GroupReport {
-            name: g.name.clone(),
-            ..GroupReport::default()
-        })
-        .collect();
-    let mut latencies: Vec<LatencyHistogram> = groups.iter().map(|_| LatencyHistogram::new()).collect();
-    let mut violations = Vec::new();
-    const MAX_VIOLATIONS: usize = 50;
-    results.sort_by_key(|r| r.index);
-    for r in &results {
-        let Some(g) = groups.get_mut(r.group) else { continue };
-        let mut c = r.counts.clone();
-        for s in r.sent.iter().filter(|_| verified) {
-            match arrivals.messages.get(&(r.index, s.seq)) {
-                Some(a) => {
-                    c.arrived += 1;
-                    let extra = u64::from(a.count.saturating_sub(1));
-                    c.duplicated += extra;
-                    if s.qos == QoS::ExactlyOnce && extra > 0 {
-                        c.duplicated_qos2 += extra;
-                        if violations.len() < MAX_VIOLATIONS {
-                            violations.push(format!(
-                                "device {} seq {}: QoS 2 message arrived {} times at the broker",
-                                r.index, s.seq, a.count
-                            ));
-                        }
-                    }
-                    if let Some(l) = latencies.get_mut(r.group) {
-                        l.record(a.latency_us);
-                    }
-                }
-                None => {
-                    c.lost += 1;
-                    if s.acked && arrivals.blind_during(s.sent_us, s.acked_us) {
-                        // At the broker while the verifier could not see it (the broker
-                        // lost the verifier's session): unknowable, not the gateway's.
-                        c.lost_unverified += 1;
-                    } else if s.acked {
-                        c.lost_acknowledged += 1;
-                        if violations.len() < MAX_VIOLATIONS {
-                            violations.push(format!(
-                                "device {} seq {}: QoS {} message acknowledged by the gateway but never seen at the broker",
-                                r.index,
-                                s.seq,
-                                s.qos.bits()
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-        c.wills += u64::from(arrivals.wills.get(&r.index).copied().unwrap_or(0));
-        let sent_down = downlink_sent.get(r.index as usize).copied().unwrap_or(0);
-        c.downlink_sent += u64::from(sent_down);
-        for seq in 0..sent_down {
-            match r.downlink.get(&seq) {
-                Some(n) => {
-                    c.downlink_received += 1;
-                    c.downlink_duplicated += u64::from(n.saturating_sub(1));
-                }
-                None => c.downlink_lost += 1,
-            }
-        }
-        g.counts.add(&c);
-    }
-    let mut all_up = LatencyHistogram::new();
-    let mut all_down = LatencyHistogram::new();
-    for ((g, up), down) in groups.iter_mut().zip(&latencies).zip(&shared.down_latency) {
-        let down = lock(down);
-        all_up.add(up);
-        all_down.add(&down);
-        g.uplink_latency = Latency::from_histogram(up);
-        g.downlink_latency = Latency::from_histogram(&down);
-    }
-    let mut total_report = GroupReport {
-        name: "total".into(),
-        counts: Counts::default(),
-        uplink_latency: Latency::from_histogram(&all_up),
-        downlink_latency: Latency::from_histogram(&all_down),
-    };
-    for g in &groups {
-        total_report.counts.add(&g.counts);
-    }
-    let report = Report {
-        run_id: format!("{run:08x}"),
-        seed: opts.seed,
-        gateway: if opts.echo {
-            "in-process echo".into()
-        } else {
-            opts.gateway.to_string()
+    let downlink_latency = shared.down_latency.iter().map(|h| lock(h).clone()).collect();
+    let report = report::build(ReportInputs {
+        facts: RunFacts {
+            run_id: format!("{run:08x}"),
+            seed: opts.seed,
+            gateway: if opts.echo {
+                "in-process echo".into()
+            } else {
+                opts.gateway.to_string()
+            },
+            broker: if opts.echo {
+                "none".into()
+            } else {
+                format!("{}:{}", opts.broker.host, opts.broker.port)
+            },
+            duration_s: opts.duration.as_secs_f64(),
+            elapsed_s: started.elapsed().as_secs_f64(),
+            echo_datagrams: echo_handled,
+            gateway_metrics,
         },
-        broker: if opts.echo {
-            "none".into()
-        } else {
-            format!("{}:{}", opts.broker.host, opts.broker.port)
-        },
-        duration_s: opts.duration.as_secs_f64(),
-        elapsed_s: started.elapsed().as_secs_f64(),
-        guarantees_broken: total_report.counts.broken(),
-        groups,
-        total: total_report,
-        foreign_messages: arrivals.foreign,
-        verified,
-        echo_datagrams: echo_handled,
-        verifier_reconnects: arrivals.reconnects,
-        verifier_sessions_lost: arrivals.sessions_lost,
-        gateway_metrics,
-        violations,
-    };
+        groups: opts.scenario.groups.iter().map(|g| g.name.clone()).collect(),
+        devices: results,
+        arrivals,
+        downlink_sent,
+        downlink_latency,
+    });
     Ok(Recorded { report, timeseries })
 }
 

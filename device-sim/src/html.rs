@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 
 use crate::gateway_metrics::{number, GatewayMetrics};
-use crate::report::{GroupReport, Latency, Report};
+use crate::report::{GroupReport, Latency, Report, Row};
 use crate::timeseries::TimeSeries;
 
 /// Escapes text for HTML content and attribute values.
@@ -169,12 +169,16 @@ fn summary_table(report: &Report) -> String {
         let _ = write!(out, "<th scope=\"col\">{}</th>", escape(c));
     }
     out.push_str("</tr></thead>\n<tbody>\n");
-    for (name, cells) in &s.rows {
-        let guarantee = name.contains("acknowledged but lost") || name.contains("qos 2 duplicated");
+    for Row {
+        label: name,
+        values: cells,
+        guarantee,
+    } in &s.rows
+    {
         let _ = write!(
             out,
             "<tr{}><th scope=\"row\">{}</th>",
-            if guarantee { " class=\"guarantee\"" } else { "" },
+            if *guarantee { " class=\"guarantee\"" } else { "" },
             escape(name.trim())
         );
         for c in cells {
@@ -764,7 +768,12 @@ mod tests {
         assert!(page.contains("no data"));
         // The summary table has the text table's rows and numbers.
         let summary = r.summary();
-        for (name, cells) in &summary.rows {
+        for Row {
+            label: name,
+            values: cells,
+            ..
+        } in &summary.rows
+        {
             let row = format!(
                 "<th scope=\"row\">{}</th><td>{}</td>",
                 escape(name.trim()),

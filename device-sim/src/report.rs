@@ -6,7 +6,12 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use std::collections::HashMap;
+
+use sn_codec::QoS;
+
 use crate::gateway_metrics::GatewayMetrics;
+use crate::verifier::Arrivals;
 
 /// Counters of a group (or of the whole fleet).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -404,7 +409,14 @@ impl Report {
         }
         Summary {
             columns: cols.iter().map(|g| g.name.clone()).collect(),
-            rows: rows.into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+            rows: rows
+                .into_iter()
+                .map(|(label, values)| Row {
+                    label: label.to_string(),
+                    guarantee: GUARANTEE_ROWS.contains(&label),
+                    values,
+                })
+                .collect(),
         }
     }
 
@@ -460,11 +472,11 @@ impl Report {
     /// The report as a table for people.
     pub fn table(&self) -> String {
         let Summary { columns, rows } = self.summary();
-        let w0 = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+        let w0 = rows.iter().map(|r| r.label.len()).max().unwrap_or(0);
         let widths: Vec<usize> = (0..columns.len())
             .map(|i| {
                 rows.iter()
-                    .filter_map(|(_, v)| v.get(i).map(String::len))
+                    .filter_map(|r| r.values.get(i).map(String::len))
                     .chain(columns.get(i).map(String::len))
                     .max()
                     .unwrap_or(0)
@@ -477,8 +489,8 @@ impl Report {
             let _ = write!(out, "  {n:>w$}");
         }
         out.push('\n');
-        for (name, values) in &rows {
-            let _ = write!(out, "{name:w0$}");
+        for Row { label, values, .. } in &rows {
+            let _ = write!(out, "{label:w0$}");
             for (v, w) in values.iter().zip(&widths) {
                 let _ = write!(out, "  {v:>w$}");
             }
@@ -504,13 +516,360 @@ impl Report {
 pub struct Summary {
     /// Column headings: group names, then `total` when there are several groups.
     pub columns: Vec<String>,
-    /// Row name, then one cell per column.
-    pub rows: Vec<(String, Vec<String>)>,
+    /// The rows, in order.
+    pub rows: Vec<Row>,
+}
+
+/// One row of the [`Summary`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// What it counts; a sub-row of the one above starts with two spaces.
+    pub label: String,
+    /// One cell per column.
+    pub values: Vec<String>,
+    /// A QoS 1/2 guarantee: anything but 0 is a broken one (shown highlighted).
+    pub guarantee: bool,
+}
+
+/// The rows that count broken guarantees.
+const GUARANTEE_ROWS: [&str; 2] = ["  acknowledged but lost", "  qos 2 duplicated"];
+
+/// One message a device published, as the device saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// Its sequence number (per device).
+    pub seq: u32,
+    /// QoS it was published with.
+    pub qos: QoS,
+    /// Acknowledged by the gateway (PUBACK / PUBCOMP).
+    pub acked: bool,
+    /// Sent (µs, the stamp's clock).
+    pub sent_us: u64,
+    /// Acknowledged by the gateway (µs); the broker had it by then.
+    pub acked_us: u64,
+}
+
+/// What one device did in a run, as the device saw it.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceRecord {
+    /// The device's index in the fleet.
+    pub index: u32,
+    /// Its group's index in the scenario.
+    pub group: usize,
+    /// What it counted itself (publishes, acknowledgements, retries, sleeps...).
+    pub counts: Counts,
+    /// Every message it published.
+    pub sent: Vec<Sent>,
+    /// Downlink sequence number -> copies received.
+    pub downlink: HashMap<u32, u32>,
+}
+
+/// What identifies a run, for the report's header.
+#[derive(Debug, Clone, Default)]
+pub struct RunFacts {
+    /// Run id (in topics and payloads).
+    pub run_id: String,
+    /// Seed of the random choices.
+    pub seed: u64,
+    /// Gateway, as shown.
+    pub gateway: String,
+    /// Broker, as shown.
+    pub broker: String,
+    /// Publishing time, seconds.
+    pub duration_s: f64,
+    /// Wall time of the whole run, seconds.
+    pub elapsed_s: f64,
+    /// Datagrams the in-process echo gateway handled.
+    pub echo_datagrams: u64,
+    /// The gateway's metrics over the run, when scraped.
+    pub gateway_metrics: Option<GatewayMetrics>,
+}
+
+/// Everything a report is built from: what the devices saw, what the broker side saw.
+#[derive(Debug, Default)]
+pub struct ReportInputs {
+    /// The run's header.
+    pub facts: RunFacts,
+    /// Group names, by group index.
+    pub groups: Vec<String>,
+    /// Every device's record.
+    pub devices: Vec<DeviceRecord>,
+    /// What the verifier saw at the broker; `None`: no verification (echo run).
+    pub arrivals: Option<Arrivals>,
+    /// Downlink messages the broker side published, by device index.
+    pub downlink_sent: Vec<u32>,
+    /// Downlink latency by group (measured by the devices as messages arrived).
+    pub downlink_latency: Vec<LatencyHistogram>,
+}
+
+/// At most this many broken guarantees are described in [`Report::violations`].
+pub const MAX_VIOLATIONS: usize = 50;
+
+/// The report of a run, from its inputs alone (no clock, no I/O): each device's messages
+/// matched with the broker's arrivals (lost, duplicated, broken guarantees, uplink
+/// latency), its downlink counted, summed by group and in total.
+pub fn build(inputs: ReportInputs) -> Report {
+    let ReportInputs {
+        facts,
+        groups: names,
+        mut devices,
+        arrivals,
+        downlink_sent,
+        downlink_latency,
+    } = inputs;
+    let verified = arrivals.is_some();
+    let arrivals = arrivals.unwrap_or_default();
+    let mut groups: Vec<GroupReport> = names
+        .into_iter()
+        .map(|name| GroupReport {
+            name,
+            ..GroupReport::default()
+        })
+        .collect();
+    let mut latencies: Vec<LatencyHistogram> = groups.iter().map(|_| LatencyHistogram::new()).collect();
+    let mut violations = Vec::new();
+    devices.sort_by_key(|r| r.index);
+    for r in &devices {
+        let Some(g) = groups.get_mut(r.group) else { continue };
+        let mut c = r.counts.clone();
+        for s in r.sent.iter().filter(|_| verified) {
+            match arrivals.messages.get(&(r.index, s.seq)) {
+                Some(a) => {
+                    c.arrived += 1;
+                    let extra = u64::from(a.count.saturating_sub(1));
+                    c.duplicated += extra;
+                    if s.qos == QoS::ExactlyOnce && extra > 0 {
+                        c.duplicated_qos2 += extra;
+                        if violations.len() < MAX_VIOLATIONS {
+                            violations.push(format!(
+                                "device {} seq {}: QoS 2 message arrived {} times at the broker",
+                                r.index, s.seq, a.count
+                            ));
+                        }
+                    }
+                    if let Some(l) = latencies.get_mut(r.group) {
+                        l.record(a.latency_us);
+                    }
+                }
+                None => {
+                    c.lost += 1;
+                    if s.acked && arrivals.blind_during(s.sent_us, s.acked_us) {
+                        // At the broker while the verifier could not see it (the broker
+                        // lost the verifier's session): unknowable, not the gateway's.
+                        c.lost_unverified += 1;
+                    } else if s.acked {
+                        c.lost_acknowledged += 1;
+                        if violations.len() < MAX_VIOLATIONS {
+                            violations.push(format!(
+                                "device {} seq {}: QoS {} message acknowledged by the gateway but never seen at the broker",
+                                r.index,
+                                s.seq,
+                                s.qos.bits()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        c.wills += u64::from(arrivals.wills.get(&r.index).copied().unwrap_or(0));
+        let sent_down = downlink_sent.get(r.index as usize).copied().unwrap_or(0);
+        c.downlink_sent += u64::from(sent_down);
+        for seq in 0..sent_down {
+            match r.downlink.get(&seq) {
+                Some(n) => {
+                    c.downlink_received += 1;
+                    c.downlink_duplicated += u64::from(n.saturating_sub(1));
+                }
+                None => c.downlink_lost += 1,
+            }
+        }
+        g.counts.add(&c);
+    }
+    let mut all_up = LatencyHistogram::new();
+    let mut all_down = LatencyHistogram::new();
+    let no_samples = LatencyHistogram::new();
+    for (i, (g, up)) in groups.iter_mut().zip(&latencies).enumerate() {
+        let down = downlink_latency.get(i).unwrap_or(&no_samples);
+        all_up.add(up);
+        all_down.add(down);
+        g.uplink_latency = Latency::from_histogram(up);
+        g.downlink_latency = Latency::from_histogram(down);
+    }
+    let mut total = GroupReport {
+        name: "total".into(),
+        counts: Counts::default(),
+        uplink_latency: Latency::from_histogram(&all_up),
+        downlink_latency: Latency::from_histogram(&all_down),
+    };
+    for g in &groups {
+        total.counts.add(&g.counts);
+    }
+    Report {
+        run_id: facts.run_id,
+        seed: facts.seed,
+        gateway: facts.gateway,
+        broker: facts.broker,
+        duration_s: facts.duration_s,
+        elapsed_s: facts.elapsed_s,
+        guarantees_broken: total.counts.broken(),
+        groups,
+        total,
+        foreign_messages: arrivals.foreign,
+        verified,
+        echo_datagrams: facts.echo_datagrams,
+        verifier_reconnects: arrivals.reconnects,
+        verifier_sessions_lost: arrivals.sessions_lost,
+        gateway_metrics: facts.gateway_metrics,
+        violations,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::verifier::Arrival;
+
+    fn sent(seq: u32, qos: QoS, acked: bool) -> Sent {
+        Sent {
+            seq,
+            qos,
+            acked,
+            sent_us: 1_000 * u64::from(seq),
+            acked_us: 1_000 * u64::from(seq) + 500,
+        }
+    }
+
+    /// Two groups, three devices, every way a message can end: arrived once, arrived twice
+    /// (QoS 1: a duplicate; QoS 2: a broken guarantee), lost unacknowledged, lost after
+    /// the gateway acknowledged it (broken), lost while the verifier was blind
+    /// (unverifiable); wills and downlink counted per device.
+    #[test]
+    fn the_report_is_built_from_the_records_and_the_arrivals() {
+        let a = DeviceRecord {
+            index: 0,
+            group: 0,
+            counts: Counts {
+                devices: 1,
+                published: 4,
+                ..Counts::default()
+            },
+            sent: vec![
+                sent(0, QoS::AtLeastOnce, true),
+                sent(1, QoS::AtLeastOnce, true),
+                sent(2, QoS::ExactlyOnce, true),
+                sent(3, QoS::AtMostOnce, false),
+            ],
+            downlink: HashMap::from([(0, 1), (1, 2)]),
+        };
+        let b = DeviceRecord {
+            index: 2,
+            group: 1,
+            counts: Counts {
+                devices: 1,
+                published: 2,
+                ..Counts::default()
+            },
+            sent: vec![sent(0, QoS::AtLeastOnce, true), sent(1, QoS::AtLeastOnce, true)],
+            downlink: HashMap::new(),
+        };
+        let c = DeviceRecord {
+            index: 1,
+            group: 1,
+            counts: Counts {
+                devices: 1,
+                ..Counts::default()
+            },
+            ..DeviceRecord::default()
+        };
+        let arrival = |count, latency_us| Arrival { count, latency_us };
+        let arrivals = Arrivals {
+            messages: HashMap::from([
+                ((0, 0), arrival(1, 2_000)),
+                ((0, 1), arrival(2, 4_000)),
+                ((0, 2), arrival(2, 6_000)),
+            ]),
+            wills: HashMap::from([(1, 1)]),
+            // Device 2's seq 1 (sent at 1,000 µs, acknowledged at 1,500) falls in it.
+            blind: vec![(1_200, 1_300)],
+            foreign: 7,
+            ..Arrivals::default()
+        };
+        let report = build(ReportInputs {
+            facts: RunFacts {
+                run_id: "r".into(),
+                ..RunFacts::default()
+            },
+            groups: vec!["g0".into(), "g1".into()],
+            // Out of order: the report sorts by index.
+            devices: vec![b, a, c],
+            arrivals: Some(arrivals),
+            downlink_sent: vec![3, 0, 0],
+            downlink_latency: vec![LatencyHistogram::new(), LatencyHistogram::new()],
+        });
+        let g0 = &report.groups[0].counts;
+        assert_eq!((g0.arrived, g0.lost, g0.duplicated, g0.duplicated_qos2), (3, 1, 2, 1));
+        assert_eq!((g0.lost_acknowledged, g0.lost_unverified), (0, 0));
+        assert_eq!(
+            (
+                g0.downlink_sent,
+                g0.downlink_received,
+                g0.downlink_lost,
+                g0.downlink_duplicated
+            ),
+            (3, 2, 1, 1)
+        );
+        let g1 = &report.groups[1].counts;
+        assert_eq!(
+            (g1.arrived, g1.lost, g1.lost_acknowledged, g1.lost_unverified),
+            (0, 2, 1, 1)
+        );
+        assert_eq!(g1.wills, 1);
+        assert_eq!(report.total.counts.devices, 3);
+        assert_eq!(report.guarantees_broken, 2);
+        assert_eq!(
+            report.violations,
+            [
+                "device 0 seq 2: QoS 2 message arrived 2 times at the broker",
+                "device 2 seq 0: QoS 1 message acknowledged by the gateway but never seen at the broker",
+            ]
+        );
+        assert_eq!(report.groups[0].uplink_latency.samples, 3);
+        assert_eq!(report.groups[1].uplink_latency.samples, 0);
+        assert_eq!(report.total.uplink_latency.samples, 3);
+        assert!((report.groups[0].uplink_latency.max_ms - 6.0).abs() < 0.01);
+        assert!(report.verified && report.foreign_messages == 7 && !report.ok());
+        let summary = report.summary();
+        assert_eq!(summary.columns, ["g0", "g1", "total"]);
+        let flagged: Vec<(&str, &[String])> = summary
+            .rows
+            .iter()
+            .filter(|r| r.guarantee)
+            .map(|r| (r.label.trim(), r.values.as_slice()))
+            .collect();
+        assert_eq!(
+            flagged,
+            [
+                ("acknowledged but lost", &["0".to_string(), "1".into(), "1".into()][..]),
+                ("qos 2 duplicated", &["1".to_string(), "0".into(), "1".into()][..]),
+            ]
+        );
+    }
+
+    /// Without verification (an echo run) nothing is counted as arrived or lost.
+    #[test]
+    fn an_unverified_run_counts_no_losses() {
+        let report = build(ReportInputs {
+            groups: vec!["g".into()],
+            devices: vec![DeviceRecord {
+                sent: vec![sent(0, QoS::AtLeastOnce, true)],
+                ..DeviceRecord::default()
+            }],
+            ..ReportInputs::default()
+        });
+        let c = &report.groups[0].counts;
+        assert_eq!((c.arrived, c.lost, c.lost_acknowledged), (0, 0, 0));
+        assert!(!report.verified && report.ok());
+    }
 
     #[test]
     fn percentiles_from_the_histogram() {
