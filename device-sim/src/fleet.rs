@@ -1,7 +1,7 @@
 //! The fleet: N simulated devices (one tokio task each, each its own UDP socket and radio),
 //! the broker-side verifier, and the report.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,16 +9,15 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sn_codec::client::{Client, Config, Event, State, Will};
-use sn_codec::{QoS, ReturnCode, TopicFilter, TopicRef};
+use sn_codec::client::{Client, Event, State};
+use sn_codec::QoS;
 use tokio::task::JoinSet;
 
+use crate::behaviour::{downlink_topic, Behaviour, DeviceSpec, Next, Schedule};
 use crate::device::{Device, Received, Step};
 use crate::gateway_metrics::{self, Collector, MetricsUrl};
 use crate::payload::Stamp;
-use crate::report::{
-    self, Counts, DeviceRecord as DeviceResult, LatencyHistogram, Report, ReportInputs, RunFacts, Sent,
-};
+use crate::report::{self, DeviceRecord, LatencyHistogram, Report, ReportInputs, RunFacts};
 use crate::scenario::{Group, Scenario};
 use crate::station::{now_ms, now_us, Station};
 use crate::timeseries::{Sample, TimeSeries};
@@ -32,10 +31,6 @@ const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Devices per source address before the fleet spreads over 127.0.0.1..=127.0.0.254.
 pub const DEVICES_PER_ADDRESS: usize = 10_000;
-
-/// How long a device waits before connecting again after losing the gateway or being
-/// refused (plus up to as much again at random).
-const RECONNECT_BACKOFF_MS: u64 = 1_000;
 
 /// How a fleet runs.
 #[derive(Debug, Clone)]
@@ -156,7 +151,7 @@ struct Shared {
 
 impl Shared {
     fn downlink_topic(&self, group: &str, index: u32) -> String {
-        format!("{}/{:08x}-down/{group}/{index}", self.prefix, self.run)
+        downlink_topic(&self.prefix, self.run, group, index)
     }
 }
 
@@ -193,78 +188,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Runs the fleet and returns its report and its time series.
+/// Runs the fleet and returns its report and its time series: opens the verifier, starts
+/// the monitors, spawns the devices on their ramp, lets them run and drain, waits for late
+/// arrivals, and builds the report.
 pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
     opts.scenario
         .validate()
         .map_err(|e| FleetError::Invalid(e.to_string()))?;
     let started = Instant::now();
     let _ = crate::station::epoch();
-    // Not from the seed: two runs with the same seed must not see each other's messages.
-    let clock = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(7))
-        .unwrap_or(0);
-    let run = clock ^ std::process::id().rotate_left(16);
-
-    let mut filters = vec![format!("{}/{run:08x}/#", opts.topic_prefix)];
-    let shorts: HashSet<String> = opts
-        .scenario
-        .groups
-        .iter()
-        .filter(|g| g.qos.minus_one > 0.0)
-        .filter_map(|g| g.short_topic.clone())
-        .collect();
-    filters.extend(shorts);
-    if opts.scenario.groups.iter().any(|g| g.will) {
-        filters.push(format!("{}/{run:08x}-will/#", opts.topic_prefix));
-    }
+    let run = run_id();
     let verifier = if opts.echo {
         None
     } else {
-        Some(Verifier::start(&opts.broker, run, &filters).await?)
+        Some(Verifier::start(&opts.broker, run, &verifier_filters(&opts, run)).await?)
     };
     let elapsed = move || started.elapsed().as_secs_f64();
-
     // The gateway's counters before any device starts, so that the run's increase is
     // all the fleet's.
-    let collector = opts
-        .gateway_metrics
-        .as_ref()
-        .map(|url| (url.clone(), Arc::new(Mutex::new(Collector::new(url)))));
-    if let Some((url, c)) = &collector {
-        gateway_metrics::scrape_into(url, c, elapsed).await;
-    }
-    let scraper = collector.clone().map(|(url, c)| {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(gateway_metrics::SCRAPE_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                gateway_metrics::scrape_into(&url, &c, elapsed).await;
-            }
-        })
-    });
+    let scraper = match &opts.gateway_metrics {
+        Some(url) => Some(Scraper::start(url, elapsed).await),
+        None => None,
+    };
 
-    let total = opts.scenario.devices();
-    let t0_s = elapsed();
-    let t0 = now_ms();
-    let max_ramp = opts.scenario.groups.iter().map(|g| g.ramp.ms()).max().unwrap_or(0);
-    let duration_ms = u64::try_from(opts.duration.as_millis()).unwrap_or(u64::MAX);
-    let drain_ms = u64::try_from(opts.drain.as_millis()).unwrap_or(u64::MAX);
+    let times = Times::new(&opts, elapsed());
     let shared = Arc::new(Shared {
         run,
         gateway: opts.gateway,
         prefix: opts.topic_prefix.clone(),
         groups: opts.scenario.groups.clone(),
-        stop_ms: t0.saturating_add(max_ramp).saturating_add(duration_ms),
-        end_ms: t0
-            .saturating_add(max_ramp)
-            .saturating_add(duration_ms)
-            .saturating_add(drain_ms),
+        stop_ms: times.stop_ms(),
+        end_ms: times.end_ms(),
         live: Live::default(),
-        subscribed: (0..total).map(|_| AtomicBool::new(false)).collect(),
+        subscribed: (0..opts.scenario.devices()).map(|_| AtomicBool::new(false)).collect(),
         down_latency: opts
             .scenario
             .groups
@@ -273,166 +229,37 @@ pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
             .collect(),
     });
     let watch = verifier.as_ref().map(Verifier::watch);
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let sampler = {
-        let (shared, watch, samples) = (shared.clone(), watch.clone(), samples.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let s = shared.live.sample(elapsed(), watch.as_ref());
-                lock(&samples).push(s);
-            }
-        })
-    };
+    let mut monitors = Monitors::start(&shared, watch.clone(), opts.progress, elapsed);
 
-    // The log's view of the run (the progress line is the terminal's): one line at info
-    // every SUMMARY_INTERVAL, rather than one per device and event (those are at debug).
-    let summary = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let l = &shared.live;
-                tracing::info!(
-                    elapsed_s = started.elapsed().as_secs(),
-                    devices = total,
-                    active = l.active.load(Ordering::Relaxed),
-                    asleep = l.asleep.load(Ordering::Relaxed),
-                    connected_once = l.connected.load(Ordering::Relaxed),
-                    published = l.published.load(Ordering::Relaxed),
-                    acknowledged = l.acknowledged.load(Ordering::Relaxed),
-                    finished = l.finished.load(Ordering::Relaxed),
-                    "fleet"
-                );
-            }
-        })
-    };
-
-    let progress = opts.progress.then(|| {
-        let shared = shared.clone();
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        let task_bar = bar.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let l = &shared.live;
-                task_bar.set_message(format!(
-                    "connected {}  published {}  acknowledged {}  finished {}/{total}",
-                    l.connected.load(Ordering::Relaxed),
-                    l.published.load(Ordering::Relaxed),
-                    l.acknowledged.load(Ordering::Relaxed),
-                    l.finished.load(Ordering::Relaxed),
-                ));
-                task_bar.tick();
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        });
-        (bar, task)
-    });
-
-    let (mut ports, echo) = if opts.echo {
-        let (ports, task) = crate::echo::spawn(total);
-        (ports.into_iter(), Some(task))
-    } else {
-        (Vec::new().into_iter(), None)
-    };
-    let mut tasks = JoinSet::new();
-    let mut index = 0usize;
-    for (gi, g) in opts.scenario.groups.iter().enumerate() {
-        for k in 0..g.count {
-            let mut rng = SmallRng::seed_from_u64(device_seed(opts.seed, index as u64));
-            let offset = if g.count > 1 {
-                g.ramp.ms() * k as u64 / g.count as u64
-            } else {
-                0
-            };
-            let start = t0 + offset;
-            let link = match ports.next() {
-                Some(port) => DeviceLink::Memory(port),
-                None => DeviceLink::Udp(local_addr(opts.gateway, index, total)),
-            };
-            let radio_rng = SmallRng::seed_from_u64(rng.gen());
-            let idx = u32::try_from(index).unwrap_or(u32::MAX);
-            tasks.spawn(device_task(shared.clone(), idx, gi, link, start, rng, radio_rng));
-            index += 1;
-        }
-    }
+    let (devices, echo) = spawn_devices(&opts, &shared, times.t0_ms);
     let downlink = verifier
         .as_ref()
         .map(|v| tokio::spawn(downlink_task(shared.clone(), v.publisher())));
-    let mut results = Vec::with_capacity(total);
-    while let Some(r) = tasks.join_next().await {
-        match r {
-            Ok(r) => results.push(r),
-            Err(e) => tracing::error!(error = %e, "a device task failed"),
-        }
-    }
-    if let Some((bar, task)) = progress {
-        task.abort();
-        // Off the terminal before the report prints (on stdout, often the same terminal).
-        bar.finish_and_clear();
-    }
-    summary.abort();
-
+    let results = join_devices(devices).await;
+    monitors.devices_done();
     if let Some(verifier) = &verifier {
-        // Late arrivals: wait until nothing new arrives for a second (at most 5 s).
-        let mut last = verifier.distinct();
-        let mut quiet_since = Instant::now();
-        let grace_end = Instant::now() + Duration::from_secs(5);
-        // A disconnected verifier gets the rest of the grace time to come back for what
-        // the broker kept in its session.
-        while Instant::now() < grace_end && (quiet_since.elapsed() < Duration::from_secs(1) || !verifier.connected()) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let n = verifier.distinct();
-            if n != last {
-                last = n;
-                quiet_since = Instant::now();
-            }
-        }
+        wait_for_late_arrivals(verifier).await;
     }
     let downlink_sent = match downlink {
         Some(d) => d.await.unwrap_or_default(),
         None => Vec::new(),
     };
+
     // The last sample: every device done, every late arrival in.
-    sampler.abort();
-    let last = shared.live.sample(elapsed(), watch.as_ref());
-    let timeseries = {
-        let mut samples = std::mem::take(&mut *lock(&samples));
-        samples.push(last);
-        TimeSeries {
-            samples,
-            ramp_end_s: t0_s + max_ramp as f64 / 1000.0,
-            publish_end_s: t0_s + (max_ramp as f64 + duration_ms as f64) / 1000.0,
-            drain_end_s: t0_s + (max_ramp as f64 + duration_ms as f64 + drain_ms as f64) / 1000.0,
-        }
-    };
-    let gateway_metrics = match (collector, scraper) {
-        (Some((url, c)), Some(scraper)) => {
-            scraper.abort();
-            gateway_metrics::scrape_into(&url, &c, elapsed).await;
-            let m = lock(&c).report();
-            Some(m)
-        }
-        _ => None,
+    let mut samples = monitors.stop();
+    samples.push(shared.live.sample(elapsed(), watch.as_ref()));
+    let timeseries = times.series(samples);
+    let gateway_metrics = match scraper {
+        Some(s) => Some(s.finish(elapsed).await),
+        None => None,
     };
     let arrivals = match verifier {
         Some(v) => Some(v.finish().await),
         None => None,
     };
-    let echo_handled = match echo {
-        Some(task) => {
-            // The echo task ends once every device (every sender) is gone.
-            task.await.unwrap_or(0)
-        }
+    // The echo task ends once every device (every sender) is gone.
+    let echo_datagrams = match echo {
+        Some(task) => task.await.unwrap_or(0),
         None => 0,
     };
     let downlink_latency = shared.down_latency.iter().map(|h| lock(h).clone()).collect();
@@ -452,7 +279,7 @@ pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
             },
             duration_s: opts.duration.as_secs_f64(),
             elapsed_s: started.elapsed().as_secs_f64(),
-            echo_datagrams: echo_handled,
+            echo_datagrams,
             gateway_metrics,
         },
         groups: opts.scenario.groups.iter().map(|g| g.name.clone()).collect(),
@@ -462,6 +289,298 @@ pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
         downlink_latency,
     });
     Ok(Recorded { report, timeseries })
+}
+
+/// This run's id, in every topic and payload. Not from the seed: two runs with the same
+/// seed must not see each other's messages.
+fn run_id() -> u32 {
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(7))
+        .unwrap_or(0);
+    clock ^ std::process::id().rotate_left(16)
+}
+
+/// What the verifier subscribes to: the run's uplink topics, the short topics of QoS -1
+/// publishers and, when devices have wills, the run's will topics.
+fn verifier_filters(opts: &FleetOptions, run: u32) -> Vec<String> {
+    let groups = &opts.scenario.groups;
+    let mut filters = vec![format!("{}/{run:08x}/#", opts.topic_prefix)];
+    let shorts: HashSet<String> = groups
+        .iter()
+        .filter(|g| g.qos.minus_one > 0.0)
+        .filter_map(|g| g.short_topic.clone())
+        .collect();
+    filters.extend(shorts);
+    if groups.iter().any(|g| g.will) {
+        filters.push(format!("{}/{run:08x}-will/#", opts.topic_prefix));
+    }
+    filters
+}
+
+/// The phases of a run on the fleet's clock.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    /// The first device starts (ms on the fleet's clock).
+    t0_ms: u64,
+    /// The same, in seconds since the run started (for the time series).
+    t0_s: f64,
+    /// The longest ramp of any group.
+    ramp_ms: u64,
+    duration_ms: u64,
+    drain_ms: u64,
+}
+
+impl Times {
+    fn new(opts: &FleetOptions, t0_s: f64) -> Self {
+        Times {
+            t0_ms: now_ms(),
+            t0_s,
+            ramp_ms: opts.scenario.groups.iter().map(|g| g.ramp.ms()).max().unwrap_or(0),
+            duration_ms: u64::try_from(opts.duration.as_millis()).unwrap_or(u64::MAX),
+            drain_ms: u64::try_from(opts.drain.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Publishing stops.
+    fn stop_ms(&self) -> u64 {
+        self.t0_ms.saturating_add(self.ramp_ms).saturating_add(self.duration_ms)
+    }
+
+    /// Devices give up on outstanding exchanges.
+    fn end_ms(&self) -> u64 {
+        self.stop_ms().saturating_add(self.drain_ms)
+    }
+
+    /// The time series of `samples`, with the phases marked.
+    fn series(&self, samples: Vec<Sample>) -> TimeSeries {
+        let ms = |ms: u64| ms as f64 / 1000.0;
+        TimeSeries {
+            samples,
+            ramp_end_s: self.t0_s + ms(self.ramp_ms),
+            publish_end_s: self.t0_s + ms(self.ramp_ms) + ms(self.duration_ms),
+            drain_end_s: self.t0_s + ms(self.ramp_ms) + ms(self.duration_ms) + ms(self.drain_ms),
+        }
+    }
+}
+
+/// The gateway's Prometheus endpoint, scraped at the start, every
+/// [`gateway_metrics::SCRAPE_INTERVAL`] and at the end.
+struct Scraper {
+    url: MetricsUrl,
+    collector: Arc<Mutex<Collector>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Scraper {
+    async fn start(url: &MetricsUrl, elapsed: impl Fn() -> f64 + Copy + Send + 'static) -> Self {
+        let collector = Arc::new(Mutex::new(Collector::new(url)));
+        gateway_metrics::scrape_into(url, &collector, elapsed).await;
+        let task = {
+            let (url, c) = (url.clone(), collector.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(gateway_metrics::SCRAPE_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    gateway_metrics::scrape_into(&url, &c, elapsed).await;
+                }
+            })
+        };
+        Scraper {
+            url: url.clone(),
+            collector,
+            task,
+        }
+    }
+
+    /// One last scrape, and what the gateway did over the run.
+    async fn finish(self, elapsed: impl Fn() -> f64 + Copy) -> gateway_metrics::GatewayMetrics {
+        self.task.abort();
+        gateway_metrics::scrape_into(&self.url, &self.collector, elapsed).await;
+        let m = lock(&self.collector).report();
+        m
+    }
+}
+
+/// What watches a run while it goes: the time-series sampler, the log's summary line and
+/// the terminal's progress line.
+struct Monitors {
+    sampler: tokio::task::JoinHandle<()>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    summary: tokio::task::JoinHandle<()>,
+    progress: Option<(indicatif::ProgressBar, tokio::task::JoinHandle<()>)>,
+}
+
+impl Monitors {
+    fn start(
+        shared: &Arc<Shared>,
+        watch: Option<VerifierWatch>,
+        progress: bool,
+        elapsed: impl Fn() -> f64 + Send + 'static,
+    ) -> Self {
+        let total = shared.subscribed.len();
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let sampler = {
+            let (shared, samples) = (shared.clone(), samples.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let s = shared.live.sample(elapsed(), watch.as_ref());
+                    lock(&samples).push(s);
+                }
+            })
+        };
+        // The log's view of the run (the progress line is the terminal's): one line at
+        // info every SUMMARY_INTERVAL, rather than one per device and event (those are at
+        // debug).
+        let summary = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let l = &shared.live;
+                    tracing::info!(
+                        elapsed_s = started.elapsed().as_secs(),
+                        devices = total,
+                        active = l.active.load(Ordering::Relaxed),
+                        asleep = l.asleep.load(Ordering::Relaxed),
+                        connected_once = l.connected.load(Ordering::Relaxed),
+                        published = l.published.load(Ordering::Relaxed),
+                        acknowledged = l.acknowledged.load(Ordering::Relaxed),
+                        finished = l.finished.load(Ordering::Relaxed),
+                        "fleet"
+                    );
+                }
+            })
+        };
+        let progress = progress.then(|| {
+            let shared = shared.clone();
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            let task_bar = bar.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    let l = &shared.live;
+                    task_bar.set_message(format!(
+                        "connected {}  published {}  acknowledged {}  finished {}/{total}",
+                        l.connected.load(Ordering::Relaxed),
+                        l.published.load(Ordering::Relaxed),
+                        l.acknowledged.load(Ordering::Relaxed),
+                        l.finished.load(Ordering::Relaxed),
+                    ));
+                    task_bar.tick();
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            });
+            (bar, task)
+        });
+        Monitors {
+            sampler,
+            samples,
+            summary,
+            progress,
+        }
+    }
+
+    /// The devices are done: stops the summary and progress lines (the sampler goes on
+    /// through the wait for late arrivals).
+    fn devices_done(&mut self) {
+        if let Some((bar, task)) = self.progress.take() {
+            task.abort();
+            // Off the terminal before the report prints (on stdout, often the same terminal).
+            bar.finish_and_clear();
+        }
+        self.summary.abort();
+    }
+
+    /// Stops watching; returns the samples taken.
+    fn stop(mut self) -> Vec<Sample> {
+        self.devices_done();
+        self.sampler.abort();
+        let samples = std::mem::take(&mut *lock(&self.samples));
+        samples
+    }
+}
+
+/// Spawns every device at its place on its group's ramp, over UDP or, for an echo run,
+/// over the in-memory network (whose gateway task is returned).
+fn spawn_devices(
+    opts: &FleetOptions,
+    shared: &Arc<Shared>,
+    t0: u64,
+) -> (JoinSet<DeviceRecord>, Option<tokio::task::JoinHandle<u64>>) {
+    let total = opts.scenario.devices();
+    let (mut ports, echo) = if opts.echo {
+        let (ports, task) = crate::echo::spawn(total);
+        (ports.into_iter(), Some(task))
+    } else {
+        (Vec::new().into_iter(), None)
+    };
+    let mut tasks = JoinSet::new();
+    let mut index = 0usize;
+    for (gi, g) in opts.scenario.groups.iter().enumerate() {
+        for k in 0..g.count {
+            let mut rng = SmallRng::seed_from_u64(device_seed(opts.seed, index as u64));
+            let offset = if g.count > 1 {
+                g.ramp.ms() * k as u64 / g.count as u64
+            } else {
+                0
+            };
+            let link = match ports.next() {
+                Some(port) => DeviceLink::Memory(port),
+                None => DeviceLink::Udp(local_addr(opts.gateway, index, total)),
+            };
+            let radio_rng = SmallRng::seed_from_u64(rng.gen());
+            let task = DeviceTask {
+                shared: shared.clone(),
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                group: gi,
+                start: t0 + offset,
+            };
+            tasks.spawn(task.run(link, rng, radio_rng));
+            index += 1;
+        }
+    }
+    (tasks, echo)
+}
+
+/// Every device's record, as the devices finish.
+async fn join_devices(mut tasks: JoinSet<DeviceRecord>) -> Vec<DeviceRecord> {
+    let mut results = Vec::with_capacity(tasks.len());
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(r) => results.push(r),
+            Err(e) => tracing::error!(error = %e, "a device task failed"),
+        }
+    }
+    results
+}
+
+/// Late arrivals: waits until nothing new arrives for a second (at most 5 s). A
+/// disconnected verifier gets the rest of the grace time to come back for what the broker
+/// kept in its session.
+async fn wait_for_late_arrivals(verifier: &Verifier) {
+    let mut last = verifier.distinct();
+    let mut quiet_since = Instant::now();
+    let grace_end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < grace_end && (quiet_since.elapsed() < Duration::from_secs(1) || !verifier.connected()) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n = verifier.distinct();
+        if n != last {
+            last = n;
+            quiet_since = Instant::now();
+        }
+    }
 }
 
 /// A device's contribution to the live active/asleep counts.
@@ -488,500 +607,143 @@ impl Gauge {
     }
 }
 
-/// What a device does next.
-struct Plan {
-    next_publish: u64,
-    next_connect: u64,
-    awake_until: u64,
-    seq: u32,
-    /// The outstanding QoS 1/2 publish: its message id and index in `sent`.
-    pending: Option<(u16, usize)>,
-    next_register: u64,
-    waking: bool,
-    done: bool,
-    /// Subscribed to the downlink topic in the current session.
-    subscribed: bool,
-    /// The CONNECT under way starts a new session (from disconnected).
-    fresh_connect: bool,
-    /// Extra subscriptions made in the current session.
-    subs_done: usize,
+/// What of one device the live counters have been told so far: the shell adds the
+/// difference between a device's record and this to the fleet's [`Live`] counters.
+#[derive(Debug, Default)]
+struct Told {
+    connected: u64,
+    published: u64,
+    acknowledged: u64,
+    retries: u64,
+    broker_may_send: bool,
+    gauge: Gauge,
 }
 
-async fn device_task(
+impl Told {
+    fn update(&mut self, shared: &Shared, index: u32, b: &Behaviour<'_>, dev: &Device<'_>) {
+        let live = &shared.live;
+        let c = &b.record().counts;
+        let add = |told: &mut u64, now: u64, n: &AtomicU64| {
+            if now > *told {
+                n.fetch_add(now - *told, Ordering::Relaxed);
+                *told = now;
+            }
+        };
+        add(&mut self.connected, c.connected, &live.connected);
+        add(&mut self.published, c.published, &live.published);
+        add(&mut self.acknowledged, c.acknowledged, &live.acknowledged);
+        add(&mut self.retries, dev.counters.retries, &live.retries);
+        if b.broker_may_send() != self.broker_may_send {
+            self.broker_may_send = b.broker_may_send();
+            if let Some(f) = shared.subscribed.get(index as usize) {
+                f.store(self.broker_may_send, Ordering::Relaxed);
+            }
+        }
+        self.gauge.set(live, dev.client.state());
+    }
+}
+
+/// One device of the fleet: the thin shell that moves datagrams and time between its
+/// station and its [`Behaviour`].
+struct DeviceTask {
     shared: Arc<Shared>,
     index: u32,
     group: usize,
-    link: DeviceLink,
+    /// Its place on the ramp (ms on the fleet's clock).
     start: u64,
-    mut rng: SmallRng,
-    radio_rng: SmallRng,
-) -> DeviceResult {
-    let mut result = DeviceResult {
-        index,
-        group,
-        counts: Counts {
-            devices: 1,
-            ..Counts::default()
-        },
-        sent: Vec::new(),
-        downlink: HashMap::new(),
-    };
-    let Some(g) = shared.groups.get(group) else {
-        return result;
-    };
-    let bound = match link {
-        DeviceLink::Memory(port) => Ok(Station::memory(port, g.radio, radio_rng)),
-        DeviceLink::Udp(local) => Station::bind(local, shared.gateway, g.radio, radio_rng)
-            .await
-            .map_err(|e| (local, e)),
-    };
-    let station = match bound {
-        Ok(s) => s,
-        Err((local, e)) => {
-            // One warning for the fleet (the rest are in the report's socket_errors).
-            if shared.live.socket_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                tracing::warn!(device = index, local = %local, error = %e, "cannot open a device's socket (further failures are counted in the report)");
-            } else {
-                tracing::debug!(device = index, local = %local, error = %e, "cannot open the device's socket");
-            }
-            result.counts.socket_errors = 1;
-            shared.live.finished.fetch_add(1, Ordering::Relaxed);
-            return result;
-        }
-    };
-    let client_id = format!("sim-{:08x}-{index}", shared.run);
-    let topic = format!("{}/{:08x}/{}/{index}", shared.prefix, shared.run, g.name);
-    let short = g
-        .short_topic
-        .as_deref()
-        .and_then(|s| <[u8; 2]>::try_from(s.as_bytes()).ok());
-    let will_topic = format!("{}/{:08x}-will/{}/{index}", shared.prefix, shared.run, g.name);
-    let mut will_message = Vec::new();
-    Stamp {
-        run: shared.run,
-        device: index,
-        seq: 0,
-        qos: QoS::AtLeastOnce,
-        sent_us: 0,
-    }
-    .encode(0, &mut will_message);
-    let config = Config {
-        will: g.will.then_some(Will {
-            topic: &will_topic,
-            message: &will_message,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-        }),
-        keep_alive: g.keep_alive,
-        clean_session: g.clean_session,
-        t_retry: u32::try_from(g.t_retry.ms()).unwrap_or(u32::MAX),
-        n_retry: g.n_retry,
-        n_adv: 0,
-        ..Config::new(&client_id)
-    };
-    let mut dev = Device::new(Client::new(config), station);
-    let interval = g.publish_interval.ms();
-    let jitter = g.jitter.ms();
-    let next_interval = |rng: &mut SmallRng| interval + if jitter > 0 { rng.gen_range(0..=jitter) } else { 0 };
+}
 
-    tokio::time::sleep_until(tokio::time::Instant::from_std(
-        crate::station::epoch() + Duration::from_millis(start),
-    ))
-    .await;
-    let first = if interval > 0 {
-        rng.gen_range(0..=interval.min(1000))
-    } else {
-        0
-    };
-    let mut plan = Plan {
-        next_publish: if interval > 0 { start + first } else { u64::MAX },
-        next_connect: start,
-        awake_until: u64::MAX,
-        seq: 0,
-        pending: None,
-        next_register: 0,
-        waking: false,
-        done: false,
-        subscribed: false,
-        fresh_connect: false,
-        subs_done: 0,
-    };
-    let extra_filters: Vec<String> = g
-        .subscribe
-        .iter()
-        .map(|f| {
-            f.replace("{prefix}", &shared.prefix)
-                .replace("{run}", &format!("{:08x}", shared.run))
-                .replace("{group}", &g.name)
-                .replace("{device}", &index.to_string())
-        })
-        .collect();
-    let down_topic = shared.downlink_topic(&g.name, index);
-    let has_downlink = g.downlink_interval.ms() > 0;
-    let down_qos = QoS::from_bits(g.downlink_qos);
-    let flag = shared.subscribed.get(index as usize);
-    let mut payload = Vec::with_capacity(g.payload_size.max(48));
-    let mut gauge = Gauge::default();
-    let mut retries_told = 0u64;
-
-    loop {
-        let now = now_ms();
-        if dev.counters.retries > retries_told {
-            shared
-                .live
-                .retries
-                .fetch_add(dev.counters.retries - retries_told, Ordering::Relaxed);
-            retries_told = dev.counters.retries;
-        }
-        while let Some(e) = dev.poll_event() {
-            match e {
-                Event::Connected => {
-                    if result.counts.connected == 0 {
-                        shared.live.connected.fetch_add(1, Ordering::Relaxed);
-                    }
-                    result.counts.connected = 1;
-                    result.counts.connects += 1;
-                    tracing::debug!(device = index, "connected");
-                    plan.waking = false;
-                    if plan.fresh_connect && g.clean_session {
-                        plan.subscribed = false;
-                        plan.subs_done = 0;
-                        if let Some(f) = flag {
-                            f.store(false, Ordering::Relaxed);
-                        }
-                    }
-                    if let Some(s) = g.sleep {
-                        plan.awake_until = now + s.awake.ms();
-                    }
-                }
-                Event::ConnectRejected(_) | Event::Disconnected | Event::GatewayLost => {
-                    if g.clean_session {
-                        // The session, and with it the subscription, is over: the broker
-                        // side stops sending until the device has subscribed again.
-                        if let Some(f) = flag {
-                            f.store(false, Ordering::Relaxed);
-                        }
-                    }
-                    if e == Event::GatewayLost {
-                        if now >= shared.stop_ms {
-                            result.counts.disconnect_unanswered += 1;
-                        } else {
-                            result.counts.gateway_lost += 1;
-                        }
-                    }
-                    if plan.pending.take().is_some() {
-                        result.counts.unacknowledged += 1;
-                    }
-                    plan.waking = false;
-                    plan.next_connect = now + RECONNECT_BACKOFF_MS + rng.gen_range(0..=RECONNECT_BACKOFF_MS);
-                }
-                Event::Published { msg_id } => {
-                    if let Some((id, i)) = plan.pending {
-                        if id == msg_id {
-                            plan.pending = None;
-                            if let Some(s) = result.sent.get_mut(i) {
-                                s.acked = true;
-                                s.acked_us = now_us();
-                            }
-                            result.counts.acknowledged += 1;
-                            shared.live.acknowledged.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                Event::PublishRejected { msg_id, topic_id, code } => {
-                    tracing::debug!(device = index, msg_id, topic_id, ?code, state = ?dev.client.state(), "PUBLISH rejected");
-                    result.counts.rejected += 1;
-                    match code {
-                        ReturnCode::Congestion => result.counts.rejected_congestion += 1,
-                        ReturnCode::InvalidTopicId => result.counts.rejected_invalid_topic_id += 1,
-                        _ => result.counts.rejected_other += 1,
-                    }
-                    if matches!(plan.pending, Some((id, _)) if id == msg_id) {
-                        plan.pending = None;
-                    }
-                    if code == ReturnCode::InvalidTopicId {
-                        dev.client.forget_topic(topic_id);
-                    }
-                }
-                Event::Subscribed { .. } => {
-                    // One request at a time: the downlink topic is subscribed first.
-                    if has_downlink && !plan.subscribed {
-                        plan.subscribed = true;
-                        if let Some(f) = flag {
-                            f.store(true, Ordering::Relaxed);
-                        }
-                    } else {
-                        plan.subs_done += 1;
-                    }
-                }
-                Event::SubscribeRejected { code, .. } if !has_downlink || plan.subscribed => {
-                    // An extra filter the gateway refuses: skip it.
-                    tracing::debug!(device = index, ?code, "subscription refused; skipped");
-                    plan.subs_done += 1;
-                }
-                Event::RegisterRejected { .. } | Event::SubscribeRejected { .. } => {
-                    // Try again a little later rather than hammering a congested gateway.
-                    plan.next_register = now + RECONNECT_BACKOFF_MS;
-                }
-                Event::Asleep => {
-                    if plan.waking {
-                        tracing::debug!(device = index, "woke, fetched its messages, asleep again");
-                        result.counts.wakes += 1;
-                        plan.waking = false;
-                    } else {
-                        tracing::debug!(device = index, "asleep");
-                        result.counts.sleeps += 1;
-                    }
-                }
-                Event::WakeUpDue => plan.waking = now < shared.stop_ms && dev.client.wake(now).is_ok(),
-                _ => {}
-            }
-        }
-        gauge.set(&shared.live, dev.client.state());
-        if plan.done || now >= shared.end_ms {
-            break;
-        }
-        let stopping = now >= shared.stop_ms;
-        let mut acted = false;
-        let mut next_action = u64::MAX;
-
-        // QoS -1 needs no connection.
-        let wants_publish = !stopping && now >= plan.next_publish;
-        match dev.client.state() {
-            State::Disconnected => {
-                if stopping {
-                    plan.done = true;
-                    acted = true;
-                } else if now >= plan.next_connect {
-                    acted = dev.client.connect(now).is_ok();
-                    plan.fresh_connect = true;
-                } else {
-                    next_action = plan.next_connect;
-                }
-            }
-            State::Active if !dev.client.is_busy() => {
-                let registered = matches!(dev.client.topic(&topic), Some(TopicRef::Normal(_)));
-                if stopping && plan.pending.is_none() {
-                    acted = dev.client.disconnect(now).is_ok();
-                } else if !registered && !stopping {
-                    if now < plan.next_register {
-                        next_action = plan.next_register;
-                    } else {
-                        acted = dev.client.register(now, &topic).is_ok();
-                    }
-                } else if has_downlink && !plan.subscribed && !stopping && now >= plan.next_register {
-                    acted = dev
-                        .client
-                        .subscribe(now, TopicFilter::Name(&down_topic), down_qos)
-                        .is_ok();
-                    if !acted {
-                        plan.next_register = now + RECONNECT_BACKOFF_MS;
-                    }
-                } else if plan.subs_done < extra_filters.len() && !stopping && now >= plan.next_register {
-                    if let Some(f) = extra_filters.get(plan.subs_done) {
-                        match dev.client.subscribe(now, TopicFilter::Name(f), QoS::AtLeastOnce) {
-                            Ok(_) => acted = true,
-                            Err(e) => {
-                                tracing::warn!(device = index, filter = %f, error = %e, "cannot subscribe; skipped");
-                                plan.subs_done += 1;
-                            }
-                        }
-                    }
-                } else if wants_publish {
-                    acted = true;
-                    publish_one(
-                        &mut dev,
-                        &mut plan,
-                        &mut result,
-                        g,
-                        short,
-                        &topic,
-                        &shared,
-                        &mut rng,
-                        &mut payload,
-                        now,
-                    );
-                    plan.next_publish = now + next_interval(&mut rng);
-                } else if g.sleep.is_some() && now >= plan.awake_until {
-                    if let Some(s) = g.sleep {
-                        let secs = u16::try_from(s.duration.0.as_secs()).unwrap_or(u16::MAX);
-                        acted = dev.client.sleep(now, secs).is_ok();
-                        plan.awake_until = u64::MAX;
-                    }
-                } else {
-                    next_action = plan.next_publish.min(plan.awake_until);
-                    let subscribing = (has_downlink && !plan.subscribed) || plan.subs_done < extra_filters.len();
-                    if subscribing && !stopping {
-                        next_action = next_action.min(plan.next_register);
-                    }
-                }
-            }
-            State::Asleep => {
-                if stopping {
-                    acted = dev.client.disconnect(now).is_ok();
-                } else if wants_publish {
-                    if g.qos.minus_one > 0.0 && g.qos.pick(rng.gen()) == QoS::MinusOne {
-                        // A sleeping device may publish at QoS -1 without waking the session.
-                        publish_minus_one(&mut dev, &mut plan, &mut result, g, short, &shared, &mut payload, now);
-                        plan.next_publish = now + next_interval(&mut rng);
-                        acted = true;
-                    } else {
-                        acted = dev.client.connect(now).is_ok();
-                        plan.fresh_connect = false;
-                    }
-                } else {
-                    next_action = plan.next_publish;
-                }
-            }
-            _ => {}
-        }
-        if acted {
-            // Send at once and look at the events the operation produced.
-            dev.flush().await;
-            continue;
-        }
-        let deadline = next_action.min(shared.end_ms);
-        let mut on_message = |r: Received<'_>| {
-            if r.topic != Some(down_topic.as_str()) {
-                result.counts.received_other += 1;
-                return;
-            }
-            let Some(stamp) = Stamp::decode(r.message.payload) else {
-                return;
-            };
-            if stamp.run != shared.run || stamp.device != index {
-                return;
-            }
-            let n = result.downlink.entry(stamp.seq).or_insert(0);
-            if *n == 0 {
-                if let Some(h) = shared.down_latency.get(group) {
-                    lock(h).record(now_us().saturating_sub(stamp.sent_us));
-                }
-                shared.live.downlink_received.fetch_add(1, Ordering::Relaxed);
-            }
-            *n += 1;
+impl DeviceTask {
+    async fn run(self, link: DeviceLink, rng: SmallRng, radio_rng: SmallRng) -> DeviceRecord {
+        let shared = &self.shared;
+        let mut record = DeviceRecord::new(self.index, self.group);
+        let Some(g) = shared.groups.get(self.group) else {
+            return record;
         };
-        let _: Step = dev.step(Some(deadline), &mut on_message).await;
-    }
-
-    // Leave cleanly if still connected (bounded: the gateway may be gone).
-    if dev.client.state() != State::Disconnected && dev.client.disconnect(now_ms()).is_ok() {
-        let limit = now_ms() + 1_500;
-        let mut ignore = |_: Received<'_>| {};
-        let end = dev
-            .until(
-                limit,
-                |e| matches!(e, Event::Disconnected | Event::GatewayLost).then_some(e),
-                &mut ignore,
-            )
-            .await;
-        if end == Some(Event::GatewayLost) {
-            result.counts.disconnect_unanswered += 1;
-        }
-    }
-    if plan.pending.is_some() {
-        result.counts.unacknowledged += 1;
-    }
-    gauge.set(&shared.live, State::Disconnected);
-    shared
-        .live
-        .retries
-        .fetch_add(dev.counters.retries.saturating_sub(retries_told), Ordering::Relaxed);
-    result.counts.retries = dev.counters.retries;
-    result.counts.radio_dropped = dev.station.counters.dropped;
-    result.counts.radio_duplicated = dev.station.counters.duplicated;
-    shared.live.finished.fetch_add(1, Ordering::Relaxed);
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn publish_minus_one(
-    dev: &mut Device<'_>,
-    plan: &mut Plan,
-    result: &mut DeviceResult,
-    g: &Group,
-    short: Option<[u8; 2]>,
-    shared: &Shared,
-    payload: &mut Vec<u8>,
-    now: u64,
-) {
-    let Some(s) = short else { return };
-    let stamp = Stamp {
-        run: shared.run,
-        device: result.index,
-        seq: plan.seq,
-        qos: QoS::MinusOne,
-        sent_us: now_us(),
-    };
-    stamp.encode(g.payload_size, payload);
-    if dev
-        .client
-        .publish(now, TopicRef::Short(s), payload, QoS::MinusOne, false)
-        .is_ok()
-    {
-        record(plan, result, shared, QoS::MinusOne);
-    }
-}
-
-fn record(plan: &mut Plan, result: &mut DeviceResult, shared: &Shared, qos: QoS) -> usize {
-    let i = result.sent.len();
-    result.sent.push(Sent {
-        seq: plan.seq,
-        qos,
-        acked: false,
-        sent_us: now_us(),
-        acked_us: 0,
-    });
-    plan.seq += 1;
-    let c = &mut result.counts;
-    c.published += 1;
-    match qos {
-        QoS::MinusOne => c.published_qos_m1 += 1,
-        QoS::AtMostOnce => c.published_qos0 += 1,
-        QoS::AtLeastOnce => c.published_qos1 += 1,
-        QoS::ExactlyOnce => c.published_qos2 += 1,
-    }
-    shared.live.published.fetch_add(1, Ordering::Relaxed);
-    i
-}
-
-#[allow(clippy::too_many_arguments)]
-fn publish_one(
-    dev: &mut Device<'_>,
-    plan: &mut Plan,
-    result: &mut DeviceResult,
-    g: &Group,
-    short: Option<[u8; 2]>,
-    topic: &str,
-    shared: &Shared,
-    rng: &mut SmallRng,
-    payload: &mut Vec<u8>,
-    now: u64,
-) {
-    let qos = g.qos.pick(rng.gen());
-    if qos == QoS::MinusOne {
-        publish_minus_one(dev, plan, result, g, short, shared, payload, now);
-        return;
-    }
-    let Some(topic_ref) = dev.client.topic(topic) else {
-        return;
-    };
-    let stamp = Stamp {
-        run: shared.run,
-        device: result.index,
-        seq: plan.seq,
-        qos,
-        sent_us: now_us(),
-    };
-    stamp.encode(g.payload_size, payload);
-    match dev.client.publish(now, topic_ref, payload, qos, false) {
-        Ok(msg_id) => {
-            let i = record(plan, result, shared, qos);
-            if qos != QoS::AtMostOnce {
-                plan.pending = Some((msg_id, i));
+        let Some(station) = self.open(link, g, radio_rng).await else {
+            record.counts.socket_errors = 1;
+            shared.live.finished.fetch_add(1, Ordering::Relaxed);
+            return record;
+        };
+        let spec = DeviceSpec::new(shared.run, &shared.prefix, g, self.group, self.index);
+        let mut dev = Device::new(Client::new(spec.client_config(g)), station);
+        let schedule = Schedule {
+            start: self.start,
+            stop: shared.stop_ms,
+            end: shared.end_ms,
+        };
+        tokio::time::sleep_until(tokio::time::Instant::from_std(
+            crate::station::epoch() + Duration::from_millis(self.start),
+        ))
+        .await;
+        let mut b = Behaviour::new(&spec, g, schedule, rng);
+        let mut told = Told::default();
+        loop {
+            let now = now_us();
+            while let Some(e) = dev.poll_event() {
+                b.handle_event(&mut dev.client, e, now);
+            }
+            told.update(shared, self.index, &b, &dev);
+            match b.poll(&mut dev.client, now) {
+                Next::Done => break,
+                // Send at once and look at the events the operation produced.
+                Next::Transmit => dev.flush().await,
+                Next::Wait(deadline) => {
+                    let mut on_message = |r: Received<'_>| {
+                        if let Some(latency) = b.handle_message(r, now_us()) {
+                            if let Some(h) = shared.down_latency.get(self.group) {
+                                lock(h).record(latency);
+                            }
+                            shared.live.downlink_received.fetch_add(1, Ordering::Relaxed);
+                        }
+                    };
+                    let _: Step = dev.step(Some(deadline), &mut on_message).await;
+                }
             }
         }
-        Err(e) => tracing::debug!(device = result.index, error = %e, "publish refused by the engine"),
+        // Leave cleanly if still connected (bounded: the gateway may be gone).
+        if b.leave(&mut dev.client, now_us()) {
+            let limit = now_ms() + 1_500;
+            let mut ignore = |_: Received<'_>| {};
+            let end = dev
+                .until(
+                    limit,
+                    |e| matches!(e, Event::Disconnected | Event::GatewayLost).then_some(e),
+                    &mut ignore,
+                )
+                .await;
+            if end == Some(Event::GatewayLost) {
+                b.leave_unanswered();
+            }
+        }
+        told.update(shared, self.index, &b, &dev);
+        told.gauge.set(&shared.live, State::Disconnected);
+        let mut record = b.finish();
+        record.counts.retries = dev.counters.retries;
+        record.counts.radio_dropped = dev.station.counters.dropped;
+        record.counts.radio_duplicated = dev.station.counters.duplicated;
+        shared.live.finished.fetch_add(1, Ordering::Relaxed);
+        record
+    }
+
+    /// The device's station (socket and radio); `None` (logged, counted) when its socket
+    /// cannot be opened.
+    async fn open(&self, link: DeviceLink, g: &Group, radio_rng: SmallRng) -> Option<Station> {
+        let shared = &self.shared;
+        let (local, e) = match link {
+            DeviceLink::Memory(port) => return Some(Station::memory(port, g.radio, radio_rng)),
+            DeviceLink::Udp(local) => match Station::bind(local, shared.gateway, g.radio, radio_rng).await {
+                Ok(s) => return Some(s),
+                Err(e) => (local, e),
+            },
+        };
+        // One warning for the fleet (the rest are in the report's socket_errors).
+        if shared.live.socket_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(device = self.index, local = %local, error = %e, "cannot open a device's socket (further failures are counted in the report)");
+        } else {
+            tracing::debug!(device = self.index, local = %local, error = %e, "cannot open the device's socket");
+        }
+        None
     }
 }
 

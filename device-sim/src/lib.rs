@@ -8,15 +8,18 @@
 //! - [`fleet`]: `mqtt-sn-sim run`, thousands of (sleepy) devices described by a
 //!   [`scenario`], checked by a broker-side [`verifier`] and summed up in a [`report`],
 //!   with the run over time ([`timeseries`]), an HTML page of charts ([`html`]) and the
-//!   gateway's own metrics ([`gateway_metrics`], parsed by [`prometheus`]),
+//!   gateway's own metrics ([`gateway_metrics`], parsed by [`prometheus`]); what each
+//!   device does and when is the sans-IO state machine in [`behaviour`],
 //! - [`conformance`]: `mqtt-sn-sim conformance`, named protocol checks against any gateway.
 
+pub mod behaviour;
 pub mod conformance;
 pub mod device;
 pub mod echo;
 pub mod fleet;
 pub mod gateway_metrics;
 pub mod html;
+pub mod latency;
 pub mod payload;
 pub mod prometheus;
 pub mod radio;

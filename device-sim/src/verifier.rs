@@ -13,8 +13,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::latency::LatencyHistogram;
 use crate::payload::Stamp;
-use crate::report::LatencyHistogram;
 use crate::station::now_us;
 
 /// The broker's address, from `mqtt://host:port` (port 1883 by default) or
