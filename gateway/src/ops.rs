@@ -61,6 +61,7 @@ pub fn counter_help(name: &str) -> Option<&'static str> {
         "lost" => "Devices lost (keep-alive, sleep deadline or retries exhausted)",
         "broker_closed" => "Sessions ended because their broker connection closed",
         "takeovers" => "Sessions taken over by a new CONNECT with the same client id",
+        "sessions_expired" => "Kept topic ids of clean-session-false devices dropped after limits.session_expiry_secs",
         "sleeps" => "Times a device went to sleep",
         "wakes" => "Times a device woke",
         "broker_rejected" => "Requests the broker link could not queue (queue full or connection gone)",
@@ -125,6 +126,11 @@ pub fn render(view: &View) -> String {
     registry.register("sessions", "Client sessions in any state", gauge(s.sessions));
     registry.register("sessions_active", "Sessions connected and awake", gauge(s.active));
     registry.register("sessions_asleep", "Sessions asleep", gauge(s.asleep));
+    registry.register(
+        "persisted_sessions",
+        "Clean-session-false devices not connected whose topic ids are kept",
+        gauge(s.persisted_sessions),
+    );
     registry.register(
         "held_messages",
         "Messages held for devices (asleep or behind one in flight)",

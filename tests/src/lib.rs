@@ -339,6 +339,36 @@ impl Harness {
         })
     }
 
+    /// A second gateway process's worth (its own engine, UDP listener and broker
+    /// connections) on the broker of `other`, which keeps owning that broker: several
+    /// gateways in front of one broker (docs/scaling.md).
+    pub async fn start_beside(other: &Harness) -> Harness {
+        init_logging();
+        let settings = Settings {
+            engine: test_engine_config(),
+            udp: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
+            broker: BrokerConfig {
+                host: other.broker.ip().to_string(),
+                port: other.broker.port(),
+                ..BrokerConfig::default()
+            },
+            embedded_broker: None,
+            stats_interval: None,
+            ..Settings::default()
+        };
+        let running = gateway::runtime::start(settings)
+            .await
+            .expect("the second gateway starts");
+        let gateway = *running.udp_addrs.first().expect("one UDP listener");
+        Harness {
+            kind: other.kind,
+            gateway,
+            broker: other.broker,
+            running: Some(running),
+            _mosquitto: None,
+        }
+    }
+
     /// A test device with its own UDP socket on 127.0.0.1.
     pub async fn device(&self, client_id: &str) -> SnClient {
         SnClient::bind(Ipv4Addr::LOCALHOST, self.gateway, client_id).await

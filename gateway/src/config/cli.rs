@@ -171,6 +171,11 @@ pub struct LimitsFlags {
     #[arg(long = "max-clients", id = "limits.max_clients", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_clients: Option<usize>,
+    /// Seconds a clean-session-false device that went keeps its topic ids (0: until it
+    /// comes back).
+    #[arg(long = "session-expiry", id = "limits.session_expiry_secs", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_expiry_secs: Option<u64>,
 }
 
 /// `[discovery]` flags.

@@ -283,6 +283,9 @@ pub struct LimitsConfig {
     pub max_topics_per_client: usize,
     /// Clean-session-false devices whose topic ids are kept after they go.
     pub max_persisted_sessions: usize,
+    /// Seconds the topic ids of a clean-session-false device that went are kept
+    /// (0: until it comes back).
+    pub session_expiry_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -292,6 +295,7 @@ impl Default for LimitsConfig {
             max_clients: e.max_clients,
             max_topics_per_client: e.max_topics_per_client,
             max_persisted_sessions: e.max_persisted_sessions,
+            session_expiry_secs: e.session_expiry.map_or(0, |d| d.as_secs()),
         }
     }
 }

@@ -168,6 +168,9 @@ fn at_least<T: PartialOrd + fmt::Display + Copy>(errors: &mut Vec<String>, key: 
     v
 }
 
+/// Longest `limits.session_expiry_secs` accepted: ten years (beyond, use 0: never).
+const MAX_EXPIRY_SECS: u64 = 10 * 366 * 24 * 3600;
+
 /// Longest Tretry and connect timeout accepted: an hour.
 const MAX_TIMER_SECS: f64 = 3600.0;
 
@@ -249,6 +252,16 @@ impl Config {
             max_queued_messages: at_least(e, "sleep.max_held_messages", s.max_held_messages, 1, 1_000_000),
             max_queued_bytes: at_least(e, "sleep.max_held_bytes", s.max_held_bytes, 1, 1 << 30),
             max_persisted_sessions: l.max_persisted_sessions,
+            session_expiry: match at_least(
+                e,
+                "limits.session_expiry_secs",
+                l.session_expiry_secs,
+                0,
+                MAX_EXPIRY_SECS,
+            ) {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
             predefined: Arc::new(predefined),
             qos_minus_one: self.gateway.qos_minus_one,
             advertise_interval: (advertise > 0).then(|| Duration::from_secs(advertise)),

@@ -8,6 +8,7 @@
 //! clock, so every protocol rule is testable with a fake clock.
 
 mod discovery;
+mod persisted;
 mod session;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -21,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::auth::{AddressChange, AuthConfig, Denied, Refusal, Registry};
 use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, LogThrottle, MqttQos, RejectReason};
 use crate::topics::{self, Predefined, TopicTable};
+use persisted::{Persisted, Stored};
 pub use session::SessionState;
 use session::{Ctx, Flow, Session};
 
@@ -108,6 +110,9 @@ pub struct EngineConfig {
     pub max_queued_bytes: usize,
     /// Clean-session-false clients whose topic ids are kept after they go.
     pub max_persisted_sessions: usize,
+    /// How long the topic ids of a clean-session-false client that went are kept
+    /// (`None`: until it comes back, within `max_persisted_sessions`).
+    pub session_expiry: Option<Duration>,
     /// Predefined topic ids.
     pub predefined: Arc<Predefined>,
     /// Accept QoS -1 publishes from any address.
@@ -138,6 +143,7 @@ impl Default for EngineConfig {
             max_queued_messages: 100,
             max_queued_bytes: 64 * 1024,
             max_persisted_sessions: 100_000,
+            session_expiry: None,
             predefined: Arc::new(Predefined::default()),
             qos_minus_one: true,
             advertise_interval: Some(Duration::from_secs(900)),
@@ -164,6 +170,8 @@ pub struct Metrics {
     pub unexpected: u64,
     /// Device publishes forwarded to the broker (QoS -1 included).
     pub publishes_in: u64,
+    /// Kept topic ids of clean-session-false devices dropped after `session_expiry`.
+    pub sessions_expired: u64,
     /// Broker messages delivered to devices.
     pub publishes_out: u64,
     /// QoS -1 publishes forwarded.
@@ -292,6 +300,8 @@ pub struct Stats {
     pub asleep: usize,
     /// Messages held for devices (asleep or behind one in flight).
     pub held_messages: usize,
+    /// Clean-session-false devices not connected whose topic ids are kept.
+    pub persisted_sessions: usize,
     /// Counters.
     pub metrics: Metrics,
     /// Latency histograms.
@@ -407,7 +417,7 @@ pub struct Gateway {
     sessions: HashMap<ClientKey, Session>,
     by_peer: HashMap<Peer, ClientKey>,
     by_client_id: HashMap<Arc<str>, ClientKey>,
-    persisted: HashMap<Arc<str>, TopicTable>,
+    persisted: Persisted,
     timers: BTreeSet<(Instant, ClientKey)>,
     next_key: ClientKey,
     out: Output,
@@ -449,11 +459,11 @@ impl Gateway {
     /// A gateway with no sessions.
     pub fn new(cfg: EngineConfig) -> Self {
         Gateway {
+            persisted: Persisted::new(cfg.max_persisted_sessions, cfg.session_expiry),
             cfg: Arc::new(cfg),
             sessions: HashMap::new(),
             by_peer: HashMap::new(),
             by_client_id: HashMap::new(),
-            persisted: HashMap::new(),
             timers: BTreeSet::new(),
             next_key: QOS_MINUS_ONE_KEY + 1,
             out: Output::default(),
@@ -540,16 +550,17 @@ impl Gateway {
     /// When [`Gateway::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let session = self.timers.first().map(|(t, _)| *t);
-        match (session, self.next_advertise) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [session, self.next_advertise, self.persisted.next_expiry()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Gauges and counters.
     pub fn stats(&self) -> Stats {
         let mut stats = Stats {
             sessions: self.sessions.len(),
+            persisted_sessions: self.persisted.len(),
             metrics: self.metrics.clone(),
             latency: self.latency.clone(),
             ..Stats::default()
@@ -653,7 +664,7 @@ impl Gateway {
                             self.out.send(&peer, &Packet::Disconnect(None));
                             return;
                         }
-                        self.rebind(key, &peer);
+                        self.rebind(now, key, &peer);
                         self.with_session(now, key, |s, ctx| s.handle_packet(ctx, packet));
                     }
                     None => self.unknown_peer(&peer, &packet),
@@ -718,7 +729,7 @@ impl Gateway {
     /// Moves a session to a new address (NAT rebinding, a sleeping device waking
     /// elsewhere). Any other session on that address is ended: the address belongs to
     /// whoever spoke last.
-    fn rebind(&mut self, key: ClientKey, peer: &Peer) {
+    fn rebind(&mut self, now: Instant, key: ClientKey, peer: &Peer) {
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -733,7 +744,7 @@ impl Gateway {
         }
         if let Some(other) = self.by_peer.insert(peer.clone(), key) {
             if other != key {
-                self.end_quietly(other, "address taken over by another client");
+                self.end_quietly(now, other, "address taken over by another client");
             }
         }
     }
@@ -800,7 +811,7 @@ impl Gateway {
                 }
                 // CONNECT from asleep resumes the session (spec 6.14).
                 Some(SessionState::Asleep | SessionState::Awake) => {
-                    self.rebind(key, &peer);
+                    self.rebind(now, key, &peer);
                     self.with_session(now, key, |s, ctx| s.resume(ctx, c));
                     return;
                 }
@@ -820,12 +831,12 @@ impl Gateway {
             }
         }
         if let Some(key) = self.by_peer.get(&peer).copied() {
-            self.end_quietly(key, "address reused by a new CONNECT");
+            self.end_quietly(now, key, "address reused by a new CONNECT");
         }
         if c.clean_session {
             self.persisted.remove(c.client_id);
         } else if topics.is_none() {
-            topics = self.persisted.remove(c.client_id);
+            topics = self.persisted.take(c.client_id);
         }
         if self.sessions.len() >= self.cfg.max_clients {
             self.metrics.connects_refused += 1;
@@ -974,6 +985,10 @@ impl Gateway {
     /// Handles every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.advertise_if_due(now);
+        for client in self.persisted.expire(now) {
+            debug!(client = %client, "persisted session expired; topic ids dropped");
+            self.metrics.sessions_expired += 1;
+        }
         while let Some(&(at, key)) = self.timers.first() {
             if at > now {
                 break;
@@ -1006,7 +1021,7 @@ impl Gateway {
             Flow::Continue => self.reschedule(key),
             Flow::End => {
                 if let Some(session) = self.remove_session(key) {
-                    self.persist(session);
+                    self.persist(now, session);
                 }
             }
         }
@@ -1116,7 +1131,7 @@ impl Gateway {
     }
 
     /// Ends a session without a will (its address or id went to someone else).
-    fn end_quietly(&mut self, key: ClientKey, why: &str) {
+    fn end_quietly(&mut self, now: Instant, key: ClientKey, why: &str) {
         if let Some(old) = self.remove_session(key) {
             debug!(client = %old.client_id(), peer = %old.peer(), "session ended: {why}");
             self.metrics.takeovers += 1;
@@ -1124,25 +1139,23 @@ impl Gateway {
             let client_id = old.client_id().clone();
             let table = old.take_over(&mut self.out);
             if !clean {
-                self.store_persisted(client_id, table);
+                self.store_persisted(now, client_id, table);
             }
         }
     }
 
     /// Keeps the topic ids of a clean-session-false client for its next CONNECT.
-    fn persist(&mut self, session: Session) {
+    fn persist(&mut self, now: Instant, session: Session) {
         if !session.clean_session() {
             let client_id = session.client_id().clone();
-            self.store_persisted(client_id, session.into_topics());
+            self.store_persisted(now, client_id, session.into_topics());
         }
     }
 
-    fn store_persisted(&mut self, client_id: Arc<str>, table: TopicTable) {
-        if self.persisted.len() >= self.cfg.max_persisted_sessions && !self.persisted.contains_key(&client_id) {
+    fn store_persisted(&mut self, now: Instant, client_id: Arc<str>, table: TopicTable) {
+        if self.persisted.store(now, client_id.clone(), table) == Stored::Full {
             debug!(client = %client_id, "persisted-session limit reached; topic ids not kept");
-            return;
         }
-        self.persisted.insert(client_id, table);
     }
 }
 

@@ -738,6 +738,47 @@ fn clean_session_false_keeps_topic_ids() {
 }
 
 #[test]
+fn kept_topic_ids_expire_after_session_expiry_unless_the_device_comes_back() {
+    let mut t = T::with(EngineConfig {
+        session_expiry: Some(Duration::from_secs(100)),
+        ..cfg()
+    });
+    let d = dev(1);
+    let leave = |t: &mut T| {
+        t.send(&d, Packet::Disconnect(None));
+        t.tx();
+        t.cmds();
+    };
+    t.connect(&d, "c", false, 0);
+    let id = t.register(&d, "a/b", 1);
+    leave(&mut t);
+    assert_eq!(t.gw.stats().persisted_sessions, 1);
+    // Back within the expiry: the ids are there; gone again at 60 s.
+    t.at(50.0);
+    t.connect(&d, "c", false, 0);
+    t.send(&d, publish(QoS::AtMostOnce, TopicRef::Normal(id), 0, b"x", false));
+    assert!(matches!(t.cmds().as_slice(), [(_, Command::Publish { topic, .. })] if &**topic == "a/b"));
+    t.at(60.0);
+    leave(&mut t);
+    // The expiry runs from the last time it went: still kept at 159 s, not at 160 s.
+    t.at(159.0);
+    assert_eq!(t.gw.stats().persisted_sessions, 1);
+    let due = t.gw.poll_timeout().expect("the expiry is a deadline");
+    assert_eq!(due, t.t0 + Duration::from_secs(160));
+    t.at(160.0);
+    assert_eq!(t.gw.stats().persisted_sessions, 0);
+    assert_eq!(t.gw.stats().metrics.sessions_expired, 1);
+    t.connect(&d, "c", false, 0);
+    t.send(&d, publish(QoS::AtLeastOnce, TopicRef::Normal(id), 3, b"x", false));
+    assert!(t.cmds().is_empty(), "an expired id is not published");
+    let got = t.tx();
+    let Packet::PubAck(a) = Packet::decode(&got[0].1).unwrap() else {
+        panic!("{got:?}")
+    };
+    assert_eq!(a.code, sn_codec::ReturnCode::InvalidTopicId);
+}
+
+#[test]
 fn sleeping_client_gets_held_messages_in_order_then_pingresp() {
     let mut t = T::new();
     let d = dev(1);
