@@ -51,11 +51,6 @@ fn main() -> ExitCode {
 }
 
 async fn run(settings: gateway::config::Settings, mut reload: Reload) -> anyhow::Result<()> {
-    // Each device holds a broker connection (a file descriptor): take the hard limit.
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
-    }
     let probe = settings.embedded_broker.is_none().then(|| settings.broker.clone());
     let mut signals = Signals::new()?;
     let running = gateway::runtime::start(settings).await?;

@@ -104,6 +104,8 @@ pub struct View {
     pub stats: Stats,
     /// Broker connections held.
     pub broker_links: usize,
+    /// Broker connections allowed at once (`usize::MAX`: unbounded).
+    pub broker_links_max: usize,
     /// The broker probe's last verdict (`None`: not probed yet).
     pub broker_reachable: Option<bool>,
     /// Serial ports configured, and how many are open.
@@ -140,6 +142,11 @@ pub fn render(view: &View) -> String {
         "broker_connections",
         "MQTT connections to the broker held for sessions",
         gauge(view.broker_links),
+    );
+    registry.register(
+        "broker_connections_max",
+        "Broker connections allowed at once (broker.max_connections, or the open-file limit less a reserve)",
+        gauge(view.broker_links_max),
     );
     registry.register(
         "broker_reachable",
@@ -221,6 +228,8 @@ pub struct Sources {
     pub stats: Arc<Mutex<Stats>>,
     /// Broker connections held.
     pub broker_links: Arc<AtomicUsize>,
+    /// Broker connections allowed at once.
+    pub broker_links_max: usize,
     /// The broker probe's last verdict.
     pub broker_reachable: Arc<Mutex<Option<bool>>>,
     /// The serial ports' counters.
@@ -236,6 +245,7 @@ impl Sources {
         View {
             stats: self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             broker_links: self.broker_links.load(Ordering::Relaxed),
+            broker_links_max: self.broker_links_max,
             broker_reachable: *self.broker_reachable.lock().unwrap_or_else(|e| e.into_inner()),
             serial_ports: serial.len(),
             serial_open: serial.iter().filter(|p| p.open).count(),

@@ -195,6 +195,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         }
     }
     info!(broker = %broker.url(), "broker");
+    broker.max_connections = Some(connection_limit(&settings));
     let probe = broker.clone();
     let links = MqttLinks::new(broker, ev_tx);
     let gateway = Gateway::new(settings.engine.clone());
@@ -232,6 +233,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             crate::ops::Sources {
                 stats: stats.clone(),
                 broker_links: broker_links.clone(),
+                broker_links_max: links.max_connections(),
                 broker_reachable: reachable,
                 serial: serial_stats.clone(),
                 stopping: stopping.clone(),
@@ -411,6 +413,35 @@ async fn run(
 
 /// Sends what the engine queued: datagrams to devices, commands to broker links (whose
 /// immediate refusals go straight back into the engine).
+/// The broker connection limit in force: `broker.max_connections`, or the open-file
+/// limit (raised to its hard value here) less a reserve. Logged, with a warning when it
+/// is below `limits.max_clients`, since in transparent mode each device holds one.
+fn connection_limit(settings: &Settings) -> usize {
+    let files = crate::open_files::raise();
+    let max = crate::open_files::max_connections(settings.broker.max_connections, files);
+    match files {
+        Some(f) => info!(
+            soft = f.soft,
+            hard = f.hard,
+            was = f.was,
+            broker_connections = max,
+            "open-file limit"
+        ),
+        None => warn!("cannot read the open-file limit; broker connections are not bounded by it"),
+    }
+    let clients = settings.engine.max_clients;
+    if max < clients {
+        warn!(
+            max_clients = clients,
+            broker_connections = max,
+            "transparent mode holds one broker connection (an open file) per device: this process serves at most \
+             {max} devices, fewer than limits.max_clients; raise the open-file limit (LimitNOFILE) or spread the \
+             devices over several gateways (docs/scaling.md)"
+        );
+    }
+    max
+}
+
 async fn flush(gw: &mut Gateway, links: &mut MqttLinks, listeners: &[UdpListener], serial: &SerialPorts) {
     // Connections whose task ended by itself (refused, unreachable, lost) are freed.
     links.reap();

@@ -293,3 +293,49 @@ async fn qos0_dropped_beyond_the_backlog_is_counted() {
     assert_eq!(s.broker_rejected, s.qos0_dropped_broker_full);
     running.shutdown().await;
 }
+
+/// Transparent mode holds one broker connection per device; `broker.max_connections`
+/// (by default the open-file limit less a reserve) bounds them: a CONNECT beyond gets
+/// congestion, the devices already connected go on working, and a freed connection
+/// lets the next device in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_get_congestion_and_a_freed_one_is_reused() {
+    let Some(m) = Mosquitto::start() else { return };
+    let (running, gw) = gateway_to(m.addr(), |s| s.broker.max_connections = Some(2)).await;
+    let mut obs = Observer::connect(m.addr(), "limit-obs").await;
+    obs.subscribe("limit/#", 1).await;
+    let mut a = SnClient::bind(Ipv4Addr::new(127, 0, 20, 1), gw, "limit-a").await;
+    let mut b = SnClient::bind(Ipv4Addr::new(127, 0, 20, 2), gw, "limit-b").await;
+    let mut c = SnClient::bind(Ipv4Addr::new(127, 0, 20, 3), gw, "limit-c").await;
+    a.connect(60, true).await;
+    b.connect(60, true).await;
+    assert_eq!(c.try_connect(60, true).await, Rx::ConnAck(ReturnCode::Congestion));
+    // (The runtime publishes its counters every 100 ms.)
+    let deadline = Instant::now() + WAIT;
+    while running.broker_links() != 2 || running.stats().metrics.connects_refused == 0 {
+        assert!(Instant::now() < deadline, "2 links and a refusal counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The two connected devices are unaffected.
+    let id = a.register("limit/a").await;
+    a.publish_qos1(TopicRef::Normal(id), b"still here").await;
+    obs.expect_msg_eq("limit/a", b"still here").await;
+
+    // One leaves: the next CONNECT gets its connection.
+    b.disconnect().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match c.try_connect(60, true).await {
+            Rx::ConnAck(ReturnCode::Accepted) => break,
+            Rx::ConnAck(ReturnCode::Congestion) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("expected CONNACK accepted once a connection was freed, got {other:?}"),
+        }
+    }
+    let id = c.register("limit/c").await;
+    c.publish_qos1(TopicRef::Normal(id), b"let in").await;
+    obs.expect_msg_eq("limit/c", b"let in").await;
+    running.shutdown().await;
+}

@@ -48,6 +48,10 @@ pub struct BrokerConfig {
     pub inflight: u16,
     /// Seconds to wait for the TCP connection and CONNACK.
     pub connect_timeout_secs: u64,
+    /// Broker connections held at once (one per device in transparent mode); a CONNECT
+    /// beyond gets CONNACK congestion. `None`: derived from the process's open-file
+    /// limit at start ([`crate::open_files`]).
+    pub max_connections: Option<usize>,
 }
 
 impl Default for BrokerConfig {
@@ -64,6 +68,7 @@ impl Default for BrokerConfig {
             backlog_bytes: 1 << 20,
             inflight: 16,
             connect_timeout_secs: 5,
+            max_connections: None,
         }
     }
 }
@@ -262,12 +267,16 @@ pub struct MqttLinks {
     ended_tx: mpsc::UnboundedSender<Ended>,
     ended_rx: mpsc::UnboundedReceiver<Ended>,
     full_warn: LogThrottle,
+    /// Connections allowed at once (`broker.max_connections`, resolved at start).
+    max_connections: usize,
+    limit_warn: LogThrottle,
 }
 
 impl MqttLinks {
     /// A link reporting to `events`.
     pub fn new(cfg: BrokerConfig, events: mpsc::Sender<(ClientKey, BrokerEvent)>) -> Self {
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+        let max_connections = cfg.max_connections.unwrap_or(usize::MAX);
         MqttLinks {
             cfg: Arc::new(cfg),
             events,
@@ -277,7 +286,14 @@ impl MqttLinks {
             ended_tx,
             ended_rx,
             full_warn: LogThrottle::new(FULL_WARN_EVERY),
+            max_connections,
+            limit_warn: LogThrottle::new(FULL_WARN_EVERY),
         }
+    }
+
+    /// Connections allowed at once.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
     }
 
     /// Frees the entries of connections whose task has ended. Cheap when none has.
@@ -510,6 +526,21 @@ async fn feed_backlog(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Reque
 impl BrokerLink for MqttLinks {
     fn execute(&mut self, key: ClientKey, command: Command) -> Option<BrokerEvent> {
         if let Command::Connect(p) = command {
+            if self.conns.len() >= self.max_connections && !self.conns.contains_key(&key) {
+                if let Some(held_back) = self.limit_warn.allow(Instant::now()) {
+                    warn!(
+                        limit = self.max_connections,
+                        held_back,
+                        "CONNECT refused with congestion: the broker connection limit is reached. Transparent mode holds one \
+                         TCP connection, an open file, per device: raise the open-file limit (LimitNOFILE) or \
+                         broker.max_connections, or spread the devices over several gateways (docs/scaling.md)"
+                    );
+                }
+                return Some(BrokerEvent::ConnectFailed {
+                    reason: format!("broker connection limit ({}) reached", self.max_connections),
+                    refused: false,
+                });
+            }
             self.connect(key, p);
             return None;
         }

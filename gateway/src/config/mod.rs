@@ -197,6 +197,8 @@ pub struct BrokerSection {
     pub inflight: u16,
     /// Seconds allowed for the TCP connect and CONNACK.
     pub connect_timeout_secs: u64,
+    /// Broker connections held at once (0: the process's open-file limit less a reserve).
+    pub max_connections: usize,
 }
 
 impl Default for BrokerSection {
@@ -217,6 +219,7 @@ impl Default for BrokerSection {
             backlog_bytes: b.backlog_bytes,
             inflight: b.inflight,
             connect_timeout_secs: b.connect_timeout_secs,
+            max_connections: b.max_connections.unwrap_or(0),
         }
     }
 }
