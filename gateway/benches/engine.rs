@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use divan::Bencher;
-use gateway::broker::{BrokerEvent, Command, Message, MqttQos};
+use gateway::broker::{BrokerEvent, Command, DeliveryId, Message, MqttQos};
 use gateway::engine::{EngineConfig, Gateway, LinkAddr};
 use sn_codec::{Connect, Packet, PubAck, Publish, QoS, ReturnCode, TopicRef};
 
@@ -127,7 +127,7 @@ fn downlink_qos1_round_trip(bencher: Bencher) {
                 payload: payload.clone(),
                 qos: MqttQos::AtLeastOnce,
                 retain: false,
-                pkid: 1,
+                delivery: DeliveryId(1),
             }),
         );
         let t = gw.poll_transmit().unwrap();

@@ -280,9 +280,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn run(
+async fn run<L: BrokerLink>(
     mut gw: Gateway,
-    mut links: MqttLinks,
+    mut links: L,
     listeners: Vec<UdpListener>,
     mut inbound: mpsc::Receiver<Inbound>,
     mut events: mpsc::Receiver<(ClientKey, BrokerEvent)>,
@@ -442,7 +442,7 @@ fn connection_limit(settings: &Settings) -> usize {
     max
 }
 
-async fn flush(gw: &mut Gateway, links: &mut MqttLinks, listeners: &[UdpListener], serial: &SerialPorts) {
+async fn flush<L: BrokerLink>(gw: &mut Gateway, links: &mut L, listeners: &[UdpListener], serial: &SerialPorts) {
     // Connections whose task ended by itself (refused, unreachable, lost) are freed.
     links.reap();
     loop {

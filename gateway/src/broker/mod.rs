@@ -115,13 +115,11 @@ pub enum Command {
         /// Topic filter.
         filter: String,
     },
-    /// The device has a message the broker sent with this packet id: acknowledge it
-    /// (PUBACK for QoS 1, PUBREC for QoS 2).
+    /// The device has this QoS 1/2 message: the link acknowledges it to the broker
+    /// (PUBACK or PUBREC; in a shared connection, once every device it went to has it).
     Ack {
-        /// QoS the message was received with.
-        qos: MqttQos,
-        /// Broker packet id.
-        pkid: u16,
+        /// The message's [`Message::delivery`].
+        delivery: DeliveryId,
     },
     /// Close the connection cleanly (MQTT DISCONNECT, so the broker drops its copy of
     /// the will), first publishing `will` if the client was lost.
@@ -203,9 +201,16 @@ pub struct Message {
     pub qos: MqttQos,
     /// Retain flag (set for retained messages sent on subscribe).
     pub retain: bool,
-    /// Broker packet id (0 for QoS 0), for [`Command::Ack`].
-    pub pkid: u16,
+    /// The link's handle of this delivery, handed back in [`Command::Ack`] once the
+    /// device has the message (QoS 1/2). The engine never looks inside: packet ids,
+    /// and which connection a message came on, are the link's business.
+    pub delivery: DeliveryId,
 }
+
+/// A broker message's delivery to one device, as the link numbers it (opaque to the
+/// engine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryId(pub u64);
 
 /// At most one log line per `every` for one kind of event, counting those it holds back,
 /// so that a flood (thousands of refused CONNECTs, a congested link) is visible in the
@@ -252,4 +257,23 @@ pub trait BrokerLink {
 
     /// Sessions whose link is not yet closed.
     fn active(&self) -> usize;
+
+    /// Broker connections allowed at once (`usize::MAX`: unbounded).
+    fn max_connections(&self) -> usize;
+
+    /// Frees what connections that ended by themselves held. Cheap when none has.
+    fn reap(&mut self);
+
+    /// Connection tasks still running (including those closing after their session
+    /// ended), after [`BrokerLink::reap`].
+    fn tasks(&self) -> usize;
+
+    /// Closes every connection still open with an MQTT DISCONNECT (no will), after what
+    /// is already queued on it. For the gateway's shutdown, once the sessions have closed
+    /// theirs.
+    fn close_all(&mut self);
+
+    /// Waits, until `deadline`, for every connection to end (a closed one: its
+    /// DISCONNECT written to the broker). Resolves to how many did not.
+    fn wait_closed(&mut self, deadline: tokio::time::Instant) -> impl std::future::Future<Output = usize> + Send;
 }

@@ -15,7 +15,8 @@ use tracing::{debug, warn};
 
 use super::tls::BrokerTls;
 use super::{
-    BrokerEvent, BrokerLink, ClientKey, Command, ConnectParams, LogThrottle, Message, MqttQos, RejectReason, Token,
+    BrokerEvent, BrokerLink, ClientKey, Command, ConnectParams, DeliveryId, LogThrottle, Message, MqttQos,
+    RejectReason, Token,
 };
 
 /// Where and how to reach the broker.
@@ -179,6 +180,9 @@ const WILL_TOKEN: Token = Token::MAX;
 /// How often the link logs, at most, that a connection's backlog overflowed.
 const FULL_WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a connection that sent DISCONNECT waits for the broker to close its side.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 /// Requests held back for a connection whose rumqttc request channel was full, and the
 /// task that feeds them to rumqttc in order as the channel drains (back-pressure in the
 /// place of a drop).
@@ -289,57 +293,6 @@ impl MqttLinks {
             max_connections,
             limit_warn: LogThrottle::new(FULL_WARN_EVERY),
         }
-    }
-
-    /// Connections allowed at once.
-    pub fn max_connections(&self) -> usize {
-        self.max_connections
-    }
-
-    /// Frees the entries of connections whose task has ended. Cheap when none has.
-    pub fn reap(&mut self) {
-        while let Ok(e) = self.ended_rx.try_recv() {
-            if self.conns.get(&e.key).is_some_and(|c| c.generation == e.generation) {
-                self.conns.remove(&e.key);
-            }
-            if self
-                .last_task
-                .get(&e.broker_id)
-                .is_some_and(|(g, _)| *g == e.generation)
-            {
-                self.last_task.remove(&e.broker_id);
-            }
-        }
-    }
-
-    /// Connection tasks still running (including those closing after their session
-    /// ended), after [`MqttLinks::reap`].
-    pub fn tasks(&self) -> usize {
-        self.last_task.len()
-    }
-
-    /// Closes every connection still open with an MQTT DISCONNECT (no will), after what
-    /// is already queued on it. For the gateway's shutdown, once the sessions have closed
-    /// theirs.
-    pub fn close_all(&mut self) {
-        let keys: Vec<ClientKey> = self.conns.keys().copied().collect();
-        for key in keys {
-            self.execute(key, Command::Disconnect { will: None });
-        }
-    }
-
-    /// Waits, until `deadline`, for every connection task to end (for a closed
-    /// connection: its DISCONNECT written to the broker). Returns how many did not.
-    pub async fn wait_closed(&mut self, deadline: tokio::time::Instant) -> usize {
-        let tasks: Vec<_> = self.last_task.drain().map(|(_, (_, t))| t).collect();
-        let mut left = 0;
-        for task in tasks {
-            if tokio::time::timeout_at(deadline, task).await.is_err() {
-                left += 1;
-            }
-        }
-        self.reap();
-        left
     }
 
     fn options(&self, p: &ConnectParams) -> MqttOptions {
@@ -640,7 +593,8 @@ impl BrokerLink for MqttLinks {
                     }
                 }
             }
-            Command::Ack { qos, pkid } => {
+            Command::Ack { delivery } => {
+                let (qos, pkid) = unpack_delivery(delivery);
                 let mut p = Publish::new("", rumqttc_qos(qos), Vec::new());
                 p.pkid = pkid;
                 let request = || match qos {
@@ -696,6 +650,75 @@ impl BrokerLink for MqttLinks {
     fn active(&self) -> usize {
         self.conns.len()
     }
+
+    /// Connections allowed at once.
+    fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Frees the entries of connections whose task has ended. Cheap when none has.
+    fn reap(&mut self) {
+        while let Ok(e) = self.ended_rx.try_recv() {
+            if self.conns.get(&e.key).is_some_and(|c| c.generation == e.generation) {
+                self.conns.remove(&e.key);
+            }
+            if self
+                .last_task
+                .get(&e.broker_id)
+                .is_some_and(|(g, _)| *g == e.generation)
+            {
+                self.last_task.remove(&e.broker_id);
+            }
+        }
+    }
+
+    /// Connection tasks still running (including those closing after their session
+    /// ended), after [`BrokerLink::reap`].
+    fn tasks(&self) -> usize {
+        self.last_task.len()
+    }
+
+    /// Closes every connection still open with an MQTT DISCONNECT (no will), after what
+    /// is already queued on it. For the gateway's shutdown, once the sessions have closed
+    /// theirs.
+    fn close_all(&mut self) {
+        let keys: Vec<ClientKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.execute(key, Command::Disconnect { will: None });
+        }
+    }
+
+    /// Waits, until `deadline`, for every connection task to end (for a closed
+    /// connection: its DISCONNECT written to the broker). Returns how many did not.
+    fn wait_closed(&mut self, deadline: tokio::time::Instant) -> impl std::future::Future<Output = usize> + Send {
+        let tasks: Vec<_> = self.last_task.drain().map(|(_, (_, t))| t).collect();
+        self.reap();
+        async move {
+            let mut left = 0;
+            for task in tasks {
+                if tokio::time::timeout_at(deadline, task).await.is_err() {
+                    left += 1;
+                }
+            }
+            left
+        }
+    }
+}
+
+/// A delivery on one connection: its QoS and the broker's packet id, which is all the
+/// acknowledgement needs (the connection is the session's own).
+fn pack_delivery(qos: MqttQos, pkid: u16) -> DeliveryId {
+    DeliveryId((qos as u64) << 16 | u64::from(pkid))
+}
+
+/// The QoS and packet id of a [`pack_delivery`] handle.
+fn unpack_delivery(d: DeliveryId) -> (MqttQos, u16) {
+    let qos = match d.0 >> 16 {
+        2 => MqttQos::ExactlyOnce,
+        1 => MqttQos::AtLeastOnce,
+        _ => MqttQos::AtMostOnce,
+    };
+    (qos, (d.0 & 0xFFFF) as u16)
 }
 
 /// Tells the task closing a lost client's link that the broker has its will.
@@ -754,7 +777,7 @@ async fn drive(
                     payload: p.payload,
                     qos: our_qos(p.qos),
                     retain: p.retain,
-                    pkid: p.pkid,
+                    delivery: pack_delivery(our_qos(p.qos), p.pkid),
                 })),
                 Incoming::PubAck(a) => match publishes.remove(&a.pkid) {
                     Some(WILL_TOKEN) => {
@@ -808,7 +831,15 @@ async fn drive(
                             unsubscribes.insert(pkid, token);
                         }
                     }
-                    Outgoing::Disconnect => return,
+                    Outgoing::Disconnect => {
+                        drop(p);
+                        // Ends once the broker has closed its side (it has then
+                        // processed the DISCONNECT), so that a next connection with the
+                        // same client id never reaches a broker still holding this one.
+                        let _ =
+                            tokio::time::timeout(CLOSE_WAIT, async { while eventloop.poll().await.is_ok() {} }).await;
+                        return;
+                    }
                     _ => {}
                 }
                 None
@@ -841,6 +872,21 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    #[test]
+    fn a_delivery_handle_carries_qos_and_packet_id() {
+        for (qos, pkid) in [
+            (MqttQos::AtLeastOnce, 1),
+            (MqttQos::ExactlyOnce, 65_535),
+            (MqttQos::AtLeastOnce, 0x1234),
+        ] {
+            assert_eq!(unpack_delivery(pack_delivery(qos, pkid)), (qos, pkid));
+        }
+        assert_ne!(
+            pack_delivery(MqttQos::AtLeastOnce, 7),
+            pack_delivery(MqttQos::ExactlyOnce, 7)
+        );
+    }
 
     fn params(id: &str) -> ConnectParams {
         ConnectParams {

@@ -961,13 +961,7 @@ impl Session {
                     ctx.metrics.mountpoint_dropped += 1;
                     debug!(client = %self.client_id, topic = %m.topic, "broker message outside the mountpoint dropped");
                     if m.qos != MqttQos::AtMostOnce {
-                        ctx.out.command(
-                            self.key,
-                            Command::Ack {
-                                qos: m.qos,
-                                pkid: m.pkid,
-                            },
-                        );
+                        ctx.out.command(self.key, Command::Ack { delivery: m.delivery });
                     }
                 }
             },
@@ -1131,8 +1125,7 @@ impl Session {
             ctx.out.command(
                 self.key,
                 Command::Ack {
-                    qos: front.msg.qos,
-                    pkid: front.msg.pkid,
+                    delivery: front.msg.delivery,
                 },
             );
         }

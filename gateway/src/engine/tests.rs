@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
-use crate::broker::{Message, Token, Will};
+use crate::broker::{DeliveryId, Message, Token, Will};
 use bytes::Bytes;
 use sn_codec::{
     Connect, PubAck, Publish, RegAck, Register, ReturnCode, SubAck, Subscribe, TopicFilter, TopicRef, WillTopic,
@@ -197,13 +197,14 @@ impl T {
     }
 }
 
-pub(super) fn msg(topic: &str, payload: &str, qos: MqttQos, pkid: u16) -> BrokerEvent {
+pub(super) fn msg(topic: &str, payload: &str, qos: MqttQos, delivery: u16) -> BrokerEvent {
     BrokerEvent::Message(Message {
         topic: topic.into(),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
         qos,
         retain: false,
-        pkid,
+        // Any number will do: the engine only hands it back.
+        delivery: DeliveryId(u64::from(delivery)),
     })
 }
 
@@ -510,8 +511,7 @@ fn wildcard_delivery_registers_first_and_acks_broker_after_device() {
         vec![(
             key,
             Command::Ack {
-                qos: MqttQos::AtLeastOnce,
-                pkid: 33
+                delivery: DeliveryId(33)
             }
         )]
     );
@@ -645,8 +645,7 @@ fn qos2_delivery_acks_broker_on_pubrec_and_completes() {
         vec![(
             key,
             Command::Ack {
-                qos: MqttQos::ExactlyOnce,
-                pkid: 4
+                delivery: DeliveryId(4)
             }
         )]
     );
@@ -818,11 +817,11 @@ fn sleeping_client_gets_held_messages_in_order_then_pingresp() {
     t.send(&d2, Packet::PubComp(p2.msg_id));
     t.expect(&d2, &[Packet::PingResp]);
     assert_eq!(t.gw.session_state("sleepy"), Some(SessionState::Asleep));
-    let acks: Vec<u16> = t
+    let acks: Vec<u64> = t
         .cmds()
         .into_iter()
         .map(|(_, c)| match c {
-            Command::Ack { pkid, .. } => pkid,
+            Command::Ack { delivery } => delivery.0,
             other => panic!("{other:?}"),
         })
         .collect();

@@ -6,6 +6,7 @@
 use super::tests::{cfg, dev, msg, publish, T};
 use super::*;
 use crate::auth::{AddressChange, AuthConfig, Registry};
+use crate::broker::DeliveryId;
 use sn_codec::{Connect, PubAck, RegAck, Register, ReturnCode, SubAck, Subscribe, TopicFilter, TopicRef};
 
 const DEVICES: &str = r#"
@@ -329,7 +330,15 @@ fn mountpoint_both_ways() {
     // Outside the mountpoint: not delivered, released at the broker.
     t.event(key, msg("site/m2/sensors/temp", "no", MqttQos::AtLeastOnce, 9));
     t.expect_nothing();
-    assert!(matches!(t.cmds().as_slice(), [(_, Command::Ack { pkid: 9, .. })]));
+    assert!(matches!(
+        t.cmds().as_slice(),
+        [(
+            _,
+            Command::Ack {
+                delivery: DeliveryId(9)
+            }
+        )]
+    ));
     assert_eq!(t.gw.stats().metrics.mountpoint_dropped, 1);
     // A client id that would escape its mountpoint is refused.
     t.send(&dev(2), connect_packet("x/+"));
