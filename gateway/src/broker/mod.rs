@@ -15,6 +15,12 @@ use std::sync::Arc;
 /// process runs, so a late event for a finished session cannot reach a new one.
 pub type ClientKey = u64;
 
+/// The key of the gateway's own publications (QoS -1 publishes, spec 6.8), which belong
+/// to no session. The link carries them on a connection of its choosing (transparent
+/// mode: one of its own, opened at the first and again after it is lost, with the
+/// client id `broker.gateway_client_id`).
+pub const GATEWAY_KEY: ClientKey = 0;
+
 /// Identifies one request to the broker within a session, echoed by its outcome event.
 pub type Token = u64;
 

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use super::tls::BrokerTls;
 use super::{
     BrokerEvent, BrokerLink, ClientKey, Command, ConnectParams, DeliveryId, LogThrottle, Message, MqttQos,
-    RejectReason, Token,
+    RejectReason, Token, GATEWAY_KEY,
 };
 
 /// Where and how to reach the broker.
@@ -49,6 +49,9 @@ pub struct BrokerConfig {
     pub inflight: u16,
     /// Seconds to wait for the TCP connection and CONNACK.
     pub connect_timeout_secs: u64,
+    /// Client id of the gateway's own connection, which carries QoS -1 publishes
+    /// ([`super::GATEWAY_KEY`]); `client_id_prefix` is prepended like any other.
+    pub gateway_client_id: String,
     /// Broker connections held at once (one per device in transparent mode); a CONNECT
     /// beyond gets CONNACK congestion. `None`: derived from the process's open-file
     /// limit at start ([`crate::open_files`]).
@@ -70,6 +73,7 @@ impl Default for BrokerConfig {
             inflight: 16,
             connect_timeout_secs: 5,
             max_connections: None,
+            gateway_client_id: "mqtt-sn-gw-1-qos-1".into(),
         }
     }
 }
@@ -496,6 +500,19 @@ impl BrokerLink for MqttLinks {
             }
             self.connect(key, p);
             return None;
+        }
+        if key == GATEWAY_KEY && !self.conns.contains_key(&key) {
+            // The gateway's own connection: opened by its first publish, and by the
+            // next one after it was lost (its entry is freed when it ends).
+            let params = ConnectParams {
+                client_id: self.cfg.gateway_client_id.clone(),
+                clean_session: true,
+                keep_alive: 60,
+                will: None,
+                credentials: None,
+                client_identity: None,
+            };
+            self.connect(key, params);
         }
         let Some(conn) = self.conns.get_mut(&key) else {
             return match command {
@@ -1031,6 +1048,37 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         links.reap();
         assert_eq!((links.active(), links.tasks()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn the_gateway_connection_opens_at_its_first_publish_and_again_after_a_loss() {
+        let (mut links, mut rx) = links_to(unused_port(), 1);
+        let publish = || Command::Publish {
+            token: 0,
+            topic: "ab".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos: MqttQos::AtMostOnce,
+            retain: false,
+        };
+        assert_eq!(links.active(), 0, "nothing opened before a QoS -1 publish");
+        assert_eq!(links.execute(GATEWAY_KEY, publish()), None);
+        assert_eq!(links.active(), 1, "the first publish opens the gateway's connection");
+        let failed = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(
+            matches!(failed, Ok(Some((GATEWAY_KEY, BrokerEvent::ConnectFailed { .. })))),
+            "{failed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        links.reap();
+        assert_eq!(links.active(), 0);
+        // The next publish opens it again; a session's key never does.
+        links.execute(GATEWAY_KEY, publish());
+        assert_eq!(links.active(), 1);
+        assert!(matches!(
+            links.execute(7, publish()),
+            None | Some(BrokerEvent::Rejected { .. })
+        ));
+        assert_eq!(links.active(), 1);
     }
 
     /// A device sending large publishes faster than its connection drains is held to

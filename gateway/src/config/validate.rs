@@ -410,6 +410,7 @@ impl Config {
             backlog_bytes: at_least(e, "broker.backlog_bytes", b.backlog_bytes, 0, 1 << 30),
             inflight: at_least(e, "broker.inflight", b.inflight, 1, u16::MAX),
             connect_timeout_secs: at_least(e, "broker.connect_timeout_secs", b.connect_timeout_secs, 1, 3600),
+            gateway_client_id: format!("mqtt-sn-gw-{}-qos-1", self.gateway.id),
             max_connections: match at_least(e, "broker.max_connections", b.max_connections, 0, 100_000_000) {
                 0 => None,
                 n => Some(n),

@@ -20,7 +20,7 @@ use sn_codec::{Packet, QoS};
 use tracing::{debug, info, warn};
 
 use crate::auth::{AddressChange, AuthConfig, Denied, Refusal, Registry};
-use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, LogThrottle, MqttQos, RejectReason};
+use crate::broker::{BrokerEvent, ClientKey, Command, LogThrottle, MqttQos, RejectReason};
 use crate::topics::{self, Predefined, TopicTable};
 use persisted::{Persisted, Stored};
 pub use session::SessionState;
@@ -407,8 +407,9 @@ impl Output {
     }
 }
 
-/// The key of the gateway's own broker connection, which carries QoS -1 publishes.
-pub const QOS_MINUS_ONE_KEY: ClientKey = 0;
+/// The key QoS -1 publishes are sent with: the gateway's own ([`crate::broker::GATEWAY_KEY`]),
+/// no session's. The link decides which connection carries them.
+pub const QOS_MINUS_ONE_KEY: ClientKey = crate::broker::GATEWAY_KEY;
 
 /// The gateway engine: every session, and the tables that find them.
 #[derive(Debug)]
@@ -423,7 +424,6 @@ pub struct Gateway {
     out: Output,
     metrics: Metrics,
     latency: Latencies,
-    qos_minus_one_connected: bool,
     /// When the next periodic ADVERTISE is due (set by [`Gateway::start`]).
     next_advertise: Option<Instant>,
     /// Broadcast links that are up (serial ports): ADVERTISE goes to each.
@@ -469,7 +469,6 @@ impl Gateway {
             out: Output::default(),
             metrics: Metrics::default(),
             latency: Latencies::default(),
-            qos_minus_one_connected: false,
             next_advertise: None,
             up_links: BTreeSet::new(),
             stopping: None,
@@ -913,20 +912,6 @@ impl Gateway {
         } else {
             topic
         };
-        if !self.qos_minus_one_connected {
-            self.qos_minus_one_connected = true;
-            self.out.command(
-                QOS_MINUS_ONE_KEY,
-                Command::Connect(ConnectParams {
-                    client_id: format!("mqtt-sn-gw-{}-qos-1", self.cfg.gateway_id),
-                    clean_session: true,
-                    keep_alive: 60,
-                    will: None,
-                    credentials: None,
-                    client_identity: None,
-                }),
-            );
-        }
         self.metrics.qos_minus_one += 1;
         self.metrics.publishes_in += 1;
         self.out.command(
@@ -947,7 +932,6 @@ impl Gateway {
             match &event {
                 BrokerEvent::Closed { reason } | BrokerEvent::ConnectFailed { reason, .. } => {
                     warn!(%reason, "QoS -1 broker connection closed; reconnecting on next QoS -1 publish");
-                    self.qos_minus_one_connected = false;
                 }
                 BrokerEvent::Rejected { reason, .. } => {
                     self.metrics.broker_rejected += 1;
@@ -1066,10 +1050,7 @@ impl Gateway {
         );
         self.stopping = Some(publish_wills);
         self.next_advertise = None;
-        if self.qos_minus_one_connected {
-            self.qos_minus_one_connected = false;
-            self.out.command(QOS_MINUS_ONE_KEY, Command::Disconnect { will: None });
-        }
+        // The QoS -1 connection is the link's: the runtime closes it with the others.
         let keys: Vec<ClientKey> = self.sessions.keys().copied().collect();
         for key in keys {
             // with_session calls Session::stop for each.
