@@ -411,8 +411,6 @@ async fn run<L: BrokerLink>(
     info!("gateway stopped");
 }
 
-/// Sends what the engine queued: datagrams to devices, commands to broker links (whose
-/// immediate refusals go straight back into the engine).
 /// The broker connection limit in force: `broker.max_connections`, or the open-file
 /// limit (raised to its hard value here) less a reserve. Logged, with a warning when it
 /// is below `limits.max_clients`, since in transparent mode each device holds one.
@@ -442,6 +440,8 @@ fn connection_limit(settings: &Settings) -> usize {
     max
 }
 
+/// Sends what the engine queued: datagrams to devices, commands to broker links (whose
+/// immediate refusals go straight back into the engine).
 async fn flush<L: BrokerLink>(gw: &mut Gateway, links: &mut L, listeners: &[UdpListener], serial: &SerialPorts) {
     // Connections whose task ended by itself (refused, unreachable, lost) are freed.
     links.reap();
