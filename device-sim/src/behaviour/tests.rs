@@ -128,9 +128,19 @@ impl Gateway {
             .collect()
     }
 
+    /// When the device sent each packet that `f` picks (ms).
+    fn times(&self, f: impl Fn(&Seen) -> bool) -> Vec<u64> {
+        self.seen.iter().filter(|(_, s)| f(s)).map(|(t, _)| *t).collect()
+    }
+
     fn kinds(&self) -> Vec<&Seen> {
         self.seen.iter().map(|(_, s)| s).collect()
     }
+}
+
+/// A run's times (ms).
+fn times(start: u64, stop: u64, end: u64) -> Schedule {
+    Schedule { start, stop, end }
 }
 
 fn group() -> Group {
@@ -232,11 +242,7 @@ impl<'s> Rig<'s> {
 fn connects_registers_publishes_on_schedule_and_leaves() {
     let g = group();
     let spec = DeviceSpec::new(RUN, "sim", &g, 0, 3);
-    let schedule = Schedule {
-        start: 1_000,
-        stop: 6_000,
-        end: 8_000,
-    };
+    let schedule = times(1_000, 6_000, 8_000);
     let mut rig = Rig::new(&spec, &g, schedule, Gateway::default());
     rig.run_until(20_000);
     assert!(rig.done, "the behaviour ends by the end of the run");
@@ -277,24 +283,14 @@ fn connects_registers_publishes_on_schedule_and_leaves() {
 fn a_silent_gateway_is_lost_and_the_device_reconnects_after_its_backoff() {
     let g = group();
     let spec = DeviceSpec::new(RUN, "sim", &g, 0, 0);
-    let schedule = Schedule {
-        start: 0,
-        stop: 10_000,
-        end: 11_000,
-    };
+    let schedule = times(0, 10_000, 11_000);
     let gw = Gateway {
         silent: true,
         ..Gateway::default()
     };
     let mut rig = Rig::new(&spec, &g, schedule, gw);
     rig.run_until(4_000);
-    let connects: Vec<u64> = rig
-        .gw
-        .seen
-        .iter()
-        .filter(|(_, s)| matches!(s, Seen::Connect { .. }))
-        .map(|(t, _)| *t)
-        .collect();
+    let connects: Vec<u64> = rig.gw.times(|s| matches!(s, Seen::Connect { .. }));
     // CONNECT, Nretry (2) retransmissions Tretry (500 ms) apart, then lost at 1,500 ms:
     // the next CONNECT waits 1 to 2 s.
     assert_eq!(connects.get(..3), Some(&[0, 500, 1_000][..]), "{connects:?}");
@@ -308,24 +304,14 @@ fn a_silent_gateway_is_lost_and_the_device_reconnects_after_its_backoff() {
 fn a_refused_register_is_retried_after_the_backoff_not_at_once() {
     let g = group();
     let spec = DeviceSpec::new(RUN, "sim", &g, 0, 0);
-    let schedule = Schedule {
-        start: 0,
-        stop: 5_000,
-        end: 6_000,
-    };
+    let schedule = times(0, 5_000, 6_000);
     let gw = Gateway {
         refuse_register: vec![ReturnCode::Congestion],
         ..Gateway::default()
     };
     let mut rig = Rig::new(&spec, &g, schedule, gw);
     rig.run_until(3_000);
-    let registers: Vec<u64> = rig
-        .gw
-        .seen
-        .iter()
-        .filter(|(_, s)| matches!(s, Seen::Register(_)))
-        .map(|(t, _)| *t)
-        .collect();
+    let registers: Vec<u64> = rig.gw.times(|s| matches!(s, Seen::Register(_)));
     assert_eq!(registers, vec![0, RECONNECT_BACKOFF_MS], "{:?}", rig.gw.seen);
 }
 
@@ -333,11 +319,7 @@ fn a_refused_register_is_retried_after_the_backoff_not_at_once() {
 fn invalid_topic_id_makes_the_device_register_again() {
     let g = group();
     let spec = DeviceSpec::new(RUN, "sim", &g, 0, 0);
-    let schedule = Schedule {
-        start: 0,
-        stop: 5_000,
-        end: 6_000,
-    };
+    let schedule = times(0, 5_000, 6_000);
     let gw = Gateway {
         refuse_publish: vec![ReturnCode::InvalidTopicId],
         ..Gateway::default()
@@ -362,20 +344,10 @@ fn a_sleepy_device_sleeps_wakes_with_its_client_id_and_counts_both() {
         ..group()
     };
     let spec = DeviceSpec::new(RUN, "sim", &g, 0, 0);
-    let schedule = Schedule {
-        start: 0,
-        stop: 12_000,
-        end: 13_000,
-    };
+    let schedule = times(0, 12_000, 13_000);
     let mut rig = Rig::new(&spec, &g, schedule, Gateway::default());
     rig.run_until(12_000);
-    let sleeps: Vec<u64> = rig
-        .gw
-        .seen
-        .iter()
-        .filter(|(_, s)| *s == Seen::Disconnect(Some(3)))
-        .map(|(t, _)| *t)
-        .collect();
+    let sleeps: Vec<u64> = rig.gw.times(|s| *s == Seen::Disconnect(Some(3)));
     assert_eq!(
         sleeps.first(),
         Some(&1_000),
@@ -411,11 +383,7 @@ fn downlink_first_then_extra_filters_and_each_message_counted_once() {
         ..group()
     };
     let spec = DeviceSpec::new(RUN, "sim", &g, 0, 5);
-    let schedule = Schedule {
-        start: 0,
-        stop: 5_000,
-        end: 6_000,
-    };
+    let schedule = times(0, 5_000, 6_000);
     let mut rig = Rig::new(&spec, &g, schedule, Gateway::default());
     assert!(!rig.b.broker_may_send());
     rig.run_until(100);
@@ -511,11 +479,7 @@ fn clean_session_loss_stops_the_broker_side_and_resubscribes_after_reconnect() {
         ..group()
     };
     let spec = DeviceSpec::new(RUN, "sim", &g, 0, 1);
-    let schedule = Schedule {
-        start: 0,
-        stop: 70_000,
-        end: 75_000,
-    };
+    let schedule = times(0, 70_000, 75_000);
     let mut rig = Rig::new(&spec, &g, schedule, Gateway::default());
     rig.run_until(100);
     assert!(rig.b.broker_may_send());
@@ -555,11 +519,7 @@ fn qos_minus_one_while_asleep_does_not_wake_the_session() {
         ..group()
     };
     let spec = DeviceSpec::new(RUN, "sim", &g, 0, 0);
-    let schedule = Schedule {
-        start: 0,
-        stop: 6_000,
-        end: 7_000,
-    };
+    let schedule = times(0, 6_000, 7_000);
     let mut rig = Rig::new(&spec, &g, schedule, Gateway::default());
     rig.run_until(5_900);
     let kinds = rig.gw.kinds();
