@@ -15,6 +15,7 @@
 pub mod behaviour;
 pub mod conformance;
 pub mod device;
+pub mod dtls;
 pub mod echo;
 pub mod fleet;
 pub mod gateway_metrics;

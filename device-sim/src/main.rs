@@ -220,6 +220,12 @@ struct CommonArgs {
     /// Two-character short topic name instead of a name.
     #[arg(long, value_name = "XY")]
     short: Option<String>,
+    /// DTLS 1.2 with a pre-shared key (the gateway's `--dtls` listener): the PSK identity.
+    #[arg(long, value_name = "ID", requires = "psk")]
+    psk_identity: Option<String>,
+    /// The pre-shared key, in hex.
+    #[arg(long, value_name = "HEX", requires = "psk_identity")]
+    psk: Option<String>,
 }
 
 impl CommonArgs {
@@ -241,6 +247,10 @@ impl CommonArgs {
                 timeout: self.timeout,
                 t_retry_ms: u32::try_from(self.retry.as_millis()).unwrap_or(u32::MAX).max(1),
                 n_retry: self.retries,
+                psk: match (&self.psk_identity, &self.psk) {
+                    (Some(id), Some(key)) => Some(device_sim::dtls::Psk::from_hex(id, key).map_err(anyhow::Error::msg)?),
+                    _ => None,
+                },
             },
             topic,
         ))

@@ -14,6 +14,7 @@ use rand::rngs::SmallRng;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use crate::dtls::{DtlsClient, DtlsError, Psk, HANDSHAKE_TIMEOUT};
 use crate::radio::{DelayQueue, Fate, LinkModel};
 
 /// Longest datagram accepted from the gateway.
@@ -99,8 +100,35 @@ pub struct MemoryPort {
 }
 
 enum Link {
-    Udp { sock: UdpSocket, gateway: SocketAddr },
+    Udp {
+        sock: UdpSocket,
+        gateway: SocketAddr,
+    },
     Memory(MemoryPort),
+    /// UDP with every datagram one DTLS record (the handshake done at bind).
+    Dtls {
+        sock: UdpSocket,
+        gateway: SocketAddr,
+        session: Box<DtlsClient>,
+    },
+}
+
+/// Copies a decrypted datagram into `buf`.
+fn deliver(data: &[u8], buf: &mut [u8]) -> Option<usize> {
+    let len = data.len().min(buf.len());
+    buf.get_mut(..len)?.copy_from_slice(data.get(..len)?);
+    Some(len)
+}
+
+/// Feeds a record from the gateway to the session; sends what it answers (a
+/// retransmitted flight, an alert) without waiting.
+fn dtls_record(sock: &UdpSocket, gateway: SocketAddr, session: &mut DtlsClient, record: &[u8]) {
+    if let Err(e) = session.handle_record(Instant::now(), record) {
+        tracing::debug!(error = %e, "DTLS record from the gateway dropped");
+    }
+    while let Some(r) = session.poll_transmit() {
+        let _ = sock.try_send_to(&r, gateway);
+    }
 }
 
 /// Receives one datagram from the gateway into `buf`; `None` for something to ignore.
@@ -109,6 +137,19 @@ async fn recv_link(link: &mut Link, buf: &mut [u8]) -> Option<usize> {
         Link::Udp { sock, gateway } => {
             let (len, from) = sock.recv_from(buf).await.ok()?;
             (from == *gateway).then_some(len)
+        }
+        Link::Dtls { sock, gateway, session } => {
+            if let Some(d) = session.poll_received() {
+                return deliver(&d, buf);
+            }
+            let (len, from) = sock.recv_from(buf).await.ok()?;
+            if from != *gateway {
+                return None;
+            }
+            let record = buf.get(..len)?.to_vec();
+            dtls_record(sock, *gateway, session, &record);
+            let d = session.poll_received()?;
+            deliver(&d, buf)
         }
         Link::Memory(port) => match port.from_gateway.recv().await {
             Some(data) => {
@@ -138,6 +179,19 @@ fn try_recv_link(link: &mut Link, buf: &mut [u8]) -> Option<usize> {
                 buf.get_mut(..len)?.copy_from_slice(data.get(..len)?);
                 return Some(len);
             }
+            Link::Dtls { sock, gateway, session } => {
+                if let Some(d) = session.poll_received() {
+                    return deliver(&d, buf);
+                }
+                let (len, from) = sock.try_recv_from(buf).ok()?;
+                if from == *gateway {
+                    let record = buf.get(..len)?.to_vec();
+                    dtls_record(sock, *gateway, session, &record);
+                    if let Some(d) = session.poll_received() {
+                        return deliver(&d, buf);
+                    }
+                }
+            }
         }
     }
 }
@@ -157,6 +211,60 @@ impl Station {
     pub async fn bind(local: SocketAddr, gateway: SocketAddr, model: LinkModel, rng: SmallRng) -> io::Result<Station> {
         let sock = UdpSocket::bind(local).await?;
         Ok(Self::with_link(Link::Udp { sock, gateway }, model, rng))
+    }
+
+    /// Like [`Station::bind`], over DTLS 1.2 with the pre-shared key `psk`: the handshake
+    /// with the gateway runs here (retransmitted as needed, at most
+    /// [`HANDSHAKE_TIMEOUT`]), then each datagram is one DTLS record.
+    pub async fn bind_dtls(
+        local: SocketAddr,
+        gateway: SocketAddr,
+        psk: &Psk,
+        model: LinkModel,
+        rng: SmallRng,
+    ) -> io::Result<Station> {
+        let sock = UdpSocket::bind(local).await?;
+        let dtls_err = |e: DtlsError| io::Error::other(e.to_string());
+        let mut session = Box::new(DtlsClient::new(psk, Instant::now()).map_err(dtls_err)?);
+        let give_up = Instant::now() + HANDSHAKE_TIMEOUT;
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        while !session.is_connected() {
+            while let Some(r) = session.poll_transmit() {
+                sock.send_to(&r, gateway).await?;
+            }
+            let now = Instant::now();
+            if now >= give_up || session.is_closed() {
+                return Err(dtls_err(DtlsError::HandshakeTimeout(HANDSHAKE_TIMEOUT)));
+            }
+            let wake = session.poll_timeout().unwrap_or(give_up).min(give_up);
+            match tokio::time::timeout_at(wake.into(), sock.recv_from(&mut buf)).await {
+                Ok(Ok((len, from))) if from == gateway => {
+                    if let Some(record) = buf.get(..len) {
+                        if let Err(e) = session.handle_record(Instant::now(), record) {
+                            return Err(io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()));
+                        }
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => session.handle_timeout(Instant::now()).map_err(dtls_err)?,
+            }
+        }
+        // The last flight (our Finished) may still be queued.
+        while let Some(r) = session.poll_transmit() {
+            sock.send_to(&r, gateway).await?;
+        }
+        Ok(Self::with_link(Link::Dtls { sock, gateway, session }, model, rng))
+    }
+
+    /// Ends a DTLS session with close_notify (nothing for plain UDP or memory).
+    pub async fn close(&mut self) {
+        if let Link::Dtls { sock, gateway, session } = &mut self.link {
+            session.close();
+            while let Some(r) = session.poll_transmit() {
+                let _ = sock.send_to(&r, *gateway).await;
+            }
+        }
     }
 
     /// A station on an in-memory network instead of UDP.
@@ -186,7 +294,7 @@ impl Station {
     /// The local address of the socket (`None` on an in-memory network).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match &self.link {
-            Link::Udp { sock, .. } => sock.local_addr().ok(),
+            Link::Udp { sock, .. } | Link::Dtls { sock, .. } => sock.local_addr().ok(),
             Link::Memory(_) => None,
         }
     }
@@ -196,9 +304,9 @@ impl Station {
         self.buf.get(..len).unwrap_or(&[])
     }
 
-    async fn send_now(&self, data: &[u8]) {
+    async fn send_now(&mut self, data: &[u8]) {
         // A failed send is a lost datagram; the engine's retransmission handles it.
-        match &self.link {
+        match &mut self.link {
             Link::Udp { sock, gateway } => {
                 if let Err(e) = sock.send_to(data, *gateway).await {
                     tracing::debug!(error = %e, "send failed");
@@ -206,6 +314,16 @@ impl Station {
             }
             Link::Memory(port) => {
                 let _ = port.to_gateway.send((port.id, data.to_vec()));
+            }
+            Link::Dtls { sock, gateway, session } => {
+                if let Err(e) = session.send(data) {
+                    tracing::debug!(error = %e, "DTLS send failed");
+                }
+                while let Some(r) = session.poll_transmit() {
+                    if let Err(e) = sock.send_to(&r, *gateway).await {
+                        tracing::debug!(error = %e, "send failed");
+                    }
+                }
             }
         }
     }

@@ -121,6 +121,8 @@ pub struct Common {
     pub t_retry_ms: u32,
     /// Nretry.
     pub n_retry: u8,
+    /// Talk to the gateway over DTLS 1.2 with this pre-shared key (a `--dtls` listener).
+    pub psk: Option<crate::dtls::Psk>,
 }
 
 impl Common {
@@ -140,7 +142,11 @@ impl Common {
             SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
         };
-        let station = Station::bind(local, self.gateway, LinkModel::PERFECT, SmallRng::seed_from_u64(0)).await?;
+        let rng = SmallRng::seed_from_u64(0);
+        let station = match &self.psk {
+            Some(psk) => Station::bind_dtls(local, self.gateway, psk, LinkModel::PERFECT, rng).await?,
+            None => Station::bind(local, self.gateway, LinkModel::PERFECT, rng).await?,
+        };
         Ok(Device::new(Client::new(self.config(predefined)), station))
     }
 
@@ -207,6 +213,7 @@ pub(crate) async fn disconnect(dev: &mut Device<'_>, common: &Common) {
         // The session is over either way; a lost DISCONNECT only delays the will-less end.
         let _ = outcome(&mut *dev, &short, "DISCONNECT", |_| None::<()>, &mut ignore).await;
     }
+    dev.station.close().await;
 }
 
 /// `mqtt-sn-sim pub`: what to publish.

@@ -154,6 +154,7 @@ async fn pub_and_sub_tools_round_trip() {
         timeout: Duration::from_secs(10),
         t_retry_ms: 500,
         n_retry: 4,
+        psk: None,
     };
     let sub = SubArgs {
         common: common("sim-test-sub"),
