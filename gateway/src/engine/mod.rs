@@ -1205,6 +1205,8 @@ mod tests;
 #[cfg(test)]
 mod tests_auth;
 #[cfg(test)]
+mod tests_dtls;
+#[cfg(test)]
 mod tests_link;
 #[cfg(test)]
 mod tests_reload;
