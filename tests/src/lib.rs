@@ -263,6 +263,8 @@ pub struct Harness {
     pub gateway: SocketAddr,
     /// The broker's MQTT address.
     pub broker: SocketAddr,
+    /// The gateway's DTLS addresses (`Settings::dtls`), in order.
+    pub dtls: Vec<SocketAddr>,
     running: Option<Running>,
     // Dropped after the gateway.
     _mosquitto: Option<Mosquitto>,
@@ -334,6 +336,7 @@ impl Harness {
             kind,
             gateway,
             broker,
+            dtls: running.dtls_addrs.clone(),
             running: Some(running),
             _mosquitto: mosquitto,
         })
