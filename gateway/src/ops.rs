@@ -78,7 +78,9 @@ pub fn counter_help(name: &str) -> Option<&'static str> {
         "auth_dollar_refused" => "REGISTER, PUBLISH and will topics starting with $, refused",
         "auth_takeover_refused" => "CONNECTs with a live session's client id from another address, refused",
         "auth_wake_refused" => "PINGREQs waking a client from another address, refused",
-        "auth_identity_refused" => "CONNECTs over DTLS with a client id not bound to the session's PSK identity, refused",
+        "auth_identity_refused" => {
+            "CONNECTs over DTLS with a client id not bound to the session's PSK identity, refused"
+        }
         "mountpoint_refused" => "CONNECTs and QoS -1 publishes refused: the mountpoint cannot be formed",
         "mountpoint_dropped" => "Broker messages outside a device's mountpoint, not delivered",
         _ => return None,
@@ -181,8 +183,16 @@ pub fn render(view: &View) -> String {
         registry.register(name, help, ConstCounter::new(value));
     }
     let gauge64 = |n: u64| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
-    registry.register("dtls_sessions", "DTLS sessions held (established or handshaking)", gauge64(d.sessions));
-    registry.register("dtls_handshaking", "DTLS handshakes in progress", gauge64(d.handshaking));
+    registry.register(
+        "dtls_sessions",
+        "DTLS sessions held (established or handshaking)",
+        gauge64(d.sessions),
+    );
+    registry.register(
+        "dtls_handshaking",
+        "DTLS handshakes in progress",
+        gauge64(d.handshaking),
+    );
     registry.register("serial_ports", "Serial ports configured", gauge(view.serial_ports));
     registry.register("serial_ports_open", "Serial ports open now", gauge(view.serial_open));
     let mut out = String::new();

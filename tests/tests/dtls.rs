@@ -52,7 +52,10 @@ fn have_openssl() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        assert!(!in_ci(), "openssl is not installed: the DTLS tests need it under CI=true (apt-get install -y openssl)");
+        assert!(
+            !in_ci(),
+            "openssl is not installed: the DTLS tests need it under CI=true (apt-get install -y openssl)"
+        );
         eprintln!("\nNOTE: openssl not found; this DTLS end-to-end test was NOT RUN.\n");
     }
     ok
@@ -84,7 +87,14 @@ struct OpensslDevice {
 impl OpensslDevice {
     fn spawn(to: SocketAddr, identity: &str, psk_hex: &str) -> OpensslDevice {
         let mut child = Command::new("openssl")
-            .args(["s_client", "-dtls1_2", "-quiet", "-nocommands", "-cipher", "PSK-AES128-CCM8"])
+            .args([
+                "s_client",
+                "-dtls1_2",
+                "-quiet",
+                "-nocommands",
+                "-cipher",
+                "PSK-AES128-CCM8",
+            ])
             .args(["-psk_identity", identity, "-psk", psk_hex])
             .arg("-connect")
             .arg(to.to_string())
@@ -190,7 +200,9 @@ async fn a_client_id_not_bound_to_the_psk_identity_gets_connack_0x03() {
     h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
     device.send(&connect("sensor-8")).await;
     assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::NotSupported));
-    let s = h.wait_stats("the refusal counted", |s| s.metrics.auth_identity_refused == 1).await;
+    let s = h
+        .wait_stats("the refusal counted", |s| s.metrics.auth_identity_refused == 1)
+        .await;
     assert_eq!(s.sessions, 0);
     let _ = device.child.kill().await;
     h.shutdown().await;
@@ -203,7 +215,9 @@ async fn a_wrong_psk_makes_no_session_and_is_counted() {
     }
     let h = start(None).await.expect("the gateway starts");
     let mut device = OpensslDevice::spawn(h.dtls[0], "id-7", "000102030405060708090a0b0c0d0e0f");
-    let s = h.wait_stats("a failed DTLS handshake", |s| s.dtls.handshakes_failed >= 1).await;
+    let s = h
+        .wait_stats("a failed DTLS handshake", |s| s.dtls.handshakes_failed >= 1)
+        .await;
     assert_eq!((s.dtls.handshakes_ok, s.dtls.sessions, s.sessions), (0, 0, 0));
     let _ = device.child.kill().await;
     h.shutdown().await;
@@ -214,9 +228,14 @@ async fn a_plain_mqtt_sn_connect_to_the_dtls_port_gets_no_answer_and_is_counted(
     let h = start(None).await.expect("the gateway starts");
     let mut plain = SnClient::bind(Ipv4Addr::LOCALHOST, h.dtls[0], "sensor-7").await;
     plain.send(&connect("sensor-7")).await;
-    h.wait_stats("a dropped plain datagram", |s| s.dtls.plaintext_dropped == 1).await;
+    h.wait_stats("a dropped plain datagram", |s| s.dtls.plaintext_dropped == 1)
+        .await;
     plain.expect_silence().await;
     let s = h.stats();
-    assert_eq!((s.sessions, s.metrics.datagrams_in), (0, 0), "nothing reached the engine");
+    assert_eq!(
+        (s.sessions, s.metrics.datagrams_in),
+        (0, 0),
+        "nothing reached the engine"
+    );
     h.shutdown().await;
 }

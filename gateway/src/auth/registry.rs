@@ -14,8 +14,8 @@ use serde::Deserialize;
 use super::acl;
 use crate::broker::tls::ClientIdentity;
 use crate::engine::{LinkAddr, Peer};
-use crate::transport::dtls::PskSource;
 use crate::topics::{self, Predefined};
+use crate::transport::dtls::PskSource;
 
 /// A secret (a password, a pre-shared key) that never shows in a log or a debug print.
 #[derive(Clone, PartialEq, Eq)]
@@ -95,7 +95,9 @@ impl Address {
     /// Whether `peer` is at this address; `serial_paths` names the serial ports by index.
     pub fn matches(&self, peer: &Peer, serial_paths: &[String]) -> bool {
         match (self, &peer.link) {
-            (Address::Net { ip, prefix }, LinkAddr::Udp(_, from) | LinkAddr::Dtls(_, from, _)) => in_net(from.ip().to_canonical(), *ip, *prefix),
+            (Address::Net { ip, prefix }, LinkAddr::Udp(_, from) | LinkAddr::Dtls(_, from, _)) => {
+                in_net(from.ip().to_canonical(), *ip, *prefix)
+            }
             (Address::Serial(path), LinkAddr::Serial(i)) => {
                 serial_paths.get(usize::from(*i)).is_some_and(|p| p == path)
             }
@@ -266,11 +268,16 @@ impl Registry {
             let at = |key: &str| format!("{origin}: [[device]] #{index} (client_id {client_id:?}): {key}");
             match raw.resolve(index, client_id.clone(), base, &env, &at) {
                 Ok(device) => {
-                    let same_identity = device.psk_identity.as_ref().and_then(|id| {
-                        registry.devices.iter().find(|d| d.psk_identity.as_ref() == Some(id))
-                    });
+                    let same_identity = device
+                        .psk_identity
+                        .as_ref()
+                        .and_then(|id| registry.devices.iter().find(|d| d.psk_identity.as_ref() == Some(id)));
                     if let Some(first) = same_identity {
-                        errors.push(format!("{}: the same psk_identity as entry #{}", at("psk_identity"), first.index));
+                        errors.push(format!(
+                            "{}: the same psk_identity as entry #{}",
+                            at("psk_identity"),
+                            first.index
+                        ));
                         continue;
                     }
                     if acl::is_glob(&device.client_id) {

@@ -554,7 +554,10 @@ impl Config {
         for (n, d) in self.dtls.iter().enumerate() {
             let at = |key: &str| format!("[[dtls]] #{} {key}", n + 1);
             let Some(address) = d.address else {
-                e.push(format!("{} is required, e.g. address = \"0.0.0.0:10001\"", at("address")));
+                e.push(format!(
+                    "{} is required, e.g. address = \"0.0.0.0:10001\"",
+                    at("address")
+                ));
                 continue;
             };
             if out.iter().any(|l| l.address == address) {

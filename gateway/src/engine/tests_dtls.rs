@@ -91,7 +91,10 @@ fn another_identity_or_a_plain_address_cannot_take_over_or_wake_the_session() {
     assert_eq!(t.gw.session_state("sensor-7"), Some(SessionState::Asleep));
     let m = t.gw.stats().metrics;
     assert_eq!((m.auth_wake_refused, m.auth_takeover_refused), (2, 1));
-    assert_eq!(m.auth_identity_refused, 1, "under id-8 the client id is not bound at all");
+    assert_eq!(
+        m.auth_identity_refused, 1,
+        "under id-8 the client id is not bound at all"
+    );
     // Its own wake gets the message.
     t.send(&own, Packet::PingReq(Some("sensor-7")));
     let got = t.tx();

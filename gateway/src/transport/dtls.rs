@@ -476,12 +476,7 @@ impl DtlsServer {
         let seen = drain_session(&mut session, &mut self.buf, from, &mut out, &mut app);
         self.out.extend(out);
         if seen.connected && session.identity.is_none() {
-            let identity = session
-                .recorder
-                .asked
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let identity = session.recorder.asked.lock().unwrap_or_else(|e| e.into_inner()).clone();
             match identity {
                 Some(identity) => {
                     self.counters.handshakes_ok += 1;

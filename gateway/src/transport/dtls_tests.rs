@@ -31,7 +31,10 @@ impl PskResolver for Fixed {
 const KEY: &[u8] = b"0123456789abcdef";
 
 fn server(limits: DtlsLimits) -> DtlsServer {
-    let keys = Keys(HashMap::from([("dev-1".to_string(), KEY.to_vec()), ("dev-2".to_string(), b"other key".to_vec())]));
+    let keys = Keys(HashMap::from([
+        ("dev-1".to_string(), KEY.to_vec()),
+        ("dev-2".to_string(), b"other key".to_vec()),
+    ]));
     DtlsServer::new(limits, Arc::new(keys)).unwrap()
 }
 
@@ -127,7 +130,10 @@ fn a_psk_client_handshakes_after_a_cookie_and_exchanges_datagrams() {
     assert!(c.connected);
     assert_eq!(s.identity(&c.addr).map(|i| &**i), Some("dev-1"));
     let counters = s.counters();
-    assert_eq!((counters.cookies_sent, counters.handshakes_ok, counters.sessions), (1, 1, 1));
+    assert_eq!(
+        (counters.cookies_sent, counters.handshakes_ok, counters.sessions),
+        (1, 1, 1)
+    );
 
     c.dtls.send_application_data(b"\x05\x04ping").unwrap();
     let got = pump(&mut s, &mut c, now);
