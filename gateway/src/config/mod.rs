@@ -544,4 +544,6 @@ fn env_value(key: &str, value: String) -> figment::value::Value {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_dtls;
+#[cfg(test)]
 mod tests_tls;
