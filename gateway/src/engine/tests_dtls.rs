@@ -102,18 +102,6 @@ fn another_identity_or_a_plain_address_cannot_take_over_or_wake_the_session() {
 }
 
 #[test]
-fn a_client_id_without_a_psk_identity_is_refused_over_dtls() {
-    let mut t = t();
-    let plain = LinkAddr::Udp(0, SocketAddr::from(([127, 0, 0, 1], 1)));
-    t.connect(&plain, "plain", true, 0);
-    // "plain" has no psk_identity: over DTLS it is refused whatever the identity.
-    let d = dtls(2, "id-7");
-    t.send(&d, connect("plain"));
-    t.expect(&d, &[Packet::ConnAck(ReturnCode::NotSupported)]);
-    assert_eq!(t.gw.session_state("plain"), Some(SessionState::Active));
-}
-
-#[test]
 fn the_same_identity_at_a_new_address_takes_its_own_session_over() {
     let mut t = t();
     let old = dtls(1, "id-7");
