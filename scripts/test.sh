@@ -7,9 +7,9 @@
 # (scripts/package-test.sh); elsewhere that step is left out, since it installs into
 # the system.
 #
-# It installs mosquitto, openssl (the DTLS tests' client), chromium (the HTML report check) and prometheus (promtool, the
-# alerting rules check) with apt-get, as root or through sudo without a password, and
-# cargo-nextest when they are missing, and says plainly what it could not install. Under
+# It installs mosquitto, openssl (the DTLS tests' client), chromium (the HTML report
+# check) and prometheus (promtool, the alerting rules check) with apt-get, as root or
+# through sudo without a password, and cargo-nextest when they are missing, and says plainly what it could not install. Under
 # CI=true a missing part is a failure; elsewhere the broker tests are skipped with a loud
 # note, and plain `cargo test` stands in for nextest.
 set -euo pipefail
