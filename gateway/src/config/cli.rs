@@ -75,7 +75,7 @@ pub struct Cli {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub serial: Vec<SerialFlag>,
     /// UDP address to serve MQTT-SN over DTLS (PSK) on (repeatable); replaces the
-    /// file's [[dtls]] listeners. Keys come from the device registry.
+    /// file's `[[dtls]]` listeners. Keys come from the device registry.
     #[arg(long = "dtls", id = "dtls", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dtls: Vec<DtlsFlag>,
