@@ -406,6 +406,11 @@ impl Harness {
         }
     }
 
+    /// The running gateway (for reloads: `set_registry`, `set_predefined`).
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("the gateway runs until shutdown")
+    }
+
     /// Stops the gateway.
     pub async fn shutdown(mut self) {
         if let Some(r) = self.running.take() {

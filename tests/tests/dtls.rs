@@ -239,3 +239,26 @@ async fn a_plain_mqtt_sn_connect_to_the_dtls_port_gets_no_answer_and_is_counted(
     );
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_registry_reload_gives_new_handshakes_the_new_keys() {
+    if !have_openssl() {
+        return;
+    }
+    let h = start(None).await.expect("the gateway starts");
+    let reloaded =
+        "[[device]]\nclient_id = \"sensor-9\"\npsk_identity = \"id-9\"\npsk = \"99999999999999999999999999999999\"\n";
+    let registry = Registry::parse(reloaded, "devices.toml", Path::new("/"), |_| None).unwrap();
+    h.running().set_registry(Arc::new(registry)).await.expect("applied");
+    // The removed identity no longer handshakes; the new one does, and connects.
+    let mut old = OpensslDevice::spawn(h.dtls[0], "id-7", KEY_7);
+    h.wait_stats("the old key refused", |s| s.dtls.handshakes_failed >= 1)
+        .await;
+    let _ = old.child.kill().await;
+    let mut new = OpensslDevice::spawn(h.dtls[0], "id-9", "99999999999999999999999999999999");
+    h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
+    new.send(&connect("sensor-9")).await;
+    assert_eq!(new.recv().await, Rx::ConnAck(ReturnCode::Accepted));
+    let _ = new.child.kill().await;
+    h.shutdown().await;
+}
