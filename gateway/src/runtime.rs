@@ -21,6 +21,9 @@ use crate::transport::dtls::{DtlsOutput, DtlsServer, PskSource};
 use crate::transport::serial::{LinkEvent, SerialPortStats, SerialPorts, SerialStatsReader};
 use crate::transport::udp::{Inbound, UdpListener};
 
+/// An MQTT-SN DISCONNECT without a duration, as the engine encodes it.
+const DISCONNECT: [u8; 2] = [0x02, 0x18];
+
 /// How many queued inputs one loop turn takes before flushing outputs.
 const BATCH: usize = 256;
 
@@ -534,9 +537,16 @@ async fn flush(
                     }
                 }
                 LinkAddr::Serial(index) => serial.send(index, t.data),
-                LinkAddr::Dtls(index, addr, identity) => {
+                LinkAddr::Dtls(index, addr, ref identity) => {
+                    // A DISCONNECT to an address left without a session (the device
+                    // disconnected, or was told to connect again) ends the DTLS session
+                    // too, with close_notify; one answering a sleep keeps it.
+                    let ends = t.data == DISCONNECT && !gw.has_session_at(&t.to);
                     if let Some(d) = dtls.get_mut(usize::from(index)) {
-                        d.server.send(Instant::now(), addr, &identity, &t.data);
+                        d.server.send(Instant::now(), addr, identity, &t.data);
+                        if ends {
+                            d.server.close(addr);
+                        }
                     }
                 }
             }

@@ -262,3 +262,30 @@ async fn a_registry_reload_gives_new_handshakes_the_new_keys() {
     let _ = new.child.kill().await;
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_disconnect_ends_the_dtls_session_with_close_notify_and_a_sleep_does_not() {
+    if !have_openssl() {
+        return;
+    }
+    let h = start(None).await.expect("the gateway starts");
+    let mut device = OpensslDevice::spawn(h.dtls[0], "id-7", KEY_7);
+    h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
+    device.send(&connect("sensor-7")).await;
+    assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::Accepted));
+    // Asleep: the DTLS session stays (the wake needs it).
+    device.send(&Packet::Disconnect(Some(60))).await;
+    assert_eq!(device.recv().await, Rx::Disconnect(None));
+    device.send(&Packet::PingReq(Some("sensor-7"))).await;
+    assert_eq!(device.recv().await, Rx::PingResp);
+    // A final DISCONNECT: answered, then close_notify, and s_client ends.
+    device.send(&Packet::Disconnect(None)).await;
+    assert_eq!(device.recv().await, Rx::Disconnect(None));
+    tokio::time::timeout(WAIT, device.child.wait())
+        .await
+        .expect("s_client ends on close_notify")
+        .expect("s_client's status");
+    let s = h.wait_stats("the DTLS session gone", |s| s.dtls.sessions == 0).await;
+    assert_eq!(s.sessions, 0);
+    h.shutdown().await;
+}

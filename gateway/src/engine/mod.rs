@@ -587,6 +587,12 @@ impl Gateway {
         stats
     }
 
+    /// Whether a client reached directly at `link` has a session (connected, asleep, or
+    /// connecting).
+    pub fn has_session_at(&self, link: &LinkAddr) -> bool {
+        self.by_peer.contains_key(&Peer::direct(link.clone()))
+    }
+
     /// The state of the session of `client_id`, if there is one.
     pub fn session_state(&self, client_id: &str) -> Option<SessionState> {
         let key = self.by_client_id.get(client_id)?;
