@@ -7,9 +7,9 @@
 # (scripts/package-test.sh); elsewhere that step is left out, since it installs into
 # the system.
 #
-# It installs mosquitto, chromium (the HTML report check) and prometheus (promtool, the
-# alerting rules check) with apt-get, as root or through sudo without a password, and
-# cargo-nextest when they are missing, and says plainly what it could not install. Under
+# It installs mosquitto, openssl (the DTLS tests' client), chromium (the HTML report
+# check) and prometheus (promtool, the alerting rules check) with apt-get, as root or
+# through sudo without a password, and cargo-nextest when they are missing, and says plainly what it could not install. Under
 # CI=true a missing part is a failure; elsewhere the broker tests are skipped with a loud
 # note, and plain `cargo test` stands in for nextest.
 set -euo pipefail
@@ -39,6 +39,12 @@ if ! have_mosquitto; then
   echo "mosquitto is missing: installing it with apt-get"
   apt_install mosquitto || true
   have_mosquitto || missing+=("mosquitto (apt-get install mosquitto, as root)")
+fi
+# The DTLS end-to-end tests (tests/tests/dtls.rs) drive `openssl s_client` as the device.
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "openssl is missing: installing it with apt-get (for the DTLS tests)"
+  apt_install openssl || true
+  command -v openssl >/dev/null 2>&1 || missing+=("openssl (apt-get install openssl, as root)")
 fi
 # The HTML report check renders a simulator report in headless Chromium (Debian's package).
 have_chromium() {

@@ -206,7 +206,10 @@ mod tests {
     #[test]
     fn psk_from_hex() {
         let p = Psk::from_hex("dev-1", "00ff10").expect("valid");
-        assert_eq!((p.identity.as_str(), p.key.as_slice()), ("dev-1", &[0x00, 0xff, 0x10][..]));
+        assert_eq!(
+            (p.identity.as_str(), p.key.as_slice()),
+            ("dev-1", &[0x00, 0xff, 0x10][..])
+        );
         assert!(Psk::from_hex("dev-1", "abc").is_err(), "odd length");
         assert!(Psk::from_hex("dev-1", "zz").is_err(), "not hex");
         assert!(Psk::from_hex("", "00").is_err(), "empty identity");

@@ -248,7 +248,9 @@ impl CommonArgs {
                 t_retry_ms: u32::try_from(self.retry.as_millis()).unwrap_or(u32::MAX).max(1),
                 n_retry: self.retries,
                 psk: match (&self.psk_identity, &self.psk) {
-                    (Some(id), Some(key)) => Some(device_sim::dtls::Psk::from_hex(id, key).map_err(anyhow::Error::msg)?),
+                    (Some(id), Some(key)) => {
+                        Some(device_sim::dtls::Psk::from_hex(id, key).map_err(anyhow::Error::msg)?)
+                    }
                     _ => None,
                 },
             },

@@ -79,6 +79,9 @@ pub fn counter_help(name: &str) -> Option<&'static str> {
         "auth_dollar_refused" => "REGISTER, PUBLISH and will topics starting with $, refused",
         "auth_takeover_refused" => "CONNECTs with a live session's client id from another address, refused",
         "auth_wake_refused" => "PINGREQs waking a client from another address, refused",
+        "auth_identity_refused" => {
+            "CONNECTs over DTLS with a client id not bound to the session's PSK identity, refused"
+        }
         "mountpoint_refused" => "CONNECTs and QoS -1 publishes refused: the mountpoint cannot be formed",
         "mountpoint_dropped" => "Broker messages outside a device's mountpoint, not delivered",
         _ => return None,
@@ -162,6 +165,46 @@ pub fn render(view: &View) -> String {
         "publish_ack_latency_seconds",
         "Device QoS 1/2 PUBLISH received to the broker's acknowledgement (PUBACK or PUBREC sent)",
         ConstHistogram(s.latency.publish_ack.clone()),
+    );
+    let d = &s.dtls;
+    let dtls_counters: [(&str, &str, u64); 7] = [
+        ("dtls_handshakes_ok", "DTLS handshakes completed", d.handshakes_ok),
+        (
+            "dtls_handshakes_failed",
+            "DTLS handshakes failed (wrong key, unknown identity, bad messages, timeout)",
+            d.handshakes_failed,
+        ),
+        (
+            "dtls_handshakes_busy",
+            "DTLS ClientHellos with a valid cookie dropped: max_handshakes in progress",
+            d.handshakes_busy,
+        ),
+        ("dtls_cookies_sent", "DTLS HelloVerifyRequests sent", d.cookies_sent),
+        (
+            "dtls_plaintext_dropped",
+            "Datagrams on a DTLS listener that are not DTLS records of a session or a ClientHello, dropped",
+            d.plaintext_dropped,
+        ),
+        ("dtls_idle_closed", "DTLS sessions closed for being idle", d.idle_closed),
+        (
+            "dtls_unsent",
+            "Datagrams for a DTLS peer without a session (or under another identity), not sent",
+            d.unsent,
+        ),
+    ];
+    for (name, help, value) in dtls_counters {
+        registry.register(name, help, ConstCounter::new(value));
+    }
+    let gauge64 = |n: u64| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
+    registry.register(
+        "dtls_sessions",
+        "DTLS sessions held (established or handshaking)",
+        gauge64(d.sessions),
+    );
+    registry.register(
+        "dtls_handshaking",
+        "DTLS handshakes in progress",
+        gauge64(d.handshaking),
     );
     registry.register("serial_ports", "Serial ports configured", gauge(view.serial_ports));
     registry.register("serial_ports_open", "Serial ports open now", gauge(view.serial_open));

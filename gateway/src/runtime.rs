@@ -17,8 +17,12 @@ use crate::broker::{BrokerEvent, BrokerLink, ClientKey};
 use crate::config::Settings;
 use crate::engine::{Gateway, LinkAddr, Stats};
 use crate::topics::Predefined;
+use crate::transport::dtls::{DtlsOutput, DtlsServer, PskSource};
 use crate::transport::serial::{LinkEvent, SerialPortStats, SerialPorts, SerialStatsReader};
 use crate::transport::udp::{Inbound, UdpListener};
+
+/// An MQTT-SN DISCONNECT without a duration, as the engine encodes it.
+const DISCONNECT: [u8; 2] = [0x02, 0x18];
 
 /// How many queued inputs one loop turn takes before flushing outputs.
 const BATCH: usize = 256;
@@ -30,6 +34,8 @@ pub const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 pub struct Running {
     /// The bound UDP addresses, in configuration order.
     pub udp_addrs: Vec<SocketAddr>,
+    /// The bound DTLS addresses, in configuration order.
+    pub dtls_addrs: Vec<SocketAddr>,
     /// The embedded broker's address, when one runs.
     pub embedded_broker: Option<SocketAddr>,
     /// The bound metrics and health address (`GET /metrics`, `GET /healthz`), when
@@ -75,6 +81,12 @@ impl Snapshot {
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         self.broker_links.store(broker_links, Ordering::Relaxed);
     }
+}
+
+/// The DTLS listeners and the channel their sockets read into.
+struct DtlsLinks {
+    links: Vec<DtlsLink>,
+    inbound: mpsc::Receiver<Inbound>,
 }
 
 /// The serial ports and the channel on which they say they came up or went away.
@@ -142,6 +154,20 @@ impl Running {
     }
 }
 
+/// One DTLS listener: its socket and its sans-IO server.
+struct DtlsLink {
+    listener: UdpListener,
+    server: DtlsServer,
+}
+
+/// The key source of the DTLS servers: the device registry in force.
+fn psk_source(registry: Option<&Arc<Registry>>) -> Arc<dyn PskSource> {
+    match registry {
+        Some(r) => r.clone(),
+        None => Arc::new(Registry::default()),
+    }
+}
+
 /// Binds the listeners, starts the embedded broker if asked, and runs the engine.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let embedded_broker = match settings.embedded_broker {
@@ -181,6 +207,25 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     for l in &listeners {
         l.spawn_reader(in_tx.clone(), probe.clone());
     }
+    // DTLS listeners read into their own channel: what arrives there is records, for
+    // the DTLS servers, never for the engine directly.
+    let (dtls_tx, dtls_rx) = mpsc::channel::<Inbound>(4096);
+    let mut dtls = Vec::new();
+    for (i, d) in settings.dtls.iter().enumerate() {
+        let index = u16::try_from(i).context("too many DTLS listeners")?;
+        let listener = UdpListener::bind(index, d.address)
+            .await
+            .with_context(|| format!("cannot bind DTLS {}", d.address))?;
+        info!(addr = %listener.local_addr()?, "listening for MQTT-SN over DTLS");
+        listener.spawn_reader(dtls_tx.clone(), None);
+        let server = DtlsServer::new(d.limits, psk_source(settings.engine.auth.registry.as_ref()))?;
+        dtls.push(DtlsLink { listener, server });
+    }
+    drop(dtls_tx);
+    let dtls_addrs = dtls
+        .iter()
+        .map(|d| d.listener.local_addr())
+        .collect::<Result<Vec<_>, _>>()?;
     let (link_tx, link_rx) = mpsc::channel(256);
     let serial_ports = SerialPorts::spawn(&settings.serial, in_tx.clone(), link_tx).map_err(anyhow::Error::msg)?;
     let serial_stats = serial_ports.stats_reader();
@@ -259,6 +304,10 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             ports: serial_ports,
             events: link_rx,
         },
+        DtlsLinks {
+            links: dtls,
+            inbound: dtls_rx,
+        },
     );
     let task = tokio::spawn(async move {
         engine.await;
@@ -268,6 +317,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     });
     Ok(Running {
         udp_addrs,
+        dtls_addrs,
         embedded_broker,
         metrics_addr,
         stats,
@@ -292,6 +342,7 @@ async fn run<L: BrokerLink>(
     mut control: mpsc::Receiver<Control>,
     stop: StopSettings,
     mut serial: SerialLinks,
+    mut dtls: DtlsLinks,
 ) {
     // Set once the stop has begun: when the sessions' patience runs out.
     let mut stop_deadline: Option<tokio::time::Instant> = None;
@@ -299,13 +350,18 @@ async fn run<L: BrokerLink>(
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_log = Instant::now();
     gw.start(Instant::now());
-    flush(&mut gw, &mut links, &listeners, &serial.ports).await;
+    flush(&mut gw, &mut links, &listeners, &serial.ports, &mut dtls.links).await;
     loop {
         if stop_deadline.is_some() && gw.is_shut_down() {
             break;
         }
-        let deadline = gw
-            .poll_timeout()
+        let next = dtls
+            .links
+            .iter()
+            .filter_map(|d| d.server.poll_timeout())
+            .chain(gw.poll_timeout())
+            .min();
+        let deadline = next
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
@@ -328,6 +384,9 @@ async fn run<L: BrokerLink>(
                     let _ = done.send(());
                 }
                 Control::SetRegistry(registry, done) => {
+                    for d in &mut dtls.links {
+                        d.server.set_source(registry.clone());
+                    }
                     gw.set_registry(registry);
                     let _ = done.send(());
                 }
@@ -339,6 +398,14 @@ async fn run<L: BrokerLink>(
                     match inbound.try_recv() {
                         Ok((from, data)) => gw.handle_datagram(now, from, &data),
                         Err(_) => break,
+                    }
+                }
+            }
+            Some((link, data)) = dtls.inbound.recv() => {
+                let now = Instant::now();
+                if let LinkAddr::Udp(index, from) = link {
+                    if let Some(d) = dtls.links.get_mut(usize::from(index)) {
+                        d.server.handle_datagram(now, from, &data);
                     }
                 }
             }
@@ -366,9 +433,20 @@ async fn run<L: BrokerLink>(
                     LinkEvent::Down(link) => gw.link_down(Instant::now(), &link),
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => gw.handle_timeout(Instant::now()),
+            _ = tokio::time::sleep_until(deadline) => {
+                let now = Instant::now();
+                for d in &mut dtls.links {
+                    if d.server.poll_timeout().is_some_and(|t| t <= now) {
+                        d.server.handle_timeout(now);
+                    }
+                }
+                gw.handle_timeout(now);
+            }
             _ = refresh.tick() => {
-                let s = gw.stats();
+                let mut s = gw.stats();
+                for d in &dtls.links {
+                    s.dtls.add(&d.server.counters());
+                }
                 if let Some(every) = stats_interval {
                     if last_log.elapsed() >= every {
                         last_log = Instant::now();
@@ -386,8 +464,13 @@ async fn run<L: BrokerLink>(
                 snapshot.store(s, links.active());
             }
         }
-        flush(&mut gw, &mut links, &listeners, &serial.ports).await;
+        flush(&mut gw, &mut links, &listeners, &serial.ports, &mut dtls.links).await;
     }
+    // Every DTLS session is told the gateway is going (close_notify).
+    for d in &mut dtls.links {
+        d.server.close_all();
+    }
+    flush(&mut gw, &mut links, &listeners, &serial.ports, &mut dtls.links).await;
     // Every session has closed its broker connection; close what is left (the QoS -1
     // connection, any other) and wait until each DISCONNECT is written, reading the
     // events meanwhile so that no connection task waits on a full channel.
@@ -407,7 +490,11 @@ async fn run<L: BrokerLink>(
     if left > 0 {
         warn!(connections = left, "broker connections not closed in time");
     }
-    snapshot.store(gw.stats(), 0);
+    let mut s = gw.stats();
+    for d in &dtls.links {
+        s.dtls.add(&d.server.counters());
+    }
+    snapshot.store(s, 0);
     info!("gateway stopped");
 }
 
@@ -442,11 +529,30 @@ fn connection_limit(settings: &Settings) -> usize {
 
 /// Sends what the engine queued: datagrams to devices, commands to broker links (whose
 /// immediate refusals go straight back into the engine).
-async fn flush<L: BrokerLink>(gw: &mut Gateway, links: &mut L, listeners: &[UdpListener], serial: &SerialPorts) {
+async fn flush<L: BrokerLink>(
+    gw: &mut Gateway,
+    links: &mut L,
+    listeners: &[UdpListener],
+    serial: &SerialPorts,
+    dtls: &mut [DtlsLink],
+) {
     // Connections whose task ended by itself (refused, unreachable, lost) are freed.
     links.reap();
     loop {
         let mut idle = true;
+        // What the DTLS servers have: records to send, datagrams for the engine.
+        for (index, d) in dtls.iter_mut().enumerate() {
+            while let Some(o) = d.server.poll_output() {
+                idle = false;
+                match o {
+                    DtlsOutput::Transmit { to, data } => d.listener.send(&data, to).await,
+                    DtlsOutput::Receive { from, identity, data } => {
+                        let index = u16::try_from(index).unwrap_or(u16::MAX);
+                        gw.handle_datagram(Instant::now(), LinkAddr::Dtls(index, from, identity), &data);
+                    }
+                }
+            }
+        }
         while let Some((key, command)) = gw.poll_command() {
             idle = false;
             if let Some(event) = links.execute(key, command) {
@@ -462,6 +568,18 @@ async fn flush<L: BrokerLink>(gw: &mut Gateway, links: &mut L, listeners: &[UdpL
                     }
                 }
                 LinkAddr::Serial(index) => serial.send(index, t.data),
+                LinkAddr::Dtls(index, addr, ref identity) => {
+                    // A DISCONNECT to an address left without a session (the device
+                    // disconnected, or was told to connect again) ends the DTLS session
+                    // too, with close_notify; one answering a sleep keeps it.
+                    let ends = t.data == DISCONNECT && !gw.has_session_at(&t.to);
+                    if let Some(d) = dtls.get_mut(usize::from(index)) {
+                        d.server.send(Instant::now(), addr, identity, &t.data);
+                        if ends {
+                            d.server.close(addr);
+                        }
+                    }
+                }
             }
         }
         if idle {

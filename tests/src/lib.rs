@@ -263,6 +263,8 @@ pub struct Harness {
     pub gateway: SocketAddr,
     /// The broker's MQTT address.
     pub broker: SocketAddr,
+    /// The gateway's DTLS addresses (`Settings::dtls`), in order.
+    pub dtls: Vec<SocketAddr>,
     running: Option<Running>,
     // Dropped after the gateway.
     _mosquitto: Option<Mosquitto>,
@@ -334,6 +336,7 @@ impl Harness {
             kind,
             gateway,
             broker,
+            dtls: running.dtls_addrs.clone(),
             running: Some(running),
             _mosquitto: mosquitto,
         })
@@ -363,6 +366,7 @@ impl Harness {
         Harness {
             kind: other.kind,
             gateway,
+            dtls: running.dtls_addrs.clone(),
             broker: other.broker,
             running: Some(running),
             _mosquitto: None,
@@ -431,6 +435,11 @@ impl Harness {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The running gateway (for reloads: `set_registry`, `set_predefined`).
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("the gateway runs until shutdown")
     }
 
     /// Stops the gateway.

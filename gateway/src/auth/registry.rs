@@ -15,6 +15,7 @@ use super::acl;
 use crate::broker::tls::ClientIdentity;
 use crate::engine::{LinkAddr, Peer};
 use crate::topics::{self, Predefined};
+use crate::transport::dtls::PskSource;
 
 /// A secret (a password, a pre-shared key) that never shows in a log or a debug print.
 #[derive(Clone, PartialEq, Eq)]
@@ -94,7 +95,9 @@ impl Address {
     /// Whether `peer` is at this address; `serial_paths` names the serial ports by index.
     pub fn matches(&self, peer: &Peer, serial_paths: &[String]) -> bool {
         match (self, &peer.link) {
-            (Address::Net { ip, prefix }, LinkAddr::Udp(_, from)) => in_net(from.ip().to_canonical(), *ip, *prefix),
+            (Address::Net { ip, prefix }, LinkAddr::Udp(_, from) | LinkAddr::Dtls(_, from, _)) => {
+                in_net(from.ip().to_canonical(), *ip, *prefix)
+            }
             (Address::Serial(path), LinkAddr::Serial(i)) => {
                 serial_paths.get(usize::from(*i)).is_some_and(|p| p == path)
             }
@@ -190,6 +193,12 @@ pub struct Registry {
     globs: Vec<usize>,
 }
 
+impl PskSource for Registry {
+    fn psk(&self, identity: &str) -> Option<Vec<u8>> {
+        self.psk_of(identity).map(<[u8]>::to_vec)
+    }
+}
+
 /// The file's shape (unknown keys are errors).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -259,6 +268,18 @@ impl Registry {
             let at = |key: &str| format!("{origin}: [[device]] #{index} (client_id {client_id:?}): {key}");
             match raw.resolve(index, client_id.clone(), base, &env, &at) {
                 Ok(device) => {
+                    let same_identity = device
+                        .psk_identity
+                        .as_ref()
+                        .and_then(|id| registry.devices.iter().find(|d| d.psk_identity.as_ref() == Some(id)));
+                    if let Some(first) = same_identity {
+                        errors.push(format!(
+                            "{}: the same psk_identity as entry #{}",
+                            at("psk_identity"),
+                            first.index
+                        ));
+                        continue;
+                    }
                     if acl::is_glob(&device.client_id) {
                         registry.globs.push(registry.devices.len());
                     } else if let Some(first) = registry.exact.get(&device.client_id) {
@@ -281,6 +302,16 @@ impl Registry {
         } else {
             Err(errors)
         }
+    }
+
+    /// The pre-shared key of the entry whose `psk_identity` is `identity` (the DTLS
+    /// handshake's key; validation makes identities unique).
+    pub fn psk_of(&self, identity: &str) -> Option<&[u8]> {
+        self.devices
+            .iter()
+            .find(|d| d.psk_identity.as_deref() == Some(identity))
+            .and_then(|d| d.psk.as_ref())
+            .map(|k| k.0.as_slice())
     }
 
     /// The entry for `client_id`: the one naming it exactly, else the first glob (in

@@ -74,6 +74,11 @@ pub struct Cli {
     #[arg(long = "serial", id = "serial", value_name = "PATH[:BAUD[:FRAMING]]", value_parser = parse_serial_flag)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub serial: Vec<SerialFlag>,
+    /// UDP address to serve MQTT-SN over DTLS (PSK) on (repeatable); replaces the
+    /// file's `[[dtls]]` listeners. Keys come from the device registry.
+    #[arg(long = "dtls", id = "dtls", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dtls: Vec<DtlsFlag>,
     /// Framing of the --serial ports that do not name one: cobs (default) or raw.
     #[arg(long, value_name = "FRAMING")]
     #[serde(skip)]
@@ -236,6 +241,20 @@ pub struct AuthFlags {
     #[arg(long = "mountpoint", id = "auth.mountpoint", value_name = "PREFIX")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mountpoint: Option<String>,
+}
+
+/// A DTLS listener given on the command line: its address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DtlsFlag {
+    /// The listener's address.
+    pub address: SocketAddr,
+}
+
+impl std::str::FromStr for DtlsFlag {
+    type Err = std::net::AddrParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(DtlsFlag { address: s.parse()? })
+    }
 }
 
 /// A serial port given on the command line: `PATH[:BAUD[:FRAMING]]`.

@@ -28,7 +28,7 @@ pub use cli::{
     TimersFlags, UdpFlags,
 };
 pub use reload::{Changes, KeyedChanges, PredefinedChanges, RELOADABLE};
-pub use validate::{LogSettings, MetricsSettings, Settings, UdpProbe};
+pub use validate::{DtlsListener, LogSettings, MetricsSettings, Settings, UdpProbe};
 
 /// Prefix of the environment variables that set configuration keys:
 /// `MQTT_SN_<SECTION>__<KEY>`, e.g. `MQTT_SN_BROKER__URL`.
@@ -67,6 +67,8 @@ pub struct Config {
     pub predefined: BTreeMap<String, String>,
     /// `[[serial]]`: one table per serial port.
     pub serial: Vec<SerialConfig>,
+    /// `[[dtls]]`: one table per DTLS listener.
+    pub dtls: Vec<DtlsConfig>,
     /// `[metrics]`: the Prometheus and health endpoint, and the UDP health probe.
     pub metrics: MetricsConfig,
     /// `[auth]`: device identity and access control.
@@ -364,6 +366,30 @@ impl LogFormat {
     }
 }
 
+/// `[[dtls]]`: one DTLS listener (PSK, keys from the device registry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DtlsConfig {
+    /// UDP address to serve MQTT-SN over DTLS on (required).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
+    /// DTLS handshakes in progress at once; ClientHellos beyond are dropped.
+    pub max_handshakes: usize,
+    /// Seconds after which a DTLS session not heard from is closed.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for DtlsConfig {
+    fn default() -> Self {
+        let d = crate::transport::dtls::DtlsLimits::default();
+        DtlsConfig {
+            address: None,
+            max_handshakes: d.max_handshakes,
+            idle_timeout_secs: d.idle_timeout.as_secs(),
+        }
+    }
+}
+
 /// `[[serial]]`: one serial port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -524,5 +550,7 @@ fn env_value(key: &str, value: String) -> figment::value::Value {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_dtls;
 #[cfg(test)]
 mod tests_tls;

@@ -10,14 +10,14 @@ use clap::{CommandFactory, FromArgMatches};
 
 use clap::Parser;
 
-fn cli(args: &[&str]) -> Cli {
+pub(super) fn cli(args: &[&str]) -> Cli {
     let mut all = vec!["mqtt-sn-gateway"];
     all.extend_from_slice(args);
     let matches = Cli::command_with_defaults().get_matches_from(all);
     Cli::from_arg_matches(&matches).expect("flags parse")
 }
 
-fn no_env() -> Vec<(String, String)> {
+pub(super) fn no_env() -> Vec<(String, String)> {
     Vec::new()
 }
 
@@ -25,7 +25,7 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
-fn file(text: &str) -> (tempdir::Dir, PathBuf) {
+pub(super) fn file(text: &str) -> (tempdir::Dir, PathBuf) {
     let dir = tempdir::Dir::new();
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, text).expect("write the test file");
@@ -412,6 +412,10 @@ fn every_key() -> toml::Value {
     c.serial.push(SerialConfig {
         path: Some("/dev/ttyUSB0".into()),
         ..SerialConfig::default()
+    });
+    c.dtls.push(DtlsConfig {
+        address: Some(SocketAddr::from(([0, 0, 0, 0], 10001))),
+        ..DtlsConfig::default()
     });
     c.auth = AuthSection {
         mode: Some("registry".into()),

@@ -14,6 +14,7 @@ use crate::broker::mqtt::{BrokerConfig, BrokerUrl};
 use crate::broker::tls::{self, BrokerTls, TlsFiles};
 use crate::engine::EngineConfig;
 use crate::topics::Predefined;
+use crate::transport::dtls::DtlsLimits;
 use crate::transport::serial::SerialPortConfig;
 
 /// Everything the gateway runs with: each module's typed slice of a validated [`Config`].
@@ -31,6 +32,8 @@ pub struct Settings {
     pub stats_interval: Option<Duration>,
     /// Serial ports, indexed as [`crate::engine::LinkAddr::Serial`].
     pub serial: Vec<SerialPortConfig>,
+    /// DTLS listeners, indexed as [`crate::engine::LinkAddr::Dtls`].
+    pub dtls: Vec<DtlsListener>,
     /// How long a graceful stop may take.
     pub shutdown_timeout: Duration,
     /// Publish the wills of connected devices on a graceful stop.
@@ -39,6 +42,15 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     /// Log format and filter.
     pub log: LogSettings,
+}
+
+/// One `[[dtls]]` listener, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DtlsListener {
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// Its bounds.
+    pub limits: DtlsLimits,
 }
 
 /// `[metrics]`, validated.
@@ -277,8 +289,9 @@ impl Config {
             }
         }
         let serial = self.serial_ports(e);
-        if udp.is_empty() && serial.is_empty() {
-            e.push("udp.listen is empty and no serial port is configured: the gateway would serve nothing".into());
+        let dtls = self.dtls_listeners(e, &udp);
+        if udp.is_empty() && serial.is_empty() && dtls.is_empty() {
+            e.push("udp.listen is empty and no serial port or DTLS listener is configured: the gateway would serve nothing".into());
         }
 
         let advertise_addr = self.discovery.advertise_addr;
@@ -296,6 +309,16 @@ impl Config {
         }
         engine.udp_broadcast = advertise_addr;
         engine.auth = self.auth_config(e, &serial, &broker);
+        if !dtls.is_empty() {
+            let has_keys = engine
+                .auth
+                .registry
+                .as_ref()
+                .is_some_and(|r| r.devices().iter().any(|d| d.psk.is_some()));
+            if !has_keys {
+                e.push("[[dtls]] listeners need auth.mode = \"registry\" and an auth.devices_file whose devices give psk_identity and psk (the keys of the DTLS handshakes)".into());
+            }
+        }
 
         let shutdown_timeout = secs_in(
             e,
@@ -320,6 +343,7 @@ impl Config {
             embedded_broker: self.broker.embedded.then_some(self.broker.embedded_listen),
             stats_interval: (stats > 0).then(|| Duration::from_secs(stats)),
             serial,
+            dtls,
             shutdown_timeout,
             publish_wills_on_shutdown: self.gateway.publish_wills_on_shutdown,
             metrics,
@@ -541,6 +565,44 @@ impl Config {
             serial_paths: serial.iter().map(|p| p.path.display().to_string()).collect(),
             default_username: broker.username.clone(),
         }
+    }
+
+    fn dtls_listeners(&self, e: &mut Vec<String>, udp: &[SocketAddr]) -> Vec<DtlsListener> {
+        let mut out: Vec<DtlsListener> = Vec::new();
+        for (n, d) in self.dtls.iter().enumerate() {
+            let at = |key: &str| format!("[[dtls]] #{} {key}", n + 1);
+            let Some(address) = d.address else {
+                e.push(format!(
+                    "{} is required, e.g. address = \"0.0.0.0:10001\"",
+                    at("address")
+                ));
+                continue;
+            };
+            if out.iter().any(|l| l.address == address) {
+                e.push(format!("{}: {address} is given twice", at("address")));
+            }
+            if udp.contains(&address) && address.port() != 0 {
+                e.push(format!("{}: {address} is also in udp.listen", at("address")));
+            }
+            if d.max_handshakes == 0 || d.max_handshakes > 1_000_000 {
+                e.push(format!("{} must be 1 to 1000000", at("max_handshakes")));
+            }
+            if d.idle_timeout_secs == 0 || d.idle_timeout_secs > 86_400 {
+                e.push(format!("{} must be 1 to 86400", at("idle_timeout_secs")));
+            }
+            out.push(DtlsListener {
+                address,
+                limits: DtlsLimits {
+                    max_handshakes: d.max_handshakes,
+                    idle_timeout: Duration::from_secs(d.idle_timeout_secs),
+                    ..DtlsLimits::default()
+                },
+            });
+        }
+        if u16::try_from(out.len()).is_err() {
+            e.push("too many DTLS listeners".into());
+        }
+        out
     }
 
     fn serial_ports(&self, e: &mut Vec<String>) -> Vec<SerialPortConfig> {

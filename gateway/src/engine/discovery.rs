@@ -119,7 +119,8 @@ impl Gateway {
                 self.out.send_with_radius(peer, radius.min(3), &info);
             }
             // Every device on the line hears it.
-            (None, LinkAddr::Serial(_)) => {
+            // A DTLS session reaches one device only.
+            (None, LinkAddr::Serial(_) | LinkAddr::Dtls(..)) => {
                 self.out.send(peer, &info);
             }
             (None, LinkAddr::Udp(_, from)) => {

@@ -33,6 +33,21 @@ pub enum LinkAddr {
     Udp(u16, SocketAddr),
     /// A serial port, by its index in the configuration.
     Serial(u16),
+    /// A DTLS session: the index of the DTLS listener, the peer's UDP address, and the
+    /// PSK identity the peer proved in the handshake. The same address with another
+    /// identity is another link address.
+    Dtls(u16, SocketAddr, Arc<str>),
+}
+
+/// Whether a session at `old` may move to `new` as far as DTLS goes: a session under a
+/// DTLS identity only to the same identity (its own device, at a new address), a
+/// session without one only to a link without one.
+fn same_identity(old: &Peer, new: &Peer) -> bool {
+    match (&old.link, &new.link) {
+        (LinkAddr::Dtls(_, _, a), LinkAddr::Dtls(_, _, b)) => a == b,
+        (LinkAddr::Dtls(..), _) | (_, LinkAddr::Dtls(..)) => false,
+        _ => true,
+    }
 }
 
 impl std::fmt::Display for LinkAddr {
@@ -40,6 +55,7 @@ impl std::fmt::Display for LinkAddr {
         match self {
             LinkAddr::Udp(_, a) => write!(f, "udp:{a}"),
             LinkAddr::Serial(i) => write!(f, "serial:{i}"),
+            LinkAddr::Dtls(_, a, identity) => write!(f, "dtls:{a}[{identity}]"),
         }
     }
 }
@@ -246,6 +262,9 @@ pub struct Metrics {
     /// PINGREQs with a sleeping (or awake) client's id from another address, refused
     /// (`address_change = "deny"`, or an address outside its registry entry).
     pub auth_wake_refused: u64,
+    /// CONNECTs over DTLS whose client id the registry does not bind to the session's
+    /// PSK identity (also counted in `connects_refused`).
+    pub auth_identity_refused: u64,
     /// CONNECTs refused because the mountpoint cannot be formed for the device (also
     /// counted in `connects_refused`), and QoS -1 publishes dropped for that reason.
     pub mountpoint_refused: u64,
@@ -306,6 +325,9 @@ pub struct Stats {
     pub metrics: Metrics,
     /// Latency histograms.
     pub latency: Latencies,
+    /// The DTLS listeners' counters, totalled (filled in by the runtime; the engine
+    /// sees only decrypted datagrams).
+    pub dtls: crate::transport::dtls::DtlsCounters,
 }
 
 /// Upper bounds, in seconds, of the buckets of every latency [`Histogram`].
@@ -575,6 +597,12 @@ impl Gateway {
         stats
     }
 
+    /// Whether a client reached directly at `link` has a session (connected, asleep, or
+    /// connecting).
+    pub fn has_session_at(&self, link: &LinkAddr) -> bool {
+        self.by_peer.contains_key(&Peer::direct(link.clone()))
+    }
+
     /// The state of the session of `client_id`, if there is one.
     pub fn session_state(&self, client_id: &str) -> Option<SessionState> {
         let key = self.by_client_id.get(client_id)?;
@@ -685,6 +713,9 @@ impl Gateway {
         if session.peer() == peer {
             return Ok(());
         }
+        if !same_identity(session.peer(), peer) {
+            return Err("the client's session is under another DTLS identity (or none)");
+        }
         let auth = &self.cfg.auth;
         if auth.address_change == AddressChange::Deny {
             return Err("the client's session is at another address (address_change = deny)");
@@ -698,6 +729,17 @@ impl Gateway {
             }
         }
         Ok(())
+    }
+
+    /// Whether the registry binds `client_id` to the DTLS PSK `identity`: the entry for
+    /// the client id names that identity.
+    fn bound_to(&self, client_id: &str, identity: &str) -> bool {
+        self.cfg
+            .auth
+            .registry
+            .as_ref()
+            .and_then(|r| r.lookup(client_id))
+            .is_some_and(|d| d.psk_identity.as_deref() == Some(identity))
     }
 
     /// A session message from an address with no session: counted, and answered with
@@ -765,6 +807,16 @@ impl Gateway {
             return;
         }
         // Before anything is touched: a refused CONNECT leaves every session as it was.
+        if let LinkAddr::Dtls(_, _, identity) = &peer.link {
+            if !self.bound_to(c.client_id, identity) {
+                self.metrics.connects_refused += 1;
+                self.metrics.auth_identity_refused += 1;
+                refusal!(self, now, client = %c.client_id, peer = %peer, "CONNECT refused: the registry does not bind the client id to the DTLS identity");
+                self.out
+                    .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
+                return;
+            }
+        }
         let admission = match self.cfg.auth.admit(c.client_id, &peer) {
             Ok(a) => a,
             Err(refusal) => {
@@ -791,6 +843,14 @@ impl Gateway {
         };
         let existing = self.by_client_id.get(c.client_id).copied();
         if let Some(old_peer) = existing.and_then(|k| self.sessions.get(&k)).map(|s| s.peer().clone()) {
+            if !same_identity(&old_peer, &peer) {
+                self.metrics.connects_refused += 1;
+                self.metrics.auth_takeover_refused += 1;
+                refusal!(self, now, client = %c.client_id, peer = %peer, session = %old_peer, "CONNECT refused: the client id has a session under another DTLS identity (or none)");
+                self.out
+                    .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
+                return;
+            }
             if old_peer != peer && self.cfg.auth.address_change == AddressChange::Deny {
                 self.metrics.connects_refused += 1;
                 self.metrics.auth_takeover_refused += 1;
@@ -1144,6 +1204,8 @@ impl Gateway {
 mod tests;
 #[cfg(test)]
 mod tests_auth;
+#[cfg(test)]
+mod tests_dtls;
 #[cfg(test)]
 mod tests_link;
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Device-side transports: they move datagrams between the OS and the engine and do
 //! nothing else.
 
+pub mod dtls;
 pub mod serial;
 pub mod udp;

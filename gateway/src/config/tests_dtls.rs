@@ -1,0 +1,111 @@
+//! `[[dtls]]` listeners and `--dtls`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::tests::{cli, file, no_env};
+use super::*;
+use clap::Parser;
+
+const DEVICES: &str = "[[device]]\nclient_id = \"s\"\npsk_identity = \"id-s\"\npsk = \"00112233\"\n";
+
+/// A gateway file with `rest`, next to a registry file with `devices`.
+fn load(rest: &str, devices: &str, flags: &[&str]) -> Result<Settings, ConfigErrors> {
+    let (dir, path) = file("");
+    let registry = path.with_file_name("devices.toml");
+    std::fs::write(&registry, devices).unwrap();
+    let text = format!("[auth]\ndevices_file = {:?}\n\n{rest}", registry.display().to_string());
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_string_lossy().into_owned();
+    let mut args = vec!["--config", path.as_str()];
+    args.extend_from_slice(flags);
+    let result = Config::load_with_env(&cli(&args), no_env())?.validate_offline();
+    drop(dir);
+    result
+}
+
+#[test]
+fn listeners_from_the_file_with_their_limits() {
+    let s = load(
+        "[[dtls]]\naddress = \"127.0.0.1:10001\"\n\n[[dtls]]\naddress = \"127.0.0.1:10002\"\nmax_handshakes = 8\nidle_timeout_secs = 30\n",
+        DEVICES,
+        &[],
+    )
+    .expect("valid");
+    assert_eq!(s.dtls.len(), 2);
+    assert_eq!(s.dtls[0].address, SocketAddr::from(([127, 0, 0, 1], 10001)));
+    assert_eq!(s.dtls[0].limits, crate::transport::dtls::DtlsLimits::default());
+    assert_eq!(s.dtls[1].limits.max_handshakes, 8);
+    assert_eq!(s.dtls[1].limits.idle_timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn flags_replace_the_file_listeners() {
+    let s = load(
+        "[[dtls]]\naddress = \"127.0.0.1:10001\"\n",
+        DEVICES,
+        &["--dtls", "127.0.0.1:20001", "--dtls", "[::1]:20002"],
+    )
+    .expect("valid");
+    let got: Vec<SocketAddr> = s.dtls.iter().map(|d| d.address).collect();
+    assert_eq!(
+        got,
+        vec!["127.0.0.1:20001".parse().unwrap(), "[::1]:20002".parse().unwrap()]
+    );
+    assert!(Cli::try_parse_from(["mqtt-sn-gateway", "--dtls", "nowhere"]).is_err());
+}
+
+#[test]
+fn dtls_without_keys_is_an_error_naming_the_keys() {
+    for devices in ["[[device]]\nclient_id = \"s\"\n", ""] {
+        let err = load("[[dtls]]\naddress = \"127.0.0.1:10001\"\n", devices, &[]).unwrap_err();
+        assert!(
+            err.mentions("psk_identity") && err.mentions("auth.devices_file"),
+            "{err}"
+        );
+    }
+    // Open mode: no registry at all.
+    let c = Config::parse("[[dtls]]\naddress = \"127.0.0.1:10001\"\n").unwrap();
+    let err = c.validate_offline().unwrap_err();
+    assert!(err.mentions("auth.mode = \"registry\""), "{err}");
+}
+
+#[test]
+fn bad_listeners_are_clear_errors() {
+    for (bad, names) in [
+        ("[[dtls]]\nmax_handshakes = 4\n", "address is required"),
+        (
+            "[[dtls]]\naddress = \"127.0.0.1:1\"\nmax_handshakes = 0\n",
+            "max_handshakes",
+        ),
+        (
+            "[[dtls]]\naddress = \"127.0.0.1:1\"\nidle_timeout_secs = 0\n",
+            "idle_timeout_secs",
+        ),
+        (
+            "[[dtls]]\naddress = \"127.0.0.1:1\"\n[[dtls]]\naddress = \"127.0.0.1:1\"\n",
+            "given twice",
+        ),
+        (
+            "[udp]\nlisten = [\"127.0.0.1:1\"]\n[[dtls]]\naddress = \"127.0.0.1:1\"\n",
+            "also in udp.listen",
+        ),
+    ] {
+        let err = load(bad, DEVICES, &[]).unwrap_err();
+        assert!(err.mentions(names), "{bad:?}: {err}");
+    }
+    assert!(Config::parse("[[dtls]]\naddress = \"127.0.0.1:1\"\ncipher = \"x\"\n").is_err());
+}
+
+#[test]
+fn a_dtls_listener_alone_serves_something() {
+    let s = load(
+        "[udp]\nlisten = []\n[[dtls]]\naddress = \"127.0.0.1:10001\"\n",
+        DEVICES,
+        &[],
+    )
+    .expect("valid");
+    assert!(s.udp.is_empty());
+}

@@ -1,0 +1,642 @@
+//! DTLS 1.2 toward devices, sans-IO: [`DtlsServer`] turns the datagrams of one DTLS
+//! listener into decrypted MQTT-SN datagrams tagged with the peer's authenticated PSK
+//! identity, and the engine's datagrams back into records. It holds no socket and reads
+//! no clock; the runtime feeds it and sends what it says.
+//!
+//! The handshake itself is [`dimpl`]'s (one `dimpl::Dtls` per peer, PSK with
+//! TLS_PSK_WITH_AES_128_CCM_8 only). What is here is the part around it:
+//!
+//! - **No state before a cookie** (RFC 6347 4.2.1). A ClientHello from an address with
+//!   no session is answered with a HelloVerifyRequest and forgotten. dimpl's own cookie
+//!   check lives inside a per-peer instance, so the instance that checks it is made
+//!   on the spot and dropped: its random generator is seeded from an HMAC, under a key
+//!   drawn at start, of the client's address and ClientHello random, so the instance
+//!   made for the ClientHello that carries the cookie issues and checks the same cookie.
+//!   Only when that check passes is the instance kept.
+//! - **Bounds**: at most `max_handshakes` handshakes in progress (further ClientHellos
+//!   with a valid cookie are dropped and counted), a handshake deadline, and an idle
+//!   timeout after which a session is closed with close_notify.
+//! - **Identity**: the PSK identity the client proved (the handshake's Finished
+//!   messages verify only with the key of that identity) tags every datagram.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::panic::{RefUnwindSafe, UnwindSafe};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use dimpl::crypto::{CryptoProvider, Dtls12CipherSuite, SupportedDtls12CipherSuite};
+use dimpl::{Config, Dtls, Output, PskResolver};
+use tracing::debug;
+
+/// Where the pre-shared keys come from (the device registry, in the gateway).
+pub trait PskSource: Send + Sync + UnwindSafe + RefUnwindSafe {
+    /// The key of `identity`, if one is known.
+    fn psk(&self, identity: &str) -> Option<Vec<u8>>;
+}
+
+/// Limits of one DTLS listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DtlsLimits {
+    /// Handshakes in progress at once; ClientHellos beyond are dropped.
+    pub max_handshakes: usize,
+    /// A session not heard from for this long is closed.
+    pub idle_timeout: Duration,
+    /// A handshake not done within this is abandoned.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for DtlsLimits {
+    fn default() -> Self {
+        DtlsLimits {
+            max_handshakes: 256,
+            idle_timeout: Duration::from_secs(600),
+            handshake_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Counters and gauges of one DTLS listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DtlsCounters {
+    /// Handshakes completed.
+    pub handshakes_ok: u64,
+    /// Handshakes that failed (wrong key, unknown identity, bad messages, timeout).
+    pub handshakes_failed: u64,
+    /// ClientHellos with a valid cookie dropped because `max_handshakes` were running.
+    pub handshakes_busy: u64,
+    /// HelloVerifyRequests sent (each answers a ClientHello without a valid cookie).
+    pub cookies_sent: u64,
+    /// Datagrams that are not DTLS records, or records from an address with no session
+    /// that are not a ClientHello: never given to the engine.
+    pub plaintext_dropped: u64,
+    /// Sessions closed for being idle.
+    pub idle_closed: u64,
+    /// Datagrams from the engine for a peer with no session (or another identity),
+    /// not sent.
+    pub unsent: u64,
+    /// Sessions held now (established or handshaking).
+    pub sessions: u64,
+    /// Of those, handshakes in progress.
+    pub handshaking: u64,
+}
+
+impl DtlsCounters {
+    /// Adds `other` to these counters (to total several listeners).
+    pub fn add(&mut self, other: &DtlsCounters) {
+        self.handshakes_ok += other.handshakes_ok;
+        self.handshakes_failed += other.handshakes_failed;
+        self.handshakes_busy += other.handshakes_busy;
+        self.cookies_sent += other.cookies_sent;
+        self.plaintext_dropped += other.plaintext_dropped;
+        self.idle_closed += other.idle_closed;
+        self.unsent += other.unsent;
+        self.sessions += other.sessions;
+        self.handshaking += other.handshaking;
+    }
+}
+
+/// What the server asks of its caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DtlsOutput {
+    /// Send this record datagram to `to`.
+    Transmit {
+        /// The peer.
+        to: SocketAddr,
+        /// One UDP datagram.
+        data: Vec<u8>,
+    },
+    /// A decrypted datagram from an authenticated peer.
+    Receive {
+        /// The peer.
+        from: SocketAddr,
+        /// The PSK identity it proved in the handshake.
+        identity: Arc<str>,
+        /// The plaintext (one MQTT-SN message).
+        data: Vec<u8>,
+    },
+}
+
+/// Error building the DTLS configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("DTLS configuration: {0}")]
+pub struct DtlsConfigError(String);
+
+/// Handshake record content type.
+const HANDSHAKE: u8 = 22;
+/// Handshake message type of ClientHello.
+const CLIENT_HELLO: u8 = 1;
+/// Handshake message type of HelloVerifyRequest.
+const HELLO_VERIFY_REQUEST: u8 = 3;
+/// DTLS record header length.
+const RECORD_HEADER: usize = 13;
+/// DTLS handshake header length.
+const HANDSHAKE_HEADER: usize = 12;
+
+/// The parts of an unfragmented ClientHello in the first record of a datagram.
+struct ClientHello<'a> {
+    record_version: [u8; 2],
+    message_seq: u16,
+    random: &'a [u8],
+    /// Everything of the body before the cookie (version, random, session id).
+    before_cookie: &'a [u8],
+    /// Everything of the body after the cookie (suites, compression, extensions).
+    after_cookie: &'a [u8],
+}
+
+fn u24(b: &[u8]) -> usize {
+    b.iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x))
+}
+
+impl<'a> ClientHello<'a> {
+    fn parse(datagram: &'a [u8]) -> Option<Self> {
+        let header = datagram.get(..RECORD_HEADER)?;
+        // Epoch 0 only: a ClientHello is never encrypted.
+        if header[0] != HANDSHAKE || header[3..5] != [0, 0] {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([header[11], header[12]]));
+        let record = datagram.get(RECORD_HEADER..RECORD_HEADER + len)?;
+        let hs = record.get(..HANDSHAKE_HEADER)?;
+        if hs[0] != CLIENT_HELLO {
+            return None;
+        }
+        let length = u24(&hs[1..4]);
+        // Unfragmented only (a PSK ClientHello is small).
+        if u24(&hs[6..9]) != 0 || u24(&hs[9..12]) != length {
+            return None;
+        }
+        let body = record.get(HANDSHAKE_HEADER..HANDSHAKE_HEADER + length)?;
+        let random = body.get(2..34)?;
+        let sid_len = usize::from(*body.get(34)?);
+        let cookie_at = 35 + sid_len;
+        let cookie_len = usize::from(*body.get(cookie_at)?);
+        let after = cookie_at + 1 + cookie_len;
+        Some(ClientHello {
+            record_version: [header[1], header[2]],
+            message_seq: u16::from_be_bytes([hs[4], hs[5]]),
+            random,
+            before_cookie: body.get(..cookie_at)?,
+            after_cookie: body.get(after..)?,
+        })
+    }
+
+    /// The same ClientHello as first sent: message_seq 0 and no cookie (what the
+    /// client sent before our HelloVerifyRequest, up to the cookie).
+    fn without_cookie(&self) -> Vec<u8> {
+        let body_len = self.before_cookie.len() + 1 + self.after_cookie.len();
+        let record_len = HANDSHAKE_HEADER + body_len;
+        let mut out = Vec::with_capacity(RECORD_HEADER + record_len);
+        out.push(HANDSHAKE);
+        out.extend_from_slice(&self.record_version);
+        out.extend_from_slice(&[0; 8]); // epoch 0, sequence number 0
+        out.extend_from_slice(&u16::try_from(record_len).unwrap_or(u16::MAX).to_be_bytes());
+        let l = u32::try_from(body_len).unwrap_or(0).to_be_bytes();
+        out.push(CLIENT_HELLO);
+        out.extend_from_slice(&l[1..]);
+        out.extend_from_slice(&[0, 0, 0, 0, 0]); // message_seq 0, fragment_offset 0
+        out.extend_from_slice(&l[1..]);
+        out.extend_from_slice(self.before_cookie);
+        out.push(0);
+        out.extend_from_slice(self.after_cookie);
+        out
+    }
+}
+
+/// Whether `datagram` starts like a DTLS 1.x record (content type 20 to 25, version
+/// 254.x).
+fn looks_like_record(datagram: &[u8]) -> bool {
+    datagram.len() >= RECORD_HEADER && (20..=25).contains(&datagram[0]) && datagram[1] == 254
+}
+
+/// dimpl's RustCrypto provider cut down to TLS_PSK_WITH_AES_128_CCM_8: no key exchange
+/// groups, one DTLS 1.3 suite (not offered). Building a [`Config`] checks every part of its provider
+/// (with ECDSA verifications and key exchanges for the full provider); a configuration
+/// is built for each ClientHello, so that check must be cheap.
+fn psk_provider() -> &'static CryptoProvider {
+    static PROVIDER: OnceLock<CryptoProvider> = OnceLock::new();
+    PROVIDER.get_or_init(|| {
+        let full = dimpl::crypto::rust_crypto::default_provider();
+        let psk: Vec<&'static dyn SupportedDtls12CipherSuite> = full
+            .cipher_suites
+            .iter()
+            .copied()
+            .filter(|cs| cs.suite() == Dtls12CipherSuite::PSK_AES128_CCM_8)
+            .collect();
+        CryptoProvider {
+            // Made once per process.
+            cipher_suites: Vec::leak(psk),
+            kx_groups: &[],
+            // dimpl insists on one; the configuration disables DTLS 1.3.
+            dtls13_cipher_suites: full.dtls13_cipher_suites.get(..1).unwrap_or_default(),
+            ..full
+        }
+    })
+}
+
+/// The resolver given to one handshake: it looks keys up in the source and remembers
+/// the identity asked for, which is the peer's proven identity once the handshake
+/// completes.
+struct Recorder {
+    source: Arc<dyn PskSource>,
+    asked: Mutex<Option<Arc<str>>>,
+}
+
+impl PskResolver for Recorder {
+    fn resolve(&self, identity: &[u8]) -> Option<Vec<u8>> {
+        let identity = std::str::from_utf8(identity).ok()?;
+        let key = self.source.psk(identity)?;
+        *self.asked.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::from(identity));
+        Some(key)
+    }
+}
+
+struct Session {
+    dtls: Dtls,
+    recorder: Arc<Recorder>,
+    /// Set when the handshake completes.
+    identity: Option<Arc<str>>,
+    /// The ClientHello random of its handshake (a late copy of it is not a new one).
+    random: Vec<u8>,
+    last_heard: Instant,
+    started: Instant,
+    /// dimpl's next timer.
+    timer: Option<Instant>,
+}
+
+/// The DTLS side of one listener (see the module documentation).
+pub struct DtlsServer {
+    limits: DtlsLimits,
+    source: Arc<dyn PskSource>,
+    cookie_key: ring::hmac::Key,
+    sessions: HashMap<SocketAddr, Session>,
+    out: VecDeque<DtlsOutput>,
+    counters: DtlsCounters,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for DtlsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DtlsServer")
+            .field("limits", &self.limits)
+            .field("sessions", &self.sessions.len())
+            .finish()
+    }
+}
+
+/// What one drain of a dimpl instance saw.
+#[derive(Default)]
+struct Drained {
+    connected: bool,
+    closed: bool,
+    hello_verify: bool,
+}
+
+impl DtlsServer {
+    /// A server taking keys from `source`, with a fresh random cookie key.
+    pub fn new(limits: DtlsLimits, source: Arc<dyn PskSource>) -> Result<Self, DtlsConfigError> {
+        let rng = ring::rand::SystemRandom::new();
+        let cookie_key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+            .map_err(|_| DtlsConfigError("no random source for the cookie key".into()))?;
+        let server = DtlsServer {
+            limits,
+            source,
+            cookie_key,
+            sessions: HashMap::new(),
+            out: VecDeque::new(),
+            counters: DtlsCounters::default(),
+            buf: vec![0; 2048],
+        };
+        // Fail at start, not at the first handshake.
+        server.config(0)?;
+        Ok(server)
+    }
+
+    /// Replaces the key source; handshakes started afterwards use it, sessions already
+    /// established keep going.
+    pub fn set_source(&mut self, source: Arc<dyn PskSource>) {
+        self.source = source;
+    }
+
+    /// The counters, with the gauges as of now.
+    pub fn counters(&self) -> DtlsCounters {
+        let mut c = self.counters;
+        c.sessions = self.sessions.len() as u64;
+        c.handshaking = self.sessions.values().filter(|s| s.identity.is_none()).count() as u64;
+        c
+    }
+
+    /// The authenticated identity of the session at `peer`, if it is established.
+    pub fn identity(&self, peer: &SocketAddr) -> Option<&Arc<str>> {
+        self.sessions.get(peer).and_then(|s| s.identity.as_ref())
+    }
+
+    /// The next queued output.
+    pub fn poll_output(&mut self) -> Option<DtlsOutput> {
+        self.out.pop_front()
+    }
+
+    /// When [`DtlsServer::handle_timeout`] is next needed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.sessions.values().filter_map(|s| self.deadline(s)).min()
+    }
+
+    fn deadline(&self, s: &Session) -> Option<Instant> {
+        let limit = match s.identity {
+            Some(_) => s.last_heard + self.limits.idle_timeout,
+            None => s.started + self.limits.handshake_timeout,
+        };
+        Some(s.timer.map_or(limit, |t| t.min(limit)))
+    }
+
+    fn config(&self, seed: u64) -> Result<(Arc<Config>, Arc<Recorder>), DtlsConfigError> {
+        let recorder = Arc::new(Recorder {
+            source: self.source.clone(),
+            asked: Mutex::new(None),
+        });
+        let config = Config::builder()
+            .with_crypto_provider(psk_provider().clone())
+            .with_psk_server(None, recorder.clone())
+            .dtls12_cipher_suites(&[Dtls12CipherSuite::PSK_AES128_CCM_8])
+            .dtls13_cipher_suites(&[])
+            .handshake_timeout(self.limits.handshake_timeout)
+            // The only thing this seed makes repeatable is the instance's cookie
+            // secret and randoms for one (address, ClientHello random) pair; it is an
+            // HMAC under a key nobody else knows. See the module documentation.
+            .dangerously_set_rng_seed(seed)
+            .build()
+            .map_err(|e| DtlsConfigError(e.to_string()))?;
+        Ok((Arc::new(config), recorder))
+    }
+
+    fn seed(&self, from: SocketAddr, random: &[u8]) -> u64 {
+        let mut ctx = ring::hmac::Context::with_key(&self.cookie_key);
+        ctx.update(from.to_string().as_bytes());
+        ctx.update(random);
+        let tag = ctx.sign();
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_be_bytes(seed)
+    }
+
+    /// Feeds one datagram received from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        if !looks_like_record(data) {
+            self.counters.plaintext_dropped += 1;
+            debug!(peer = %from, len = data.len(), "non-DTLS datagram on a DTLS listener dropped");
+            return;
+        }
+        if let Some(hello) = ClientHello::parse(data) {
+            let known = self.sessions.get(&from).is_some_and(|s| s.random == hello.random);
+            if !known {
+                self.new_hello(now, from, &hello, data);
+                return;
+            }
+        }
+        let Some(mut session) = self.sessions.remove(&from) else {
+            self.counters.plaintext_dropped += 1;
+            debug!(peer = %from, "DTLS record from an address without a session dropped");
+            return;
+        };
+        session.last_heard = now;
+        let result = session
+            .dtls
+            .handle_timeout(now)
+            .and_then(|()| session.dtls.handle_packet(data));
+        self.after_input(now, from, session, result);
+    }
+
+    /// A ClientHello from an address without a session of that hello: answered with a
+    /// HelloVerifyRequest unless it carries a valid cookie, in which case a session is
+    /// started (replacing any older one at that address).
+    fn new_hello(&mut self, now: Instant, from: SocketAddr, hello: &ClientHello<'_>, data: &[u8]) {
+        let seed = self.seed(from, hello.random);
+        let Ok((config, recorder)) = self.config(seed) else {
+            return;
+        };
+        let mut dtls = Dtls::new_12_psk(config, now);
+        let mut scratch = VecDeque::new();
+        if hello.message_seq == 0 {
+            // A first ClientHello: the instance answers with a HelloVerifyRequest, which
+            // is sent, and the instance is dropped.
+            let _ = dtls.handle_timeout(now).and_then(|()| dtls.handle_packet(data));
+            let seen = drain(&mut dtls, &mut self.buf, from, &mut scratch);
+            if seen.hello_verify {
+                self.counters.cookies_sent += 1;
+                self.out.extend(scratch);
+            }
+            return;
+        }
+        // The ClientHello after our HelloVerifyRequest: the instance is brought to the
+        // same point (the first ClientHello rebuilt, its answer discarded), then checks
+        // the cookie.
+        let first = hello.without_cookie();
+        let primed = dtls.handle_timeout(now).and_then(|()| dtls.handle_packet(&first));
+        let _ = drain(&mut dtls, &mut self.buf, from, &mut scratch);
+        scratch.clear();
+        if primed.is_err() || dtls.handle_packet(data).is_err() {
+            self.counters.handshakes_failed += 1;
+            return;
+        }
+        let mut session = Session {
+            dtls,
+            recorder,
+            identity: None,
+            random: hello.random.to_vec(),
+            last_heard: now,
+            started: now,
+            timer: None,
+        };
+        let mut app = Vec::new();
+        let seen = drain_session(&mut session, &mut self.buf, from, &mut scratch, &mut app);
+        if seen.hello_verify {
+            // No valid cookie: answered again, and nothing kept.
+            self.counters.cookies_sent += 1;
+            self.out.extend(scratch);
+            return;
+        }
+        let handshaking = self.sessions.values().filter(|s| s.identity.is_none()).count();
+        if handshaking >= self.limits.max_handshakes {
+            self.counters.handshakes_busy += 1;
+            debug!(peer = %from, "DTLS handshake refused: max_handshakes in progress");
+            return;
+        }
+        // A valid cookie proves the address: a new handshake from it replaces the old
+        // session (a device that restarted).
+        self.sessions.remove(&from);
+        self.out.extend(scratch);
+        self.sessions.insert(from, session);
+    }
+
+    /// Drains a session after input or a timer, and keeps, upgrades or drops it.
+    fn after_input(&mut self, now: Instant, from: SocketAddr, mut session: Session, result: Result<(), dimpl::Error>) {
+        let mut out = VecDeque::new();
+        let was_established = session.identity.is_some();
+        let mut app = Vec::new();
+        let seen = drain_session(&mut session, &mut self.buf, from, &mut out, &mut app);
+        self.out.extend(out);
+        if seen.connected && session.identity.is_none() {
+            let identity = session.recorder.asked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match identity {
+                Some(identity) => {
+                    self.counters.handshakes_ok += 1;
+                    debug!(peer = %from, identity = %identity, "DTLS session established");
+                    session.identity = Some(identity);
+                    session.last_heard = now;
+                }
+                None => {
+                    self.counters.handshakes_failed += 1;
+                    return;
+                }
+            }
+        }
+        if let Some(identity) = &session.identity {
+            for data in app {
+                self.out.push_back(DtlsOutput::Receive {
+                    from,
+                    identity: identity.clone(),
+                    data,
+                });
+            }
+        }
+        if let Err(e) = result {
+            debug!(peer = %from, error = %e, "DTLS session ended");
+            if !was_established && session.identity.is_none() {
+                self.counters.handshakes_failed += 1;
+            }
+            return;
+        }
+        if seen.closed || session.dtls.is_closed() {
+            debug!(peer = %from, "DTLS session closed by the peer");
+            return;
+        }
+        self.sessions.insert(from, session);
+    }
+
+    /// Handles timers: retransmissions, handshake deadlines, idle sessions.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<SocketAddr> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| self.deadline(s).is_some_and(|d| d <= now))
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in due {
+            let Some(mut session) = self.sessions.remove(&addr) else {
+                continue;
+            };
+            match &session.identity {
+                Some(_) if session.last_heard + self.limits.idle_timeout <= now => {
+                    self.counters.idle_closed += 1;
+                    debug!(peer = %addr, "idle DTLS session closed");
+                    self.close_session(addr, session);
+                }
+                None if session.started + self.limits.handshake_timeout <= now => {
+                    self.counters.handshakes_failed += 1;
+                    debug!(peer = %addr, "DTLS handshake timed out");
+                }
+                _ => {
+                    let result = session.dtls.handle_timeout(now);
+                    self.after_input(now, addr, session, result);
+                }
+            }
+        }
+    }
+
+    /// Encrypts `data` for the session at `to`, if it is established with `identity`.
+    pub fn send(&mut self, now: Instant, to: SocketAddr, identity: &str, data: &[u8]) {
+        let Some(mut session) = self.sessions.remove(&to) else {
+            self.counters.unsent += 1;
+            return;
+        };
+        if session.identity.as_deref() != Some(identity) {
+            self.counters.unsent += 1;
+            self.sessions.insert(to, session);
+            return;
+        }
+        let result = session
+            .dtls
+            .handle_timeout(now)
+            .and_then(|()| session.dtls.send_application_data(data).map(|_| ()));
+        self.after_input(now, to, session, result);
+    }
+
+    /// Closes the session at `peer` with close_notify (DISCONNECT, shutdown).
+    pub fn close(&mut self, peer: SocketAddr) {
+        if let Some(session) = self.sessions.remove(&peer) {
+            self.close_session(peer, session);
+        }
+    }
+
+    /// Closes every session with close_notify.
+    pub fn close_all(&mut self) {
+        let peers: Vec<SocketAddr> = self.sessions.keys().copied().collect();
+        for peer in peers {
+            self.close(peer);
+        }
+    }
+
+    fn close_session(&mut self, peer: SocketAddr, mut session: Session) {
+        if session.dtls.close().is_ok() {
+            let mut out = VecDeque::new();
+            let _ = drain(&mut session.dtls, &mut self.buf, peer, &mut out);
+            self.out.extend(out);
+        }
+    }
+}
+
+fn drain(dtls: &mut Dtls, buf: &mut Vec<u8>, to: SocketAddr, out: &mut VecDeque<DtlsOutput>) -> Drained {
+    let mut ignored = Vec::new();
+    let mut timer = None;
+    drain_into(dtls, buf, to, out, &mut ignored, &mut timer)
+}
+
+fn drain_session(
+    session: &mut Session,
+    buf: &mut Vec<u8>,
+    to: SocketAddr,
+    out: &mut VecDeque<DtlsOutput>,
+    app: &mut Vec<Vec<u8>>,
+) -> Drained {
+    let mut timer = None;
+    let seen = drain_into(&mut session.dtls, buf, to, out, app, &mut timer);
+    session.timer = timer;
+    seen
+}
+
+fn drain_into(
+    dtls: &mut Dtls,
+    buf: &mut Vec<u8>,
+    to: SocketAddr,
+    out: &mut VecDeque<DtlsOutput>,
+    app: &mut Vec<Vec<u8>>,
+    timer: &mut Option<Instant>,
+) -> Drained {
+    let mut seen = Drained::default();
+    // Bounded: dimpl ends every poll cycle with a timeout; this only guards against a
+    // cycle that would not.
+    for _ in 0..1024 {
+        match dtls.poll_output(buf) {
+            Output::Packet(p) => {
+                if p.len() > RECORD_HEADER && p[0] == HANDSHAKE && p[RECORD_HEADER] == HELLO_VERIFY_REQUEST {
+                    seen.hello_verify = true;
+                }
+                out.push_back(DtlsOutput::Transmit { to, data: p.to_vec() });
+            }
+            Output::BufferTooSmall { needed } => buf.resize(needed, 0),
+            Output::Timeout(t) => {
+                *timer = Some(t);
+                break;
+            }
+            Output::Connected => seen.connected = true,
+            Output::ApplicationData(d) => app.push(d.to_vec()),
+            Output::CloseNotify => seen.closed = true,
+            _ => {}
+        }
+    }
+    seen
+}
+
+#[cfg(test)]
+#[path = "dtls_tests.rs"]
+mod tests;

@@ -1,0 +1,338 @@
+//! The DTLS server against dimpl's own client, in memory with a fake clock.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dimpl::crypto::Dtls12CipherSuite;
+use dimpl::{Config, Dtls, Output, PskResolver};
+
+use super::*;
+
+struct Keys(HashMap<String, Vec<u8>>);
+
+impl PskSource for Keys {
+    fn psk(&self, identity: &str) -> Option<Vec<u8>> {
+        self.0.get(identity).cloned()
+    }
+}
+
+struct Fixed(Vec<u8>);
+
+impl PskResolver for Fixed {
+    fn resolve(&self, _identity: &[u8]) -> Option<Vec<u8>> {
+        Some(self.0.clone())
+    }
+}
+
+const KEY: &[u8] = b"0123456789abcdef";
+
+fn server(limits: DtlsLimits) -> DtlsServer {
+    let keys = Keys(HashMap::from([
+        ("dev-1".to_string(), KEY.to_vec()),
+        ("dev-2".to_string(), b"other key".to_vec()),
+    ]));
+    DtlsServer::new(limits, Arc::new(keys)).unwrap()
+}
+
+fn client_config(identity: &str, key: &[u8]) -> Arc<Config> {
+    let config = Config::builder()
+        .with_psk_client(identity.as_bytes().to_vec(), Arc::new(Fixed(key.to_vec())))
+        .dtls12_cipher_suites(&[Dtls12CipherSuite::PSK_AES128_CCM_8])
+        .dtls13_cipher_suites(&[])
+        .build()
+        .unwrap();
+    Arc::new(config)
+}
+
+struct Client {
+    dtls: Dtls,
+    addr: SocketAddr,
+    connected: bool,
+    received: Vec<Vec<u8>>,
+    closed: bool,
+}
+
+impl Client {
+    fn new(identity: &str, key: &[u8], addr: &str, now: Instant) -> Self {
+        Client::with_config(client_config(identity, key), addr, now)
+    }
+
+    fn with_config(config: Arc<Config>, addr: &str, now: Instant) -> Self {
+        let mut dtls = Dtls::new_12_psk(config, now);
+        dtls.set_active(true);
+        dtls.handle_timeout(now).unwrap();
+        Client {
+            dtls,
+            addr: addr.parse().unwrap(),
+            connected: false,
+            received: Vec::new(),
+            closed: false,
+        }
+    }
+
+    /// What the client wants to send now.
+    fn outgoing(&mut self) -> Vec<Vec<u8>> {
+        let mut buf = vec![0u8; 4096];
+        let mut out = Vec::new();
+        loop {
+            match self.dtls.poll_output(&mut buf) {
+                Output::Packet(p) => out.push(p.to_vec()),
+                Output::Timeout(_) => break,
+                Output::Connected => self.connected = true,
+                Output::ApplicationData(d) => self.received.push(d.to_vec()),
+                Output::CloseNotify => self.closed = true,
+                Output::BufferTooSmall { needed } => buf.resize(needed, 0),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// Moves datagrams both ways until neither side has anything to say; returns what the
+/// server delivered.
+fn pump(server: &mut DtlsServer, client: &mut Client, now: Instant) -> Vec<(Arc<str>, Vec<u8>)> {
+    let mut delivered = Vec::new();
+    for _ in 0..20 {
+        let sent = client.outgoing();
+        for d in &sent {
+            server.handle_datagram(now, client.addr, d);
+        }
+        let mut any = !sent.is_empty();
+        while let Some(o) = server.poll_output() {
+            any = true;
+            match o {
+                DtlsOutput::Transmit { to, data } => {
+                    assert_eq!(to, client.addr);
+                    let _ = client.dtls.handle_packet(&data);
+                }
+                DtlsOutput::Receive { identity, data, .. } => delivered.push((identity, data)),
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    let _ = client.outgoing();
+    delivered
+}
+
+#[test]
+fn a_psk_client_handshakes_after_a_cookie_and_exchanges_datagrams() {
+    let now = Instant::now();
+    let mut s = server(DtlsLimits::default());
+    let mut c = Client::new("dev-1", KEY, "127.0.0.1:40000", now);
+    pump(&mut s, &mut c, now);
+    assert!(c.connected);
+    assert_eq!(s.identity(&c.addr).map(|i| &**i), Some("dev-1"));
+    let counters = s.counters();
+    assert_eq!(
+        (counters.cookies_sent, counters.handshakes_ok, counters.sessions),
+        (1, 1, 1)
+    );
+
+    c.dtls.send_application_data(b"\x05\x04ping").unwrap();
+    let got = pump(&mut s, &mut c, now);
+    assert_eq!(got, vec![(Arc::from("dev-1"), b"\x05\x04ping".to_vec())]);
+
+    s.send(now, c.addr, "dev-1", b"pong");
+    pump(&mut s, &mut c, now);
+    assert_eq!(c.received, vec![b"pong".to_vec()]);
+
+    // Not for another identity at that address.
+    s.send(now, c.addr, "dev-2", b"no");
+    assert!(s.poll_output().is_none());
+    assert_eq!(s.counters().unsent, 1);
+
+    s.close(c.addr);
+    pump(&mut s, &mut c, now);
+    assert!(c.closed, "close_notify reached the client");
+    assert_eq!(s.counters().sessions, 0);
+}
+
+#[test]
+fn a_wrong_key_makes_no_session() {
+    let now = Instant::now();
+    let mut s = server(DtlsLimits::default());
+    let mut c = Client::new("dev-1", b"not the key", "127.0.0.1:40001", now);
+    let got = pump(&mut s, &mut c, now);
+    assert!(got.is_empty());
+    assert!(!c.connected);
+    assert_eq!(s.identity(&c.addr), None);
+    assert_eq!(s.counters().handshakes_ok, 0);
+    assert_eq!(s.counters().handshakes_failed, 1);
+    assert_eq!(s.counters().sessions, 0);
+}
+
+#[test]
+fn an_unknown_identity_makes_no_session() {
+    let now = Instant::now();
+    let mut s = server(DtlsLimits::default());
+    let mut c = Client::new("nobody", KEY, "127.0.0.1:40002", now);
+    pump(&mut s, &mut c, now);
+    assert!(!c.connected);
+    assert_eq!(s.counters().handshakes_failed, 1);
+    assert_eq!(s.counters().sessions, 0);
+}
+
+#[test]
+fn a_burst_of_client_hellos_gets_only_hello_verify_requests_and_no_state() {
+    let now = Instant::now();
+    let mut s = server(DtlsLimits::default());
+    let mut answers = 0;
+    let config = client_config("dev-1", KEY);
+    for i in 0..500u32 {
+        let addr = format!("127.{}.{}.{}:5000", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+        let mut c = Client::with_config(config.clone(), &addr, now);
+        for hello in c.outgoing() {
+            s.handle_datagram(now, c.addr, &hello);
+        }
+        while let Some(o) = s.poll_output() {
+            let DtlsOutput::Transmit { data, .. } = o else {
+                panic!("only records to send");
+            };
+            assert_eq!((data[0], data[13]), (HANDSHAKE, HELLO_VERIFY_REQUEST));
+            answers += 1;
+        }
+    }
+    assert_eq!(answers, 500);
+    assert_eq!(s.counters().cookies_sent, 500);
+    assert_eq!(s.counters().sessions, 0);
+    assert_eq!(s.poll_timeout(), None);
+}
+
+#[test]
+fn a_client_hello_with_a_forged_cookie_keeps_no_state() {
+    let now = Instant::now();
+    let mut s = server(DtlsLimits::default());
+    let mut c = Client::new("dev-1", KEY, "127.0.0.1:40003", now);
+    let first = c.outgoing().remove(0);
+    s.handle_datagram(now, c.addr, &first);
+    let Some(DtlsOutput::Transmit { data: hvr, .. }) = s.poll_output() else {
+        panic!("a HelloVerifyRequest");
+    };
+    c.dtls.handle_packet(&hvr).unwrap();
+    let mut second = c.outgoing().remove(0);
+    // The cookie is the last 32 octets before the cipher suites; flip one of it.
+    let hello = ClientHello::parse(&second).unwrap();
+    let cookie_end = RECORD_HEADER + HANDSHAKE_HEADER + hello.before_cookie.len() + 1 + 32;
+    second[cookie_end - 1] ^= 1;
+    s.handle_datagram(now, c.addr, &second);
+    assert_eq!(s.counters().sessions, 0);
+    // A genuine cookie, from another address (a cookie is bound to its address).
+    let mut c2 = Client::new("dev-1", KEY, "127.0.0.1:40004", now);
+    let first = c2.outgoing().remove(0);
+    s.handle_datagram(now, c2.addr, &first);
+    let mut hvrs = 0;
+    while let Some(o) = s.poll_output() {
+        let DtlsOutput::Transmit { to, data } = o else {
+            panic!("only records to send");
+        };
+        assert_eq!(data[13], HELLO_VERIFY_REQUEST);
+        hvrs += 1;
+        if to == c2.addr {
+            c2.dtls.handle_packet(&data).unwrap();
+        }
+    }
+    assert_eq!(hvrs, 2, "the forged cookie is answered with a new HelloVerifyRequest");
+    let genuine = c2.outgoing().remove(0);
+    let other: SocketAddr = "127.0.0.9:40004".parse().unwrap();
+    s.handle_datagram(now, other, &genuine);
+    assert_eq!(s.counters().sessions, 0);
+    while let Some(o) = s.poll_output() {
+        let DtlsOutput::Transmit { data, .. } = o else {
+            panic!("only records to send");
+        };
+        assert_eq!(data[13], HELLO_VERIFY_REQUEST);
+    }
+    // From its own address it starts a handshake.
+    s.handle_datagram(now, c2.addr, &genuine);
+    assert_eq!(s.counters().handshaking, 1);
+}
+
+#[test]
+fn plain_datagrams_are_dropped_and_counted() {
+    let now = Instant::now();
+    let mut s = server(DtlsLimits::default());
+    let from: SocketAddr = "127.0.0.1:40005".parse().unwrap();
+    // An MQTT-SN CONNECT.
+    s.handle_datagram(now, from, b"\x0a\x04\x04\x01\x00\x3cdev1");
+    // A DTLS application record from an address without a session.
+    let mut record = vec![23, 254, 253, 0, 1, 0, 0, 0, 0, 0, 1, 0, 4];
+    record.extend_from_slice(b"junk");
+    s.handle_datagram(now, from, &record);
+    assert!(s.poll_output().is_none());
+    assert_eq!(s.counters().plaintext_dropped, 2);
+    assert_eq!(s.counters().sessions, 0);
+}
+
+#[test]
+fn handshakes_beyond_max_handshakes_are_dropped() {
+    let now = Instant::now();
+    let mut s = server(DtlsLimits {
+        max_handshakes: 1,
+        ..DtlsLimits::default()
+    });
+    // Two clients get as far as the ClientHello with the cookie.
+    let mut hellos = Vec::new();
+    for addr in ["127.0.0.1:40006", "127.0.0.1:40007"] {
+        let mut c = Client::new("dev-1", KEY, addr, now);
+        let first = c.outgoing().remove(0);
+        s.handle_datagram(now, c.addr, &first);
+        let Some(DtlsOutput::Transmit { data: hvr, .. }) = s.poll_output() else {
+            panic!("a HelloVerifyRequest");
+        };
+        c.dtls.handle_packet(&hvr).unwrap();
+        hellos.push((c.addr, c.outgoing().remove(0)));
+    }
+    for (addr, hello) in &hellos {
+        s.handle_datagram(now, *addr, hello);
+    }
+    assert_eq!(s.counters().handshaking, 1);
+    assert_eq!(s.counters().handshakes_busy, 1);
+}
+
+#[test]
+fn idle_sessions_are_closed_with_close_notify() {
+    let now = Instant::now();
+    let limits = DtlsLimits {
+        idle_timeout: Duration::from_secs(30),
+        ..DtlsLimits::default()
+    };
+    let mut s = server(limits);
+    let mut c = Client::new("dev-1", KEY, "127.0.0.1:40008", now);
+    pump(&mut s, &mut c, now);
+    assert!(c.connected);
+    let later = now + Duration::from_secs(31);
+    assert!(s.poll_timeout().is_some_and(|t| t <= later));
+    s.handle_timeout(later);
+    c.dtls.handle_timeout(later).unwrap();
+    pump(&mut s, &mut c, later);
+    assert!(c.closed);
+    assert_eq!(s.counters().idle_closed, 1);
+    assert_eq!(s.counters().sessions, 0);
+}
+
+#[test]
+fn a_new_key_source_applies_to_new_handshakes() {
+    let now = Instant::now();
+    let mut s = server(DtlsLimits::default());
+    let mut c = Client::new("dev-1", KEY, "127.0.0.1:40009", now);
+    pump(&mut s, &mut c, now);
+    assert!(c.connected);
+    s.set_source(Arc::new(Keys(HashMap::from([("dev-3".to_string(), KEY.to_vec())]))));
+    // The established session goes on.
+    c.dtls.send_application_data(b"still").unwrap();
+    assert_eq!(pump(&mut s, &mut c, now).len(), 1);
+    // A new handshake with the removed identity fails; the new one works.
+    let mut old = Client::new("dev-1", KEY, "127.0.0.1:40010", now);
+    pump(&mut s, &mut old, now);
+    assert!(!old.connected);
+    let mut new = Client::new("dev-3", KEY, "127.0.0.1:40011", now);
+    pump(&mut s, &mut new, now);
+    assert!(new.connected);
+}
