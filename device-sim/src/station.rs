@@ -214,19 +214,21 @@ impl Station {
     }
 
     /// Like [`Station::bind`], over DTLS 1.2 with the pre-shared key `psk`: the handshake
-    /// with the gateway runs here (retransmitted as needed, at most
-    /// [`HANDSHAKE_TIMEOUT`]), then each datagram is one DTLS record.
+    /// with the gateway runs here (retransmitted as needed, for at most `within`, itself
+    /// at most [`HANDSHAKE_TIMEOUT`]), then each datagram is one DTLS record.
     pub async fn bind_dtls(
         local: SocketAddr,
         gateway: SocketAddr,
         psk: &Psk,
+        within: Duration,
         model: LinkModel,
         rng: SmallRng,
     ) -> io::Result<Station> {
+        let within = within.min(HANDSHAKE_TIMEOUT);
         let sock = UdpSocket::bind(local).await?;
         let dtls_err = |e: DtlsError| io::Error::other(e.to_string());
         let mut session = Box::new(DtlsClient::new(psk, Instant::now()).map_err(dtls_err)?);
-        let give_up = Instant::now() + HANDSHAKE_TIMEOUT;
+        let give_up = Instant::now() + within;
         let mut buf = vec![0u8; MAX_DATAGRAM];
         while !session.is_connected() {
             while let Some(r) = session.poll_transmit() {
@@ -234,7 +236,7 @@ impl Station {
             }
             let now = Instant::now();
             if now >= give_up || session.is_closed() {
-                return Err(dtls_err(DtlsError::HandshakeTimeout(HANDSHAKE_TIMEOUT)));
+                return Err(dtls_err(DtlsError::HandshakeTimeout(within)));
             }
             let wake = session.poll_timeout().unwrap_or(give_up).min(give_up);
             match tokio::time::timeout_at(wake.into(), sock.recv_from(&mut buf)).await {

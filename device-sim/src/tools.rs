@@ -144,7 +144,7 @@ impl Common {
         };
         let rng = SmallRng::seed_from_u64(0);
         let station = match &self.psk {
-            Some(psk) => Station::bind_dtls(local, self.gateway, psk, LinkModel::PERFECT, rng).await?,
+            Some(psk) => Station::bind_dtls(local, self.gateway, psk, self.timeout, LinkModel::PERFECT, rng).await?,
             None => Station::bind(local, self.gateway, LinkModel::PERFECT, rng).await?,
         };
         Ok(Device::new(Client::new(self.config(predefined)), station))

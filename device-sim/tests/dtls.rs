@@ -1,0 +1,97 @@
+//! The simulator's tools over DTLS 1.2 with a pre-shared key, against the real gateway's
+//! DTLS listener (in-process) and a real mosquitto: `pub --psk-identity --psk` gets its
+//! QoS 1 message to the broker; a wrong key gets no session and a clear error.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use device_sim::dtls::Psk;
+use device_sim::tools::{self, Common, PubArgs, TopicArg};
+use e2e::{Harness, Mosquitto};
+use gateway::auth::{AuthConfig, Registry};
+use gateway::config::DtlsListener;
+use gateway::transport::dtls::DtlsLimits;
+use sn_codec::QoS;
+
+const DEVICES: &str = r##"
+[[device]]
+client_id = "sim-dtls-7"
+psk_identity = "id-7"
+psk = "00112233445566778899aabbccddeeff"
+publish = ["sim-dtls/#"]
+"##;
+
+async fn start() -> Option<Harness> {
+    let registry = match Registry::parse(DEVICES, "devices.toml", Path::new("/"), |_| None) {
+        Ok(r) => r,
+        Err(e) => panic!("the registry parses: {e:?}"),
+    };
+    Harness::start_custom(Some(Mosquitto::start()?), |s| {
+        s.engine.auth = AuthConfig {
+            registry: Some(Arc::new(registry)),
+            ..AuthConfig::default()
+        };
+        s.dtls = vec![DtlsListener {
+            address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            limits: DtlsLimits::default(),
+        }];
+    })
+    .await
+}
+
+fn common(gateway: SocketAddr, psk: Option<Psk>) -> Common {
+    Common {
+        gateway,
+        client_id: "sim-dtls-7".into(),
+        keep_alive: 30,
+        timeout: Duration::from_secs(5),
+        t_retry_ms: 1_000,
+        n_retry: 3,
+        psk,
+    }
+}
+
+fn publish(common: Common, message: &[u8]) -> PubArgs {
+    PubArgs {
+        common,
+        topic: TopicArg::Name("sim-dtls/up".into()),
+        message: message.to_vec(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_over_dtls_reaches_the_broker_and_a_wrong_key_does_not() {
+    let Some(h) = start().await else { return };
+    let dtls = *h.dtls.first().expect("a DTLS listener");
+    let mut watch = h.observe("sim-dtls/#").await;
+
+    let right = Psk::from_hex("id-7", "00112233445566778899aabbccddeeff").expect("valid");
+    tools::publish(&publish(common(dtls, Some(right)), b"over dtls"))
+        .await
+        .expect("published over DTLS");
+    watch.expect_msg_eq("sim-dtls/up", b"over dtls").await;
+    h.wait_stats("a DTLS handshake counted", |s| s.dtls.handshakes_ok >= 1)
+        .await;
+
+    let wrong = Psk::from_hex("id-7", "ffeeddccbbaa99887766554433221100").expect("valid");
+    let err = tools::publish(&publish(common(dtls, Some(wrong)), b"never"))
+        .await
+        .expect_err("a wrong key gets no session");
+    assert!(err.to_string().contains("DTLS"), "{err}");
+    h.wait_stats("the failed handshake counted", |s| s.dtls.handshakes_failed >= 1)
+        .await;
+
+    // Plain MQTT-SN to the DTLS port is never answered.
+    let err = tools::publish(&publish(common(dtls, None), b"plain"))
+        .await
+        .expect_err("plain UDP to a DTLS listener");
+    assert!(err.to_string().contains("answer"), "{err}");
+    h.wait_stats("the plain datagrams dropped", |s| s.dtls.plaintext_dropped >= 1)
+        .await;
+    watch.expect_none().await;
+    h.shutdown().await;
+}
