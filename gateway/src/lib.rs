@@ -14,6 +14,7 @@ pub mod broker;
 pub mod config;
 pub mod embedded;
 pub mod engine;
+pub mod link;
 pub mod open_files;
 pub mod ops;
 pub mod runtime;

@@ -15,7 +15,7 @@ pub use registry::{Address, Device, Registry, RegistryChanges, Secret};
 
 use crate::broker::tls::ClientIdentity;
 use crate::broker::Credentials;
-use crate::engine::Peer;
+use crate::link::Peer;
 use crate::topics::Predefined;
 
 /// Whether a session may move to another address (a CONNECT takeover, or a PINGREQ
@@ -265,7 +265,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::engine::LinkAddr;
+    use crate::link::LinkAddr;
     use std::path::Path;
 
     fn peer(ip: &str) -> Peer {

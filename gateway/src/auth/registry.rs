@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::acl;
 use crate::broker::tls::ClientIdentity;
-use crate::engine::{LinkAddr, Peer};
+use crate::link::{LinkAddr, Peer};
 use crate::topics::{self, Predefined};
 use crate::transport::dtls::PskSource;
 

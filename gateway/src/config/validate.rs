@@ -16,6 +16,7 @@ use crate::engine::EngineConfig;
 use crate::topics::Predefined;
 use crate::transport::dtls::DtlsLimits;
 use crate::transport::serial::SerialPortConfig;
+pub use crate::transport::udp::UdpProbe;
 
 /// Everything the gateway runs with: each module's typed slice of a validated [`Config`].
 #[derive(Debug, Clone)]
@@ -60,16 +61,6 @@ pub struct MetricsSettings {
     pub listen: Option<SocketAddr>,
     /// The UDP health probe, when configured.
     pub udp_probe: Option<UdpProbe>,
-}
-
-/// A UDP health probe: a datagram equal to `request` is answered with `reply` and not
-/// passed to the engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UdpProbe {
-    /// The probe's bytes (never a valid MQTT-SN message).
-    pub request: Vec<u8>,
-    /// The answer's bytes.
-    pub reply: Vec<u8>,
 }
 
 /// How and what the binary logs.

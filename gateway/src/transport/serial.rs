@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_serial::{DataBits, FlowControl, Parity, SerialStream, StopBits};
 use tracing::{debug, info, warn};
 
-use crate::engine::LinkAddr;
+use crate::link::LinkAddr;
 use crate::transport::udp::Inbound;
 
 /// Largest message accepted from a device; longer frames are dropped and counted in

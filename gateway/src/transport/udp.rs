@@ -7,8 +7,17 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::config::UdpProbe;
-use crate::engine::LinkAddr;
+use crate::link::LinkAddr;
+
+/// A UDP health probe: a datagram equal to `request` is answered with `reply` and not
+/// passed to the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpProbe {
+    /// The probe's bytes (never a valid MQTT-SN message).
+    pub request: Vec<u8>,
+    /// The answer's bytes.
+    pub reply: Vec<u8>,
+}
 
 /// A datagram received from a device.
 pub type Inbound = (LinkAddr, Vec<u8>);
