@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::behaviour::{downlink_topic, Behaviour, DeviceSpec, Next, Schedule};
 use crate::device::{Device, Received, Step};
+use crate::dtls::HANDSHAKE_TIMEOUT;
 use crate::gateway_metrics::{self, Collector, MetricsUrl};
 use crate::payload::Stamp;
 use crate::report::{self, DeviceRecord, LatencyHistogram, Report, ReportInputs, RunFacts};
@@ -57,6 +58,10 @@ pub struct FleetOptions {
     /// The gateway's Prometheus endpoint: scraped at the start, every second and at the
     /// end, for the report's [`crate::gateway_metrics::GatewayMetrics`].
     pub gateway_metrics: Option<MetricsUrl>,
+    /// Every device talks to the gateway over DTLS 1.2 with this pre-shared key (a
+    /// gateway `[[dtls]]` listener; a registry glob entry binds every device's client id
+    /// to the one identity). The handshake is not subject to the radio model.
+    pub psk: Option<crate::dtls::Psk>,
 }
 
 /// What a fleet run produced: the report and the run over time.
@@ -138,6 +143,7 @@ struct Shared {
     gateway: SocketAddr,
     prefix: String,
     groups: Vec<Group>,
+    psk: Option<crate::dtls::Psk>,
     /// Publishing stops (ms).
     stop_ms: u64,
     /// Devices give up on outstanding exchanges (ms).
@@ -217,6 +223,7 @@ pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
         gateway: opts.gateway,
         prefix: opts.topic_prefix.clone(),
         groups: opts.scenario.groups.clone(),
+        psk: opts.psk.clone(),
         stop_ms: times.stop_ms(),
         end_ms: times.end_ms(),
         live: Live::default(),
@@ -643,6 +650,15 @@ impl Told {
     }
 }
 
+/// Why a device could not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenFailure {
+    /// Its socket could not be opened.
+    Socket,
+    /// Its DTLS handshake with the gateway failed.
+    Dtls,
+}
+
 /// One device of the fleet: the thin shell that moves datagrams and time between its
 /// station and its [`Behaviour`].
 struct DeviceTask {
@@ -660,10 +676,16 @@ impl DeviceTask {
         let Some(g) = shared.groups.get(self.group) else {
             return record;
         };
-        let Some(station) = self.open(link, g, radio_rng).await else {
-            record.counts.socket_errors = 1;
-            shared.live.finished.fetch_add(1, Ordering::Relaxed);
-            return record;
+        let station = match self.open(link, g, radio_rng).await {
+            Ok(s) => s,
+            Err(failure) => {
+                match failure {
+                    OpenFailure::Socket => record.counts.socket_errors = 1,
+                    OpenFailure::Dtls => record.counts.dtls_failed = 1,
+                }
+                shared.live.finished.fetch_add(1, Ordering::Relaxed);
+                return record;
+            }
         };
         let spec = DeviceSpec::new(shared.run, &shared.prefix, g, self.group, self.index);
         let mut dev = Device::new(Client::new(spec.client_config(g)), station);
@@ -726,24 +748,34 @@ impl DeviceTask {
         record
     }
 
-    /// The device's station (socket and radio); `None` (logged, counted) when its socket
-    /// cannot be opened.
-    async fn open(&self, link: DeviceLink, g: &Group, radio_rng: SmallRng) -> Option<Station> {
+    /// The device's station (socket and radio, and the DTLS session over `--psk`); an
+    /// error (logged, counted) when its socket cannot be opened or its handshake fails.
+    async fn open(&self, link: DeviceLink, g: &Group, radio_rng: SmallRng) -> Result<Station, OpenFailure> {
         let shared = &self.shared;
-        let (local, e) = match link {
-            DeviceLink::Memory(port) => return Some(Station::memory(port, g.radio, radio_rng)),
-            DeviceLink::Udp(local) => match Station::bind(local, shared.gateway, g.radio, radio_rng).await {
-                Ok(s) => return Some(s),
-                Err(e) => (local, e),
-            },
+        let (local, e, failure) = match link {
+            DeviceLink::Memory(port) => return Ok(Station::memory(port, g.radio, radio_rng)),
+            DeviceLink::Udp(local) => {
+                let bound = match &shared.psk {
+                    Some(psk) => {
+                        Station::bind_dtls(local, shared.gateway, psk, HANDSHAKE_TIMEOUT, g.radio, radio_rng).await
+                    }
+                    None => Station::bind(local, shared.gateway, g.radio, radio_rng).await,
+                };
+                match bound {
+                    Ok(s) => return Ok(s),
+                    // Binding a socket fails with the OS's own errors; the handshake's are ours.
+                    Err(e) if shared.psk.is_some() && e.raw_os_error().is_none() => (local, e, OpenFailure::Dtls),
+                    Err(e) => (local, e, OpenFailure::Socket),
+                }
+            }
         };
         // One warning for the fleet (the rest are in the report's socket_errors).
         if shared.live.socket_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-            tracing::warn!(device = self.index, local = %local, error = %e, "cannot open a device's socket (further failures are counted in the report)");
+            tracing::warn!(device = self.index, local = %local, error = %e, "cannot start a device: its socket or its DTLS handshake failed (further failures are counted in the report)");
         } else {
-            tracing::debug!(device = self.index, local = %local, error = %e, "cannot open the device's socket");
+            tracing::debug!(device = self.index, local = %local, error = %e, "cannot start the device");
         }
-        None
+        Err(failure)
     }
 }
 

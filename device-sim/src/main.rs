@@ -332,6 +332,13 @@ struct RunCmd {
     /// default): its counters over the run go into the report.
     #[arg(long, value_name = "URL", value_parser = parse_metrics_url)]
     gateway_metrics: Option<MetricsUrl>,
+    /// Every device over DTLS 1.2 with a pre-shared key (a gateway `--dtls` listener):
+    /// the PSK identity, which a registry glob entry binds to the devices' client ids.
+    #[arg(long, value_name = "ID", requires = "psk")]
+    psk_identity: Option<String>,
+    /// The pre-shared key, in hex.
+    #[arg(long, value_name = "HEX", requires = "psk_identity")]
+    psk: Option<String>,
     /// No progress line.
     #[arg(long, short = 'Q')]
     quiet: bool,
@@ -366,6 +373,10 @@ async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
         progress: !cmd.quiet && std::io::stderr().is_terminal(),
         echo: cmd.echo,
         gateway_metrics: cmd.gateway_metrics,
+        psk: match (&cmd.psk_identity, &cmd.psk) {
+            (Some(id), Some(key)) => Some(device_sim::dtls::Psk::from_hex(id, key).map_err(anyhow::Error::msg)?),
+            _ => None,
+        },
         scenario,
     };
     // Refuse an output that cannot be written before the run rather than lose the run

@@ -25,6 +25,8 @@ pub struct Counts {
     pub connects: u64,
     /// Devices whose socket could not be opened.
     pub socket_errors: u64,
+    /// Devices whose DTLS handshake with the gateway failed (over `--psk`).
+    pub dtls_failed: u64,
     /// PUBLISH messages sent, all QoS.
     pub published: u64,
     /// Of which QoS -1.
@@ -102,6 +104,7 @@ impl Counts {
             connected,
             connects,
             socket_errors,
+            dtls_failed,
             published,
             published_qos_m1,
             published_qos0,

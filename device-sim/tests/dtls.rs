@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use device_sim::dtls::Psk;
+use device_sim::fleet::{self, FleetOptions};
+use device_sim::scenario::{Group, Scenario};
 use device_sim::tools::{self, Common, PubArgs, TopicArg};
+use device_sim::verifier::BrokerUrl;
 use e2e::{Harness, Mosquitto};
 use gateway::auth::{AuthConfig, Registry};
 use gateway::config::DtlsListener;
@@ -21,6 +24,13 @@ client_id = "sim-dtls-7"
 psk_identity = "id-7"
 psk = "00112233445566778899aabbccddeeff"
 publish = ["sim-dtls/#"]
+
+# Every fleet device under one identity.
+[[device]]
+client_id = "sim-*"
+psk_identity = "fleet"
+psk = "0f0e0d0c0b0a09080706050403020100"
+publish = ["simdtls/#"]
 "##;
 
 async fn start() -> Option<Harness> {
@@ -93,5 +103,78 @@ async fn pub_over_dtls_reaches_the_broker_and_a_wrong_key_does_not() {
     h.wait_stats("the plain datagrams dropped", |s| s.dtls.plaintext_dropped >= 1)
         .await;
     watch.expect_none().await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_over_dtls_keeps_its_guarantees() {
+    let Some(h) = start().await else { return };
+    let dtls = *h.dtls.first().expect("a DTLS listener");
+    let scenario = Scenario {
+        groups: vec![Group {
+            name: "d".into(),
+            count: 10,
+            ..Group::default()
+        }],
+        ..Scenario::default()
+    };
+    let report = fleet::run(FleetOptions {
+        gateway: dtls,
+        broker: BrokerUrl {
+            host: h.broker.ip().to_string(),
+            port: h.broker.port(),
+            tls: None,
+        },
+        scenario,
+        duration: Duration::from_secs(3),
+        seed: 3,
+        drain: Duration::from_secs(3),
+        topic_prefix: "simdtls".into(),
+        progress: false,
+        echo: false,
+        gateway_metrics: None,
+        psk: Some(Psk::from_hex("fleet", "0f0e0d0c0b0a09080706050403020100").expect("valid")),
+    })
+    .await
+    .expect("the fleet runs");
+    println!("{}", report.table());
+    let t = &report.total.counts;
+    assert!(report.ok(), "broken guarantees: {:#?}", report.violations);
+    assert_eq!((t.devices, t.connected, t.dtls_failed), (10, 10, 0));
+    assert!(t.published > 0 && t.arrived > 0, "{t:?}");
+    let s = h
+        .wait_stats("ten DTLS handshakes", |s| s.dtls.handshakes_ok >= 10)
+        .await;
+    assert_eq!(s.metrics.connects_refused, 0);
+
+    // The wrong key: every device fails its handshake, counted as such.
+    let report = fleet::run(FleetOptions {
+        gateway: dtls,
+        broker: BrokerUrl {
+            host: h.broker.ip().to_string(),
+            port: h.broker.port(),
+            tls: None,
+        },
+        scenario: Scenario {
+            groups: vec![Group {
+                name: "bad".into(),
+                count: 3,
+                ..Group::default()
+            }],
+            ..Scenario::default()
+        },
+        duration: Duration::from_secs(1),
+        seed: 4,
+        drain: Duration::from_secs(1),
+        topic_prefix: "simdtls".into(),
+        progress: false,
+        echo: false,
+        gateway_metrics: None,
+        psk: Some(Psk::from_hex("fleet", "ffff").expect("valid")),
+    })
+    .await
+    .expect("the fleet runs");
+    let t = &report.total.counts;
+    assert_eq!((t.devices, t.connected, t.dtls_failed, t.socket_errors), (3, 0, 3, 0));
     h.shutdown().await;
 }

@@ -52,6 +52,7 @@ async fn a_thousand_devices_against_the_echo_gateway() {
         progress: false,
         echo: true,
         gateway_metrics: None,
+        psk: None,
     })
     .await
     .expect("runs without a broker");

@@ -123,6 +123,7 @@ async fn fleet_of_300_sleepy_lossy_devices_keeps_qos_guarantees() {
         progress: false,
         echo: false,
         gateway_metrics: None,
+        psk: None,
     })
     .await
     .expect("the fleet runs");

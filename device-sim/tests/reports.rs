@@ -78,6 +78,7 @@ fn options(
         progress: false,
         echo: false,
         gateway_metrics: metrics,
+        psk: None,
     }
 }
 

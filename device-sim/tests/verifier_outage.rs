@@ -232,6 +232,7 @@ fn options(gateway: SocketAddr, verifier_broker: SocketAddr, duration: Duration)
         progress: false,
         echo: false,
         gateway_metrics: None,
+        psk: None,
     }
 }
 
