@@ -2,9 +2,7 @@
 //! DTLS listener (in-process) and a real mosquitto: `pub --psk-identity --psk` gets its
 //! QoS 1 message to the broker; a wrong key gets no session and a clear error.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use device_sim::dtls::Psk;
@@ -13,9 +11,6 @@ use device_sim::scenario::{Group, Scenario};
 use device_sim::tools::{self, Common, PubArgs, TopicArg};
 use device_sim::verifier::BrokerUrl;
 use e2e::{Harness, Mosquitto};
-use gateway::auth::{AuthConfig, Registry};
-use gateway::config::DtlsListener;
-use gateway::transport::dtls::DtlsLimits;
 use sn_codec::QoS;
 
 const DEVICES: &str = r##"
@@ -34,21 +29,7 @@ publish = ["simdtls/#"]
 "##;
 
 async fn start() -> Option<Harness> {
-    let registry = match Registry::parse(DEVICES, "devices.toml", Path::new("/"), |_| None) {
-        Ok(r) => r,
-        Err(e) => panic!("the registry parses: {e:?}"),
-    };
-    Harness::start_custom(Some(Mosquitto::start()?), |s| {
-        s.engine.auth = AuthConfig {
-            registry: Some(Arc::new(registry)),
-            ..AuthConfig::default()
-        };
-        s.dtls = vec![DtlsListener {
-            address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            limits: DtlsLimits::default(),
-        }];
-    })
-    .await
+    Harness::start_dtls(Some(Mosquitto::start()?), DEVICES).await
 }
 
 fn common(gateway: SocketAddr, psk: Option<Psk>) -> Common {
@@ -106,37 +87,42 @@ async fn pub_over_dtls_reaches_the_broker_and_a_wrong_key_does_not() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_over_dtls_keeps_its_guarantees() {
-    let Some(h) = start().await else { return };
-    let dtls = *h.dtls.first().expect("a DTLS listener");
-    let scenario = Scenario {
-        groups: vec![Group {
-            name: "d".into(),
-            count: 10,
-            ..Group::default()
-        }],
-        ..Scenario::default()
-    };
-    let report = fleet::run(FleetOptions {
-        gateway: dtls,
+/// A fleet of `count` devices in group `group` through the harness's DTLS listener, for
+/// `secs` seconds (and as long to drain), every device with `psk`.
+fn fleet_over(h: &Harness, group: &str, count: usize, secs: u64, psk: Psk) -> FleetOptions {
+    FleetOptions {
+        gateway: *h.dtls.first().expect("a DTLS listener"),
         broker: BrokerUrl {
             host: h.broker.ip().to_string(),
             port: h.broker.port(),
             tls: None,
         },
-        scenario,
-        duration: Duration::from_secs(3),
+        scenario: Scenario {
+            groups: vec![Group {
+                name: group.into(),
+                count,
+                ..Group::default()
+            }],
+            ..Scenario::default()
+        },
+        duration: Duration::from_secs(secs),
         seed: 3,
-        drain: Duration::from_secs(3),
+        drain: Duration::from_secs(secs),
         topic_prefix: "simdtls".into(),
         progress: false,
         echo: false,
         gateway_metrics: None,
-        psk: Some(Psk::from_hex("fleet", "0f0e0d0c0b0a09080706050403020100").expect("valid")),
-    })
-    .await
-    .expect("the fleet runs");
+        psk: Some(psk),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_over_dtls_keeps_its_guarantees() {
+    let Some(h) = start().await else { return };
+    let key = Psk::from_hex("fleet", "0f0e0d0c0b0a09080706050403020100").expect("valid");
+    let report = fleet::run(fleet_over(&h, "d", 10, 3, key))
+        .await
+        .expect("the fleet runs");
     println!("{}", report.table());
     let t = &report.total.counts;
     assert!(report.ok(), "broken guarantees: {:#?}", report.violations);
@@ -148,32 +134,10 @@ async fn a_fleet_over_dtls_keeps_its_guarantees() {
     assert_eq!(s.metrics.connects_refused, 0);
 
     // The wrong key: every device fails its handshake, counted as such.
-    let report = fleet::run(FleetOptions {
-        gateway: dtls,
-        broker: BrokerUrl {
-            host: h.broker.ip().to_string(),
-            port: h.broker.port(),
-            tls: None,
-        },
-        scenario: Scenario {
-            groups: vec![Group {
-                name: "bad".into(),
-                count: 3,
-                ..Group::default()
-            }],
-            ..Scenario::default()
-        },
-        duration: Duration::from_secs(1),
-        seed: 4,
-        drain: Duration::from_secs(1),
-        topic_prefix: "simdtls".into(),
-        progress: false,
-        echo: false,
-        gateway_metrics: None,
-        psk: Some(Psk::from_hex("fleet", "ffff").expect("valid")),
-    })
-    .await
-    .expect("the fleet runs");
+    let wrong = Psk::from_hex("fleet", "ffff").expect("valid");
+    let report = fleet::run(fleet_over(&h, "bad", 3, 1, wrong))
+        .await
+        .expect("the fleet runs");
     let t = &report.total.counts;
     assert_eq!((t.devices, t.connected, t.dtls_failed, t.socket_errors), (3, 0, 3, 0));
     h.shutdown().await;

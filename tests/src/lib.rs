@@ -342,6 +342,27 @@ impl Harness {
         })
     }
 
+    /// The gateway with one DTLS listener on 127.0.0.1 (its address in
+    /// [`Harness::dtls`]) and the device registry `devices` (TOML, as in a
+    /// `devices_file`), against `mosquitto` or the embedded broker.
+    pub async fn start_dtls(mosquitto: Option<Mosquitto>, devices: &str) -> Option<Harness> {
+        let registry = match gateway::auth::Registry::parse(devices, "devices.toml", Path::new("/"), |_| None) {
+            Ok(r) => r,
+            Err(e) => panic!("the test's device registry does not parse: {e:?}"),
+        };
+        Self::start_custom(mosquitto, |s| {
+            s.engine.auth = gateway::auth::AuthConfig {
+                registry: Some(Arc::new(registry)),
+                ..gateway::auth::AuthConfig::default()
+            };
+            s.dtls = vec![gateway::config::DtlsListener {
+                address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                limits: gateway::transport::dtls::DtlsLimits::default(),
+            }];
+        })
+        .await
+    }
+
     /// A second gateway process's worth (its own engine, UDP listener and broker
     /// connections) on the broker of `other`, which keeps owning that broker: several
     /// gateways in front of one broker (docs/scaling.md).

@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::{encode, Harness, Mosquitto, Packet, QoS, ReturnCode, Rx, SnClient, TopicRef};
-use gateway::auth::{AuthConfig, Registry};
-use gateway::config::DtlsListener;
-use gateway::transport::dtls::DtlsLimits;
+use gateway::auth::Registry;
 use sn_codec::{Connect, Publish};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -63,18 +61,7 @@ fn have_openssl() -> bool {
 
 /// The gateway with one DTLS listener and the registry above.
 async fn start(mosquitto: Option<Mosquitto>) -> Option<Harness> {
-    let registry = Registry::parse(DEVICES, "devices.toml", Path::new("/"), |_| None).unwrap();
-    Harness::start_custom(mosquitto, |s| {
-        s.engine.auth = AuthConfig {
-            registry: Some(Arc::new(registry)),
-            ..AuthConfig::default()
-        };
-        s.dtls = vec![DtlsListener {
-            address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            limits: DtlsLimits::default(),
-        }];
-    })
-    .await
+    Harness::start_dtls(mosquitto, DEVICES).await
 }
 
 /// `openssl s_client` as a DTLS 1.2 PSK device.
