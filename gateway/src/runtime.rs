@@ -12,8 +12,9 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::auth::Registry;
-use crate::broker::mqtt::MqttLinks;
-use crate::broker::{BrokerEvent, BrokerLink, ClientKey};
+use crate::broker::mqtt::{LinkMode, MqttLinks};
+use crate::broker::shared::SharedLinks;
+use crate::broker::{AnyLink, BrokerEvent, BrokerLink, ClientKey};
 use crate::config::Settings;
 use crate::engine::{Gateway, LinkAddr, Stats};
 use crate::topics::Predefined;
@@ -240,9 +241,18 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         }
     }
     info!(broker = %broker.url(), "broker");
-    broker.max_connections = Some(connection_limit(&settings));
+    let mode = broker.mode;
+    broker.max_connections = match mode {
+        LinkMode::Transparent => Some(connection_limit(&settings)),
+        // No open file per device: only the process's own limit on clients applies.
+        LinkMode::Aggregating => None,
+    };
+    info!(%mode, connections = broker.connections, "broker link");
     let probe = broker.clone();
-    let links = MqttLinks::new(broker, ev_tx);
+    let links = match mode {
+        LinkMode::Transparent => AnyLink::Transparent(MqttLinks::new(broker, ev_tx)),
+        LinkMode::Aggregating => AnyLink::Aggregating(SharedLinks::new(broker, ev_tx)),
+    };
     let gateway = Gateway::new(settings.engine.clone());
     let stats = Arc::new(Mutex::new(Stats::default()));
     let broker_links = Arc::new(AtomicUsize::new(0));

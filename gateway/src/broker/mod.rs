@@ -2,10 +2,14 @@
 //!
 //! The session engine speaks to the broker only through [`Command`]s it queues and
 //! [`BrokerEvent`]s it is fed, so it does not care how the broker is reached. Transparent
-//! mode ([`mqtt::MqttLinks`]) opens one MQTT 3.1.1 connection per MQTT-SN client; an
-//! aggregating mode (one connection for all clients) can implement [`BrokerLink`] too.
+//! mode ([`mqtt::MqttLinks`]) opens one MQTT 3.1.1 connection per MQTT-SN client;
+//! aggregating mode ([`shared::SharedLinks`], with the sans-IO [`aggregate::Aggregator`])
+//! carries every client over a few shared connections.
 
+pub mod aggregate;
+pub mod index;
 pub mod mqtt;
+pub mod shared;
 pub mod tls;
 
 use bytes::Bytes;
@@ -282,4 +286,64 @@ pub trait BrokerLink {
     /// Waits, until `deadline`, for every connection to end (a closed one: its
     /// DISCONNECT written to the broker). Resolves to how many did not.
     fn wait_closed(&mut self, deadline: tokio::time::Instant) -> impl std::future::Future<Output = usize> + Send;
+}
+
+/// The link of either mode, chosen at start by `broker.mode`.
+pub enum AnyLink {
+    /// One connection per device.
+    Transparent(mqtt::MqttLinks),
+    /// Shared connections.
+    Aggregating(shared::SharedLinks),
+}
+
+impl BrokerLink for AnyLink {
+    fn execute(&mut self, client: ClientKey, command: Command) -> Option<BrokerEvent> {
+        match self {
+            AnyLink::Transparent(l) => l.execute(client, command),
+            AnyLink::Aggregating(l) => l.execute(client, command),
+        }
+    }
+
+    fn active(&self) -> usize {
+        match self {
+            AnyLink::Transparent(l) => l.active(),
+            AnyLink::Aggregating(l) => l.active(),
+        }
+    }
+
+    fn max_connections(&self) -> usize {
+        match self {
+            AnyLink::Transparent(l) => l.max_connections(),
+            AnyLink::Aggregating(l) => l.max_connections(),
+        }
+    }
+
+    fn reap(&mut self) {
+        match self {
+            AnyLink::Transparent(l) => l.reap(),
+            AnyLink::Aggregating(l) => l.reap(),
+        }
+    }
+
+    fn tasks(&self) -> usize {
+        match self {
+            AnyLink::Transparent(l) => l.tasks(),
+            AnyLink::Aggregating(l) => l.tasks(),
+        }
+    }
+
+    fn close_all(&mut self) {
+        match self {
+            AnyLink::Transparent(l) => l.close_all(),
+            AnyLink::Aggregating(l) => l.close_all(),
+        }
+    }
+
+    fn wait_closed(&mut self, deadline: tokio::time::Instant) -> impl std::future::Future<Output = usize> + Send {
+        let wait: std::pin::Pin<Box<dyn std::future::Future<Output = usize> + Send>> = match self {
+            AnyLink::Transparent(l) => Box::pin(l.wait_closed(deadline)),
+            AnyLink::Aggregating(l) => Box::pin(l.wait_closed(deadline)),
+        };
+        wait
+    }
 }

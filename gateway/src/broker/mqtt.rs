@@ -56,6 +56,37 @@ pub struct BrokerConfig {
     /// beyond gets CONNACK congestion. `None`: derived from the process's open-file
     /// limit at start ([`crate::open_files`]).
     pub max_connections: Option<usize>,
+    /// Transparent (a connection per device) or aggregating (shared connections).
+    pub mode: LinkMode,
+    /// Aggregating mode: the shared connections, devices spread over them by client id.
+    pub connections: usize,
+    /// Aggregating mode: QoS 1/2 messages kept per device that is away with clean
+    /// session false (the oldest goes first beyond).
+    pub offline_queue: usize,
+    /// Aggregating mode: the shared connections' client id, followed by `-N` (and
+    /// preceded by `client_id_prefix`).
+    pub aggregate_client_id: String,
+}
+
+/// How devices reach the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkMode {
+    /// One MQTT connection per device, with its client id, clean-session flag and will.
+    #[default]
+    Transparent,
+    /// A few shared MQTT connections for all devices; the gateway keeps the
+    /// subscriptions, sessions and wills (docs/scaling.md).
+    Aggregating,
+}
+
+impl std::fmt::Display for LinkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkMode::Transparent => "transparent",
+            LinkMode::Aggregating => "aggregating",
+        })
+    }
 }
 
 impl Default for BrokerConfig {
@@ -74,6 +105,10 @@ impl Default for BrokerConfig {
             connect_timeout_secs: 5,
             max_connections: None,
             gateway_client_id: "mqtt-sn-gw-1-qos-1".into(),
+            mode: LinkMode::Transparent,
+            connections: 1,
+            offline_queue: 1000,
+            aggregate_client_id: "mqtt-sn-gw-1".into(),
         }
     }
 }
@@ -147,7 +182,7 @@ impl BrokerConfig {
     }
 }
 
-fn rumqttc_qos(q: MqttQos) -> rumqttc::QoS {
+pub(super) fn rumqttc_qos(q: MqttQos) -> rumqttc::QoS {
     match q {
         MqttQos::AtMostOnce => rumqttc::QoS::AtMostOnce,
         MqttQos::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
@@ -155,7 +190,7 @@ fn rumqttc_qos(q: MqttQos) -> rumqttc::QoS {
     }
 }
 
-fn our_qos(q: rumqttc::QoS) -> MqttQos {
+pub(super) fn our_qos(q: rumqttc::QoS) -> MqttQos {
     match q {
         rumqttc::QoS::AtMostOnce => MqttQos::AtMostOnce,
         rumqttc::QoS::AtLeastOnce => MqttQos::AtLeastOnce,
@@ -185,7 +220,7 @@ const WILL_TOKEN: Token = Token::MAX;
 const FULL_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a connection that sent DISCONNECT waits for the broker to close its side.
-const CLOSE_WAIT: Duration = Duration::from_secs(1);
+pub(super) const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Requests held back for a connection whose rumqttc request channel was full, and the
 /// task that feeds them to rumqttc in order as the channel drains (back-pressure in the
@@ -747,7 +782,7 @@ fn will_delivered(pending: &Mutex<Pending>) {
 
 /// Whether a connect failure is the broker's answer (it will answer the same again)
 /// rather than a transient failure to reach it. "Server unavailable" is transient.
-fn is_refusal(e: &ConnectionError) -> bool {
+pub(super) fn is_refusal(e: &ConnectionError) -> bool {
     matches!(
         e,
         ConnectionError::ConnectionRefused(

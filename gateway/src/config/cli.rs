@@ -154,6 +154,14 @@ pub struct BrokerFlags {
     #[arg(long = "embedded-broker-listen", id = "broker.embedded_listen", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embedded_listen: Option<SocketAddr>,
+    /// transparent: one broker connection per device; aggregating: a few shared ones, the gateway keeping subscriptions and sessions (docs/scaling.md).
+    #[arg(long = "mode", id = "broker.mode", value_name = "MODE", value_parser = ["transparent", "aggregating"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Aggregating mode: the shared broker connections, devices spread over them by client id [default: 1].
+    #[arg(long = "broker-connections", id = "broker.connections", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
 }
 
 /// `[timers]` flags.

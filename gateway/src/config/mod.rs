@@ -15,7 +15,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::broker::mqtt::BrokerConfig;
+use crate::broker::mqtt::{BrokerConfig, LinkMode};
 use crate::engine::EngineConfig;
 use crate::transport::serial::SerialPortConfig;
 
@@ -201,6 +201,12 @@ pub struct BrokerSection {
     pub connect_timeout_secs: u64,
     /// Broker connections held at once (0: the process's open-file limit less a reserve).
     pub max_connections: usize,
+    /// `transparent` (one broker connection per device) or `aggregating` (shared ones).
+    pub mode: LinkMode,
+    /// Aggregating mode: shared broker connections, devices spread over them by client id.
+    pub connections: usize,
+    /// Aggregating mode: QoS 1/2 messages kept per device away with clean session false.
+    pub offline_queue: usize,
 }
 
 impl Default for BrokerSection {
@@ -222,6 +228,9 @@ impl Default for BrokerSection {
             inflight: b.inflight,
             connect_timeout_secs: b.connect_timeout_secs,
             max_connections: b.max_connections.unwrap_or(0),
+            mode: b.mode,
+            connections: b.connections,
+            offline_queue: b.offline_queue,
         }
     }
 }

@@ -430,6 +430,10 @@ impl Config {
                 0 => None,
                 n => Some(n),
             },
+            mode: b.mode,
+            connections: at_least(e, "broker.connections", b.connections, 1, 1024),
+            offline_queue: at_least(e, "broker.offline_queue", b.offline_queue, 0, 10_000_000),
+            aggregate_client_id: format!("mqtt-sn-gw-{}", self.gateway.id),
         }
     }
 

@@ -1,0 +1,693 @@
+//! Aggregating mode, sans-IO: many devices on one broker connection.
+//!
+//! What the broker does per client in transparent mode, the gateway does here itself,
+//! for the devices of one shared connection:
+//! - a subscription index over every device's filters, one broker subscription per
+//!   distinct filter (at the highest QoS any device asked), released by UNSUBSCRIBE when
+//!   the last device leaves it;
+//! - each message to each matching device once, at min(message QoS, the device's highest
+//!   granted QoS among its matching filters);
+//! - retained messages: every device SUBSCRIBE is passed on to the broker, even for a held
+//!   filter, since a broker resends the retained messages on a repeated SUBSCRIBE
+//!   (MQTT-3.8.4-3). Those arrive after its SUBACK with RETAIN set, and a compliant broker
+//!   sets RETAIN on nothing else (MQTT-3.3.1-9), so they go to the device of the latest
+//!   SUBACK only, as a broker would send them to a new subscriber alone;
+//! - a broker QoS 1/2 message is acknowledged to the broker only once every device it went
+//!   to at QoS 1/2 has acknowledged it (or has gone, or is away with clean session false:
+//!   then the gateway keeps it for the device and takes it off the broker's hands);
+//! - wills are published by the gateway when a device is lost (the engine says so),
+//!   never on a clean DISCONNECT; there is no will at the broker for a device;
+//! - clean session false: a device's subscriptions stay in the index while it is away and
+//!   QoS 1/2 messages for it are queued (bounded), delivered when it connects again.
+//!
+//! [`Aggregator`] is fed the commands of the sessions on its connection and what the
+//! connection reports, and queues [`Output`]s: requests for the broker and events for
+//! sessions. It owns no socket and reads no clock; [`super::shared`] drives it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::index::FilterIndex;
+use super::{BrokerEvent, ClientKey, Command, ConnectParams, DeliveryId, Message, MqttQos, RejectReason, Token, Will};
+
+/// Names one request to the broker, so that its answer finds its way back. The driving
+/// shell pairs it with the packet id the MQTT client library chose.
+pub type Tag = u64;
+
+/// A request for the broker connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// PUBLISH; `tag` is answered by [`Aggregator::published`] (QoS 1/2 only).
+    Publish {
+        /// Answer correlation (QoS 1/2).
+        tag: Option<Tag>,
+        /// Topic name.
+        topic: Arc<str>,
+        /// Payload.
+        payload: Bytes,
+        /// QoS.
+        qos: MqttQos,
+        /// Retain flag.
+        retain: bool,
+    },
+    /// SUBSCRIBE to one filter; answered by [`Aggregator::subscribed`].
+    Subscribe {
+        /// Answer correlation.
+        tag: Tag,
+        /// The filter.
+        filter: Arc<str>,
+        /// QoS asked.
+        qos: MqttQos,
+    },
+    /// UNSUBSCRIBE from one filter (its answer needs no action).
+    Unsubscribe {
+        /// The filter.
+        filter: Arc<str>,
+    },
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) for the broker's message `pkid`.
+    Ack {
+        /// The broker's packet id.
+        pkid: u16,
+        /// The message's QoS.
+        qos: MqttQos,
+    },
+}
+
+/// What the aggregator wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send to the broker, in this order.
+    Broker(Request),
+    /// Tell a session.
+    Session(ClientKey, BrokerEvent),
+}
+
+/// What the aggregator counts (for the metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AggregateStats {
+    /// Distinct filters held at the broker.
+    pub filters: usize,
+    /// Devices connected through this connection.
+    pub devices: usize,
+    /// Devices away with clean session false, whose subscriptions are kept.
+    pub away: usize,
+    /// QoS 1/2 messages kept for devices that are away.
+    pub queued: usize,
+    /// Messages for away devices dropped because their queue was full.
+    pub queue_dropped: u64,
+    /// Broker QoS 1/2 messages not yet acknowledged to the broker.
+    pub unacked: usize,
+}
+
+/// A device known to this connection: connected now, or away with clean session false.
+#[derive(Debug)]
+struct Device {
+    /// The session now connected with this client id.
+    key: Option<ClientKey>,
+    clean: bool,
+    /// Its filters, with the QoS granted to it.
+    subs: HashMap<Arc<str>, MqttQos>,
+    /// Messages delivered to the session and not yet acknowledged, by delivery id.
+    unacked: HashMap<DeliveryId, Message>,
+    /// QoS 1/2 messages kept while it is away.
+    queue: VecDeque<Message>,
+}
+
+/// One distinct filter held at the broker.
+#[derive(Debug)]
+struct Filter {
+    /// The highest QoS asked for it at the broker.
+    asked: MqttQos,
+    /// Its devices (by client id) and the QoS each was granted.
+    devices: HashMap<Arc<str>, MqttQos>,
+    /// SUBSCRIBEs for it not yet answered.
+    pending: usize,
+}
+
+/// A request the broker has still to answer.
+#[derive(Debug)]
+enum Waiting {
+    Publish { key: ClientKey, token: Token },
+    Will,
+    Subscribe { key: ClientKey, token: Token, client: Arc<str>, filter: Arc<str>, qos: MqttQos },
+    /// Re-established after the connection came back; no device waits.
+    Resubscribe { filter: Arc<str> },
+}
+
+/// A broker QoS 1/2 message still owed an acknowledgement.
+#[derive(Debug)]
+struct Inbound {
+    pkid: u16,
+    qos: MqttQos,
+    /// Deliveries to devices that have not acknowledged it yet.
+    remaining: usize,
+}
+
+/// The devices of one shared broker connection, and what the gateway keeps for them.
+#[derive(Debug)]
+pub struct Aggregator {
+    connected: bool,
+    /// A connection attempt is under way: CONNECTs wait for its outcome.
+    connecting: bool,
+    /// CONNECTs waiting for the connection to come up.
+    held: Vec<(ClientKey, ConnectParams)>,
+    /// Why the connection is down, and whether the broker refused it (for CONNECTs).
+    down: (String, bool),
+    sessions: HashMap<ClientKey, Arc<str>>,
+    devices: HashMap<Arc<str>, Device>,
+    filters: HashMap<Arc<str>, Filter>,
+    index: FilterIndex,
+    waiting: HashMap<Tag, Waiting>,
+    next_tag: Tag,
+    inbound: HashMap<u64, Inbound>,
+    next_inbound: u64,
+    /// Which broker message each delivery belongs to (QoS 1/2 deliveries only).
+    deliveries: HashMap<DeliveryId, u64>,
+    next_delivery: u64,
+    /// The filter and device of the latest SUBACK: where messages with RETAIN set go.
+    window: Option<(Arc<str>, Option<Arc<str>>)>,
+    queue_limit: usize,
+    queue_dropped: u64,
+    out: VecDeque<Output>,
+}
+
+impl Aggregator {
+    /// An aggregator whose connection is not up yet, keeping at most `queue_limit`
+    /// messages for each device that is away.
+    pub fn new(queue_limit: usize) -> Self {
+        Aggregator {
+            connected: false,
+            connecting: false,
+            held: Vec::new(),
+            down: ("the broker connection is not up yet".into(), false),
+            sessions: HashMap::new(),
+            devices: HashMap::new(),
+            filters: HashMap::new(),
+            index: FilterIndex::new(),
+            waiting: HashMap::new(),
+            next_tag: 1,
+            inbound: HashMap::new(),
+            next_inbound: 1,
+            deliveries: HashMap::new(),
+            next_delivery: 1,
+            window: None,
+            queue_limit,
+            queue_dropped: 0,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// Sessions connected through this connection.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// What it holds, for the metrics.
+    pub fn stats(&self) -> AggregateStats {
+        let away = self.devices.values().filter(|d| d.key.is_none()).count();
+        AggregateStats {
+            filters: self.filters.len(),
+            devices: self.sessions.len(),
+            away,
+            queued: self.devices.values().map(|d| d.queue.len()).sum(),
+            queue_dropped: self.queue_dropped,
+            unacked: self.inbound.len(),
+        }
+    }
+
+    fn tag(&mut self, w: Waiting) -> Tag {
+        let t = self.next_tag;
+        self.next_tag += 1;
+        self.waiting.insert(t, w);
+        t
+    }
+
+    fn to_session(&mut self, key: ClientKey, e: BrokerEvent) {
+        self.out.push_back(Output::Session(key, e));
+    }
+
+    fn to_broker(&mut self, r: Request) {
+        self.out.push_back(Output::Broker(r));
+    }
+
+    /// A command of session `key`.
+    pub fn command(&mut self, key: ClientKey, command: Command) {
+        match command {
+            Command::Connect(p) => {
+                if !self.connected {
+                    if self.connecting {
+                        return self.held.push((key, p));
+                    }
+                    let (reason, refused) = self.down.clone();
+                    return self.to_session(key, BrokerEvent::ConnectFailed { reason, refused });
+                }
+                if p.credentials.is_some() || p.client_identity.is_some() {
+                    // A shared connection has one login; a device's own cannot be honoured.
+                    return self.to_session(
+                        key,
+                        BrokerEvent::ConnectFailed {
+                            reason: "the device has its own broker login or certificate, which aggregating mode \
+                                     cannot use (one shared connection)"
+                                .into(),
+                            refused: true,
+                        },
+                    );
+                }
+                let id: Arc<str> = p.client_id.into();
+                if self.devices.get(&id).is_some_and(|d| d.key.is_some_and(|k| k != key)) {
+                    // Taken over: what the old session had not acknowledged goes to the
+                    // new one. The old session stays known until its DISCONNECT, which
+                    // may carry its will.
+                    self.leave(&id);
+                }
+                let present = match self.devices.get(&id) {
+                    Some(d) if !d.clean && !p.clean_session => true,
+                    Some(_) => {
+                        self.forget(&id);
+                        false
+                    }
+                    None => false,
+                };
+                let device = self.devices.entry(id.clone()).or_insert_with(|| Device {
+                    key: None,
+                    clean: p.clean_session,
+                    subs: HashMap::new(),
+                    unacked: HashMap::new(),
+                    queue: VecDeque::new(),
+                });
+                device.key = Some(key);
+                device.clean = p.clean_session;
+                let queued = std::mem::take(&mut device.queue);
+                self.sessions.insert(key, id.clone());
+                self.to_session(
+                    key,
+                    BrokerEvent::Connected {
+                        session_present: present,
+                    },
+                );
+                for m in queued {
+                    // Already off the broker's hands: no broker message to acknowledge.
+                    self.deliver(&id, key, m, None);
+                }
+            }
+            Command::Publish {
+                token,
+                topic,
+                payload,
+                qos,
+                retain,
+            } => {
+                if !self.connected {
+                    return self.to_session(
+                        key,
+                        BrokerEvent::Rejected {
+                            token,
+                            reason: RejectReason::Closed,
+                        },
+                    );
+                }
+                let tag = (qos != MqttQos::AtMostOnce).then(|| self.tag(Waiting::Publish { key, token }));
+                self.to_broker(Request::Publish {
+                    tag,
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                });
+            }
+            Command::Subscribe { token, filter, qos } => {
+                let Some(client) = self.sessions.get(&key).cloned().filter(|_| self.connected) else {
+                    return self.to_session(
+                        key,
+                        BrokerEvent::Rejected {
+                            token,
+                            reason: RejectReason::Closed,
+                        },
+                    );
+                };
+                let filter: Arc<str> = filter.into();
+                let f = self.filters.entry(filter.clone()).or_insert_with(|| Filter {
+                    asked: qos,
+                    devices: HashMap::new(),
+                    pending: 0,
+                });
+                if f.devices.is_empty() && f.pending == 0 {
+                    self.index.insert(filter.clone());
+                }
+                f.asked = f.asked.max(qos);
+                f.pending += 1;
+                let asked = f.asked;
+                let tag = self.tag(Waiting::Subscribe {
+                    key,
+                    token,
+                    client,
+                    filter: filter.clone(),
+                    qos,
+                });
+                self.to_broker(Request::Subscribe {
+                    tag,
+                    filter,
+                    qos: asked,
+                });
+            }
+            Command::Unsubscribe { token, filter } => {
+                if let Some(client) = self.sessions.get(&key).cloned() {
+                    if let Some(d) = self.devices.get_mut(&client) {
+                        d.subs.remove(filter.as_str());
+                    }
+                    self.drop_subscriber(&filter, &client);
+                }
+                self.to_session(key, BrokerEvent::UnsubAck { token });
+            }
+            Command::Ack { delivery } => {
+                if let Some(d) = self.sessions.get(&key).and_then(|c| self.devices.get_mut(c)) {
+                    d.unacked.remove(&delivery);
+                }
+                self.release(delivery);
+            }
+            Command::Disconnect { will } => {
+                self.held.retain(|(k, _)| *k != key);
+                let Some(id) = self.sessions.remove(&key) else {
+                    return;
+                };
+                if let Some(w) = will {
+                    self.publish_will(w);
+                }
+                match self.devices.get(&id) {
+                    // Taken over by a newer session: the device is that one's now.
+                    Some(d) if d.key != Some(key) => {}
+                    Some(d) if !d.clean => self.leave(&id),
+                    _ => self.forget(&id),
+                }
+            }
+        }
+    }
+
+    fn publish_will(&mut self, w: Will) {
+        if !self.connected {
+            return;
+        }
+        let tag = (w.qos != MqttQos::AtMostOnce).then(|| self.tag(Waiting::Will));
+        self.to_broker(Request::Publish {
+            tag,
+            topic: w.topic.into(),
+            payload: w.message,
+            qos: w.qos,
+            retain: w.retain,
+        });
+    }
+
+    /// The session of `id` is gone but its device keeps its subscriptions (clean session
+    /// false): what it had not acknowledged is kept for it, ahead of anything newer.
+    fn leave(&mut self, id: &Arc<str>) {
+        let Some(d) = self.devices.get_mut(id) else {
+            return;
+        };
+        d.key = None;
+        let mut unacked: Vec<(DeliveryId, Message)> = d.unacked.drain().collect();
+        unacked.sort_by_key(|(delivery, _)| *delivery);
+        for (_, m) in unacked.iter().rev() {
+            d.queue.push_front(m.clone());
+        }
+        while d.queue.len() > self.queue_limit {
+            d.queue.pop_back();
+            self.queue_dropped += 1;
+        }
+        for (delivery, _) in unacked {
+            self.release(delivery);
+        }
+    }
+
+    /// Drops everything of device `id` (clean session): its filters, its deliveries.
+    fn forget(&mut self, id: &Arc<str>) {
+        let Some(d) = self.devices.remove(id) else {
+            return;
+        };
+        if let Some(key) = d.key {
+            self.sessions.remove(&key);
+        }
+        for filter in d.subs.keys() {
+            self.drop_subscriber(filter, id);
+        }
+        for delivery in d.unacked.into_keys() {
+            self.release(delivery);
+        }
+    }
+
+    /// `client` no longer holds `filter`; the last one out unsubscribes at the broker.
+    fn drop_subscriber(&mut self, filter: &str, client: &Arc<str>) {
+        let Some(f) = self.filters.get_mut(filter) else {
+            return;
+        };
+        f.devices.remove(client);
+        if f.devices.is_empty() && f.pending == 0 {
+            if let Some((filter, _)) = self.filters.remove_entry(filter) {
+                self.index.remove(&filter);
+                if self.connected {
+                    self.to_broker(Request::Unsubscribe { filter });
+                }
+            }
+        }
+    }
+
+    /// One delivery of a broker message is done (acknowledged, or its device gone).
+    fn release(&mut self, delivery: DeliveryId) {
+        let Some(id) = self.deliveries.remove(&delivery) else {
+            return;
+        };
+        let Some(m) = self.inbound.get_mut(&id) else {
+            return;
+        };
+        m.remaining = m.remaining.saturating_sub(1);
+        if m.remaining == 0 {
+            let (pkid, qos) = (m.pkid, m.qos);
+            self.inbound.remove(&id);
+            if self.connected {
+                self.to_broker(Request::Ack { pkid, qos });
+            }
+        }
+    }
+
+    /// Hands `m` to session `key` of device `id`; `inbound` is the broker message it
+    /// belongs to, if that is still owed an acknowledgement.
+    fn deliver(&mut self, id: &Arc<str>, key: ClientKey, mut m: Message, inbound: Option<u64>) {
+        let delivery = DeliveryId(self.next_delivery);
+        self.next_delivery += 1;
+        m.delivery = delivery;
+        if m.qos != MqttQos::AtMostOnce {
+            if let Some(d) = self.devices.get_mut(id) {
+                d.unacked.insert(delivery, m.clone());
+            }
+            if let Some(i) = inbound {
+                self.deliveries.insert(delivery, i);
+            }
+        }
+        self.to_session(key, BrokerEvent::Message(m));
+    }
+
+    /// A connection attempt starts: CONNECTs wait for it.
+    pub fn connecting(&mut self) {
+        self.connecting = true;
+    }
+
+    /// The connection is up (CONNACK): the filters of away devices are subscribed again,
+    /// and the CONNECTs that waited are answered.
+    pub fn connected(&mut self) {
+        self.connected = true;
+        self.connecting = false;
+        let held: Vec<(Arc<str>, MqttQos)> = self.filters.iter().map(|(f, e)| (f.clone(), e.asked)).collect();
+        for (filter, qos) in held {
+            if let Some(f) = self.filters.get_mut(&filter) {
+                f.pending += 1;
+            }
+            let tag = self.tag(Waiting::Resubscribe { filter: filter.clone() });
+            self.to_broker(Request::Subscribe { tag, filter, qos });
+        }
+        for (key, p) in std::mem::take(&mut self.held) {
+            self.command(key, Command::Connect(p));
+        }
+    }
+
+    /// The connection could not be opened, or is gone: every session on it is closed
+    /// (as each would be in transparent mode); devices with clean session false keep
+    /// their subscriptions and what they had not acknowledged.
+    pub fn lost(&mut self, reason: &str, refused: bool) {
+        self.down = (reason.to_string(), refused);
+        self.connecting = false;
+        for (key, _) in std::mem::take(&mut self.held) {
+            let reason = reason.to_string();
+            self.to_session(key, BrokerEvent::ConnectFailed { reason, refused });
+        }
+        if !self.connected {
+            return;
+        }
+        self.connected = false;
+        let sessions: Vec<(ClientKey, Arc<str>)> = self.sessions.drain().collect();
+        for (key, id) in sessions {
+            self.to_session(
+                key,
+                BrokerEvent::Closed {
+                    reason: reason.to_string(),
+                },
+            );
+            match self.devices.get(&id) {
+                Some(d) if d.key != Some(key) => {}
+                Some(d) if !d.clean => self.leave(&id),
+                _ => self.forget(&id),
+            }
+        }
+        self.waiting.clear();
+        self.inbound.clear();
+        self.deliveries.clear();
+        self.window = None;
+        for f in self.filters.values_mut() {
+            f.pending = 0;
+        }
+        // Filters only a pending SUBSCRIBE held are not re-established.
+        let index = &mut self.index;
+        self.filters.retain(|filter, f| {
+            let keep = !f.devices.is_empty();
+            if !keep {
+                index.remove(filter);
+            }
+            keep
+        });
+    }
+
+    /// The broker acknowledged publish `tag` (PUBACK, or PUBREC for QoS 2).
+    pub fn published(&mut self, tag: Tag) {
+        if let Some(Waiting::Publish { key, token }) = self.waiting.remove(&tag) {
+            self.to_session(key, BrokerEvent::Published { token });
+        }
+    }
+
+    /// The broker answered SUBSCRIBE `tag` (`None`: refused).
+    pub fn subscribed(&mut self, tag: Tag, granted: Option<MqttQos>) {
+        let (filter, waiter) = match self.waiting.remove(&tag) {
+            Some(Waiting::Subscribe {
+                key,
+                token,
+                client,
+                filter,
+                qos,
+            }) => (filter, Some((key, token, client, qos))),
+            Some(Waiting::Resubscribe { filter }) => (filter, None),
+            _ => return,
+        };
+        if let Some(f) = self.filters.get_mut(&filter) {
+            f.pending = f.pending.saturating_sub(1);
+        }
+        let mut window_device = None;
+        if let Some((key, token, client, qos)) = waiter {
+            let granted = granted.map(|g| g.min(qos));
+            let current = self.devices.get(&client).is_some_and(|d| d.key == Some(key));
+            if let (Some(g), true) = (granted, current) {
+                if let Some(d) = self.devices.get_mut(&client) {
+                    d.subs.insert(filter.clone(), g);
+                }
+                if let Some(f) = self.filters.get_mut(&filter) {
+                    f.devices.insert(client.clone(), g);
+                }
+                window_device = Some(client);
+            }
+            self.to_session(key, BrokerEvent::SubAck { token, granted });
+        }
+        self.window = Some((filter.clone(), window_device));
+        if let Some(f) = self.filters.get(&filter) {
+            if f.devices.is_empty() && f.pending == 0 {
+                self.filters.remove(&filter);
+                self.index.remove(&filter);
+                if granted.is_some() && self.connected {
+                    self.to_broker(Request::Unsubscribe { filter });
+                }
+            }
+        }
+    }
+
+    /// A message from the broker, with its packet id (QoS 1/2).
+    pub fn message(&mut self, topic: Arc<str>, payload: Bytes, qos: MqttQos, retain: bool, pkid: u16) {
+        // Who gets it, each once, at the highest QoS among its matching filters.
+        let mut to: HashMap<Arc<str>, MqttQos> = HashMap::new();
+        let window = self
+            .window
+            .as_ref()
+            .filter(|(f, _)| retain && super::index::filter_matches(f, &topic));
+        if let Some((filter, device)) = window {
+            // Sent because of the latest SUBSCRIBE: for its device alone.
+            if let Some(g) = device.as_ref().and_then(|d| self.filters.get(filter)?.devices.get(d).map(|g| (d, g))) {
+                to.insert(g.0.clone(), *g.1);
+            }
+        } else {
+            let filters = &self.filters;
+            self.index.matches(&topic, |f| {
+                if let Some(entry) = filters.get(f) {
+                    for (client, g) in &entry.devices {
+                        let e = to.entry(client.clone()).or_insert(*g);
+                        *e = (*e).max(*g);
+                    }
+                }
+            });
+        }
+        let inbound = (qos != MqttQos::AtMostOnce).then(|| {
+            let id = self.next_inbound;
+            self.next_inbound += 1;
+            id
+        });
+        let mut owed = 0;
+        for (client, granted) in to {
+            let q = qos.min(granted);
+            let m = Message {
+                topic: topic.clone(),
+                payload: payload.clone(),
+                qos: q,
+                retain,
+                delivery: DeliveryId(0),
+            };
+            let Some(d) = self.devices.get_mut(&client) else {
+                continue;
+            };
+            match d.key {
+                Some(key) => {
+                    if q != MqttQos::AtMostOnce {
+                        owed += 1;
+                    }
+                    self.deliver(&client, key, m, inbound);
+                }
+                None if q != MqttQos::AtMostOnce => {
+                    // Away with clean session false: kept by the gateway (QoS 0 is not
+                    // kept for an away client, as a broker would not).
+                    if d.queue.len() >= self.queue_limit {
+                        d.queue.pop_front();
+                        self.queue_dropped += 1;
+                    }
+                    d.queue.push_back(m);
+                }
+                None => {}
+            }
+        }
+        if let Some(id) = inbound {
+            if owed == 0 {
+                self.to_broker(Request::Ack { pkid, qos });
+            } else {
+                self.inbound.insert(
+                    id,
+                    Inbound {
+                        pkid,
+                        qos,
+                        remaining: owed,
+                    },
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

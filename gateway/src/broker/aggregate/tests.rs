@@ -1,0 +1,368 @@
+//! The aggregator against a scripted broker: what goes to the broker, what to each session.
+
+use super::*;
+use crate::broker::Will;
+
+use MqttQos::{AtLeastOnce as Q1, AtMostOnce as Q0, ExactlyOnce as Q2};
+
+fn params(id: &str, clean: bool) -> ConnectParams {
+    ConnectParams {
+        client_id: id.into(),
+        clean_session: clean,
+        keep_alive: 30,
+        will: None,
+        credentials: None,
+        client_identity: None,
+    }
+}
+
+/// An aggregator whose connection is up, and the outputs so far drained.
+fn up() -> Aggregator {
+    let mut a = Aggregator::new(10);
+    a.connecting();
+    a.connected();
+    assert!(drain(&mut a).is_empty());
+    a
+}
+
+fn drain(a: &mut Aggregator) -> Vec<Output> {
+    std::iter::from_fn(|| a.poll_output()).collect()
+}
+
+fn connect(a: &mut Aggregator, key: ClientKey, id: &str, clean: bool) -> Vec<Output> {
+    a.command(key, Command::Connect(params(id, clean)));
+    drain(a)
+}
+
+/// Subscribes `key` to `filter` and answers as the broker (granting what was asked);
+/// returns the QoS asked at the broker and the session's SUBACK.
+fn subscribe(a: &mut Aggregator, key: ClientKey, token: Token, filter: &str, qos: MqttQos) -> (MqttQos, BrokerEvent) {
+    a.command(
+        key,
+        Command::Subscribe {
+            token,
+            filter: filter.into(),
+            qos,
+        },
+    );
+    let (tag, asked) = match drain(a).as_slice() {
+        [Output::Broker(Request::Subscribe { tag, qos, filter: f })] if &**f == filter => (*tag, *qos),
+        other => panic!("expected one SUBSCRIBE, got {other:?}"),
+    };
+    a.subscribed(tag, Some(asked));
+    match drain(a).as_slice() {
+        [Output::Session(k, e)] if *k == key => (asked, e.clone()),
+        other => panic!("expected the SUBACK, got {other:?}"),
+    }
+}
+
+/// The messages each session got, and the broker acknowledgements, from `outs`.
+fn messages(outs: &[Output]) -> (Vec<(ClientKey, MqttQos, bool, DeliveryId)>, Vec<(u16, MqttQos)>) {
+    let mut m = Vec::new();
+    let mut acks = Vec::new();
+    for o in outs {
+        match o {
+            Output::Session(k, BrokerEvent::Message(msg)) => m.push((*k, msg.qos, msg.retain, msg.delivery)),
+            Output::Broker(Request::Ack { pkid, qos }) => acks.push((*pkid, *qos)),
+            _ => {}
+        }
+    }
+    m.sort();
+    (m, acks)
+}
+
+fn message(a: &mut Aggregator, topic: &str, qos: MqttQos, retain: bool, pkid: u16) -> Vec<Output> {
+    a.message(topic.into(), Bytes::from_static(b"x"), qos, retain, pkid);
+    drain(a)
+}
+
+#[test]
+fn overlapping_filters_deliver_once_each_at_the_right_qos_and_ack_after_the_last_device() {
+    let mut a = up();
+    connect(&mut a, 1, "one", true);
+    connect(&mut a, 2, "two", true);
+    assert_eq!(subscribe(&mut a, 1, 10, "s/#", Q2).0, Q2);
+    // One device with two overlapping filters: still one copy, at its higher QoS.
+    subscribe(&mut a, 2, 20, "s/+", Q0);
+    let (asked, ack) = subscribe(&mut a, 2, 21, "s/t", Q1);
+    assert_eq!(asked, Q1);
+    assert_eq!(
+        ack,
+        BrokerEvent::SubAck {
+            token: 21,
+            granted: Some(Q1)
+        }
+    );
+    let outs = message(&mut a, "s/t", Q2, false, 7);
+    let (m, acks) = messages(&outs);
+    assert_eq!(m.len(), 2, "each device once: {m:?}");
+    assert_eq!((m[0].0, m[0].1), (1, Q2));
+    assert_eq!((m[1].0, m[1].1), (2, Q1));
+    assert!(acks.is_empty(), "not acknowledged before the devices have it");
+    a.command(1, Command::Ack { delivery: m[0].3 });
+    assert!(drain(&mut a).is_empty());
+    a.command(2, Command::Ack { delivery: m[1].3 });
+    assert_eq!(
+        drain(&mut a),
+        [Output::Broker(Request::Ack { pkid: 7, qos: Q2 })],
+        "PUBREC once every device has it"
+    );
+    // A message only QoS 0 subscribers get is acknowledged at once.
+    let (m, acks) = messages(&message(&mut a, "s/u", Q1, false, 8));
+    assert_eq!(m.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(), [(1, Q1), (2, Q0)]);
+    assert!(acks.is_empty());
+    a.command(1, Command::Ack { delivery: m[0].3 });
+    assert_eq!(drain(&mut a), [Output::Broker(Request::Ack { pkid: 8, qos: Q1 })]);
+    let (m, acks) = messages(&message(&mut a, "other", Q1, false, 9));
+    assert!(m.is_empty());
+    assert_eq!(acks, [(9, Q1)], "a message nobody wants is released at once");
+}
+
+#[test]
+fn retained_messages_after_a_subscribe_go_to_its_device_alone() {
+    let mut a = up();
+    connect(&mut a, 1, "one", true);
+    connect(&mut a, 2, "two", true);
+    subscribe(&mut a, 1, 1, "r/#", Q1);
+    let (m, _) = messages(&message(&mut a, "r/x", Q0, true, 0));
+    assert_eq!(m.iter().map(|x| (x.0, x.2)).collect::<Vec<_>>(), [(1, true)]);
+    // The second device subscribes to the held filter: passed on to the broker, which
+    // sends the retained message again, for it alone.
+    subscribe(&mut a, 2, 2, "r/#", Q1);
+    let (m, acks) = messages(&message(&mut a, "r/x", Q1, true, 5));
+    assert_eq!(m.iter().map(|x| (x.0, x.2)).collect::<Vec<_>>(), [(2, true)]);
+    assert!(acks.is_empty());
+    a.command(2, Command::Ack { delivery: m[0].3 });
+    assert_eq!(drain(&mut a), [Output::Broker(Request::Ack { pkid: 5, qos: Q1 })]);
+    // A live message (RETAIN clear) goes to both.
+    let (m, _) = messages(&message(&mut a, "r/x", Q0, false, 0));
+    assert_eq!(m.iter().map(|x| (x.0, x.2)).collect::<Vec<_>>(), [(1, false), (2, false)]);
+}
+
+#[test]
+fn the_broker_subscription_goes_with_the_last_device() {
+    let mut a = up();
+    connect(&mut a, 1, "one", true);
+    connect(&mut a, 2, "two", true);
+    subscribe(&mut a, 1, 1, "f", Q0);
+    subscribe(&mut a, 2, 2, "f", Q0);
+    a.command(
+        1,
+        Command::Unsubscribe {
+            token: 3,
+            filter: "f".into(),
+        },
+    );
+    assert_eq!(drain(&mut a), [Output::Session(1, BrokerEvent::UnsubAck { token: 3 })]);
+    let (m, _) = messages(&message(&mut a, "f", Q0, false, 0));
+    assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), [2]);
+    // The last device goes without unsubscribing (clean session): UNSUBSCRIBE at the broker.
+    a.command(2, Command::Disconnect { will: None });
+    assert_eq!(
+        drain(&mut a),
+        [Output::Broker(Request::Unsubscribe { filter: "f".into() })]
+    );
+    assert_eq!(a.stats().filters, 0);
+    assert_eq!(a.stats().devices, 1);
+}
+
+#[test]
+fn wills_are_published_for_a_lost_device_only() {
+    let mut a = up();
+    connect(&mut a, 1, "one", true);
+    connect(&mut a, 2, "two", true);
+    a.command(1, Command::Disconnect { will: None });
+    assert!(drain(&mut a).is_empty(), "a clean DISCONNECT publishes nothing");
+    let will = Will {
+        topic: "w".into(),
+        message: Bytes::from_static(b"gone"),
+        qos: Q1,
+        retain: true,
+    };
+    a.command(2, Command::Disconnect { will: Some(will) });
+    match drain(&mut a).as_slice() {
+        [Output::Broker(Request::Publish {
+            tag: Some(tag),
+            topic,
+            qos: Q1,
+            retain: true,
+            ..
+        })] if &**topic == "w" => {
+            a.published(*tag);
+            assert!(drain(&mut a).is_empty(), "the will's PUBACK concerns no session");
+        }
+        other => panic!("expected the will, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_device_away_with_clean_session_false_keeps_its_subscriptions_and_messages() {
+    let mut a = up();
+    connect(&mut a, 1, "p", false);
+    subscribe(&mut a, 1, 1, "q/#", Q1);
+    // Delivered but not acknowledged when it goes: kept for it, and off the broker's hands.
+    let (m, _) = messages(&message(&mut a, "q/1", Q1, false, 1));
+    assert_eq!(m.len(), 1);
+    a.command(1, Command::Disconnect { will: None });
+    assert_eq!(drain(&mut a), [Output::Broker(Request::Ack { pkid: 1, qos: Q1 })]);
+    // While away: QoS 1 kept and released at the broker, QoS 0 not kept.
+    let (m, acks) = messages(&message(&mut a, "q/2", Q1, false, 2));
+    assert!(m.is_empty());
+    assert_eq!(acks, [(2, Q1)]);
+    assert!(message(&mut a, "q/3", Q0, false, 0).is_empty());
+    assert_eq!(a.stats().queued, 2);
+    assert_eq!(a.stats().away, 1);
+    // Back: session present, the two messages in order, no new broker SUBSCRIBE.
+    let outs = connect(&mut a, 5, "p", false);
+    assert_eq!(
+        outs[0],
+        Output::Session(5, BrokerEvent::Connected { session_present: true })
+    );
+    let topics: Vec<&str> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Session(5, BrokerEvent::Message(m)) => Some(&*m.topic),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(topics, ["q/1", "q/2"]);
+    assert_eq!(outs.len(), 3);
+    let (m, _) = messages(&message(&mut a, "q/4", Q1, false, 4));
+    assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), [5], "the subscription is kept");
+    // With clean session, it all goes.
+    a.command(5, Command::Disconnect { will: None });
+    drain(&mut a);
+    let outs = connect(&mut a, 6, "p", true);
+    assert_eq!(
+        outs,
+        [
+            Output::Broker(Request::Unsubscribe { filter: "q/#".into() }),
+            Output::Session(6, BrokerEvent::Connected { session_present: false })
+        ]
+    );
+}
+
+#[test]
+fn the_offline_queue_is_bounded() {
+    let mut a = up();
+    connect(&mut a, 1, "p", false);
+    subscribe(&mut a, 1, 1, "q", Q1);
+    a.command(1, Command::Disconnect { will: None });
+    for pkid in 1..=15 {
+        message(&mut a, "q", Q1, false, pkid);
+    }
+    let s = a.stats();
+    assert_eq!((s.queued, s.queue_dropped), (10, 5));
+}
+
+#[test]
+fn a_lost_connection_closes_its_sessions_and_the_next_one_resubscribes_away_devices() {
+    let mut a = up();
+    connect(&mut a, 1, "clean", true);
+    connect(&mut a, 2, "kept", false);
+    subscribe(&mut a, 1, 1, "c", Q0);
+    subscribe(&mut a, 2, 2, "k", Q1);
+    a.lost("broker went away", false);
+    let mut closed: Vec<ClientKey> = drain(&mut a)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Session(k, BrokerEvent::Closed { .. }) => Some(k),
+            _ => None,
+        })
+        .collect();
+    closed.sort();
+    assert_eq!(closed, [1, 2]);
+    // Down: a CONNECT is answered at once.
+    assert!(matches!(
+        connect(&mut a, 3, "x", true).as_slice(),
+        [Output::Session(3, BrokerEvent::ConnectFailed { refused: false, .. })]
+    ));
+    // The next attempt: CONNECTs wait for it, and only "k" is subscribed again.
+    a.connecting();
+    assert!(connect(&mut a, 4, "y", true).is_empty());
+    a.connected();
+    let outs = drain(&mut a);
+    assert!(matches!(&outs[0], Output::Broker(Request::Subscribe { filter, qos: Q1, .. }) if &**filter == "k"));
+    assert_eq!(outs[1], Output::Session(4, BrokerEvent::Connected { session_present: false }));
+    assert_eq!(outs.len(), 2);
+}
+
+#[test]
+fn a_takeover_moves_unacknowledged_messages_to_the_new_session() {
+    let mut a = up();
+    connect(&mut a, 1, "d", false);
+    subscribe(&mut a, 1, 1, "t", Q1);
+    let (m, _) = messages(&message(&mut a, "t", Q1, false, 3));
+    assert_eq!(m[0].0, 1);
+    let outs = connect(&mut a, 2, "d", false);
+    let (m, acks) = messages(&outs);
+    assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), [2], "redelivered to the new session");
+    assert_eq!(acks, [(3, Q1)], "the gateway holds it now");
+    // The old session's late DISCONNECT (with a will) publishes the will, and leaves the
+    // device to the new session.
+    let will = Will {
+        topic: "w".into(),
+        message: Bytes::new(),
+        qos: Q0,
+        retain: false,
+    };
+    a.command(1, Command::Disconnect { will: Some(will) });
+    assert!(matches!(drain(&mut a).as_slice(), [Output::Broker(Request::Publish { tag: None, .. })]));
+    let (m, _) = messages(&message(&mut a, "t", Q1, false, 4));
+    assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), [2]);
+}
+
+#[test]
+fn publishes_are_answered_to_their_session_and_a_device_login_is_refused() {
+    let mut a = up();
+    connect(&mut a, 1, "d", true);
+    a.command(
+        1,
+        Command::Publish {
+            token: 9,
+            topic: "t".into(),
+            payload: Bytes::new(),
+            qos: Q1,
+            retain: false,
+        },
+    );
+    let Some(Output::Broker(Request::Publish { tag: Some(tag), .. })) = a.poll_output() else {
+        panic!("expected a tagged publish");
+    };
+    a.published(tag);
+    assert_eq!(drain(&mut a), [Output::Session(1, BrokerEvent::Published { token: 9 })]);
+    let mut p = params("x", true);
+    p.credentials = Some(crate::broker::Credentials {
+        username: "u".into(),
+        password: "p".into(),
+    });
+    a.command(2, Command::Connect(p));
+    assert!(matches!(
+        drain(&mut a).as_slice(),
+        [Output::Session(2, BrokerEvent::ConnectFailed { refused: true, .. })]
+    ));
+}
+
+#[test]
+fn a_refused_subscribe_leaves_nothing_held() {
+    let mut a = up();
+    connect(&mut a, 1, "d", true);
+    a.command(
+        1,
+        Command::Subscribe {
+            token: 1,
+            filter: "no".into(),
+            qos: Q1,
+        },
+    );
+    let Some(Output::Broker(Request::Subscribe { tag, .. })) = a.poll_output() else {
+        panic!("expected a SUBSCRIBE");
+    };
+    a.subscribed(tag, None);
+    assert_eq!(
+        drain(&mut a),
+        [Output::Session(1, BrokerEvent::SubAck { token: 1, granted: None })]
+    );
+    assert_eq!(a.stats().filters, 0);
+    assert!(message(&mut a, "no", Q0, false, 0).is_empty());
+}

@@ -1,0 +1,499 @@
+//! Aggregating mode's shell: `broker.connections` shared MQTT connections (rumqttc), the
+//! devices spread over them by client id, each connection's [`Aggregator`] driven by its
+//! own task.
+//!
+//! The link only routes commands to the task of the device's connection; everything a
+//! broker would do per client is the aggregator's. Each connection is opened with clean
+//! session: after a loss the gateway subscribes again what its away devices hold, and the
+//! sessions that were on it are closed (as they would be in transparent mode).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, SubscribeReasonCode, Transport};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::aggregate::{AggregateStats, Aggregator, Output, Request, Tag};
+use super::mqtt::{our_qos, rumqttc_qos, BrokerConfig, CLOSE_WAIT};
+use super::{BrokerEvent, BrokerLink, ClientKey, Command, RejectReason, GATEWAY_KEY};
+
+/// What a connection's task is told.
+enum Input {
+    Command(ClientKey, Command),
+    /// Shut down: DISCONNECT after what is queued.
+    Close,
+}
+
+/// Commands queued towards one connection's task that the bound applies to (publishes
+/// and subscribes), and their octets.
+#[derive(Default)]
+struct Fill {
+    requests: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+struct Shard {
+    tx: mpsc::UnboundedSender<Input>,
+    fill: Arc<Fill>,
+    stats: Arc<Mutex<AggregateStats>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The aggregating-mode broker link.
+pub struct SharedLinks {
+    cfg: Arc<BrokerConfig>,
+    shards: Vec<Shard>,
+    /// The connection of each session.
+    route: HashMap<ClientKey, usize>,
+}
+
+/// Which of `n` connections a client id goes to: stable across restarts (FNV-1a), so
+/// a device with clean session false finds its subscriptions where it left them.
+fn shard_of(client_id: &str, n: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in client_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % n.max(1) as u64) as usize
+}
+
+impl SharedLinks {
+    /// Opens `cfg.connections` connections (at least one), reporting to `events`.
+    pub fn new(cfg: BrokerConfig, events: mpsc::Sender<(ClientKey, BrokerEvent)>) -> Self {
+        let cfg = Arc::new(cfg);
+        let shards = (0..cfg.connections.max(1))
+            .map(|i| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let fill = Arc::new(Fill::default());
+                let stats = Arc::new(Mutex::new(AggregateStats::default()));
+                let task = tokio::spawn(run_connection(
+                    i,
+                    cfg.clone(),
+                    rx,
+                    fill.clone(),
+                    stats.clone(),
+                    events.clone(),
+                ));
+                Shard {
+                    tx,
+                    fill,
+                    stats,
+                    task: Some(task),
+                }
+            })
+            .collect();
+        SharedLinks {
+            cfg,
+            shards,
+            route: HashMap::new(),
+        }
+    }
+
+    /// What the connections hold, summed.
+    pub fn stats(&self) -> AggregateStats {
+        let mut sum = AggregateStats::default();
+        for s in &self.shards {
+            let st = *s.stats.lock().unwrap_or_else(|e| e.into_inner());
+            sum.filters += st.filters;
+            sum.devices += st.devices;
+            sum.away += st.away;
+            sum.queued += st.queued;
+            sum.queue_dropped += st.queue_dropped;
+            sum.unacked += st.unacked;
+        }
+        sum
+    }
+}
+
+/// The octets a command holds while queued (topic and payload, or the filter).
+fn command_bytes(c: &Command) -> Option<usize> {
+    match c {
+        Command::Publish { topic, payload, .. } => Some(topic.len() + payload.len()),
+        Command::Subscribe { filter, .. } => Some(filter.len()),
+        _ => None,
+    }
+}
+
+impl BrokerLink for SharedLinks {
+    fn execute(&mut self, key: ClientKey, command: Command) -> Option<BrokerEvent> {
+        let index = match &command {
+            Command::Connect(p) => {
+                let i = shard_of(&p.client_id, self.shards.len());
+                self.route.insert(key, i);
+                i
+            }
+            _ if key == GATEWAY_KEY => 0,
+            _ => match self.route.get(&key) {
+                Some(i) => *i,
+                None => {
+                    return match command {
+                        Command::Publish { token, .. }
+                        | Command::Subscribe { token, .. }
+                        | Command::Unsubscribe { token, .. } => Some(BrokerEvent::Rejected {
+                            token,
+                            reason: RejectReason::Closed,
+                        }),
+                        _ => None,
+                    }
+                }
+            },
+        };
+        if matches!(command, Command::Disconnect { .. }) {
+            self.route.remove(&key);
+        }
+        let shard = self.shards.get(index)?;
+        if let Some(size) = command_bytes(&command) {
+            let held = shard.fill.requests.load(Ordering::Acquire);
+            let bytes = shard.fill.bytes.load(Ordering::Acquire);
+            if held >= self.cfg.backlog_capacity || bytes + size > self.cfg.backlog_bytes {
+                let token = match &command {
+                    Command::Publish { token, .. } | Command::Subscribe { token, .. } => *token,
+                    _ => 0,
+                };
+                return Some(BrokerEvent::Rejected {
+                    token,
+                    reason: RejectReason::Full,
+                });
+            }
+            shard.fill.requests.fetch_add(1, Ordering::AcqRel);
+            shard.fill.bytes.fetch_add(size, Ordering::AcqRel);
+        }
+        let size = command_bytes(&command);
+        if shard.tx.send(Input::Command(key, command)).is_err() {
+            if let Some(size) = size {
+                shard.fill.requests.fetch_sub(1, Ordering::AcqRel);
+                shard.fill.bytes.fetch_sub(size, Ordering::AcqRel);
+            }
+            self.route.remove(&key);
+            return Some(BrokerEvent::Closed {
+                reason: "the shared broker connection has stopped".into(),
+            });
+        }
+        None
+    }
+
+    fn active(&self) -> usize {
+        self.route.len()
+    }
+
+    fn max_connections(&self) -> usize {
+        usize::MAX
+    }
+
+    fn reap(&mut self) {}
+
+    fn tasks(&self) -> usize {
+        self.shards
+            .iter()
+            .filter(|s| s.task.as_ref().is_some_and(|t| !t.is_finished()))
+            .count()
+    }
+
+    fn close_all(&mut self) {
+        for s in &self.shards {
+            let _ = s.tx.send(Input::Close);
+        }
+    }
+
+    fn wait_closed(&mut self, deadline: tokio::time::Instant) -> impl std::future::Future<Output = usize> + Send {
+        let tasks: Vec<JoinHandle<()>> = self.shards.iter_mut().filter_map(|s| s.task.take()).collect();
+        async move {
+            let mut left = 0;
+            for t in tasks {
+                if tokio::time::timeout_at(deadline, t).await.is_err() {
+                    left += 1;
+                }
+            }
+            left
+        }
+    }
+}
+
+/// Tags of requests handed to rumqttc, in the order rumqttc reports them sent (one
+/// queue per kind, as rumqttc keeps each kind in order), and the packet ids since chosen.
+#[derive(Default)]
+struct Tags {
+    publishes: VecDeque<Option<Tag>>,
+    subscribes: VecDeque<Tag>,
+}
+
+/// What a connection's poll task reports.
+enum Polled {
+    Up,
+    Message(Publish),
+    Published(Tag),
+    Subscribed(Tag, Option<super::MqttQos>),
+    Down(String, bool),
+}
+
+fn options(cfg: &BrokerConfig, index: usize) -> MqttOptions {
+    let id = format!("{}{}-{}", cfg.client_id_prefix, cfg.aggregate_client_id, index);
+    let mut o = MqttOptions::new(id, cfg.host.clone(), cfg.port);
+    o.set_clean_session(true)
+        .set_keep_alive(Duration::from_secs(60))
+        .set_manual_acks(true)
+        .set_inflight(cfg.inflight.max(1))
+        .set_max_packet_size(256 * 1024, 256 * 1024);
+    if let Some(tls) = &cfg.tls {
+        o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            tls.config(),
+        )));
+    }
+    match (&cfg.username, &cfg.password) {
+        (Some(u), Some(p)) => {
+            o.set_credentials(u.clone(), p.clone());
+        }
+        (Some(u), None) => {
+            o.set_credentials(u.clone(), String::new());
+        }
+        _ => {}
+    }
+    o
+}
+
+/// One shared connection: opened, served until lost, opened again after a pause, until
+/// the gateway shuts down.
+async fn run_connection(
+    index: usize,
+    cfg: Arc<BrokerConfig>,
+    mut rx: mpsc::UnboundedReceiver<Input>,
+    fill: Arc<Fill>,
+    stats: Arc<Mutex<AggregateStats>>,
+    events: mpsc::Sender<(ClientKey, BrokerEvent)>,
+) {
+    let mut agg = Aggregator::new(cfg.offline_queue);
+    let mut pause = Duration::from_millis(250);
+    let mut shell = Shell {
+        fill,
+        stats,
+        events,
+    };
+    loop {
+        agg.connecting();
+        let (client, mut eventloop) = AsyncClient::new(options(&cfg, index), cfg.request_capacity.max(1));
+        eventloop
+            .network_options
+            .set_connection_timeout(cfg.connect_timeout_secs.max(1));
+        let tags = Arc::new(Mutex::new(Tags::default()));
+        let (polled_tx, mut polled) = mpsc::unbounded_channel();
+        let poller = tokio::spawn(poll(eventloop, tags.clone(), polled_tx, cfg.clone()));
+        let mut was_up = false;
+        let closing = loop {
+            tokio::select! {
+                biased;
+                p = polled.recv() => match p {
+                    Some(Polled::Up) => {
+                        info!(connection = index, broker = %cfg.url(), "shared broker connection up");
+                        was_up = true;
+                        agg.connected();
+                    }
+                    Some(Polled::Message(p)) => agg.message(p.topic.into(), p.payload, our_qos(p.qos), p.retain, p.pkid),
+                    Some(Polled::Published(tag)) => agg.published(tag),
+                    Some(Polled::Subscribed(tag, granted)) => agg.subscribed(tag, granted),
+                    Some(Polled::Down(reason, refused)) => {
+                        warn!(connection = index, %reason, "shared broker connection lost; its sessions are closed");
+                        agg.lost(&reason, refused);
+                        break false;
+                    }
+                    None => {
+                        agg.lost("the broker connection ended", false);
+                        break false;
+                    }
+                },
+                input = rx.recv() => match input {
+                    Some(Input::Command(key, c)) => {
+                        shell.taken(&c);
+                        agg.command(key, c);
+                    }
+                    Some(Input::Close) | None => break true,
+                },
+            }
+            if !shell.flush(&mut agg, &client, &tags).await {
+                return; // The gateway is stopping.
+            }
+        };
+        if closing {
+            let _ = shell.flush(&mut agg, &client, &tags).await;
+            let _ = client.disconnect().await;
+            let wait = Duration::from_secs(cfg.connect_timeout_secs.max(1));
+            if tokio::time::timeout(wait, poller).await.is_err() {
+                debug!(connection = index, "shared broker connection did not close in time");
+            }
+            return;
+        }
+        poller.abort();
+        if !shell.flush(&mut agg, &client, &tags).await {
+            return;
+        }
+        if was_up {
+            pause = Duration::from_millis(250);
+        }
+        // Down: CONNECTs are answered at once (congestion) until the next attempt.
+        let until = tokio::time::Instant::now() + pause;
+        pause = (pause * 2).min(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                input = rx.recv() => match input {
+                    Some(Input::Command(key, c)) => {
+                        shell.taken(&c);
+                        agg.command(key, c);
+                        if !shell.flush(&mut agg, &client, &tags).await {
+                            return;
+                        }
+                    }
+                    Some(Input::Close) | None => return,
+                },
+            }
+        }
+    }
+}
+
+/// What the connection task moves: its queue bound, its stats, the sessions' events.
+struct Shell {
+    fill: Arc<Fill>,
+    stats: Arc<Mutex<AggregateStats>>,
+    events: mpsc::Sender<(ClientKey, BrokerEvent)>,
+}
+
+impl Shell {
+    /// A queued command was taken off the channel.
+    fn taken(&self, c: &Command) {
+        if let Some(size) = command_bytes(c) {
+            self.fill.requests.fetch_sub(1, Ordering::AcqRel);
+            self.fill.bytes.fetch_sub(size, Ordering::AcqRel);
+        }
+    }
+
+    /// Carries out what the aggregator queued; `false` once the gateway has stopped
+    /// listening for events.
+    async fn flush(&mut self, agg: &mut Aggregator, client: &AsyncClient, tags: &Mutex<Tags>) -> bool {
+        while let Some(o) = agg.poll_output() {
+            match o {
+                Output::Session(key, e) => {
+                    if self.events.send((key, e)).await.is_err() {
+                        return false;
+                    }
+                }
+                Output::Broker(r) => {
+                    // A failure means the connection's event loop is gone: its poll task
+                    // reports that, and the aggregator closes the sessions.
+                    let sent = match r {
+                        Request::Publish {
+                            tag,
+                            topic,
+                            payload,
+                            qos,
+                            retain,
+                        } => {
+                            tags.lock().unwrap_or_else(|e| e.into_inner()).publishes.push_back(tag);
+                            client.publish_bytes(&*topic, rumqttc_qos(qos), retain, payload).await
+                        }
+                        Request::Subscribe { tag, filter, qos } => {
+                            tags.lock().unwrap_or_else(|e| e.into_inner()).subscribes.push_back(tag);
+                            client.subscribe(&*filter, rumqttc_qos(qos)).await
+                        }
+                        Request::Unsubscribe { filter } => client.unsubscribe(&*filter).await,
+                        Request::Ack { pkid, qos } => {
+                            let mut p = Publish::new("", rumqttc_qos(qos), Vec::new());
+                            p.pkid = pkid;
+                            client.ack(&p).await
+                        }
+                    };
+                    if let Err(e) = sent {
+                        debug!(error = %e, "request not handed to the shared connection");
+                    }
+                }
+            }
+        }
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = agg.stats();
+        true
+    }
+}
+
+/// Polls one connection's event loop until it fails or closes, pairing rumqttc's packet
+/// ids with the aggregator's tags.
+async fn poll(
+    mut eventloop: EventLoop,
+    tags: Arc<Mutex<Tags>>,
+    out: mpsc::UnboundedSender<Polled>,
+    cfg: Arc<BrokerConfig>,
+) {
+    let mut publishes: HashMap<u16, Tag> = HashMap::new();
+    let mut subscribes: HashMap<u16, Tag> = HashMap::new();
+    loop {
+        let polled = match eventloop.poll().await {
+            Ok(Event::Incoming(i)) => match i {
+                Incoming::ConnAck(_) => Some(Polled::Up),
+                Incoming::Publish(p) => Some(Polled::Message(p)),
+                Incoming::PubAck(a) => publishes.remove(&a.pkid).map(Polled::Published),
+                Incoming::PubRec(a) => publishes.remove(&a.pkid).map(Polled::Published),
+                Incoming::SubAck(a) => subscribes.remove(&a.pkid).map(|tag| {
+                    let granted = match a.return_codes.first() {
+                        Some(SubscribeReasonCode::Success(q)) => Some(our_qos(*q)),
+                        _ => None,
+                    };
+                    Polled::Subscribed(tag, granted)
+                }),
+                _ => None,
+            },
+            Ok(Event::Outgoing(o)) => {
+                let mut t = tags.lock().unwrap_or_else(|e| e.into_inner());
+                match o {
+                    Outgoing::Publish(pkid) => {
+                        if let Some(Some(tag)) = t.publishes.pop_front() {
+                            publishes.insert(pkid, tag);
+                        }
+                    }
+                    Outgoing::Subscribe(pkid) => {
+                        if let Some(tag) = t.subscribes.pop_front() {
+                            subscribes.insert(pkid, tag);
+                        }
+                    }
+                    Outgoing::Disconnect => {
+                        drop(t);
+                        let _ = tokio::time::timeout(CLOSE_WAIT, async { while eventloop.poll().await.is_ok() {} }).await;
+                        return;
+                    }
+                    _ => {}
+                }
+                None
+            }
+            Err(e) => {
+                let tls = cfg.tls.as_ref().and_then(|_| super::tls::failure(&e, &cfg.host));
+                let refused = tls.is_some() || super::mqtt::is_refusal(&e);
+                let reason = tls.unwrap_or_else(|| e.to_string());
+                let _ = out.send(Polled::Down(reason, refused));
+                return;
+            }
+        };
+        if let Some(p) = polled {
+            if out.send(p).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shard_of;
+
+    #[test]
+    fn a_client_id_always_goes_to_the_same_connection() {
+        for n in 1..5 {
+            for id in ["a", "sensor-17", ""] {
+                let s = shard_of(id, n);
+                assert!(s < n);
+                assert_eq!(s, shard_of(id, n));
+            }
+        }
+        let spread: std::collections::HashSet<usize> = (0..100).map(|i| shard_of(&format!("d{i}"), 4)).collect();
+        assert_eq!(spread.len(), 4, "devices are spread over every connection");
+    }
+}
