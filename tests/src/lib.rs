@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gateway::broker::mqtt::BrokerConfig;
+use gateway::broker::mqtt::{BrokerConfig, LinkMode};
 use gateway::config::Settings;
 use gateway::runtime::Running;
 use gateway::topics::Predefined;
@@ -231,6 +231,21 @@ impl Drop for Mosquitto {
 // The gateway under test
 // ---------------------------------------------------------------------------------------
 
+tokio::task_local! {
+    /// The broker link mode of the gateways a test starts ([`aggregating`]).
+    static LINK_MODE: LinkMode;
+}
+
+/// Runs `test` with every gateway it starts (through [`Harness`]) in aggregating mode.
+pub async fn aggregating<F: std::future::Future>(test: F) -> F::Output {
+    LINK_MODE.scope(LinkMode::Aggregating, test).await
+}
+
+/// The link mode for gateways started now: transparent unless inside [`aggregating`].
+pub fn link_mode() -> LinkMode {
+    LINK_MODE.try_with(|m| *m).unwrap_or_default()
+}
+
 /// Which broker the gateway is tested against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
@@ -303,6 +318,7 @@ impl Harness {
                 let broker = BrokerConfig {
                     host: m.addr().ip().to_string(),
                     port: m.addr().port(),
+                    mode: link_mode(),
                     ..BrokerConfig::default()
                 };
                 (Some(m), broker, None)
@@ -311,6 +327,7 @@ impl Harness {
                 let broker = BrokerConfig {
                     host: loopback0.ip().to_string(),
                     port: 0,
+                    mode: link_mode(),
                     ..BrokerConfig::default()
                 };
                 (None, broker, Some(loopback0))
@@ -374,6 +391,9 @@ impl Harness {
             broker: BrokerConfig {
                 host: other.broker.ip().to_string(),
                 port: other.broker.port(),
+                mode: link_mode(),
+                // Its own shared connections' client ids, not the first gateway's.
+                aggregate_client_id: format!("mqtt-sn-gw-beside-{}", unique()),
                 ..BrokerConfig::default()
             },
             embedded_broker: None,
@@ -1234,6 +1254,24 @@ macro_rules! broker_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::BrokerKind::Embedded).await
+                }
+            )*
+        }
+        /// The same cases with the gateway in aggregating mode (`broker.mode`).
+        mod aggregating_mosquitto {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::aggregating(super::$name($crate::BrokerKind::Mosquitto)).await
+                }
+            )*
+        }
+        mod aggregating_embedded {
+            $(
+                $(#[ignore = $why])?
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::aggregating(super::$name($crate::BrokerKind::Embedded)).await
                 }
             )*
         }

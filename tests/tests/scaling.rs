@@ -2,10 +2,12 @@
 //! broker holds each clean-session-false device's session, so a device can leave one
 //! gateway and come back through another, and find there what was published meanwhile.
 //! Topic ids are the gateway's own, so the device registers again at the new gateway.
+//! In aggregating mode the gateway holds the session, so the device is pinned to it.
 
 use std::net::Ipv4Addr;
 
 use e2e::{BrokerKind, Harness, QoS, ReturnCode, Rx, TopicFilter, TopicRef};
+use gateway::broker::mqtt::LinkMode;
 
 e2e::broker_suite! {
     a_device_moves_to_another_gateway_and_gets_what_was_queued,
@@ -28,8 +30,33 @@ async fn a_device_moves_to_another_gateway_and_gets_what_was_queued(kind: Broker
     dev.disconnect().await;
     a.wait_stats("A has no session left", |s| s.sessions == 0).await;
 
-    // Published while the device is connected nowhere: the broker queues it.
+    // Published while the device is connected nowhere: the broker queues it (in
+    // aggregating mode, gateway A does).
     publisher.publish("scale/roamer/down", 1, false, b"while away").await;
+
+    if e2e::link_mode() == LinkMode::Aggregating {
+        // Aggregating mode: the session lives in gateway A, not at the broker, so the
+        // device is pinned to A. Through B it finds nothing (a new session there)...
+        let mut dev = b.device_at(Ipv4Addr::new(127, 0, 0, 2), "roamer").await;
+        dev.connect(60, false).await;
+        dev.expect_silence().await;
+        dev.disconnect().await;
+        // ...and back through A (from another address) it gets what A kept, on the
+        // topic id it already holds (A kept its topic ids too).
+        let mut dev = a.device_at(Ipv4Addr::new(127, 0, 0, 4), "roamer").await;
+        dev.connect(60, false).await;
+        let p = dev.expect_publish().await;
+        assert_eq!(p.data, b"while away");
+        assert_eq!(p.topic, TopicRef::Normal(ack.topic_id));
+        dev.ack(&p).await;
+        let mut watch = a.observe("scale/roamer/up").await;
+        dev.publish_qos1(TopicRef::Normal(id_at_a), b"up via A again").await;
+        watch.expect_msg_eq("scale/roamer/up", b"up via A again").await;
+        dev.disconnect().await;
+        b.shutdown().await;
+        a.shutdown().await;
+        return;
+    }
 
     // Back through gateway B, from another address: the broker resumes the session and
     // hands over what it queued; B registers the topic with the device, then delivers.

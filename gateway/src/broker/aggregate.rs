@@ -24,7 +24,7 @@
 //! connection reports, and queues [`Output`]s: requests for the broker and events for
 //! sessions. It owns no socket and reads no clock; [`super::shared`] drives it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -99,6 +99,9 @@ pub struct AggregateStats {
     pub queue_dropped: u64,
     /// Broker QoS 1/2 messages not yet acknowledged to the broker.
     pub unacked: usize,
+    /// Broker messages acknowledged before every device had them, the gateway keeping
+    /// them instead, because `broker.inflight` were owed already.
+    pub taken_over: u64,
 }
 
 /// A device known to this connection: connected now, or away with clean session false.
@@ -161,22 +164,34 @@ pub struct Aggregator {
     index: FilterIndex,
     waiting: HashMap<Tag, Waiting>,
     next_tag: Tag,
-    inbound: HashMap<u64, Inbound>,
+    /// Oldest first.
+    inbound: BTreeMap<u64, Inbound>,
     next_inbound: u64,
     /// Which broker message each delivery belongs to (QoS 1/2 deliveries only).
     deliveries: HashMap<DeliveryId, u64>,
     next_delivery: u64,
-    /// The filter and device of the latest SUBACK: where messages with RETAIN set go.
-    window: Option<(Arc<str>, Option<Arc<str>>)>,
+    /// The filters and devices of the latest SUBACK (one SUBSCRIBE may carry several
+    /// filters): where messages with RETAIN set go.
+    window: Vec<(Arc<str>, Arc<str>)>,
     queue_limit: usize,
     queue_dropped: u64,
+    /// Broker messages owed an acknowledgement at once, at most.
+    owed_limit: usize,
+    taken_over: u64,
     out: VecDeque<Output>,
 }
 
 impl Aggregator {
     /// An aggregator whose connection is not up yet, keeping at most `queue_limit`
-    /// messages for each device that is away.
-    pub fn new(queue_limit: usize) -> Self {
+    /// messages for each device that is away, and leaving at most `owed_limit` broker
+    /// messages unacknowledged.
+    ///
+    /// The broker sends a client only so many QoS 1/2 messages before their
+    /// acknowledgements (Mosquitto: `max_inflight_messages`, 20): on a shared connection,
+    /// a few sleeping devices holding theirs would stop every device's downlink. Beyond
+    /// `owed_limit` the oldest is acknowledged to the broker and the gateway keeps it for
+    /// its devices (they still get it, and are still asked to acknowledge it).
+    pub fn new(queue_limit: usize, owed_limit: usize) -> Self {
         Aggregator {
             connected: false,
             connecting: false,
@@ -188,13 +203,15 @@ impl Aggregator {
             index: FilterIndex::new(),
             waiting: HashMap::new(),
             next_tag: 1,
-            inbound: HashMap::new(),
+            inbound: BTreeMap::new(),
             next_inbound: 1,
             deliveries: HashMap::new(),
             next_delivery: 1,
-            window: None,
+            window: Vec::new(),
             queue_limit,
             queue_dropped: 0,
+            owed_limit: owed_limit.max(1),
+            taken_over: 0,
             out: VecDeque::new(),
         }
     }
@@ -219,6 +236,7 @@ impl Aggregator {
             queued: self.devices.values().map(|d| d.queue.len()).sum(),
             queue_dropped: self.queue_dropped,
             unacked: self.inbound.len(),
+            taken_over: self.taken_over,
         }
     }
 
@@ -546,7 +564,7 @@ impl Aggregator {
         self.waiting.clear();
         self.inbound.clear();
         self.deliveries.clear();
-        self.window = None;
+        self.window.clear();
         for f in self.filters.values_mut() {
             f.pending = 0;
         }
@@ -568,8 +586,17 @@ impl Aggregator {
         }
     }
 
-    /// The broker answered SUBSCRIBE `tag` (`None`: refused).
-    pub fn subscribed(&mut self, tag: Tag, granted: Option<MqttQos>) {
+    /// The broker answered one SUBSCRIBE packet: each of its filters' tag with what was
+    /// granted (`None`: refused), in the packet's order.
+    pub fn subscribed(&mut self, answers: &[(Tag, Option<MqttQos>)]) {
+        // What follows this SUBACK with RETAIN set is for these subscriptions alone.
+        self.window.clear();
+        for (tag, granted) in answers {
+            self.subscribed_one(*tag, *granted);
+        }
+    }
+
+    fn subscribed_one(&mut self, tag: Tag, granted: Option<MqttQos>) {
         let (filter, waiter) = match self.waiting.remove(&tag) {
             Some(Waiting::Subscribe {
                 key,
@@ -584,7 +611,6 @@ impl Aggregator {
         if let Some(f) = self.filters.get_mut(&filter) {
             f.pending = f.pending.saturating_sub(1);
         }
-        let mut window_device = None;
         if let Some((key, token, client, qos)) = waiter {
             let granted = granted.map(|g| g.min(qos));
             let current = self.devices.get(&client).is_some_and(|d| d.key == Some(key));
@@ -595,11 +621,10 @@ impl Aggregator {
                 if let Some(f) = self.filters.get_mut(&filter) {
                     f.devices.insert(client.clone(), g);
                 }
-                window_device = Some(client);
+                self.window.push((filter.clone(), client));
             }
             self.to_session(key, BrokerEvent::SubAck { token, granted });
         }
-        self.window = Some((filter.clone(), window_device));
         if let Some(f) = self.filters.get(&filter) {
             if f.devices.is_empty() && f.pending == 0 {
                 self.filters.remove(&filter);
@@ -615,16 +640,25 @@ impl Aggregator {
     pub fn message(&mut self, topic: Arc<str>, payload: Bytes, qos: MqttQos, retain: bool, pkid: u16) {
         // Who gets it, each once, at the highest QoS among its matching filters.
         let mut to: HashMap<Arc<str>, MqttQos> = HashMap::new();
-        let window = self
-            .window
-            .as_ref()
-            .filter(|(f, _)| retain && super::index::filter_matches(f, &topic));
-        if let Some((filter, device)) = window {
-            // Sent because of the latest SUBSCRIBE: for its device alone.
-            if let Some(g) = device.as_ref().and_then(|d| self.filters.get(filter)?.devices.get(d).map(|g| (d, g))) {
-                to.insert(g.0.clone(), *g.1);
+        let replay: Vec<&(Arc<str>, Arc<str>)> = if retain {
+            self.window
+                .iter()
+                .filter(|(f, _)| super::index::filter_matches(f, &topic))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !replay.is_empty() {
+            // Sent because of the latest SUBSCRIBE: for its devices alone.
+            for (filter, device) in replay {
+                if let Some(g) = self.filters.get(filter).and_then(|f| f.devices.get(device)) {
+                    let e = to.entry(device.clone()).or_insert(*g);
+                    *e = (*e).max(*g);
+                }
             }
         } else {
+            // A live message (or, from a broker that keeps RETAIN on live messages, one
+            // that no new subscription explains): every matching device.
             let filters = &self.filters;
             self.index.matches(&topic, |f| {
                 if let Some(entry) = filters.get(f) {
@@ -684,6 +718,18 @@ impl Aggregator {
                         remaining: owed,
                     },
                 );
+                while self.inbound.len() > self.owed_limit {
+                    let Some((_, oldest)) = self.inbound.pop_first() else {
+                        break;
+                    };
+                    // Its deliveries stay with their devices; their acknowledgements
+                    // then find nothing left to release.
+                    self.taken_over += 1;
+                    self.to_broker(Request::Ack {
+                        pkid: oldest.pkid,
+                        qos: oldest.qos,
+                    });
+                }
             }
         }
     }

@@ -105,6 +105,7 @@ impl SharedLinks {
             sum.queued += st.queued;
             sum.queue_dropped += st.queue_dropped;
             sum.unacked += st.unacked;
+            sum.taken_over += st.taken_over;
         }
         sum
     }
@@ -219,15 +220,20 @@ impl BrokerLink for SharedLinks {
 #[derive(Default)]
 struct Tags {
     publishes: VecDeque<Option<Tag>>,
-    subscribes: VecDeque<Tag>,
+    /// The filters' tags of each SUBSCRIBE packet.
+    subscribes: VecDeque<Vec<Tag>>,
 }
+
+/// Filters in one SUBSCRIBE packet, at most.
+const SUBSCRIBE_BATCH: usize = 64;
 
 /// What a connection's poll task reports.
 enum Polled {
     Up,
     Message(Publish),
     Published(Tag),
-    Subscribed(Tag, Option<super::MqttQos>),
+    /// A SUBACK: each filter's tag with what was granted.
+    Subscribed(Vec<(Tag, Option<super::MqttQos>)>),
     Down(String, bool),
 }
 
@@ -266,15 +272,19 @@ async fn run_connection(
     stats: Arc<Mutex<AggregateStats>>,
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
 ) {
-    let mut agg = Aggregator::new(cfg.offline_queue);
+    let mut agg = Aggregator::new(cfg.offline_queue, usize::from(cfg.inflight));
     let mut pause = Duration::from_millis(250);
     let mut shell = Shell {
         fill,
         stats,
         events,
+        subscribes: VecDeque::new(),
+        subscribing: false,
     };
     loop {
         agg.connecting();
+        shell.subscribes.clear();
+        shell.subscribing = false;
         let (client, mut eventloop) = AsyncClient::new(options(&cfg, index), cfg.request_capacity.max(1));
         eventloop
             .network_options
@@ -294,7 +304,10 @@ async fn run_connection(
                     }
                     Some(Polled::Message(p)) => agg.message(p.topic.into(), p.payload, our_qos(p.qos), p.retain, p.pkid),
                     Some(Polled::Published(tag)) => agg.published(tag),
-                    Some(Polled::Subscribed(tag, granted)) => agg.subscribed(tag, granted),
+                    Some(Polled::Subscribed(answers)) => {
+                        shell.subscribing = false;
+                        agg.subscribed(&answers);
+                    }
                     Some(Polled::Down(reason, refused)) => {
                         warn!(connection = index, %reason, "shared broker connection lost; its sessions are closed");
                         agg.lost(&reason, refused);
@@ -359,6 +372,12 @@ struct Shell {
     fill: Arc<Fill>,
     stats: Arc<Mutex<AggregateStats>>,
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
+    /// SUBSCRIBEs waiting for the one in flight to be answered. rumqttc numbers
+    /// SUBSCRIBE packets without checking which ids are still unanswered (they cycle
+    /// through `inflight`), so one at a time keeps SUBACKs unambiguous; what queues
+    /// meanwhile goes in the next packet, many filters at once.
+    subscribes: VecDeque<(Tag, Arc<str>, super::MqttQos)>,
+    subscribing: bool,
 }
 
 impl Shell {
@@ -395,8 +414,8 @@ impl Shell {
                             client.publish_bytes(&*topic, rumqttc_qos(qos), retain, payload).await
                         }
                         Request::Subscribe { tag, filter, qos } => {
-                            tags.lock().unwrap_or_else(|e| e.into_inner()).subscribes.push_back(tag);
-                            client.subscribe(&*filter, rumqttc_qos(qos)).await
+                            self.subscribes.push_back((tag, filter, qos));
+                            Ok(())
                         }
                         Request::Unsubscribe { filter } => client.unsubscribe(&*filter).await,
                         Request::Ack { pkid, qos } => {
@@ -409,6 +428,20 @@ impl Shell {
                         debug!(error = %e, "request not handed to the shared connection");
                     }
                 }
+            }
+        }
+        if !self.subscribing && !self.subscribes.is_empty() {
+            let n = self.subscribes.len().min(SUBSCRIBE_BATCH);
+            let batch: Vec<_> = self.subscribes.drain(..n).collect();
+            let filters = batch
+                .iter()
+                .map(|(_, f, q)| rumqttc::SubscribeFilter::new(f.to_string(), rumqttc_qos(*q)));
+            let filters: Vec<_> = filters.collect();
+            let batch_tags = batch.iter().map(|(t, _, _)| *t).collect();
+            tags.lock().unwrap_or_else(|e| e.into_inner()).subscribes.push_back(batch_tags);
+            self.subscribing = true;
+            if let Err(e) = client.subscribe_many(filters).await {
+                debug!(error = %e, "SUBSCRIBE not handed to the shared connection");
             }
         }
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = agg.stats();
@@ -425,7 +458,7 @@ async fn poll(
     cfg: Arc<BrokerConfig>,
 ) {
     let mut publishes: HashMap<u16, Tag> = HashMap::new();
-    let mut subscribes: HashMap<u16, Tag> = HashMap::new();
+    let mut subscribes: HashMap<u16, Vec<Tag>> = HashMap::new();
     loop {
         let polled = match eventloop.poll().await {
             Ok(Event::Incoming(i)) => match i {
@@ -433,12 +466,16 @@ async fn poll(
                 Incoming::Publish(p) => Some(Polled::Message(p)),
                 Incoming::PubAck(a) => publishes.remove(&a.pkid).map(Polled::Published),
                 Incoming::PubRec(a) => publishes.remove(&a.pkid).map(Polled::Published),
-                Incoming::SubAck(a) => subscribes.remove(&a.pkid).map(|tag| {
-                    let granted = match a.return_codes.first() {
-                        Some(SubscribeReasonCode::Success(q)) => Some(our_qos(*q)),
-                        _ => None,
-                    };
-                    Polled::Subscribed(tag, granted)
+                Incoming::SubAck(a) => subscribes.remove(&a.pkid).map(|tags| {
+                    // A missing return code (a short SUBACK) counts as a refusal.
+                    let answers = tags.iter().enumerate().map(|(i, tag)| {
+                        let granted = match a.return_codes.get(i) {
+                            Some(SubscribeReasonCode::Success(q)) => Some(our_qos(*q)),
+                            _ => None,
+                        };
+                        (*tag, granted)
+                    });
+                    Polled::Subscribed(answers.collect())
                 }),
                 _ => None,
             },
@@ -451,8 +488,8 @@ async fn poll(
                         }
                     }
                     Outgoing::Subscribe(pkid) => {
-                        if let Some(tag) = t.subscribes.pop_front() {
-                            subscribes.insert(pkid, tag);
+                        if let Some(tags) = t.subscribes.pop_front() {
+                            subscribes.insert(pkid, tags);
                         }
                     }
                     Outgoing::Disconnect => {

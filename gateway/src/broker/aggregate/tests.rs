@@ -18,7 +18,7 @@ fn params(id: &str, clean: bool) -> ConnectParams {
 
 /// An aggregator whose connection is up, and the outputs so far drained.
 fn up() -> Aggregator {
-    let mut a = Aggregator::new(10);
+    let mut a = Aggregator::new(10, 4);
     a.connecting();
     a.connected();
     assert!(drain(&mut a).is_empty());
@@ -49,7 +49,7 @@ fn subscribe(a: &mut Aggregator, key: ClientKey, token: Token, filter: &str, qos
         [Output::Broker(Request::Subscribe { tag, qos, filter: f })] if &**f == filter => (*tag, *qos),
         other => panic!("expected one SUBSCRIBE, got {other:?}"),
     };
-    a.subscribed(tag, Some(asked));
+    a.subscribed(&[(tag, Some(asked))]);
     match drain(a).as_slice() {
         [Output::Session(k, e)] if *k == key => (asked, e.clone()),
         other => panic!("expected the SUBACK, got {other:?}"),
@@ -358,11 +358,34 @@ fn a_refused_subscribe_leaves_nothing_held() {
     let Some(Output::Broker(Request::Subscribe { tag, .. })) = a.poll_output() else {
         panic!("expected a SUBSCRIBE");
     };
-    a.subscribed(tag, None);
+    a.subscribed(&[(tag, None)]);
     assert_eq!(
         drain(&mut a),
         [Output::Session(1, BrokerEvent::SubAck { token: 1, granted: None })]
     );
     assert_eq!(a.stats().filters, 0);
     assert!(message(&mut a, "no", Q0, false, 0).is_empty());
+}
+
+#[test]
+fn beyond_the_owed_limit_the_oldest_message_is_taken_off_the_brokers_hands() {
+    let mut a = up();
+    connect(&mut a, 1, "sleepy", true);
+    subscribe(&mut a, 1, 1, "s", Q1);
+    let mut deliveries = Vec::new();
+    for pkid in 1..=4 {
+        let (m, acks) = messages(&message(&mut a, "s", Q1, false, pkid));
+        assert!(acks.is_empty());
+        deliveries.push(m[0].3);
+    }
+    // The fifth: the broker would stop sending; the oldest is acknowledged now.
+    let (m, acks) = messages(&message(&mut a, "s", Q1, false, 5));
+    assert_eq!(m.len(), 1, "still delivered");
+    assert_eq!(acks, [(1, Q1)]);
+    assert_eq!(a.stats().taken_over, 1);
+    // The device's late acknowledgement of it releases nothing more; the others do.
+    a.command(1, Command::Ack { delivery: deliveries[0] });
+    assert!(drain(&mut a).is_empty());
+    a.command(1, Command::Ack { delivery: deliveries[1] });
+    assert_eq!(drain(&mut a), [Output::Broker(Request::Ack { pkid: 2, qos: Q1 })]);
 }
