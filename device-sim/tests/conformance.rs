@@ -15,6 +15,7 @@ use std::time::Duration;
 use device_sim::conformance::{self, CheckReport, ConformanceOptions, Outcome, Selection};
 use device_sim::verifier::BrokerUrl;
 use e2e::{init_logging, Mosquitto};
+use gateway::broker::mqtt::LinkMode;
 use gateway::runtime::Running;
 use gateway::topics::Predefined;
 use standin::{msg_type, type_at, Dir, Proxy, Rule, Verdict};
@@ -25,7 +26,13 @@ const PREDEFINED: &str = "sim/predefined";
 /// Our gateway, with a predefined topic, a short Tretry, and a second listener on the
 /// loopback broadcast address (where a broadcast SEARCHGW arrives).
 async fn start_gateway(broker: SocketAddr) -> Running {
+    start_gateway_in(broker, LinkMode::Transparent).await
+}
+
+/// [`start_gateway`] with the broker link in `mode`.
+async fn start_gateway_in(broker: SocketAddr, mode: LinkMode) -> Running {
     let mut settings = common::gateway_settings(broker, 5);
+    settings.broker.mode = mode;
     settings.engine.predefined =
         Arc::new(Predefined::new([(PREDEFINED_ID, PREDEFINED.to_string())]).expect("valid predefined topic"));
     settings
@@ -53,9 +60,18 @@ fn options(gateway: SocketAddr, broker: SocketAddr) -> ConformanceOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite_passes_against_our_gateway() {
+    suite_passes(LinkMode::Transparent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite_passes_against_our_gateway_in_aggregating_mode() {
+    suite_passes(LinkMode::Aggregating).await;
+}
+
+async fn suite_passes(mode: LinkMode) {
     init_logging();
     let Some(mosquitto) = Mosquitto::start() else { return };
-    let gw = start_gateway(mosquitto.addr()).await;
+    let gw = start_gateway_in(mosquitto.addr(), mode).await;
     let mut opts = options(gw.udp_addrs[0], mosquitto.addr());
     opts.discovery = Some(gw.udp_addrs[1]);
     opts.timeout = Duration::from_secs(5);

@@ -206,6 +206,38 @@ pub fn render(view: &View) -> String {
         "DTLS handshakes in progress",
         gauge64(d.handshaking),
     );
+    let a = &s.aggregate;
+    registry.register(
+        "aggregate_queue_dropped",
+        "Aggregating mode: messages for devices away with clean session false dropped, their queue full",
+        ConstCounter::new(a.queue_dropped),
+    );
+    registry.register(
+        "aggregate_taken_over",
+        "Aggregating mode: broker messages acknowledged before every device had them (broker.inflight owed)",
+        ConstCounter::new(a.taken_over),
+    );
+    let aggregate_gauges: [(&str, &str, usize); 4] = [
+        ("aggregate_filters", "Aggregating mode: distinct filters subscribed at the broker", a.filters),
+        (
+            "aggregate_away_devices",
+            "Aggregating mode: devices away with clean session false, their subscriptions kept",
+            a.away,
+        ),
+        (
+            "aggregate_queued_messages",
+            "Aggregating mode: QoS 1/2 messages kept for devices that are away",
+            a.queued,
+        ),
+        (
+            "aggregate_unacked",
+            "Aggregating mode: broker QoS 1/2 messages not yet acknowledged to the broker",
+            a.unacked,
+        ),
+    ];
+    for (name, help, value) in aggregate_gauges {
+        registry.register(name, help, gauge(value));
+    }
     registry.register("serial_ports", "Serial ports configured", gauge(view.serial_ports));
     registry.register("serial_ports_open", "Serial ports open now", gauge(view.serial_open));
     let mut out = String::new();

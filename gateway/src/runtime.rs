@@ -339,6 +339,16 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     })
 }
 
+/// The engine's stats with what the DTLS servers and the broker link count beside it.
+fn stats_of<L: BrokerLink>(gw: &Gateway, dtls: &DtlsLinks, links: &L) -> Stats {
+    let mut s = gw.stats();
+    for d in &dtls.links {
+        s.dtls.add(&d.server.counters());
+    }
+    s.aggregate = links.aggregate_stats().unwrap_or_default();
+    s
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run<L: BrokerLink>(
     mut gw: Gateway,
@@ -453,10 +463,7 @@ async fn run<L: BrokerLink>(
                 gw.handle_timeout(now);
             }
             _ = refresh.tick() => {
-                let mut s = gw.stats();
-                for d in &dtls.links {
-                    s.dtls.add(&d.server.counters());
-                }
+                let s = stats_of(&gw, &dtls, &links);
                 if let Some(every) = stats_interval {
                     if last_log.elapsed() >= every {
                         last_log = Instant::now();
@@ -489,22 +496,20 @@ async fn run<L: BrokerLink>(
     let until = stop_deadline
         .unwrap_or_else(tokio::time::Instant::now)
         .max(tokio::time::Instant::now() + Duration::from_secs(1));
-    let closing = links.wait_closed(until);
-    tokio::pin!(closing);
-    let left = loop {
-        tokio::select! {
-            left = &mut closing => break left,
-            Some(_) = events.recv() => {}
+    let left = {
+        let closing = links.wait_closed(until);
+        tokio::pin!(closing);
+        loop {
+            tokio::select! {
+                left = &mut closing => break left,
+                Some(_) = events.recv() => {}
+            }
         }
     };
     if left > 0 {
         warn!(connections = left, "broker connections not closed in time");
     }
-    let mut s = gw.stats();
-    for d in &dtls.links {
-        s.dtls.add(&d.server.counters());
-    }
-    snapshot.store(s, 0);
+    snapshot.store(stats_of(&gw, &dtls, &links), 0);
     info!("gateway stopped");
 }
 

@@ -286,6 +286,12 @@ pub trait BrokerLink {
     /// Waits, until `deadline`, for every connection to end (a closed one: its
     /// DISCONNECT written to the broker). Resolves to how many did not.
     fn wait_closed(&mut self, deadline: tokio::time::Instant) -> impl std::future::Future<Output = usize> + Send;
+
+    /// What an aggregating link holds for its devices (`None` for a link that holds
+    /// nothing of the kind).
+    fn aggregate_stats(&self) -> Option<aggregate::AggregateStats> {
+        None
+    }
 }
 
 /// The link of either mode, chosen at start by `broker.mode`.
@@ -336,6 +342,13 @@ impl BrokerLink for AnyLink {
         match self {
             AnyLink::Transparent(l) => l.close_all(),
             AnyLink::Aggregating(l) => l.close_all(),
+        }
+    }
+
+    fn aggregate_stats(&self) -> Option<aggregate::AggregateStats> {
+        match self {
+            AnyLink::Transparent(_) => None,
+            AnyLink::Aggregating(l) => Some(l.stats()),
         }
     }
 

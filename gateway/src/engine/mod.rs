@@ -276,6 +276,8 @@ pub struct Stats {
     /// The DTLS listeners' counters, totalled (filled in by the runtime; the engine
     /// sees only decrypted datagrams).
     pub dtls: crate::transport::dtls::DtlsCounters,
+    /// Aggregating mode's shared connections, totalled (filled in by the runtime).
+    pub aggregate: crate::broker::aggregate::AggregateStats,
 }
 
 /// Upper bounds, in seconds, of the buckets of every latency [`Histogram`].
