@@ -887,6 +887,14 @@ impl SnClient {
         }
     }
 
+    /// UNSUBSCRIBE; waits for its UNSUBACK.
+    pub async fn unsubscribe(&mut self, topic: TopicFilter<'_>) {
+        let msg_id = self.msg_id();
+        self.send(&Packet::Unsubscribe(Unsubscribe { msg_id, topic }))
+            .await;
+        self.expect(Rx::UnsubAck(msg_id)).await;
+    }
+
     /// Acknowledges a delivered PUBLISH: PUBACK for QoS 1, the PUBREC/PUBREL/PUBCOMP
     /// exchange for QoS 2, nothing for QoS 0.
     pub async fn ack(&mut self, p: &Pub) {
