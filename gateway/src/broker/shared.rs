@@ -49,6 +49,8 @@ pub struct SharedLinks {
     shards: Vec<Shard>,
     /// The connection of each session.
     route: HashMap<ClientKey, usize>,
+    /// Sessions whose connection ended them (refused, lost): their routes go at reap.
+    ended: mpsc::UnboundedReceiver<ClientKey>,
 }
 
 /// Which of `n` connections a client id goes to: stable across restarts (FNV-1a), so
@@ -66,6 +68,7 @@ impl SharedLinks {
     /// Opens `cfg.connections` connections (at least one), reporting to `events`.
     pub fn new(cfg: BrokerConfig, events: mpsc::Sender<(ClientKey, BrokerEvent)>) -> Self {
         let cfg = Arc::new(cfg);
+        let (ended_tx, ended) = mpsc::unbounded_channel();
         let shards = (0..cfg.connections.max(1))
             .map(|i| {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -78,6 +81,7 @@ impl SharedLinks {
                     fill.clone(),
                     stats.clone(),
                     events.clone(),
+                    ended_tx.clone(),
                 ));
                 Shard {
                     tx,
@@ -91,6 +95,7 @@ impl SharedLinks {
             cfg,
             shards,
             route: HashMap::new(),
+            ended,
         }
     }
 
@@ -186,7 +191,11 @@ impl BrokerLink for SharedLinks {
         usize::MAX
     }
 
-    fn reap(&mut self) {}
+    fn reap(&mut self) {
+        while let Ok(key) = self.ended.try_recv() {
+            self.route.remove(&key);
+        }
+    }
 
     fn tasks(&self) -> usize {
         self.shards
@@ -271,6 +280,7 @@ async fn run_connection(
     fill: Arc<Fill>,
     stats: Arc<Mutex<AggregateStats>>,
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
+    ended: mpsc::UnboundedSender<ClientKey>,
 ) {
     let mut agg = Aggregator::new(cfg.offline_queue, usize::from(cfg.inflight));
     let mut pause = Duration::from_millis(250);
@@ -278,6 +288,7 @@ async fn run_connection(
         fill,
         stats,
         events,
+        ended,
         subscribes: VecDeque::new(),
         subscribing: false,
     };
@@ -372,6 +383,8 @@ struct Shell {
     fill: Arc<Fill>,
     stats: Arc<Mutex<AggregateStats>>,
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
+    /// Told the sessions this connection ended, for the link's routes.
+    ended: mpsc::UnboundedSender<ClientKey>,
     /// SUBSCRIBEs waiting for the one in flight to be answered. rumqttc numbers
     /// SUBSCRIBE packets without checking which ids are still unanswered (they cycle
     /// through `inflight`), so one at a time keeps SUBACKs unambiguous; what queues
@@ -395,6 +408,9 @@ impl Shell {
         while let Some(o) = agg.poll_output() {
             match o {
                 Output::Session(key, e) => {
+                    if matches!(e, BrokerEvent::Closed { .. } | BrokerEvent::ConnectFailed { .. }) {
+                        let _ = self.ended.send(key);
+                    }
                     if self.events.send((key, e)).await.is_err() {
                         return false;
                     }
