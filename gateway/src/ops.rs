@@ -218,7 +218,11 @@ pub fn render(view: &View) -> String {
         ConstCounter::new(a.taken_over),
     );
     let aggregate_gauges: [(&str, &str, usize); 4] = [
-        ("aggregate_filters", "Aggregating mode: distinct filters subscribed at the broker", a.filters),
+        (
+            "aggregate_filters",
+            "Aggregating mode: distinct filters subscribed at the broker",
+            a.filters,
+        ),
         (
             "aggregate_away_devices",
             "Aggregating mode: devices away with clean session false, their subscriptions kept",

@@ -890,8 +890,7 @@ impl SnClient {
     /// UNSUBSCRIBE; waits for its UNSUBACK.
     pub async fn unsubscribe(&mut self, topic: TopicFilter<'_>) {
         let msg_id = self.msg_id();
-        self.send(&Packet::Unsubscribe(Unsubscribe { msg_id, topic }))
-            .await;
+        self.send(&Packet::Unsubscribe(Unsubscribe { msg_id, topic })).await;
         self.expect(Rx::UnsubAck(msg_id)).await;
     }
 

@@ -97,7 +97,11 @@ async fn overlapping_filters_at_different_qos_deliver_once_each_at_the_right_qos
     assert_eq!(p.topic, TopicRef::Normal(named.topic_id));
     one.expect_nothing_new().await;
     two.expect_nothing_new().await;
-    assert_eq!(h.stats().aggregate.filters, 3, "one broker subscription per distinct filter");
+    assert_eq!(
+        h.stats().aggregate.filters,
+        3,
+        "one broker subscription per distinct filter"
+    );
     h.shutdown().await;
 }
 
@@ -161,7 +165,9 @@ async fn the_broker_subscription_goes_with_the_last_device_to_unsubscribe() {
 async fn a_qos1_message_is_acknowledged_to_the_broker_after_every_device() {
     // A broker window of one message: the next is sent only once the gateway has
     // acknowledged the first, which shows at the devices when it does.
-    let Some(m) = mosquitto("max_inflight_messages 1") else { return };
+    let Some(m) = mosquitto("max_inflight_messages 1") else {
+        return;
+    };
     // Retransmissions slow enough that the gateway does not give up on the slow device
     // (and release the message) while the test watches.
     let h = gateway_with(m, 1, |s| s.engine.retry_interval = Duration::from_secs(5)).await;

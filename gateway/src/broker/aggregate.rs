@@ -132,11 +132,22 @@ struct Filter {
 /// A request the broker has still to answer.
 #[derive(Debug)]
 enum Waiting {
-    Publish { key: ClientKey, token: Token },
+    Publish {
+        key: ClientKey,
+        token: Token,
+    },
     Will,
-    Subscribe { key: ClientKey, token: Token, client: Arc<str>, filter: Arc<str>, qos: MqttQos },
+    Subscribe {
+        key: ClientKey,
+        token: Token,
+        client: Arc<str>,
+        filter: Arc<str>,
+        qos: MqttQos,
+    },
     /// Re-established after the connection came back; no device waits.
-    Resubscribe { filter: Arc<str> },
+    Resubscribe {
+        filter: Arc<str>,
+    },
 }
 
 /// A broker QoS 1/2 message still owed an acknowledgement.
@@ -247,11 +258,11 @@ impl Aggregator {
         t
     }
 
-    fn to_session(&mut self, key: ClientKey, e: BrokerEvent) {
+    fn tell(&mut self, key: ClientKey, e: BrokerEvent) {
         self.out.push_back(Output::Session(key, e));
     }
 
-    fn to_broker(&mut self, r: Request) {
+    fn request(&mut self, r: Request) {
         self.out.push_back(Output::Broker(r));
     }
 
@@ -264,11 +275,11 @@ impl Aggregator {
                         return self.held.push((key, p));
                     }
                     let (reason, refused) = self.down.clone();
-                    return self.to_session(key, BrokerEvent::ConnectFailed { reason, refused });
+                    return self.tell(key, BrokerEvent::ConnectFailed { reason, refused });
                 }
                 if p.credentials.is_some() || p.client_identity.is_some() {
                     // A shared connection has one login; a device's own cannot be honoured.
-                    return self.to_session(
+                    return self.tell(
                         key,
                         BrokerEvent::ConnectFailed {
                             reason: "the device has its own broker login or certificate, which aggregating mode \
@@ -304,7 +315,7 @@ impl Aggregator {
                 device.clean = p.clean_session;
                 let queued = std::mem::take(&mut device.queue);
                 self.sessions.insert(key, id.clone());
-                self.to_session(
+                self.tell(
                     key,
                     BrokerEvent::Connected {
                         session_present: present,
@@ -323,7 +334,7 @@ impl Aggregator {
                 retain,
             } => {
                 if !self.connected {
-                    return self.to_session(
+                    return self.tell(
                         key,
                         BrokerEvent::Rejected {
                             token,
@@ -332,7 +343,7 @@ impl Aggregator {
                     );
                 }
                 let tag = (qos != MqttQos::AtMostOnce).then(|| self.tag(Waiting::Publish { key, token }));
-                self.to_broker(Request::Publish {
+                self.request(Request::Publish {
                     tag,
                     topic,
                     payload,
@@ -342,7 +353,7 @@ impl Aggregator {
             }
             Command::Subscribe { token, filter, qos } => {
                 let Some(client) = self.sessions.get(&key).cloned().filter(|_| self.connected) else {
-                    return self.to_session(
+                    return self.tell(
                         key,
                         BrokerEvent::Rejected {
                             token,
@@ -369,7 +380,7 @@ impl Aggregator {
                     filter: filter.clone(),
                     qos,
                 });
-                self.to_broker(Request::Subscribe {
+                self.request(Request::Subscribe {
                     tag,
                     filter,
                     qos: asked,
@@ -382,7 +393,7 @@ impl Aggregator {
                     }
                     self.drop_subscriber(&filter, &client);
                 }
-                self.to_session(key, BrokerEvent::UnsubAck { token });
+                self.tell(key, BrokerEvent::UnsubAck { token });
             }
             Command::Ack { delivery } => {
                 if let Some(d) = self.sessions.get(&key).and_then(|c| self.devices.get_mut(c)) {
@@ -413,7 +424,7 @@ impl Aggregator {
             return;
         }
         let tag = (w.qos != MqttQos::AtMostOnce).then(|| self.tag(Waiting::Will));
-        self.to_broker(Request::Publish {
+        self.request(Request::Publish {
             tag,
             topic: w.topic.into(),
             payload: w.message,
@@ -469,7 +480,7 @@ impl Aggregator {
             if let Some((filter, _)) = self.filters.remove_entry(filter) {
                 self.index.remove(&filter);
                 if self.connected {
-                    self.to_broker(Request::Unsubscribe { filter });
+                    self.request(Request::Unsubscribe { filter });
                 }
             }
         }
@@ -488,7 +499,7 @@ impl Aggregator {
             let (pkid, qos) = (m.pkid, m.qos);
             self.inbound.remove(&id);
             if self.connected {
-                self.to_broker(Request::Ack { pkid, qos });
+                self.request(Request::Ack { pkid, qos });
             }
         }
     }
@@ -507,7 +518,7 @@ impl Aggregator {
                 self.deliveries.insert(delivery, i);
             }
         }
-        self.to_session(key, BrokerEvent::Message(m));
+        self.tell(key, BrokerEvent::Message(m));
     }
 
     /// A connection attempt starts: CONNECTs wait for it.
@@ -526,7 +537,7 @@ impl Aggregator {
                 f.pending += 1;
             }
             let tag = self.tag(Waiting::Resubscribe { filter: filter.clone() });
-            self.to_broker(Request::Subscribe { tag, filter, qos });
+            self.request(Request::Subscribe { tag, filter, qos });
         }
         for (key, p) in std::mem::take(&mut self.held) {
             self.command(key, Command::Connect(p));
@@ -541,7 +552,7 @@ impl Aggregator {
         self.connecting = false;
         for (key, _) in std::mem::take(&mut self.held) {
             let reason = reason.to_string();
-            self.to_session(key, BrokerEvent::ConnectFailed { reason, refused });
+            self.tell(key, BrokerEvent::ConnectFailed { reason, refused });
         }
         if !self.connected {
             return;
@@ -549,7 +560,7 @@ impl Aggregator {
         self.connected = false;
         let sessions: Vec<(ClientKey, Arc<str>)> = self.sessions.drain().collect();
         for (key, id) in sessions {
-            self.to_session(
+            self.tell(
                 key,
                 BrokerEvent::Closed {
                     reason: reason.to_string(),
@@ -582,7 +593,7 @@ impl Aggregator {
     /// The broker acknowledged publish `tag` (PUBACK, or PUBREC for QoS 2).
     pub fn published(&mut self, tag: Tag) {
         if let Some(Waiting::Publish { key, token }) = self.waiting.remove(&tag) {
-            self.to_session(key, BrokerEvent::Published { token });
+            self.tell(key, BrokerEvent::Published { token });
         }
     }
 
@@ -623,14 +634,14 @@ impl Aggregator {
                 }
                 self.window.push((filter.clone(), client));
             }
-            self.to_session(key, BrokerEvent::SubAck { token, granted });
+            self.tell(key, BrokerEvent::SubAck { token, granted });
         }
         if let Some(f) = self.filters.get(&filter) {
             if f.devices.is_empty() && f.pending == 0 {
                 self.filters.remove(&filter);
                 self.index.remove(&filter);
                 if granted.is_some() && self.connected {
-                    self.to_broker(Request::Unsubscribe { filter });
+                    self.request(Request::Unsubscribe { filter });
                 }
             }
         }
@@ -708,7 +719,7 @@ impl Aggregator {
         }
         if let Some(id) = inbound {
             if owed == 0 {
-                self.to_broker(Request::Ack { pkid, qos });
+                self.request(Request::Ack { pkid, qos });
             } else {
                 self.inbound.insert(
                     id,
@@ -725,7 +736,7 @@ impl Aggregator {
                     // Its deliveries stay with their devices; their acknowledgements
                     // then find nothing left to release.
                     self.taken_over += 1;
-                    self.to_broker(Request::Ack {
+                    self.request(Request::Ack {
                         pkid: oldest.pkid,
                         qos: oldest.qos,
                     });

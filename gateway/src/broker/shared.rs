@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, SubscribeReasonCode, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, SubscribeReasonCode, Transport,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -454,7 +456,10 @@ impl Shell {
                 .map(|(_, f, q)| rumqttc::SubscribeFilter::new(f.to_string(), rumqttc_qos(*q)));
             let filters: Vec<_> = filters.collect();
             let batch_tags = batch.iter().map(|(t, _, _)| *t).collect();
-            tags.lock().unwrap_or_else(|e| e.into_inner()).subscribes.push_back(batch_tags);
+            tags.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .subscribes
+                .push_back(batch_tags);
             self.subscribing = true;
             if let Err(e) = client.subscribe_many(filters).await {
                 debug!(error = %e, "SUBSCRIBE not handed to the shared connection");
@@ -510,7 +515,8 @@ async fn poll(
                     }
                     Outgoing::Disconnect => {
                         drop(t);
-                        let _ = tokio::time::timeout(CLOSE_WAIT, async { while eventloop.poll().await.is_ok() {} }).await;
+                        let _ =
+                            tokio::time::timeout(CLOSE_WAIT, async { while eventloop.poll().await.is_ok() {} }).await;
                         return;
                     }
                     _ => {}

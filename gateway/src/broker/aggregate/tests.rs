@@ -56,8 +56,11 @@ fn subscribe(a: &mut Aggregator, key: ClientKey, token: Token, filter: &str, qos
     }
 }
 
+/// A delivery as a test looks at it: session, QoS, RETAIN, delivery id.
+type Delivered = (ClientKey, MqttQos, bool, DeliveryId);
+
 /// The messages each session got, and the broker acknowledgements, from `outs`.
-fn messages(outs: &[Output]) -> (Vec<(ClientKey, MqttQos, bool, DeliveryId)>, Vec<(u16, MqttQos)>) {
+fn messages(outs: &[Output]) -> (Vec<Delivered>, Vec<(u16, MqttQos)>) {
     let mut m = Vec::new();
     let mut acks = Vec::new();
     for o in outs {
@@ -136,7 +139,10 @@ fn retained_messages_after_a_subscribe_go_to_its_device_alone() {
     assert_eq!(drain(&mut a), [Output::Broker(Request::Ack { pkid: 5, qos: Q1 })]);
     // A live message (RETAIN clear) goes to both.
     let (m, _) = messages(&message(&mut a, "r/x", Q0, false, 0));
-    assert_eq!(m.iter().map(|x| (x.0, x.2)).collect::<Vec<_>>(), [(1, false), (2, false)]);
+    assert_eq!(
+        m.iter().map(|x| (x.0, x.2)).collect::<Vec<_>>(),
+        [(1, false), (2, false)]
+    );
 }
 
 #[test]
@@ -228,7 +234,11 @@ fn a_device_away_with_clean_session_false_keeps_its_subscriptions_and_messages()
     assert_eq!(topics, ["q/1", "q/2"]);
     assert_eq!(outs.len(), 3);
     let (m, _) = messages(&message(&mut a, "q/4", Q1, false, 4));
-    assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), [5], "the subscription is kept");
+    assert_eq!(
+        m.iter().map(|x| x.0).collect::<Vec<_>>(),
+        [5],
+        "the subscription is kept"
+    );
     // With clean session, it all goes.
     a.command(5, Command::Disconnect { will: None });
     drain(&mut a);
@@ -283,7 +293,10 @@ fn a_lost_connection_closes_its_sessions_and_the_next_one_resubscribes_away_devi
     a.connected();
     let outs = drain(&mut a);
     assert!(matches!(&outs[0], Output::Broker(Request::Subscribe { filter, qos: Q1, .. }) if &**filter == "k"));
-    assert_eq!(outs[1], Output::Session(4, BrokerEvent::Connected { session_present: false }));
+    assert_eq!(
+        outs[1],
+        Output::Session(4, BrokerEvent::Connected { session_present: false })
+    );
     assert_eq!(outs.len(), 2);
 }
 
@@ -296,7 +309,11 @@ fn a_takeover_moves_unacknowledged_messages_to_the_new_session() {
     assert_eq!(m[0].0, 1);
     let outs = connect(&mut a, 2, "d", false);
     let (m, acks) = messages(&outs);
-    assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), [2], "redelivered to the new session");
+    assert_eq!(
+        m.iter().map(|x| x.0).collect::<Vec<_>>(),
+        [2],
+        "redelivered to the new session"
+    );
     assert_eq!(acks, [(3, Q1)], "the gateway holds it now");
     // The old session's late DISCONNECT (with a will) publishes the will, and leaves the
     // device to the new session.
@@ -307,7 +324,10 @@ fn a_takeover_moves_unacknowledged_messages_to_the_new_session() {
         retain: false,
     };
     a.command(1, Command::Disconnect { will: Some(will) });
-    assert!(matches!(drain(&mut a).as_slice(), [Output::Broker(Request::Publish { tag: None, .. })]));
+    assert!(matches!(
+        drain(&mut a).as_slice(),
+        [Output::Broker(Request::Publish { tag: None, .. })]
+    ));
     let (m, _) = messages(&message(&mut a, "t", Q1, false, 4));
     assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), [2]);
 }
@@ -361,7 +381,13 @@ fn a_refused_subscribe_leaves_nothing_held() {
     a.subscribed(&[(tag, None)]);
     assert_eq!(
         drain(&mut a),
-        [Output::Session(1, BrokerEvent::SubAck { token: 1, granted: None })]
+        [Output::Session(
+            1,
+            BrokerEvent::SubAck {
+                token: 1,
+                granted: None
+            }
+        )]
     );
     assert_eq!(a.stats().filters, 0);
     assert!(message(&mut a, "no", Q0, false, 0).is_empty());
@@ -384,8 +410,18 @@ fn beyond_the_owed_limit_the_oldest_message_is_taken_off_the_brokers_hands() {
     assert_eq!(acks, [(1, Q1)]);
     assert_eq!(a.stats().taken_over, 1);
     // The device's late acknowledgement of it releases nothing more; the others do.
-    a.command(1, Command::Ack { delivery: deliveries[0] });
+    a.command(
+        1,
+        Command::Ack {
+            delivery: deliveries[0],
+        },
+    );
     assert!(drain(&mut a).is_empty());
-    a.command(1, Command::Ack { delivery: deliveries[1] });
+    a.command(
+        1,
+        Command::Ack {
+            delivery: deliveries[1],
+        },
+    );
     assert_eq!(drain(&mut a), [Output::Broker(Request::Ack { pkid: 2, qos: Q1 })]);
 }
