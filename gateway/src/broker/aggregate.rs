@@ -401,6 +401,11 @@ impl Aggregator {
                 }
                 self.release(delivery);
             }
+            Command::Expire { client_id } => {
+                if self.devices.get(&client_id).is_some_and(|d| d.key.is_none()) {
+                    self.forget(&client_id);
+                }
+            }
             Command::Disconnect { will } => {
                 self.held.retain(|(k, _)| *k != key);
                 let Some(id) = self.sessions.remove(&key) else {

@@ -137,6 +137,14 @@ pub enum Command {
         /// The will to publish, for a lost client.
         will: Option<Will>,
     },
+    /// The clean-session-false session of `client_id`, away, has expired
+    /// (`limits.session_expiry_secs`); sent with [`GATEWAY_KEY`]. A link that keeps such
+    /// sessions (aggregating mode) drops it, and the broker subscriptions only it held;
+    /// transparent mode leaves that to the broker's own expiry.
+    Expire {
+        /// The device's client id.
+        client_id: Arc<str>,
+    },
 }
 
 /// Something that happened on a client's broker connection.

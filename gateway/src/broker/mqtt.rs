@@ -517,6 +517,10 @@ async fn feed_backlog(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Reque
 
 impl BrokerLink for MqttLinks {
     fn execute(&mut self, key: ClientKey, command: Command) -> Option<BrokerEvent> {
+        if let Command::Expire { .. } = command {
+            // The broker expires the session by its own setting.
+            return None;
+        }
         if let Command::Connect(p) = command {
             if self.conns.len() >= self.max_connections && !self.conns.contains_key(&key) {
                 if let Some(held_back) = self.limit_warn.allow(Instant::now()) {
@@ -563,7 +567,7 @@ impl BrokerLink for MqttLinks {
         let cfg = &self.cfg;
         let full_warn = &mut self.full_warn;
         match command {
-            Command::Connect(_) => None,
+            Command::Connect(_) | Command::Expire { .. } => None,
             Command::Publish {
                 token,
                 topic,

@@ -135,6 +135,7 @@ impl BrokerLink for SharedLinks {
                 self.route.insert(key, i);
                 i
             }
+            Command::Expire { client_id } => shard_of(client_id, self.shards.len()),
             _ if key == GATEWAY_KEY => 0,
             _ => match self.route.get(&key) {
                 Some(i) => *i,

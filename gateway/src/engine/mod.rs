@@ -979,9 +979,11 @@ impl Gateway {
     /// Handles every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.advertise_if_due(now);
-        for client in self.persisted.expire(now) {
-            debug!(client = %client, "persisted session expired; topic ids dropped");
+        for client_id in self.persisted.expire(now) {
+            debug!(client = %client_id, "persisted session expired; topic ids dropped");
             self.metrics.sessions_expired += 1;
+            self.out
+                .command(crate::broker::GATEWAY_KEY, Command::Expire { client_id });
         }
         while let Some(&(at, key)) = self.timers.first() {
             if at > now {

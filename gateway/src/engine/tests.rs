@@ -767,6 +767,11 @@ fn kept_topic_ids_expire_after_session_expiry_unless_the_device_comes_back() {
     t.at(160.0);
     assert_eq!(t.gw.stats().persisted_sessions, 0);
     assert_eq!(t.gw.stats().metrics.sessions_expired, 1);
+    // The link is told (aggregating mode drops what it kept for the device).
+    assert!(matches!(
+        t.cmds().as_slice(),
+        [(crate::broker::GATEWAY_KEY, Command::Expire { client_id })] if &**client_id == "c"
+    ));
     t.connect(&d, "c", false, 0);
     t.send(&d, publish(QoS::AtLeastOnce, TopicRef::Normal(id), 3, b"x", false));
     assert!(t.cmds().is_empty(), "an expired id is not published");

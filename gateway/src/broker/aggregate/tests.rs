@@ -425,3 +425,37 @@ fn beyond_the_owed_limit_the_oldest_message_is_taken_off_the_brokers_hands() {
     );
     assert_eq!(drain(&mut a), [Output::Broker(Request::Ack { pkid: 2, qos: Q1 })]);
 }
+
+#[test]
+fn an_expired_away_session_releases_what_only_it_held() {
+    let mut a = up();
+    connect(&mut a, 1, "gone", false);
+    connect(&mut a, 2, "here", false);
+    subscribe(&mut a, 1, 1, "only/gone", Q1);
+    subscribe(&mut a, 1, 2, "shared", Q1);
+    subscribe(&mut a, 2, 3, "shared", Q1);
+    a.command(1, Command::Disconnect { will: None });
+    drain(&mut a);
+    // A connected device's session does not expire.
+    a.command(
+        crate::broker::GATEWAY_KEY,
+        Command::Expire {
+            client_id: "here".into(),
+        },
+    );
+    assert!(drain(&mut a).is_empty());
+    a.command(
+        crate::broker::GATEWAY_KEY,
+        Command::Expire {
+            client_id: "gone".into(),
+        },
+    );
+    assert_eq!(
+        drain(&mut a),
+        [Output::Broker(Request::Unsubscribe {
+            filter: "only/gone".into()
+        })]
+    );
+    let s = a.stats();
+    assert_eq!((s.away, s.filters), (0, 1));
+}
