@@ -236,6 +236,9 @@ struct Tags {
     subscribes: VecDeque<Vec<Tag>>,
 }
 
+/// How often a connection's task refreshes the stats the metrics read.
+const STATS_EVERY: Duration = Duration::from_millis(100);
+
 /// Filters in one SUBSCRIBE packet, at most.
 const SUBSCRIBE_BATCH: usize = 64;
 
@@ -292,6 +295,7 @@ async fn run_connection(
         stats,
         events,
         ended,
+        stats_at: std::time::Instant::now(),
         subscribes: VecDeque::new(),
         subscribing: false,
     };
@@ -388,6 +392,8 @@ struct Shell {
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
     /// Told the sessions this connection ended, for the link's routes.
     ended: mpsc::UnboundedSender<ClientKey>,
+    /// When the stats were last refreshed.
+    stats_at: std::time::Instant,
     /// SUBSCRIBEs waiting for the one in flight to be answered. rumqttc numbers
     /// SUBSCRIBE packets without checking which ids are still unanswered (they cycle
     /// through `inflight`), so one at a time keeps SUBACKs unambiguous; what queues
@@ -466,7 +472,12 @@ impl Shell {
                 debug!(error = %e, "SUBSCRIBE not handed to the shared connection");
             }
         }
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = agg.stats();
+        // Counting walks every device: at most every STATS_EVERY (the runtime's snapshot
+        // period), not once per message.
+        if self.stats_at.elapsed() >= STATS_EVERY {
+            self.stats_at = std::time::Instant::now();
+            *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = agg.stats();
+        }
         true
     }
 }
