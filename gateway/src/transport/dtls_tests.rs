@@ -100,7 +100,7 @@ fn pump(server: &mut DtlsServer, client: &mut Client, now: Instant) -> Vec<(Arc<
     for _ in 0..20 {
         let sent = client.outgoing();
         for d in &sent {
-            server.handle_datagram(now, client.addr, d);
+            server.handle_datagram(now, SystemTime::now(), client.addr, d);
         }
         let mut any = !sent.is_empty();
         while let Some(o) = server.poll_output() {
@@ -189,7 +189,7 @@ fn a_burst_of_client_hellos_gets_only_hello_verify_requests_and_no_state() {
         let addr = format!("127.{}.{}.{}:5000", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
         let mut c = Client::with_config(config.clone(), &addr, now);
         for hello in c.outgoing() {
-            s.handle_datagram(now, c.addr, &hello);
+            s.handle_datagram(now, SystemTime::now(), c.addr, &hello);
         }
         while let Some(o) = s.poll_output() {
             let DtlsOutput::Transmit { data, .. } = o else {
@@ -211,7 +211,7 @@ fn a_client_hello_with_a_forged_cookie_keeps_no_state() {
     let mut s = server(DtlsLimits::default());
     let mut c = Client::new("dev-1", KEY, "127.0.0.1:40003", now);
     let first = c.outgoing().remove(0);
-    s.handle_datagram(now, c.addr, &first);
+    s.handle_datagram(now, SystemTime::now(), c.addr, &first);
     let Some(DtlsOutput::Transmit { data: hvr, .. }) = s.poll_output() else {
         panic!("a HelloVerifyRequest");
     };
@@ -221,12 +221,12 @@ fn a_client_hello_with_a_forged_cookie_keeps_no_state() {
     let hello = ClientHello::parse(&second).unwrap();
     let cookie_end = RECORD_HEADER + HANDSHAKE_HEADER + hello.before_cookie.len() + 1 + 32;
     second[cookie_end - 1] ^= 1;
-    s.handle_datagram(now, c.addr, &second);
+    s.handle_datagram(now, SystemTime::now(), c.addr, &second);
     assert_eq!(s.counters().sessions, 0);
     // A genuine cookie, from another address (a cookie is bound to its address).
     let mut c2 = Client::new("dev-1", KEY, "127.0.0.1:40004", now);
     let first = c2.outgoing().remove(0);
-    s.handle_datagram(now, c2.addr, &first);
+    s.handle_datagram(now, SystemTime::now(), c2.addr, &first);
     let mut hvrs = 0;
     while let Some(o) = s.poll_output() {
         let DtlsOutput::Transmit { to, data } = o else {
@@ -241,7 +241,7 @@ fn a_client_hello_with_a_forged_cookie_keeps_no_state() {
     assert_eq!(hvrs, 2, "the forged cookie is answered with a new HelloVerifyRequest");
     let genuine = c2.outgoing().remove(0);
     let other: SocketAddr = "127.0.0.9:40004".parse().unwrap();
-    s.handle_datagram(now, other, &genuine);
+    s.handle_datagram(now, SystemTime::now(), other, &genuine);
     assert_eq!(s.counters().sessions, 0);
     while let Some(o) = s.poll_output() {
         let DtlsOutput::Transmit { data, .. } = o else {
@@ -250,7 +250,7 @@ fn a_client_hello_with_a_forged_cookie_keeps_no_state() {
         assert_eq!(data[13], HELLO_VERIFY_REQUEST);
     }
     // From its own address it starts a handshake.
-    s.handle_datagram(now, c2.addr, &genuine);
+    s.handle_datagram(now, SystemTime::now(), c2.addr, &genuine);
     assert_eq!(s.counters().handshaking, 1);
 }
 
@@ -260,11 +260,11 @@ fn plain_datagrams_are_dropped_and_counted() {
     let mut s = server(DtlsLimits::default());
     let from: SocketAddr = "127.0.0.1:40005".parse().unwrap();
     // An MQTT-SN CONNECT.
-    s.handle_datagram(now, from, b"\x0a\x04\x04\x01\x00\x3cdev1");
+    s.handle_datagram(now, SystemTime::now(), from, b"\x0a\x04\x04\x01\x00\x3cdev1");
     // A DTLS application record from an address without a session.
     let mut record = vec![23, 254, 253, 0, 1, 0, 0, 0, 0, 0, 1, 0, 4];
     record.extend_from_slice(b"junk");
-    s.handle_datagram(now, from, &record);
+    s.handle_datagram(now, SystemTime::now(), from, &record);
     assert!(s.poll_output().is_none());
     assert_eq!(s.counters().plaintext_dropped, 2);
     assert_eq!(s.counters().sessions, 0);
@@ -282,7 +282,7 @@ fn handshakes_beyond_max_handshakes_are_dropped() {
     for addr in ["127.0.0.1:40006", "127.0.0.1:40007"] {
         let mut c = Client::new("dev-1", KEY, addr, now);
         let first = c.outgoing().remove(0);
-        s.handle_datagram(now, c.addr, &first);
+        s.handle_datagram(now, SystemTime::now(), c.addr, &first);
         let Some(DtlsOutput::Transmit { data: hvr, .. }) = s.poll_output() else {
             panic!("a HelloVerifyRequest");
         };
@@ -290,7 +290,7 @@ fn handshakes_beyond_max_handshakes_are_dropped() {
         hellos.push((c.addr, c.outgoing().remove(0)));
     }
     for (addr, hello) in &hellos {
-        s.handle_datagram(now, *addr, hello);
+        s.handle_datagram(now, SystemTime::now(), *addr, hello);
     }
     assert_eq!(s.counters().handshaking, 1);
     assert_eq!(s.counters().handshakes_busy, 1);
