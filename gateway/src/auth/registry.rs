@@ -817,4 +817,47 @@ password_env = "UNSET"
         let moved = parse("[[device]]\nclient_id = \"b\"\npublish = [\"x\"]\n").unwrap();
         assert!(moved.diff(&new).removed == ["c"] && moved.diff(&new).changed.is_empty());
     }
+
+    #[test]
+    fn certificate_and_psk_identities_bind_separately() {
+        let r = parse(
+            "[[device]]\nclient_id = \"a\"\ncert_identity = \"dev-a\"\n\n\
+             [[device]]\nclient_id = \"b\"\npsk_identity = \"dev-a\"\npsk = \"0011\"\n\n\
+             [[device]]\nclient_id = \"fleet-*\"\ncert_identity = \"%c\"\n",
+        )
+        .unwrap();
+        let a = r.lookup("a").unwrap();
+        assert!(a.binds_dtls("a", "cert:dev-a"));
+        assert!(!a.binds_dtls("a", "dev-a"), "a PSK identity is not the certificate");
+        assert!(!a.binds_dtls("a", "cert:dev-b"));
+        let b = r.lookup("b").unwrap();
+        assert!(b.binds_dtls("b", "dev-a"));
+        assert!(!b.binds_dtls("b", "cert:dev-a"), "a certificate name is not the PSK identity");
+        // %c: the certificate's name is the client id itself.
+        let fleet = r.lookup("fleet-3").unwrap();
+        assert!(fleet.binds_dtls("fleet-3", "cert:fleet-3"));
+        assert!(!fleet.binds_dtls("fleet-3", "cert:fleet-4"));
+        assert!(!fleet.binds_dtls("fleet-3", "fleet-3"));
+    }
+
+    #[test]
+    fn bad_certificate_identities_are_errors() {
+        for (text, names) in [
+            (
+                "[[device]]\nclient_id = \"a\"\npsk_identity = \"cert:x\"\npsk = \"00\"\n",
+                "must not start with \"cert:\"",
+            ),
+            ("[[device]]\nclient_id = \"a\"\ncert_identity = \"\"\n", "cert_identity: must be 1 to 255"),
+            (
+                "[[device]]\nclient_id = \"a\"\ncert_identity = \"x\"\n[[device]]\nclient_id = \"b\"\ncert_identity = \"x\"\n",
+                "the same cert_identity as entry #1",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().join("\n");
+            assert!(err.contains(names), "{text:?}: {err}");
+        }
+        // Several entries may each bind the certificate named like the client id.
+        parse("[[device]]\nclient_id = \"a-*\"\ncert_identity = \"%c\"\n[[device]]\nclient_id = \"b-*\"\ncert_identity = \"%c\"\n")
+            .unwrap();
+    }
 }
