@@ -12,6 +12,9 @@
 //!   identity equal to its CN: CONNACK 0x03.
 //! - A certificate from another CA, or an expired one: no session, counted.
 //! - The listener keeps serving PSK devices beside certificates.
+//! - `identity = "san"` takes the name from the subject alternative name.
+//! - A key that is not the certificate's, or a broken certificate file: a configuration
+//!   error naming the key.
 //!
 //! Needs `openssl` (and mosquitto for the broker test): without them the tests say so
 //! and return, and under `CI=true` they fail.
@@ -123,6 +126,12 @@ impl Pki {
             "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n",
         )
         .unwrap();
+        std::fs::write(
+            dir.join("san.ext"),
+            "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = clientAuth\n\
+             subjectAltName = IP:127.0.0.1, DNS:dev-8, URI:urn:dev:other\n",
+        )
+        .unwrap();
         let pki = Pki { dir };
         for ca in ["ca", "other-ca"] {
             openssl(
@@ -140,6 +149,8 @@ impl Pki {
         pki.issue("stranger", "dev-7", "other-ca", "3");
         // -days -1: notAfter a day before notBefore (now), so expired from the start.
         pki.issue("expired", "dev-7", "ca", "-1");
+        // CN dev-7, but the SAN names sensor-8's certificate identity.
+        pki.issue("san-8", "dev-7", "ca", "3");
         pki
     }
 
@@ -157,7 +168,11 @@ impl Pki {
             &[
                 "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.pem"),
                 "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-out", &format!("{name}.pem"),
-                "-days", days, "-extfile", if name == "server" { "server.ext" } else { "client.ext" },
+                "-days", days, "-extfile", match name {
+                    "server" => "server.ext",
+                    "san-8" => "san.ext",
+                    _ => "client.ext",
+                },
             ],
         );
     }
@@ -167,23 +182,33 @@ impl Pki {
     }
 }
 
-/// The gateway with one DTLS listener whose `cert`, `key` and `client_ca` come from a
-/// configuration file (validated as at start), and the registry above.
-async fn start(pki: &Pki, mosquitto: Option<Mosquitto>) -> Harness {
+/// The configuration of a gateway with one DTLS listener: `cert` and `key` (files of
+/// the PKI), `client_ca` = `ca.pem`, `extra` lines in its table, the registry above.
+fn config(pki: &Pki, cert: &str, key: &str, extra: &str) -> Result<gateway::config::Settings, gateway::config::ConfigErrors> {
     let devices = pki.path("devices.toml");
     std::fs::write(&devices, DEVICES).unwrap();
     let text = format!(
         "[broker]\nurl = \"mqtt://127.0.0.1:1883\"\n[udp]\nlisten = []\n[auth]\ndevices_file = {:?}\n\n\
-         [[dtls]]\naddress = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+         [[dtls]]\naddress = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n{extra}",
         devices.display().to_string(),
-        pki.path("server.pem").display().to_string(),
-        pki.path("server.key").display().to_string(),
+        pki.path(cert).display().to_string(),
+        pki.path(key).display().to_string(),
         pki.path("ca.pem").display().to_string(),
     );
-    let settings = gateway::config::Config::parse(&text)
+    gateway::config::Config::parse(&text)
         .expect("the configuration parses")
         .validate_offline()
-        .expect("the configuration validates");
+}
+
+/// The gateway with one DTLS listener whose `cert`, `key` and `client_ca` come from a
+/// configuration file (validated as at start), and the registry above.
+async fn start(pki: &Pki, mosquitto: Option<Mosquitto>) -> Harness {
+    start_with(pki, mosquitto, "").await
+}
+
+/// [`start`] with `extra` lines in the `[[dtls]]` table.
+async fn start_with(pki: &Pki, mosquitto: Option<Mosquitto>, extra: &str) -> Harness {
+    let settings = config(pki, "server.pem", "server.key", extra).expect("the configuration validates");
     let listener = settings.dtls[0].clone();
     assert!(listener.certificates.is_some(), "the listener has its certificates");
     let registry: Arc<Registry> = settings.engine.auth.registry.clone().expect("registry mode");
@@ -411,4 +436,43 @@ async fn the_listener_with_certificates_still_serves_psk_devices() {
     assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::Accepted));
     let _ = device.child.kill().await;
     h.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_identity_san_the_first_dns_or_uri_name_is_the_identity() {
+    if !have_openssl() {
+        return;
+    }
+    let pki = Pki::generate();
+    let h = start_with(&pki, None, "identity = \"san\"\n").await;
+    // CN dev-7, SAN DNS dev-8 (after an IP address, which does not count): sensor-8's.
+    let mut device = OpensslDevice::with_cert(h.dtls[0], &pki, "san-8");
+    h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
+    device.send(&connect("sensor-7")).await;
+    assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::NotSupported));
+    device.send(&connect("sensor-8")).await;
+    assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::Accepted));
+    let _ = device.child.kill().await;
+    // A certificate without a DNS or URI name is refused under this rule.
+    let mut plain = OpensslDevice::with_cert(h.dtls[0], &pki, "dev-7");
+    h.wait_stats("a refused certificate", |s| s.dtls.certs_rejected == 1)
+        .await;
+    let _ = plain.child.kill().await;
+    h.shutdown().await;
+}
+
+#[test]
+fn a_key_of_another_certificate_or_a_broken_file_is_a_configuration_error() {
+    if !have_openssl() {
+        return;
+    }
+    let pki = Pki::generate();
+    config(&pki, "server.pem", "server.key", "").expect("the right pair validates");
+    let err = config(&pki, "server.pem", "dev-7.key", "").unwrap_err();
+    assert!(err.mentions("dtls.key") && err.mentions("not the key of the certificate"), "{err}");
+    std::fs::write(pki.path("garbled.pem"), "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+    let err = config(&pki, "garbled.pem", "server.key", "").unwrap_err();
+    assert!(err.mentions("dtls.cert"), "{err}");
+    let err = config(&pki, "absent.pem", "server.key", "").unwrap_err();
+    assert!(err.mentions("dtls.cert: cannot read"), "{err}");
 }

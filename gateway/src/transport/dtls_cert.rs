@@ -21,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use x509_cert::der::Decode;
@@ -175,6 +176,16 @@ impl DtlsCertificates {
         };
         let private_key = PrivateKeyDer::from_pem_slice(&pem)
             .map_err(|e| key_error(format!("no PEM private key: {e}")))?;
+        // A key of another certificate would only show as failed handshakes.
+        let first = server.first().cloned().map(CertificateDer::into_owned);
+        if let Some(first) = first {
+            let provider = rustls::crypto::ring::default_provider();
+            if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+                CertifiedKey::from_der(vec![first], private_key.clone_key(), &provider)
+            {
+                return Err(key_error(format!("not the key of the certificate in {}", cert.display())));
+            }
+        }
         let private_key = private_key.secret_der().to_vec();
         // dimpl panics on a key it cannot load when a handshake starts: load it here.
         dimpl::crypto::rust_crypto::default_provider()
