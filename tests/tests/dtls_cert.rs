@@ -137,9 +137,21 @@ impl Pki {
             openssl(
                 &pki.dir,
                 &[
-                    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.pem"), "-days", "3",
-                    "-subj", &format!("/CN=e2e {ca}"),
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{ca}.key"),
+                    "-out",
+                    &format!("{ca}.pem"),
+                    "-days",
+                    "3",
+                    "-subj",
+                    &format!("/CN=e2e {ca}"),
                 ],
             );
         }
@@ -159,16 +171,38 @@ impl Pki {
         openssl(
             &self.dir,
             &[
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={cn}"),
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
             ],
         );
         openssl(
             &self.dir,
             &[
-                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.pem"),
-                "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-out", &format!("{name}.pem"),
-                "-days", days, "-extfile", match name {
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                days,
+                "-extfile",
+                match name {
                     "server" => "server.ext",
                     "san-8" => "san.ext",
                     _ => "client.ext",
@@ -184,7 +218,12 @@ impl Pki {
 
 /// The configuration of a gateway with one DTLS listener: `cert` and `key` (files of
 /// the PKI), `client_ca` = `ca.pem`, `extra` lines in its table, the registry above.
-fn config(pki: &Pki, cert: &str, key: &str, extra: &str) -> Result<gateway::config::Settings, gateway::config::ConfigErrors> {
+fn config(
+    pki: &Pki,
+    cert: &str,
+    key: &str,
+    extra: &str,
+) -> Result<gateway::config::Settings, gateway::config::ConfigErrors> {
     let devices = pki.path("devices.toml");
     std::fs::write(&devices, DEVICES).unwrap();
     let text = format!(
@@ -469,7 +508,10 @@ fn a_key_of_another_certificate_or_a_broken_file_is_a_configuration_error() {
     let pki = Pki::generate();
     config(&pki, "server.pem", "server.key", "").expect("the right pair validates");
     let err = config(&pki, "server.pem", "dev-7.key", "").unwrap_err();
-    assert!(err.mentions("dtls.key") && err.mentions("not the key of the certificate"), "{err}");
+    assert!(
+        err.mentions("dtls.key") && err.mentions("not the key of the certificate"),
+        "{err}"
+    );
     std::fs::write(pki.path("garbled.pem"), "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
     let err = config(&pki, "garbled.pem", "server.key", "").unwrap_err();
     assert!(err.mentions("dtls.cert"), "{err}");

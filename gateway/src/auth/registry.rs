@@ -300,12 +300,11 @@ impl Registry {
                         ));
                         continue;
                     }
-                    let same_cert = device.cert_identity.as_ref().filter(|id| *id != "%c").and_then(|id| {
-                        registry
-                            .devices
-                            .iter()
-                            .find(|d| d.cert_identity.as_ref() == Some(id))
-                    });
+                    let same_cert = device
+                        .cert_identity
+                        .as_ref()
+                        .filter(|id| *id != "%c")
+                        .and_then(|id| registry.devices.iter().find(|d| d.cert_identity.as_ref() == Some(id)));
                     if let Some(first) = same_cert {
                         errors.push(format!(
                             "{}: the same cert_identity as entry #{}",
@@ -556,7 +555,11 @@ impl RawDevice {
             (None, Some(_)) => e.push(format!("{}: given without psk_identity", at("psk"))),
             _ => {}
         }
-        if self.cert_identity.as_ref().is_some_and(|id| id.is_empty() || id.len() > 255) {
+        if self
+            .cert_identity
+            .as_ref()
+            .is_some_and(|id| id.is_empty() || id.len() > 255)
+        {
             e.push(format!("{}: must be 1 to 255 octets", at("cert_identity")));
         }
         let client_identity = match (&self.client_cert, &self.client_key) {
@@ -832,7 +835,10 @@ password_env = "UNSET"
         assert!(!a.binds_dtls("a", "cert:dev-b"));
         let b = r.lookup("b").unwrap();
         assert!(b.binds_dtls("b", "dev-a"));
-        assert!(!b.binds_dtls("b", "cert:dev-a"), "a certificate name is not the PSK identity");
+        assert!(
+            !b.binds_dtls("b", "cert:dev-a"),
+            "a certificate name is not the PSK identity"
+        );
         // %c: the certificate's name is the client id itself.
         let fleet = r.lookup("fleet-3").unwrap();
         assert!(fleet.binds_dtls("fleet-3", "cert:fleet-3"));

@@ -117,7 +117,11 @@ fn missing_or_garbled_certificate_files_are_errors_naming_the_key() {
     let junk = dir.join("junk.pem");
     std::fs::write(&junk, "not a certificate\n").unwrap();
     let broken = dir.join("broken.pem");
-    std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        &broken,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let missing = dir.join("missing.pem");
     let table = |cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path| {
         format!(
@@ -162,7 +166,10 @@ fn missing_or_garbled_certificate_files_are_errors_naming_the_key() {
     )
     .unwrap_err();
     assert!(err.mentions("dtls.cert: cannot read"), "{err}");
-    assert!(Cli::try_parse_from(["mqtt-sn-gateway", "--dtls-cert", "c.pem"]).is_err(), "needs --dtls");
+    assert!(
+        Cli::try_parse_from(["mqtt-sn-gateway", "--dtls-cert", "c.pem"]).is_err(),
+        "needs --dtls"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -593,7 +593,9 @@ impl DtlsServer {
         // suite it has, which is expected; any other error is the client's.
         let no_psk_suite = matches!(
             result,
-            Err(dimpl::Error::SecurityError(dimpl::SecurityError::NoMutuallyAcceptableCipherSuite))
+            Err(dimpl::Error::SecurityError(
+                dimpl::SecurityError::NoMutuallyAcceptableCipherSuite
+            ))
         );
         if result.is_err() && !(auth == Auth::Certificate && no_psk_suite) {
             self.counters.handshakes_failed += 1;

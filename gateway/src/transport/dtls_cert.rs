@@ -21,8 +21,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
-use rustls::sign::CertifiedKey;
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 use x509_cert::der::Decode;
 use x509_cert::ext::pkix::name::GeneralName;
@@ -174,8 +174,8 @@ impl DtlsCertificates {
             path: key.to_path_buf(),
             what,
         };
-        let private_key = PrivateKeyDer::from_pem_slice(&pem)
-            .map_err(|e| key_error(format!("no PEM private key: {e}")))?;
+        let private_key =
+            PrivateKeyDer::from_pem_slice(&pem).map_err(|e| key_error(format!("no PEM private key: {e}")))?;
         // A key of another certificate would only show as failed handshakes.
         let first = server.first().cloned().map(CertificateDer::into_owned);
         if let Some(first) = first {
@@ -183,7 +183,10 @@ impl DtlsCertificates {
             if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
                 CertifiedKey::from_der(vec![first], private_key.clone_key(), &provider)
             {
-                return Err(key_error(format!("not the key of the certificate in {}", cert.display())));
+                return Err(key_error(format!(
+                    "not the key of the certificate in {}",
+                    cert.display()
+                )));
             }
         }
         let private_key = private_key.secret_der().to_vec();
@@ -247,12 +250,16 @@ fn identity_of(der: &[u8], rule: IdentityRule) -> Result<String, CertRefusal> {
             .ok()
             .flatten()
             .map(|cn| cn.value().into_owned()),
-        IdentityRule::SubjectAltName => tbs.get_extension::<SubjectAltName>().ok().flatten().and_then(|(_, san)| {
-            san.0.iter().find_map(|n| match n {
-                GeneralName::DnsName(s) | GeneralName::UniformResourceIdentifier(s) => Some(s.to_string()),
-                _ => None,
-            })
-        }),
+        IdentityRule::SubjectAltName => tbs
+            .get_extension::<SubjectAltName>()
+            .ok()
+            .flatten()
+            .and_then(|(_, san)| {
+                san.0.iter().find_map(|n| match n {
+                    GeneralName::DnsName(s) | GeneralName::UniformResourceIdentifier(s) => Some(s.to_string()),
+                    _ => None,
+                })
+            }),
     };
     match name {
         Some(n) if !n.is_empty() => Ok(n),
