@@ -186,3 +186,17 @@ fn a_listener_without_certificates_has_none_and_psk_is_needed() {
     .unwrap_err();
     assert!(err.mentions("cert_identity"), "{err}");
 }
+
+#[test]
+fn a_reload_that_changes_certificate_keys_needs_a_restart() {
+    let running = Config::parse("[[dtls]]\naddress = \"127.0.0.1:10001\"\ncert = \"a.pem\"\n").unwrap();
+    for changed in [
+        "[[dtls]]\naddress = \"127.0.0.1:10001\"\ncert = \"b.pem\"\n",
+        "[[dtls]]\naddress = \"127.0.0.1:10001\"\ncert = \"a.pem\"\nidentity = \"san\"\n",
+        "[[dtls]]\naddress = \"127.0.0.1:10001\"\ncert = \"a.pem\"\nclient_ca = \"ca.pem\"\n",
+    ] {
+        let new = Config::parse(changed).unwrap();
+        let changes = crate::config::Changes::between(&running, &new);
+        assert_eq!(changes.needs_restart, ["dtls"], "{changed:?}");
+    }
+}
