@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dimpl::crypto::Dtls12CipherSuite;
 use dimpl::{Config, Dtls, Output, PskResolver};
@@ -335,4 +335,154 @@ fn a_new_key_source_applies_to_new_handshakes() {
     let mut new = Client::new("dev-3", KEY, "127.0.0.1:40011", now);
     pump(&mut s, &mut new, now);
     assert!(new.connected);
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates: the throwaway P-256 CA and client certificate of the broker TLS tests
+// (valid 2026-12-02 to 2126), the client certificate doubling as the server's.
+// ---------------------------------------------------------------------------------------
+
+fn testdata(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/broker/testdata")
+        .join(name)
+}
+
+fn certs() -> Arc<DtlsCertificates> {
+    let pem = testdata("client.pem");
+    let key = testdata("client.key");
+    let rule = super::super::dtls_cert::IdentityRule::CommonName;
+    Arc::new(DtlsCertificates::load(&pem, &key, &testdata("ca.pem"), rule).unwrap())
+}
+
+fn cert_server() -> DtlsServer {
+    server(DtlsLimits::default()).with_certificates(Some(certs())).unwrap()
+}
+
+impl Client {
+    /// A client offering the ECDHE-ECDSA suite with the test client certificate.
+    fn with_cert(addr: &str, now: Instant) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        let cert = rustls::pki_types::CertificateDer::from_pem_file(testdata("client.pem")).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(testdata("client.key")).unwrap();
+        let config = Config::builder()
+            .dtls12_cipher_suites(&[Dtls12CipherSuite::ECDHE_ECDSA_AES128_GCM_SHA256])
+            .dtls13_cipher_suites(&[])
+            .build()
+            .unwrap();
+        let certificate = DtlsCertificate {
+            certificate: cert.to_vec(),
+            private_key: key.secret_der().to_vec(),
+        };
+        let mut dtls = Dtls::new_12(Arc::new(config), certificate, now);
+        dtls.set_active(true);
+        dtls.handle_timeout(now).unwrap();
+        Client {
+            dtls,
+            addr: addr.parse().unwrap(),
+            connected: false,
+            received: Vec::new(),
+            closed: false,
+        }
+    }
+}
+
+/// [`pump`] with the wall-clock time `wall` given to the server.
+fn pump_at(server: &mut DtlsServer, client: &mut Client, now: Instant, wall: SystemTime) {
+    for _ in 0..20 {
+        let sent = client.outgoing();
+        for d in &sent {
+            server.handle_datagram(now, wall, client.addr, d);
+        }
+        let mut any = !sent.is_empty();
+        while let Some(o) = server.poll_output() {
+            any = true;
+            if let DtlsOutput::Transmit { data, .. } = o {
+                let _ = client.dtls.handle_packet(&data);
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    let _ = client.outgoing();
+}
+
+/// Seconds after the epoch as a wall-clock time.
+fn wall(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// 2027-01-01: inside the test certificates' validity.
+const VALID: u64 = 1_798_761_600;
+
+#[test]
+fn a_certificate_client_gets_its_cn_as_identity_and_exchanges_datagrams() {
+    let now = Instant::now();
+    let mut s = cert_server();
+    let mut c = Client::with_cert("127.0.0.1:40010", now);
+    pump_at(&mut s, &mut c, now, wall(VALID));
+    assert!(c.connected);
+    assert_eq!(
+        s.identity(&c.addr).map(|i| &**i),
+        Some("cert:gateway unit-test client")
+    );
+    let counters = s.counters();
+    assert_eq!(
+        (counters.cookies_sent, counters.handshakes_ok, counters.certs_rejected),
+        (1, 1, 0)
+    );
+    c.dtls.send_application_data(b"\x05\x04ping").unwrap();
+    let got = pump(&mut s, &mut c, now);
+    assert_eq!(got, vec![(Arc::from("cert:gateway unit-test client"), b"\x05\x04ping".to_vec())]);
+}
+
+#[test]
+fn a_certificate_outside_its_validity_at_the_given_wall_time_is_refused() {
+    // 2020 (before notBefore) and 2127 (after notAfter): the time is the caller's.
+    for secs in [1_577_836_800, 4_954_435_200] {
+        let now = Instant::now();
+        let mut s = cert_server();
+        let mut c = Client::with_cert("127.0.0.1:40011", now);
+        pump_at(&mut s, &mut c, now, wall(secs));
+        assert!(!c.connected, "the server's Finished was not sent");
+        let counters = s.counters();
+        assert_eq!(
+            (counters.certs_rejected, counters.handshakes_failed, counters.sessions),
+            (1, 1, 0)
+        );
+    }
+}
+
+#[test]
+fn a_psk_client_still_handshakes_on_a_listener_with_certificates() {
+    let now = Instant::now();
+    let mut s = cert_server();
+    let mut c = Client::new("dev-1", KEY, "127.0.0.1:40012", now);
+    pump_at(&mut s, &mut c, now, wall(VALID));
+    assert!(c.connected);
+    assert_eq!(s.identity(&c.addr).map(|i| &**i), Some("dev-1"));
+}
+
+#[test]
+fn a_certificate_client_on_a_psk_only_listener_makes_no_session() {
+    let now = Instant::now();
+    let mut s = server(DtlsLimits::default());
+    let mut c = Client::with_cert("127.0.0.1:40013", now);
+    pump_at(&mut s, &mut c, now, wall(VALID));
+    assert!(!c.connected);
+    assert_eq!((s.counters().handshakes_failed, s.counters().sessions), (1, 0));
+}
+
+#[test]
+fn the_key_must_be_the_certificates() {
+    let rule = super::super::dtls_cert::IdentityRule::CommonName;
+    let err = DtlsCertificates::load(
+        &testdata("client.pem"),
+        &testdata("other.key"),
+        &testdata("ca.pem"),
+        rule,
+    )
+    .unwrap_err();
+    assert!(err.to_string().starts_with("dtls.key: "), "{err}");
 }
