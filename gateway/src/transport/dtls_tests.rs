@@ -423,10 +423,7 @@ fn a_certificate_client_gets_its_cn_as_identity_and_exchanges_datagrams() {
     let mut c = Client::with_cert("127.0.0.1:40010", now);
     pump_at(&mut s, &mut c, now, wall(VALID));
     assert!(c.connected);
-    assert_eq!(
-        s.identity(&c.addr).map(|i| &**i),
-        Some("cert:gateway unit-test client")
-    );
+    assert_eq!(s.identity(&c.addr).map(|i| &**i), Some("cert:gateway unit-test client"));
     let counters = s.counters();
     assert_eq!(
         (counters.cookies_sent, counters.handshakes_ok, counters.certs_rejected),
@@ -434,7 +431,10 @@ fn a_certificate_client_gets_its_cn_as_identity_and_exchanges_datagrams() {
     );
     c.dtls.send_application_data(b"\x05\x04ping").unwrap();
     let got = pump(&mut s, &mut c, now);
-    assert_eq!(got, vec![(Arc::from("cert:gateway unit-test client"), b"\x05\x04ping".to_vec())]);
+    assert_eq!(
+        got,
+        vec![(Arc::from("cert:gateway unit-test client"), b"\x05\x04ping".to_vec())]
+    );
 }
 
 #[test]
