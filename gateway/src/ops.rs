@@ -167,7 +167,7 @@ pub fn render(view: &View) -> String {
         ConstHistogram(s.latency.publish_ack.clone()),
     );
     let d = &s.dtls;
-    let dtls_counters: [(&str, &str, u64); 7] = [
+    let dtls_counters: [(&str, &str, u64); 8] = [
         ("dtls_handshakes_ok", "DTLS handshakes completed", d.handshakes_ok),
         (
             "dtls_handshakes_failed",
@@ -186,6 +186,11 @@ pub fn render(view: &View) -> String {
             d.plaintext_dropped,
         ),
         ("dtls_idle_closed", "DTLS sessions closed for being idle", d.idle_closed),
+        (
+            "dtls_certs_rejected",
+            "DTLS client certificates refused (another CA, expired, no name for the identity)",
+            d.certs_rejected,
+        ),
         (
             "dtls_unsent",
             "Datagrams for a DTLS peer without a session (or under another identity), not sent",

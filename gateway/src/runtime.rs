@@ -219,7 +219,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             .with_context(|| format!("cannot bind DTLS {}", d.address))?;
         info!(addr = %listener.local_addr()?, "listening for MQTT-SN over DTLS");
         listener.spawn_reader(dtls_tx.clone(), None);
-        let server = DtlsServer::new(d.limits, psk_source(settings.engine.auth.registry.as_ref()))?;
+        let server = DtlsServer::new(d.limits, psk_source(settings.engine.auth.registry.as_ref()))?
+            .with_certificates(d.certificates.clone())?;
         dtls.push(DtlsLink { listener, server });
     }
     drop(dtls_tx);
@@ -425,7 +426,7 @@ async fn run<L: BrokerLink>(
                 let now = Instant::now();
                 if let LinkAddr::Udp(index, from) = link {
                     if let Some(d) = dtls.links.get_mut(usize::from(index)) {
-                        d.server.handle_datagram(now, from, &data);
+                        d.server.handle_datagram(now, std::time::SystemTime::now(), from, &data);
                     }
                 }
             }

@@ -375,6 +375,7 @@ impl Harness {
             s.dtls = vec![gateway::config::DtlsListener {
                 address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
                 limits: gateway::transport::dtls::DtlsLimits::default(),
+                certificates: None,
             }];
         })
         .await

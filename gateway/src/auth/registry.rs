@@ -16,6 +16,7 @@ use crate::broker::tls::ClientIdentity;
 use crate::link::{LinkAddr, Peer};
 use crate::topics::{self, Predefined};
 use crate::transport::dtls::PskSource;
+use crate::transport::dtls_cert::CERT_IDENTITY_PREFIX;
 
 /// A secret (a password, a pre-shared key) that never shows in a log or a debug print.
 #[derive(Clone, PartialEq, Eq)]
@@ -160,6 +161,10 @@ pub struct Device {
     pub psk_identity: Option<String>,
     /// DTLS pre-shared key.
     pub psk: Option<Secret<Vec<u8>>>,
+    /// The name (CN or SAN, as the listener's `identity` says) of the DTLS client
+    /// certificate this entry's client ids go with; `%c`: the name must be the client
+    /// id itself.
+    pub cert_identity: Option<String>,
     /// Its own TLS client certificate and key for the broker (`client_cert`,
     /// `client_key`, PEM, relative to the registry's directory), presented over
     /// `mqtts://` instead of the gateway's `broker.client_cert`.
@@ -175,6 +180,20 @@ impl Device {
     /// The broker user name for `client_id`.
     pub fn username_for(&self, client_id: &str) -> Option<String> {
         self.username.as_ref().map(|u| u.replace("%c", client_id))
+    }
+
+    /// Whether a DTLS session authenticated as `identity` (a PSK identity, or
+    /// [`CERT_IDENTITY_PREFIX`] and a certificate name) may use `client_id` under this
+    /// entry. The two kinds never stand for each other.
+    pub fn binds_dtls(&self, client_id: &str, identity: &str) -> bool {
+        match identity.strip_prefix(CERT_IDENTITY_PREFIX) {
+            Some(name) => match self.cert_identity.as_deref() {
+                Some("%c") => name == client_id,
+                Some(bound) => name == bound,
+                None => false,
+            },
+            None => self.psk_identity.as_deref() == Some(identity),
+        }
     }
 
     /// How the entry is named in messages: `#3 (client_id "sensor-*")`.
@@ -225,6 +244,7 @@ struct RawDevice {
     predefined: BTreeMap<String, String>,
     psk_identity: Option<String>,
     psk: Option<String>,
+    cert_identity: Option<String>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
 }
@@ -276,6 +296,19 @@ impl Registry {
                         errors.push(format!(
                             "{}: the same psk_identity as entry #{}",
                             at("psk_identity"),
+                            first.index
+                        ));
+                        continue;
+                    }
+                    let same_cert = device
+                        .cert_identity
+                        .as_ref()
+                        .filter(|id| *id != "%c")
+                        .and_then(|id| registry.devices.iter().find(|d| d.cert_identity.as_ref() == Some(id)));
+                    if let Some(first) = same_cert {
+                        errors.push(format!(
+                            "{}: the same cert_identity as entry #{}",
+                            at("cert_identity"),
                             first.index
                         ));
                         continue;
@@ -512,9 +545,22 @@ impl RawDevice {
             (Some(id), Some(_)) if id.is_empty() || id.len() > 128 => {
                 e.push(format!("{}: must be 1 to 128 octets", at("psk_identity")));
             }
+            (Some(id), Some(_)) if id.starts_with(CERT_IDENTITY_PREFIX) => {
+                e.push(format!(
+                    "{}: must not start with {CERT_IDENTITY_PREFIX:?} (the prefix of certificate identities)",
+                    at("psk_identity")
+                ));
+            }
             (Some(_), None) => e.push(format!("{}: given without psk", at("psk_identity"))),
             (None, Some(_)) => e.push(format!("{}: given without psk_identity", at("psk"))),
             _ => {}
+        }
+        if self
+            .cert_identity
+            .as_ref()
+            .is_some_and(|id| id.is_empty() || id.len() > 255)
+        {
+            e.push(format!("{}: must be 1 to 255 octets", at("cert_identity")));
         }
         let client_identity = match (&self.client_cert, &self.client_key) {
             (None, None) => None,
@@ -550,6 +596,7 @@ impl RawDevice {
             predefined,
             psk_identity: self.psk_identity,
             psk,
+            cert_identity: self.cert_identity,
             client_identity,
         })
     }
@@ -772,5 +819,51 @@ password_env = "UNSET"
         assert_eq!(d.to_string(), "+1 -1 ~1");
         let moved = parse("[[device]]\nclient_id = \"b\"\npublish = [\"x\"]\n").unwrap();
         assert!(moved.diff(&new).removed == ["c"] && moved.diff(&new).changed.is_empty());
+    }
+
+    #[test]
+    fn certificate_and_psk_identities_bind_separately() {
+        let r = parse(
+            "[[device]]\nclient_id = \"a\"\ncert_identity = \"dev-a\"\n\n\
+             [[device]]\nclient_id = \"b\"\npsk_identity = \"dev-a\"\npsk = \"0011\"\n\n\
+             [[device]]\nclient_id = \"fleet-*\"\ncert_identity = \"%c\"\n",
+        )
+        .unwrap();
+        let a = r.lookup("a").unwrap();
+        assert!(a.binds_dtls("a", "cert:dev-a"));
+        assert!(!a.binds_dtls("a", "dev-a"), "a PSK identity is not the certificate");
+        assert!(!a.binds_dtls("a", "cert:dev-b"));
+        let b = r.lookup("b").unwrap();
+        assert!(b.binds_dtls("b", "dev-a"));
+        assert!(
+            !b.binds_dtls("b", "cert:dev-a"),
+            "a certificate name is not the PSK identity"
+        );
+        // %c: the certificate's name is the client id itself.
+        let fleet = r.lookup("fleet-3").unwrap();
+        assert!(fleet.binds_dtls("fleet-3", "cert:fleet-3"));
+        assert!(!fleet.binds_dtls("fleet-3", "cert:fleet-4"));
+        assert!(!fleet.binds_dtls("fleet-3", "fleet-3"));
+    }
+
+    #[test]
+    fn bad_certificate_identities_are_errors() {
+        for (text, names) in [
+            (
+                "[[device]]\nclient_id = \"a\"\npsk_identity = \"cert:x\"\npsk = \"00\"\n",
+                "must not start with \"cert:\"",
+            ),
+            ("[[device]]\nclient_id = \"a\"\ncert_identity = \"\"\n", "cert_identity: must be 1 to 255"),
+            (
+                "[[device]]\nclient_id = \"a\"\ncert_identity = \"x\"\n[[device]]\nclient_id = \"b\"\ncert_identity = \"x\"\n",
+                "the same cert_identity as entry #1",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().join("\n");
+            assert!(err.contains(names), "{text:?}: {err}");
+        }
+        // Several entries may each bind the certificate named like the client id.
+        parse("[[device]]\nclient_id = \"a-*\"\ncert_identity = \"%c\"\n[[device]]\nclient_id = \"b-*\"\ncert_identity = \"%c\"\n")
+            .unwrap();
     }
 }

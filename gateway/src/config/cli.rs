@@ -83,6 +83,23 @@ pub struct Cli {
     #[arg(long, value_name = "FRAMING")]
     #[serde(skip)]
     pub serial_framing: Option<FramingKind>,
+    /// Server certificate (PEM) of the --dtls listeners, for the ECDHE-ECDSA suite
+    /// (with --dtls-key and --dtls-client-ca).
+    #[arg(long = "dtls-cert", value_name = "PEM", requires = "dtls")]
+    #[serde(skip)]
+    pub dtls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --dtls-cert.
+    #[arg(long = "dtls-key", value_name = "PEM", requires = "dtls")]
+    #[serde(skip)]
+    pub dtls_key: Option<PathBuf>,
+    /// CA (PEM) the device certificates of the --dtls listeners must be signed by.
+    #[arg(long = "dtls-client-ca", value_name = "PEM", requires = "dtls")]
+    #[serde(skip)]
+    pub dtls_client_ca: Option<PathBuf>,
+    /// Which name of a device certificate is its identity on the --dtls listeners: cn or san.
+    #[arg(long = "dtls-identity", value_name = "cn|san", requires = "dtls")]
+    #[serde(skip)]
+    pub dtls_identity: Option<String>,
 }
 
 /// `[gateway]` flags.
@@ -251,17 +268,36 @@ pub struct AuthFlags {
     pub mountpoint: Option<String>,
 }
 
-/// A DTLS listener given on the command line: its address.
+/// A DTLS listener given on the command line: its address, and the certificates of
+/// `--dtls-cert`, `--dtls-key`, `--dtls-client-ca` and `--dtls-identity`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DtlsFlag {
     /// The listener's address.
     pub address: SocketAddr,
+    /// `--dtls-cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// `--dtls-key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// `--dtls-client-ca`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// `--dtls-identity`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 impl std::str::FromStr for DtlsFlag {
     type Err = std::net::AddrParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(DtlsFlag { address: s.parse()? })
+        Ok(DtlsFlag {
+            address: s.parse()?,
+            cert: None,
+            key: None,
+            client_ca: None,
+            identity: None,
+        })
     }
 }
 
@@ -369,6 +405,12 @@ impl Cli {
         let mut flags = self.clone();
         for port in &mut flags.serial {
             port.framing = port.framing.or(self.serial_framing);
+        }
+        for listener in &mut flags.dtls {
+            listener.cert.clone_from(&self.dtls_cert);
+            listener.key.clone_from(&self.dtls_key);
+            listener.client_ca.clone_from(&self.dtls_client_ca);
+            listener.identity.clone_from(&self.dtls_identity);
         }
         Ok(Serialized::defaults(flags))
     }

@@ -375,7 +375,8 @@ impl LogFormat {
     }
 }
 
-/// `[[dtls]]`: one DTLS listener (PSK, keys from the device registry).
+/// `[[dtls]]`: one DTLS listener (PSK, keys from the device registry; certificates when
+/// `cert`, `key` and `client_ca` are given).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DtlsConfig {
@@ -386,6 +387,18 @@ pub struct DtlsConfig {
     pub max_handshakes: usize,
     /// Seconds after which a DTLS session not heard from is closed.
     pub idle_timeout_secs: u64,
+    /// The server certificate (PEM) for the ECDHE-ECDSA suite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM, ECDSA P-256 or P-384).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// The CA (PEM) device certificates must be signed by; client certificates are
+    /// then required on the certificate suite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// Which name of a device certificate is its identity: `cn` or `san`.
+    pub identity: String,
 }
 
 impl Default for DtlsConfig {
@@ -395,6 +408,10 @@ impl Default for DtlsConfig {
             address: None,
             max_handshakes: d.max_handshakes,
             idle_timeout_secs: d.idle_timeout.as_secs(),
+            cert: None,
+            key: None,
+            client_ca: None,
+            identity: crate::transport::dtls_cert::IdentityRule::default().as_str().into(),
         }
     }
 }

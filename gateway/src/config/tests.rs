@@ -415,6 +415,9 @@ fn every_key() -> toml::Value {
     });
     c.dtls.push(DtlsConfig {
         address: Some(SocketAddr::from(([0, 0, 0, 0], 10001))),
+        cert: Some("dtls.pem".into()),
+        key: Some("dtls.key".into()),
+        client_ca: Some("devices-ca.pem".into()),
         ..DtlsConfig::default()
     });
     c.auth = AuthSection {

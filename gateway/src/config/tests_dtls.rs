@@ -109,3 +109,94 @@ fn a_dtls_listener_alone_serves_something() {
     .expect("valid");
     assert!(s.udp.is_empty());
 }
+
+#[test]
+fn missing_or_garbled_certificate_files_are_errors_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("gw-dtls-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let broken = dir.join("broken.pem");
+    std::fs::write(
+        &broken,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let missing = dir.join("missing.pem");
+    let table = |cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path| {
+        format!(
+            "[[dtls]]\naddress = \"127.0.0.1:10001\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            ca.display().to_string()
+        )
+    };
+    for (rest, names) in [
+        (table(&missing, &junk, &junk), "dtls.cert: cannot read"),
+        (table(&junk, &junk, &junk), "dtls.cert"),
+        (table(&broken, &junk, &junk), "dtls.cert"),
+        (
+            "[[dtls]]\naddress = \"127.0.0.1:10001\"\ncert = \"c.pem\"\n".to_string(),
+            "dtls.key, dtls.client_ca missing",
+        ),
+        (
+            "[[dtls]]\naddress = \"127.0.0.1:10001\"\nidentity = \"serial\"\n".to_string(),
+            "dtls.identity",
+        ),
+    ] {
+        let err = load(&rest, DEVICES, &[]).unwrap_err();
+        assert!(err.mentions(names) && err.mentions("[[dtls]] #1"), "{rest:?}: {err}");
+    }
+    // The flags give the --dtls listeners their files.
+    let missing_flag = missing.display().to_string();
+    let junk_flag = junk.display().to_string();
+    let err = load(
+        "",
+        DEVICES,
+        &[
+            "--dtls",
+            "127.0.0.1:20001",
+            "--dtls-cert",
+            &missing_flag,
+            "--dtls-key",
+            &junk_flag,
+            "--dtls-client-ca",
+            &junk_flag,
+        ],
+    )
+    .unwrap_err();
+    assert!(err.mentions("dtls.cert: cannot read"), "{err}");
+    assert!(
+        Cli::try_parse_from(["mqtt-sn-gateway", "--dtls-cert", "c.pem"]).is_err(),
+        "needs --dtls"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_listener_without_certificates_has_none_and_psk_is_needed() {
+    let s = load("[[dtls]]\naddress = \"127.0.0.1:10001\"\n", DEVICES, &[]).expect("valid");
+    assert!(s.dtls[0].certificates.is_none());
+    // cert_identity alone proves nothing on a listener without certificates.
+    let err = load(
+        "[[dtls]]\naddress = \"127.0.0.1:10001\"\n",
+        "[[device]]\nclient_id = \"s\"\ncert_identity = \"s\"\n",
+        &[],
+    )
+    .unwrap_err();
+    assert!(err.mentions("cert_identity"), "{err}");
+}
+
+#[test]
+fn a_reload_that_changes_certificate_keys_needs_a_restart() {
+    let running = Config::parse("[[dtls]]\naddress = \"127.0.0.1:10001\"\ncert = \"a.pem\"\n").unwrap();
+    for changed in [
+        "[[dtls]]\naddress = \"127.0.0.1:10001\"\ncert = \"b.pem\"\n",
+        "[[dtls]]\naddress = \"127.0.0.1:10001\"\ncert = \"a.pem\"\nidentity = \"san\"\n",
+        "[[dtls]]\naddress = \"127.0.0.1:10001\"\ncert = \"a.pem\"\nclient_ca = \"ca.pem\"\n",
+    ] {
+        let new = Config::parse(changed).unwrap();
+        let changes = crate::config::Changes::between(&running, &new);
+        assert_eq!(changes.needs_restart, ["dtls"], "{changed:?}");
+    }
+}

@@ -15,6 +15,7 @@ use crate::broker::tls::{self, BrokerTls, TlsFiles};
 use crate::engine::EngineConfig;
 use crate::topics::Predefined;
 use crate::transport::dtls::DtlsLimits;
+use crate::transport::dtls_cert::{DtlsCertificates, IdentityRule};
 use crate::transport::serial::SerialPortConfig;
 pub use crate::transport::udp::UdpProbe;
 
@@ -52,6 +53,8 @@ pub struct DtlsListener {
     pub address: SocketAddr,
     /// Its bounds.
     pub limits: DtlsLimits,
+    /// Its certificates (`cert`, `key`, `client_ca`), loaded; `None`: PSK only.
+    pub certificates: Option<Arc<DtlsCertificates>>,
 }
 
 /// `[metrics]`, validated.
@@ -301,13 +304,16 @@ impl Config {
         engine.udp_broadcast = advertise_addr;
         engine.auth = self.auth_config(e, &serial, &broker);
         if !dtls.is_empty() {
-            let has_keys = engine
-                .auth
-                .registry
-                .as_ref()
-                .is_some_and(|r| r.devices().iter().any(|d| d.psk.is_some()));
-            if !has_keys {
-                e.push("[[dtls]] listeners need auth.mode = \"registry\" and an auth.devices_file whose devices give psk_identity and psk (the keys of the DTLS handshakes)".into());
+            // Some device must be able to prove an identity: a PSK, or a certificate name
+            // on a listener that takes certificates.
+            let certs = dtls.iter().any(|d| d.certificates.is_some());
+            let has_identities = engine.auth.registry.as_ref().is_some_and(|r| {
+                r.devices()
+                    .iter()
+                    .any(|d| d.psk.is_some() || (certs && d.cert_identity.is_some()))
+            });
+            if !has_identities {
+                e.push("[[dtls]] listeners need auth.mode = \"registry\" and an auth.devices_file whose devices give psk_identity and psk (the keys of the DTLS handshakes), or cert_identity on a listener with cert, key and client_ca".into());
             }
         }
 
@@ -585,6 +591,7 @@ impl Config {
             if d.idle_timeout_secs == 0 || d.idle_timeout_secs > 86_400 {
                 e.push(format!("{} must be 1 to 86400", at("idle_timeout_secs")));
             }
+            let certificates = dtls_certificates(e, d, n + 1);
             out.push(DtlsListener {
                 address,
                 limits: DtlsLimits {
@@ -592,6 +599,7 @@ impl Config {
                     idle_timeout: Duration::from_secs(d.idle_timeout_secs),
                     ..DtlsLimits::default()
                 },
+                certificates,
             });
         }
         if u16::try_from(out.len()).is_err() {
@@ -665,5 +673,40 @@ impl SerialConfig {
             stop_bits,
             framing,
         })
+    }
+}
+
+/// The certificates of the `[[dtls]]` table number `n` (from 1): `cert`, `key` and
+/// `client_ca` all three or none, the files read and checked here so that a bad one is
+/// a configuration error.
+fn dtls_certificates(e: &mut Vec<String>, d: &super::DtlsConfig, n: usize) -> Option<Arc<DtlsCertificates>> {
+    let Some(rule) = IdentityRule::parse(d.identity.trim()) else {
+        e.push(format!(
+            "[[dtls]] #{n}: dtls.identity: {:?} is not \"cn\" or \"san\"",
+            d.identity
+        ));
+        return None;
+    };
+    match (&d.cert, &d.key, &d.client_ca) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), Some(ca)) => match DtlsCertificates::load(cert, key, ca, rule) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(err) => {
+                e.push(format!("[[dtls]] #{n}: {err}"));
+                None
+            }
+        },
+        (cert, key, ca) => {
+            let missing: Vec<&str> = [("dtls.cert", cert), ("dtls.key", key), ("dtls.client_ca", ca)]
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| *k)
+                .collect();
+            e.push(format!(
+                "[[dtls]] #{n}: {} missing: a DTLS listener with certificates needs cert, key and client_ca (the CA of the device certificates)",
+                missing.join(", ")
+            ));
+            None
+        }
     }
 }

@@ -689,7 +689,7 @@ impl Gateway {
             .registry
             .as_ref()
             .and_then(|r| r.lookup(client_id))
-            .is_some_and(|d| d.psk_identity.as_deref() == Some(identity))
+            .is_some_and(|d| d.binds_dtls(client_id, identity))
     }
 
     /// A session message from an address with no session: counted, and answered with

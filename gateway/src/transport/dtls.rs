@@ -1,10 +1,15 @@
 //! DTLS 1.2 toward devices, sans-IO: [`DtlsServer`] turns the datagrams of one DTLS
-//! listener into decrypted MQTT-SN datagrams tagged with the peer's authenticated PSK
-//! identity, and the engine's datagrams back into records. It holds no socket and reads
-//! no clock; the runtime feeds it and sends what it says.
+//! listener into decrypted MQTT-SN datagrams tagged with the peer's authenticated
+//! identity (its PSK identity, or `cert:` and the name of its certificate), and the
+//! engine's datagrams back into records. It holds no socket and reads no clock; the
+//! runtime feeds it (with the time, monotonic and wall-clock) and sends what it says.
 //!
-//! The handshake itself is [`dimpl`]'s (one `dimpl::Dtls` per peer, PSK with
-//! TLS_PSK_WITH_AES_128_CCM_8 only). What is here is the part around it:
+//! The handshake itself is [`dimpl`]'s (one `dimpl::Dtls` per peer): PSK with
+//! TLS_PSK_WITH_AES_128_CCM_8, and, on a listener with certificates
+//! ([`DtlsServer::with_certificates`]), TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 with a
+//! client certificate required. A dimpl server instance does either PSK or certificates,
+//! so the suite the ClientHello prefers (the first of the client's list that the
+//! listener has) decides which instance is made. What is here is the part around it:
 //!
 //! - **No state before a cookie** (RFC 6347 4.2.1). A ClientHello from an address with
 //!   no session is answered with a HelloVerifyRequest and forgotten. dimpl's own cookie
@@ -16,18 +21,28 @@
 //! - **Bounds**: at most `max_handshakes` handshakes in progress (further ClientHellos
 //!   with a valid cookie are dropped and counted), a handshake deadline, and an idle
 //!   timeout after which a session is closed with close_notify.
+//!   The cookie does not depend on the kind of instance (it is an HMAC of the client
+//!   random under the seeded secret), so the cheap PSK instance answers and checks
+//!   every cookie; a certificate instance, whose configuration costs ECDSA and ECDH
+//!   self-tests in dimpl, is made only for a ClientHello with a valid cookie and a free
+//!   handshake slot.
 //! - **Identity**: the PSK identity the client proved (the handshake's Finished
-//!   messages verify only with the key of that identity) tags every datagram.
+//!   messages verify only with the key of that identity), or the name of a client
+//!   certificate that chains to the listener's CA and is valid now (the client proved it
+//!   holds its key by its CertificateVerify), tags every datagram. A certificate that is
+//!   refused ends the handshake before the server's Finished.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::panic::{RefUnwindSafe, UnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dimpl::crypto::{CryptoProvider, Dtls12CipherSuite, SupportedDtls12CipherSuite};
-use dimpl::{Config, Dtls, Output, PskResolver};
+use dimpl::crypto::{CryptoProvider, Dtls12CipherSuite, NamedGroup, SupportedDtls12CipherSuite};
+use dimpl::{Config, Dtls, DtlsCertificate, Output, PskResolver};
 use tracing::debug;
+
+use super::dtls_cert::DtlsCertificates;
 
 /// Where the pre-shared keys come from (the device registry, in the gateway).
 pub trait PskSource: Send + Sync + UnwindSafe + RefUnwindSafe {
@@ -72,6 +87,9 @@ pub struct DtlsCounters {
     pub plaintext_dropped: u64,
     /// Sessions closed for being idle.
     pub idle_closed: u64,
+    /// Client certificates refused (another CA, expired or not yet valid, no name for
+    /// the identity); each also counts as a failed handshake.
+    pub certs_rejected: u64,
     /// Datagrams from the engine for a peer with no session (or another identity),
     /// not sent.
     pub unsent: u64,
@@ -90,6 +108,7 @@ impl DtlsCounters {
         self.cookies_sent += other.cookies_sent;
         self.plaintext_dropped += other.plaintext_dropped;
         self.idle_closed += other.idle_closed;
+        self.certs_rejected += other.certs_rejected;
         self.unsent += other.unsent;
         self.sessions += other.sessions;
         self.handshaking += other.handshaking;
@@ -110,7 +129,8 @@ pub enum DtlsOutput {
     Receive {
         /// The peer.
         from: SocketAddr,
-        /// The PSK identity it proved in the handshake.
+        /// The identity it proved in the handshake: its PSK identity, or
+        /// [`super::dtls_cert::CERT_IDENTITY_PREFIX`] and its certificate's name.
         identity: Arc<str>,
         /// The plaintext (one MQTT-SN message).
         data: Vec<u8>,
@@ -132,6 +152,14 @@ const HELLO_VERIFY_REQUEST: u8 = 3;
 const RECORD_HEADER: usize = 13;
 /// DTLS handshake header length.
 const HANDSHAKE_HEADER: usize = 12;
+/// Octets a handshake may bring (every datagram of it); beyond, it is abandoned. A
+/// certificate flight is a few kilobytes; this also bounds the certificate dimpl copies
+/// into the output buffer (which must hold it: see [`DtlsServer::buf`]).
+const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;
+/// TLS_PSK_WITH_AES_128_CCM_8.
+const SUITE_PSK: [u8; 2] = [0xC0, 0xA8];
+/// TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256.
+const SUITE_ECDSA: [u8; 2] = [0xC0, 0x2B];
 
 /// The parts of an unfragmented ClientHello in the first record of a datagram.
 struct ClientHello<'a> {
@@ -142,6 +170,13 @@ struct ClientHello<'a> {
     before_cookie: &'a [u8],
     /// Everything of the body after the cookie (suites, compression, extensions).
     after_cookie: &'a [u8],
+}
+
+/// How a session authenticates its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    Psk,
+    Certificate,
 }
 
 fn u24(b: &[u8]) -> usize {
@@ -179,6 +214,21 @@ impl<'a> ClientHello<'a> {
             before_cookie: body.get(..cookie_at)?,
             after_cookie: body.get(after..)?,
         })
+    }
+
+    /// Whether the client prefers the certificate suite to the PSK one (the first of
+    /// its list that is either); a ClientHello with neither is given to the PSK
+    /// instance, which refuses it.
+    fn prefers_certificate(&self) -> bool {
+        let Some(len) = self.after_cookie.get(..2) else {
+            return false;
+        };
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        let suites = self.after_cookie.get(2..2 + len).unwrap_or_default();
+        suites
+            .chunks_exact(2)
+            .find(|s| *s == SUITE_PSK || *s == SUITE_ECDSA)
+            .is_some_and(|s| s == SUITE_ECDSA)
     }
 
     /// The same ClientHello as first sent: message_seq 0 and no cookie (what the
@@ -234,6 +284,36 @@ fn psk_provider() -> &'static CryptoProvider {
     })
 }
 
+/// dimpl's RustCrypto provider cut down to TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 with
+/// P-256 (the RFC 7925 certificate profile but for GCM instead of CCM_8, which dimpl
+/// lacks): building a [`Config`] verifies one ECDSA signature and runs one ECDH per
+/// group of its provider, so the fewer the cheaper.
+fn cert_provider() -> &'static CryptoProvider {
+    static PROVIDER: OnceLock<CryptoProvider> = OnceLock::new();
+    PROVIDER.get_or_init(|| {
+        let full = dimpl::crypto::rust_crypto::default_provider();
+        let suites: Vec<&'static dyn SupportedDtls12CipherSuite> = full
+            .cipher_suites
+            .iter()
+            .copied()
+            .filter(|cs| cs.suite() == Dtls12CipherSuite::ECDHE_ECDSA_AES128_GCM_SHA256)
+            .collect();
+        let groups: Vec<_> = full
+            .kx_groups
+            .iter()
+            .copied()
+            .filter(|kx| kx.name() == NamedGroup::Secp256r1)
+            .collect();
+        CryptoProvider {
+            // Made once per process.
+            cipher_suites: Vec::leak(suites),
+            kx_groups: Vec::leak(groups),
+            dtls13_cipher_suites: full.dtls13_cipher_suites.get(..1).unwrap_or_default(),
+            ..full
+        }
+    })
+}
+
 /// The resolver given to one handshake: it looks keys up in the source and remembers
 /// the identity asked for, which is the peer's proven identity once the handshake
 /// completes.
@@ -253,9 +333,14 @@ impl PskResolver for Recorder {
 
 struct Session {
     dtls: Dtls,
+    auth: Auth,
     recorder: Arc<Recorder>,
     /// Set when the handshake completes.
     identity: Option<Arc<str>>,
+    /// The identity of the client certificate, once verified (certificate sessions).
+    cert_identity: Option<Arc<str>>,
+    /// Octets received while handshaking.
+    handshake_bytes: usize,
     /// The ClientHello random of its handshake (a late copy of it is not a new one).
     random: Vec<u8>,
     last_heard: Instant,
@@ -268,10 +353,16 @@ struct Session {
 pub struct DtlsServer {
     limits: DtlsLimits,
     source: Arc<dyn PskSource>,
+    certs: Option<Arc<DtlsCertificates>>,
+    /// The wall-clock time of the last datagram (certificates are valid in wall time).
+    wall: SystemTime,
     cookie_key: ring::hmac::Key,
     sessions: HashMap<SocketAddr, Session>,
     out: VecDeque<DtlsOutput>,
     counters: DtlsCounters,
+    /// dimpl's output buffer. With certificates it holds [`MAX_HANDSHAKE_BYTES`]: dimpl
+    /// copies the client's certificate into it in one piece and panics when it does not
+    /// fit, and a certificate is never longer than the handshake that brought it.
     buf: Vec<u8>,
 }
 
@@ -290,6 +381,8 @@ struct Drained {
     connected: bool,
     closed: bool,
     hello_verify: bool,
+    /// The client's leaf certificate (DER), when the drain saw it.
+    peer_cert: Option<Vec<u8>>,
 }
 
 impl DtlsServer {
@@ -301,6 +394,8 @@ impl DtlsServer {
         let server = DtlsServer {
             limits,
             source,
+            certs: None,
+            wall: UNIX_EPOCH,
             cookie_key,
             sessions: HashMap::new(),
             out: VecDeque::new(),
@@ -310,6 +405,18 @@ impl DtlsServer {
         // Fail at start, not at the first handshake.
         server.config(0)?;
         Ok(server)
+    }
+
+    /// Gives the listener its certificates (or none: PSK only): the certificate suite
+    /// is offered beside the PSK one, with a client certificate required.
+    pub fn with_certificates(mut self, certs: Option<Arc<DtlsCertificates>>) -> Result<Self, DtlsConfigError> {
+        self.certs = certs;
+        if self.certs.is_some() {
+            self.buf.resize(MAX_HANDSHAKE_BYTES, 0);
+            // Fail at start, not at the first handshake.
+            self.cert_config(0)?;
+        }
+        Ok(self)
     }
 
     /// Replaces the key source; handshakes started afterwards use it, sessions already
@@ -369,6 +476,22 @@ impl DtlsServer {
         Ok((Arc::new(config), recorder))
     }
 
+    /// The configuration of a certificate instance (see [`DtlsServer::config`] for the
+    /// seed). The same timing settings as the PSK one: the instance's cookie secret is
+    /// drawn after its timers, so equal settings give the PSK instance's cookie.
+    fn cert_config(&self, seed: u64) -> Result<Arc<Config>, DtlsConfigError> {
+        let config = Config::builder()
+            .with_crypto_provider(cert_provider().clone())
+            .dtls12_cipher_suites(&[Dtls12CipherSuite::ECDHE_ECDSA_AES128_GCM_SHA256])
+            .dtls13_cipher_suites(&[])
+            .require_client_certificate(true)
+            .handshake_timeout(self.limits.handshake_timeout)
+            .dangerously_set_rng_seed(seed)
+            .build()
+            .map_err(|e| DtlsConfigError(e.to_string()))?;
+        Ok(Arc::new(config))
+    }
+
     fn seed(&self, from: SocketAddr, random: &[u8]) -> u64 {
         let mut ctx = ring::hmac::Context::with_key(&self.cookie_key);
         ctx.update(from.to_string().as_bytes());
@@ -379,8 +502,10 @@ impl DtlsServer {
         u64::from_be_bytes(seed)
     }
 
-    /// Feeds one datagram received from `from`.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+    /// Feeds one datagram received from `from`; `now` is the monotonic time, `wall` the
+    /// wall-clock time (what certificate validity is checked against).
+    pub fn handle_datagram(&mut self, now: Instant, wall: SystemTime, from: SocketAddr, data: &[u8]) {
+        self.wall = wall;
         if !looks_like_record(data) {
             self.counters.plaintext_dropped += 1;
             debug!(peer = %from, len = data.len(), "non-DTLS datagram on a DTLS listener dropped");
@@ -399,6 +524,14 @@ impl DtlsServer {
             return;
         };
         session.last_heard = now;
+        if session.identity.is_none() {
+            session.handshake_bytes += data.len();
+            if session.handshake_bytes > MAX_HANDSHAKE_BYTES {
+                self.counters.handshakes_failed += 1;
+                debug!(peer = %from, "DTLS handshake abandoned: too many octets");
+                return;
+            }
+        }
         let result = session
             .dtls
             .handle_timeout(now)
@@ -430,18 +563,19 @@ impl DtlsServer {
         // The ClientHello after our HelloVerifyRequest: the instance is brought to the
         // same point (the first ClientHello rebuilt, its answer discarded), then checks
         // the cookie.
+        let auth = match &self.certs {
+            Some(_) if hello.prefers_certificate() => Auth::Certificate,
+            _ => Auth::Psk,
+        };
         let first = hello.without_cookie();
-        let primed = dtls.handle_timeout(now).and_then(|()| dtls.handle_packet(&first));
-        let _ = drain(&mut dtls, &mut self.buf, from, &mut scratch);
-        scratch.clear();
-        if primed.is_err() || dtls.handle_packet(data).is_err() {
-            self.counters.handshakes_failed += 1;
-            return;
-        }
+        let result = prime(&mut dtls, now, &first, data, &mut self.buf, from);
         let mut session = Session {
             dtls,
+            auth: Auth::Psk,
             recorder,
             identity: None,
+            cert_identity: None,
+            handshake_bytes: data.len(),
             random: hello.random.to_vec(),
             last_heard: now,
             started: now,
@@ -455,11 +589,47 @@ impl DtlsServer {
             self.out.extend(scratch);
             return;
         }
+        // A valid cookie and a ClientHello for certificates: the PSK instance finds no
+        // suite it has, which is expected; any other error is the client's.
+        let no_psk_suite = matches!(
+            result,
+            Err(dimpl::Error::SecurityError(
+                dimpl::SecurityError::NoMutuallyAcceptableCipherSuite
+            ))
+        );
+        if result.is_err() && !(auth == Auth::Certificate && no_psk_suite) {
+            self.counters.handshakes_failed += 1;
+            return;
+        }
         let handshaking = self.sessions.values().filter(|s| s.identity.is_none()).count();
         if handshaking >= self.limits.max_handshakes {
             self.counters.handshakes_busy += 1;
             debug!(peer = %from, "DTLS handshake refused: max_handshakes in progress");
             return;
+        }
+        if auth == Auth::Certificate {
+            // The cookie is good: now the certificate instance, brought to the same point.
+            let Some(certs) = self.certs.clone() else {
+                return;
+            };
+            let Ok(config) = self.cert_config(seed) else {
+                self.counters.handshakes_failed += 1;
+                return;
+            };
+            let certificate = DtlsCertificate {
+                certificate: certs.certificate.clone(),
+                private_key: certs.private_key.clone(),
+            };
+            session.dtls = Dtls::new_12(config, certificate, now);
+            session.auth = Auth::Certificate;
+            let result = prime(&mut session.dtls, now, &first, data, &mut self.buf, from);
+            scratch.clear();
+            let seen = drain_session(&mut session, &mut self.buf, from, &mut scratch, &mut app);
+            if result.is_err() || seen.hello_verify {
+                self.counters.handshakes_failed += 1;
+                debug!(peer = %from, error = ?result.err(), "DTLS certificate handshake refused at its ClientHello");
+                return;
+            }
         }
         // A valid cookie proves the address: a new handshake from it replaces the old
         // session (a device that restarted).
@@ -474,9 +644,28 @@ impl DtlsServer {
         let was_established = session.identity.is_some();
         let mut app = Vec::new();
         let seen = drain_session(&mut session, &mut self.buf, from, &mut out, &mut app);
+        if let Some(leaf) = &seen.peer_cert {
+            let verdict = match (&self.certs, session.auth) {
+                (Some(certs), Auth::Certificate) => certs.verify(leaf, self.wall),
+                _ => Err(super::dtls_cert::CertRefusal::Invalid("no certificate expected".into())),
+            };
+            match verdict {
+                Ok(identity) => session.cert_identity = Some(identity),
+                Err(e) => {
+                    // Nothing of this drain is sent (not the server's Finished), nothing kept.
+                    self.counters.certs_rejected += 1;
+                    self.counters.handshakes_failed += 1;
+                    debug!(peer = %from, error = %e, "DTLS client certificate refused");
+                    return;
+                }
+            }
+        }
         self.out.extend(out);
         if seen.connected && session.identity.is_none() {
-            let identity = session.recorder.asked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let identity = match session.auth {
+                Auth::Psk => session.recorder.asked.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                Auth::Certificate => session.cert_identity.clone(),
+            };
             match identity {
                 Some(identity) => {
                     self.counters.handshakes_ok += 1;
@@ -585,6 +774,21 @@ impl DtlsServer {
     }
 }
 
+/// Feeds an instance the ClientHello as first sent (`first`, its answer discarded), then
+/// the one that carries the cookie (`data`).
+fn prime(
+    dtls: &mut Dtls,
+    now: Instant,
+    first: &[u8],
+    data: &[u8],
+    buf: &mut Vec<u8>,
+    from: SocketAddr,
+) -> Result<(), dimpl::Error> {
+    let primed = dtls.handle_timeout(now).and_then(|()| dtls.handle_packet(first));
+    let _ = drain(dtls, buf, from, &mut VecDeque::new());
+    primed.and_then(|()| dtls.handle_packet(data))
+}
+
 fn drain(dtls: &mut Dtls, buf: &mut Vec<u8>, to: SocketAddr, out: &mut VecDeque<DtlsOutput>) -> Drained {
     let mut ignored = Vec::new();
     let mut timer = None;
@@ -631,6 +835,7 @@ fn drain_into(
             Output::Connected => seen.connected = true,
             Output::ApplicationData(d) => app.push(d.to_vec()),
             Output::CloseNotify => seen.closed = true,
+            Output::PeerCert(der) => seen.peer_cert = Some(der.to_vec()),
             _ => {}
         }
     }

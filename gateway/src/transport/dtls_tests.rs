@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dimpl::crypto::Dtls12CipherSuite;
 use dimpl::{Config, Dtls, Output, PskResolver};
@@ -100,7 +100,7 @@ fn pump(server: &mut DtlsServer, client: &mut Client, now: Instant) -> Vec<(Arc<
     for _ in 0..20 {
         let sent = client.outgoing();
         for d in &sent {
-            server.handle_datagram(now, client.addr, d);
+            server.handle_datagram(now, SystemTime::now(), client.addr, d);
         }
         let mut any = !sent.is_empty();
         while let Some(o) = server.poll_output() {
@@ -189,7 +189,7 @@ fn a_burst_of_client_hellos_gets_only_hello_verify_requests_and_no_state() {
         let addr = format!("127.{}.{}.{}:5000", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
         let mut c = Client::with_config(config.clone(), &addr, now);
         for hello in c.outgoing() {
-            s.handle_datagram(now, c.addr, &hello);
+            s.handle_datagram(now, SystemTime::now(), c.addr, &hello);
         }
         while let Some(o) = s.poll_output() {
             let DtlsOutput::Transmit { data, .. } = o else {
@@ -211,7 +211,7 @@ fn a_client_hello_with_a_forged_cookie_keeps_no_state() {
     let mut s = server(DtlsLimits::default());
     let mut c = Client::new("dev-1", KEY, "127.0.0.1:40003", now);
     let first = c.outgoing().remove(0);
-    s.handle_datagram(now, c.addr, &first);
+    s.handle_datagram(now, SystemTime::now(), c.addr, &first);
     let Some(DtlsOutput::Transmit { data: hvr, .. }) = s.poll_output() else {
         panic!("a HelloVerifyRequest");
     };
@@ -221,12 +221,12 @@ fn a_client_hello_with_a_forged_cookie_keeps_no_state() {
     let hello = ClientHello::parse(&second).unwrap();
     let cookie_end = RECORD_HEADER + HANDSHAKE_HEADER + hello.before_cookie.len() + 1 + 32;
     second[cookie_end - 1] ^= 1;
-    s.handle_datagram(now, c.addr, &second);
+    s.handle_datagram(now, SystemTime::now(), c.addr, &second);
     assert_eq!(s.counters().sessions, 0);
     // A genuine cookie, from another address (a cookie is bound to its address).
     let mut c2 = Client::new("dev-1", KEY, "127.0.0.1:40004", now);
     let first = c2.outgoing().remove(0);
-    s.handle_datagram(now, c2.addr, &first);
+    s.handle_datagram(now, SystemTime::now(), c2.addr, &first);
     let mut hvrs = 0;
     while let Some(o) = s.poll_output() {
         let DtlsOutput::Transmit { to, data } = o else {
@@ -241,7 +241,7 @@ fn a_client_hello_with_a_forged_cookie_keeps_no_state() {
     assert_eq!(hvrs, 2, "the forged cookie is answered with a new HelloVerifyRequest");
     let genuine = c2.outgoing().remove(0);
     let other: SocketAddr = "127.0.0.9:40004".parse().unwrap();
-    s.handle_datagram(now, other, &genuine);
+    s.handle_datagram(now, SystemTime::now(), other, &genuine);
     assert_eq!(s.counters().sessions, 0);
     while let Some(o) = s.poll_output() {
         let DtlsOutput::Transmit { data, .. } = o else {
@@ -250,7 +250,7 @@ fn a_client_hello_with_a_forged_cookie_keeps_no_state() {
         assert_eq!(data[13], HELLO_VERIFY_REQUEST);
     }
     // From its own address it starts a handshake.
-    s.handle_datagram(now, c2.addr, &genuine);
+    s.handle_datagram(now, SystemTime::now(), c2.addr, &genuine);
     assert_eq!(s.counters().handshaking, 1);
 }
 
@@ -260,11 +260,11 @@ fn plain_datagrams_are_dropped_and_counted() {
     let mut s = server(DtlsLimits::default());
     let from: SocketAddr = "127.0.0.1:40005".parse().unwrap();
     // An MQTT-SN CONNECT.
-    s.handle_datagram(now, from, b"\x0a\x04\x04\x01\x00\x3cdev1");
+    s.handle_datagram(now, SystemTime::now(), from, b"\x0a\x04\x04\x01\x00\x3cdev1");
     // A DTLS application record from an address without a session.
     let mut record = vec![23, 254, 253, 0, 1, 0, 0, 0, 0, 0, 1, 0, 4];
     record.extend_from_slice(b"junk");
-    s.handle_datagram(now, from, &record);
+    s.handle_datagram(now, SystemTime::now(), from, &record);
     assert!(s.poll_output().is_none());
     assert_eq!(s.counters().plaintext_dropped, 2);
     assert_eq!(s.counters().sessions, 0);
@@ -282,7 +282,7 @@ fn handshakes_beyond_max_handshakes_are_dropped() {
     for addr in ["127.0.0.1:40006", "127.0.0.1:40007"] {
         let mut c = Client::new("dev-1", KEY, addr, now);
         let first = c.outgoing().remove(0);
-        s.handle_datagram(now, c.addr, &first);
+        s.handle_datagram(now, SystemTime::now(), c.addr, &first);
         let Some(DtlsOutput::Transmit { data: hvr, .. }) = s.poll_output() else {
             panic!("a HelloVerifyRequest");
         };
@@ -290,7 +290,7 @@ fn handshakes_beyond_max_handshakes_are_dropped() {
         hellos.push((c.addr, c.outgoing().remove(0)));
     }
     for (addr, hello) in &hellos {
-        s.handle_datagram(now, *addr, hello);
+        s.handle_datagram(now, SystemTime::now(), *addr, hello);
     }
     assert_eq!(s.counters().handshaking, 1);
     assert_eq!(s.counters().handshakes_busy, 1);
@@ -335,4 +335,154 @@ fn a_new_key_source_applies_to_new_handshakes() {
     let mut new = Client::new("dev-3", KEY, "127.0.0.1:40011", now);
     pump(&mut s, &mut new, now);
     assert!(new.connected);
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates: the throwaway P-256 CA and client certificate of the broker TLS tests
+// (valid 2026-12-02 to 2126), the client certificate doubling as the server's.
+// ---------------------------------------------------------------------------------------
+
+fn testdata(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/broker/testdata")
+        .join(name)
+}
+
+fn certs() -> Arc<DtlsCertificates> {
+    let pem = testdata("client.pem");
+    let key = testdata("client.key");
+    let rule = super::super::dtls_cert::IdentityRule::CommonName;
+    Arc::new(DtlsCertificates::load(&pem, &key, &testdata("ca.pem"), rule).unwrap())
+}
+
+fn cert_server() -> DtlsServer {
+    server(DtlsLimits::default()).with_certificates(Some(certs())).unwrap()
+}
+
+impl Client {
+    /// A client offering the ECDHE-ECDSA suite with the test client certificate.
+    fn with_cert(addr: &str, now: Instant) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        let cert = rustls::pki_types::CertificateDer::from_pem_file(testdata("client.pem")).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(testdata("client.key")).unwrap();
+        let config = Config::builder()
+            .dtls12_cipher_suites(&[Dtls12CipherSuite::ECDHE_ECDSA_AES128_GCM_SHA256])
+            .dtls13_cipher_suites(&[])
+            .build()
+            .unwrap();
+        let certificate = DtlsCertificate {
+            certificate: cert.to_vec(),
+            private_key: key.secret_der().to_vec(),
+        };
+        let mut dtls = Dtls::new_12(Arc::new(config), certificate, now);
+        dtls.set_active(true);
+        dtls.handle_timeout(now).unwrap();
+        Client {
+            dtls,
+            addr: addr.parse().unwrap(),
+            connected: false,
+            received: Vec::new(),
+            closed: false,
+        }
+    }
+}
+
+/// [`pump`] with the wall-clock time `wall` given to the server.
+fn pump_at(server: &mut DtlsServer, client: &mut Client, now: Instant, wall: SystemTime) {
+    for _ in 0..20 {
+        let sent = client.outgoing();
+        for d in &sent {
+            server.handle_datagram(now, wall, client.addr, d);
+        }
+        let mut any = !sent.is_empty();
+        while let Some(o) = server.poll_output() {
+            any = true;
+            if let DtlsOutput::Transmit { data, .. } = o {
+                let _ = client.dtls.handle_packet(&data);
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    let _ = client.outgoing();
+}
+
+/// Seconds after the epoch as a wall-clock time.
+fn wall(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// 2027-01-01: inside the test certificates' validity.
+const VALID: u64 = 1_798_761_600;
+
+#[test]
+fn a_certificate_client_gets_its_cn_as_identity_and_exchanges_datagrams() {
+    let now = Instant::now();
+    let mut s = cert_server();
+    let mut c = Client::with_cert("127.0.0.1:40010", now);
+    pump_at(&mut s, &mut c, now, wall(VALID));
+    assert!(c.connected);
+    assert_eq!(s.identity(&c.addr).map(|i| &**i), Some("cert:gateway unit-test client"));
+    let counters = s.counters();
+    assert_eq!(
+        (counters.cookies_sent, counters.handshakes_ok, counters.certs_rejected),
+        (1, 1, 0)
+    );
+    c.dtls.send_application_data(b"\x05\x04ping").unwrap();
+    let got = pump(&mut s, &mut c, now);
+    assert_eq!(
+        got,
+        vec![(Arc::from("cert:gateway unit-test client"), b"\x05\x04ping".to_vec())]
+    );
+}
+
+#[test]
+fn a_certificate_outside_its_validity_at_the_given_wall_time_is_refused() {
+    // 2020 (before notBefore) and 2127 (after notAfter): the time is the caller's.
+    for secs in [1_577_836_800, 4_954_435_200] {
+        let now = Instant::now();
+        let mut s = cert_server();
+        let mut c = Client::with_cert("127.0.0.1:40011", now);
+        pump_at(&mut s, &mut c, now, wall(secs));
+        assert!(!c.connected, "the server's Finished was not sent");
+        let counters = s.counters();
+        assert_eq!(
+            (counters.certs_rejected, counters.handshakes_failed, counters.sessions),
+            (1, 1, 0)
+        );
+    }
+}
+
+#[test]
+fn a_psk_client_still_handshakes_on_a_listener_with_certificates() {
+    let now = Instant::now();
+    let mut s = cert_server();
+    let mut c = Client::new("dev-1", KEY, "127.0.0.1:40012", now);
+    pump_at(&mut s, &mut c, now, wall(VALID));
+    assert!(c.connected);
+    assert_eq!(s.identity(&c.addr).map(|i| &**i), Some("dev-1"));
+}
+
+#[test]
+fn a_certificate_client_on_a_psk_only_listener_makes_no_session() {
+    let now = Instant::now();
+    let mut s = server(DtlsLimits::default());
+    let mut c = Client::with_cert("127.0.0.1:40013", now);
+    pump_at(&mut s, &mut c, now, wall(VALID));
+    assert!(!c.connected);
+    assert_eq!((s.counters().handshakes_failed, s.counters().sessions), (1, 0));
+}
+
+#[test]
+fn the_key_must_be_the_certificates() {
+    let rule = super::super::dtls_cert::IdentityRule::CommonName;
+    let err = DtlsCertificates::load(
+        &testdata("client.pem"),
+        &testdata("other.key"),
+        &testdata("ca.pem"),
+        rule,
+    )
+    .unwrap_err();
+    assert!(err.to_string().starts_with("dtls.key: "), "{err}");
 }

@@ -2,5 +2,6 @@
 //! nothing else.
 
 pub mod dtls;
+pub mod dtls_cert;
 pub mod serial;
 pub mod udp;
