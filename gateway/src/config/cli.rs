@@ -175,7 +175,7 @@ pub struct BrokerFlags {
     #[arg(long = "mode", id = "broker.mode", value_name = "MODE", value_parser = ["transparent", "aggregating"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
-    /// Aggregating mode: the shared broker connections, devices spread over them by client id [default: 1].
+    /// Aggregating mode: the shared broker connections, devices spread over them by client id.
     #[arg(long = "broker-connections", id = "broker.connections", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<usize>,
