@@ -496,15 +496,28 @@ impl Aggregator {
         let Some(id) = self.deliveries.remove(&delivery) else {
             return;
         };
-        let Some(m) = self.inbound.get_mut(&id) else {
-            return;
-        };
-        m.remaining = m.remaining.saturating_sub(1);
-        if m.remaining == 0 {
-            let (pkid, qos) = (m.pkid, m.qos);
-            self.inbound.remove(&id);
+        if let Some(m) = self.inbound.get_mut(&id) {
+            m.remaining = m.remaining.saturating_sub(1);
+        }
+        self.ack_in_order();
+    }
+
+    /// Acknowledges, oldest first, the broker messages every device has. Acknowledgements
+    /// go in the order the messages came, even when devices answer out of order: MQTT
+    /// allows either, but some brokers (rumqttd) drop a connection that acknowledges out
+    /// of order. A message still owed holds back those after it, which the owed bound
+    /// (`owed_limit`) keeps from stalling the connection.
+    fn ack_in_order(&mut self) {
+        while let Some(entry) = self.inbound.first_entry() {
+            if entry.get().remaining > 0 {
+                break;
+            }
+            let m = entry.remove();
             if self.connected {
-                self.request(Request::Ack { pkid, qos });
+                self.request(Request::Ack {
+                    pkid: m.pkid,
+                    qos: m.qos,
+                });
             }
         }
     }
@@ -723,29 +736,27 @@ impl Aggregator {
             }
         }
         if let Some(id) = inbound {
-            if owed == 0 {
-                self.request(Request::Ack { pkid, qos });
-            } else {
-                self.inbound.insert(
-                    id,
-                    Inbound {
-                        pkid,
-                        qos,
-                        remaining: owed,
-                    },
-                );
-                while self.inbound.len() > self.owed_limit {
-                    let Some((_, oldest)) = self.inbound.pop_first() else {
-                        break;
-                    };
-                    // Its deliveries stay with their devices; their acknowledgements
-                    // then find nothing left to release.
-                    self.taken_over += 1;
-                    self.request(Request::Ack {
-                        pkid: oldest.pkid,
-                        qos: oldest.qos,
-                    });
-                }
+            self.inbound.insert(
+                id,
+                Inbound {
+                    pkid,
+                    qos,
+                    remaining: owed,
+                },
+            );
+            self.ack_in_order();
+            while self.inbound.len() > self.owed_limit {
+                let Some((_, oldest)) = self.inbound.pop_first() else {
+                    break;
+                };
+                // Its deliveries stay with their devices; their acknowledgements then
+                // find nothing left to release.
+                self.taken_over += 1;
+                self.request(Request::Ack {
+                    pkid: oldest.pkid,
+                    qos: oldest.qos,
+                });
+                self.ack_in_order();
             }
         }
     }

@@ -295,10 +295,11 @@ async fn run_connection(
         stats,
         events,
         ended,
-        stats_at: std::time::Instant::now(),
         subscribes: VecDeque::new(),
         subscribing: false,
     };
+    let mut refresh = tokio::time::interval(STATS_EVERY);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         agg.connecting();
         shell.subscribes.clear();
@@ -314,6 +315,7 @@ async fn run_connection(
         let closing = loop {
             tokio::select! {
                 biased;
+                _ = refresh.tick() => shell.refresh(&agg),
                 p = polled.recv() => match p {
                     Some(Polled::Up) => {
                         info!(connection = index, broker = %cfg.url(), "shared broker connection up");
@@ -370,6 +372,7 @@ async fn run_connection(
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => break,
+                _ = refresh.tick() => shell.refresh(&agg),
                 input = rx.recv() => match input {
                     Some(Input::Command(key, c)) => {
                         shell.taken(&c);
@@ -392,8 +395,6 @@ struct Shell {
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
     /// Told the sessions this connection ended, for the link's routes.
     ended: mpsc::UnboundedSender<ClientKey>,
-    /// When the stats were last refreshed.
-    stats_at: std::time::Instant,
     /// SUBSCRIBEs waiting for the one in flight to be answered. rumqttc numbers
     /// SUBSCRIBE packets without checking which ids are still unanswered (they cycle
     /// through `inflight`), so one at a time keeps SUBACKs unambiguous; what queues
@@ -472,13 +473,13 @@ impl Shell {
                 debug!(error = %e, "SUBSCRIBE not handed to the shared connection");
             }
         }
-        // Counting walks every device: at most every STATS_EVERY (the runtime's snapshot
-        // period), not once per message.
-        if self.stats_at.elapsed() >= STATS_EVERY {
-            self.stats_at = std::time::Instant::now();
-            *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = agg.stats();
-        }
         true
+    }
+
+    /// Refreshes the stats the metrics read. Counting walks every device, so this runs
+    /// every STATS_EVERY (the runtime's snapshot period), not once per message.
+    fn refresh(&self, agg: &Aggregator) {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = agg.stats();
     }
 }
 

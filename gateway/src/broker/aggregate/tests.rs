@@ -459,3 +459,22 @@ fn an_expired_away_session_releases_what_only_it_held() {
     let s = a.stats();
     assert_eq!((s.away, s.filters), (0, 1));
 }
+
+#[test]
+fn acknowledgements_reach_the_broker_in_the_order_the_messages_came() {
+    let mut a = up();
+    connect(&mut a, 1, "d", true);
+    subscribe(&mut a, 1, 1, "o", Q1);
+    let (m1, _) = messages(&message(&mut a, "o", Q1, false, 1));
+    let (m2, _) = messages(&message(&mut a, "o", Q1, false, 2));
+    a.command(1, Command::Ack { delivery: m2[0].3 });
+    assert!(drain(&mut a).is_empty(), "the later one waits for the earlier");
+    a.command(1, Command::Ack { delivery: m1[0].3 });
+    assert_eq!(
+        drain(&mut a),
+        [
+            Output::Broker(Request::Ack { pkid: 1, qos: Q1 }),
+            Output::Broker(Request::Ack { pkid: 2, qos: Q1 })
+        ]
+    );
+}
