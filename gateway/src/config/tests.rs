@@ -423,6 +423,7 @@ fn every_key() -> toml::Value {
         address_change: Some("deny".into()),
         mountpoint: Some("site/%c/".into()),
     };
+    c.state.dir = Some("/var/lib/mqtt-sn-gateway".into());
     toml::Value::try_from(c).expect("the configuration serializes")
 }
 
