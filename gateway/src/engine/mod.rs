@@ -1352,3 +1352,5 @@ mod tests_link;
 mod tests_reload;
 #[cfg(test)]
 mod tests_shutdown;
+#[cfg(test)]
+mod tests_store;
