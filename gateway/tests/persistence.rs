@@ -561,3 +561,45 @@ fn a_store_of_a_newer_schema_is_refused_even_with_state_recover() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_device_asleep_at_the_crash_is_told_to_connect_and_then_keeps_its_ids() {
+    let dir = temp_dir("asleep");
+    let Some(mosquitto) = Mosquitto::start(&dir) else { return };
+    let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
+    let state = dir.join("state");
+    let udp = free_udp_port();
+    let gw_addr = SocketAddr::from(([127, 0, 0, 1], udp));
+    let gw = Gateway::start(&args(udp, &broker, &state, &[]));
+    let sleeper = Device::new(gw_addr);
+    sleeper.connect("sleeper", false);
+    let down = sleeper.subscribe("persist/sleeper/down", 1);
+    let up = sleeper.register("persist/sleeper/up", 2);
+    // Asleep for 10 minutes.
+    sleeper.exchange(&Packet::Disconnect(Some(600)), |p| {
+        matches!(p, Packet::Disconnect(_)).then_some(())
+    });
+    gw.kill_9();
+    let observer = Observer::connect(mosquitto.port, "persist-sleep-observer", "persist/sleeper/up");
+    observer
+        .client
+        .publish("persist/sleeper/down", rumqttc::QoS::AtLeastOnce, false, b"while asleep".to_vec())
+        .expect("queue publish");
+    let gw = Gateway::start(&args(udp, &broker, &state, &[]));
+    gw.wait_line("state store opened");
+
+    // It wakes: the new gateway has no sleeping session for it, and says so.
+    sleeper.exchange(&Packet::PingReq(Some("sleeper")), |p| {
+        matches!(p, Packet::Disconnect(None)).then_some(())
+    });
+    // It connects again: its ids are kept, and the broker delivers what it queued.
+    sleeper.connect("sleeper", false);
+    let (topic, data, registered) = sleeper.receive();
+    assert_eq!(data, b"while asleep");
+    assert!(registered.is_empty(), "{registered:?}");
+    assert_eq!(topic, TopicRef::Normal(down));
+    assert_eq!(sleeper.publish_qos1(TopicRef::Normal(up), 9, b"awake"), ReturnCode::Accepted);
+    assert_eq!(observer.next(), ("persist/sleeper/up".to_string(), b"awake".to_vec()));
+    gw.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
