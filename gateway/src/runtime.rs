@@ -354,7 +354,15 @@ async fn run<L: BrokerLink>(
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_log = Instant::now();
     gw.start(Instant::now());
-    flush(&mut gw, &mut store, &mut links, &listeners, &serial.ports, &mut dtls.links).await;
+    flush(
+        &mut gw,
+        &mut store,
+        &mut links,
+        &listeners,
+        &serial.ports,
+        &mut dtls.links,
+    )
+    .await;
     loop {
         if stop_deadline.is_some() && gw.is_shut_down() {
             break;
@@ -468,13 +476,29 @@ async fn run<L: BrokerLink>(
                 snapshot.store(s, links.active());
             }
         }
-        flush(&mut gw, &mut store, &mut links, &listeners, &serial.ports, &mut dtls.links).await;
+        flush(
+            &mut gw,
+            &mut store,
+            &mut links,
+            &listeners,
+            &serial.ports,
+            &mut dtls.links,
+        )
+        .await;
     }
     // Every DTLS session is told the gateway is going (close_notify).
     for d in &mut dtls.links {
         d.server.close_all();
     }
-    flush(&mut gw, &mut store, &mut links, &listeners, &serial.ports, &mut dtls.links).await;
+    flush(
+        &mut gw,
+        &mut store,
+        &mut links,
+        &listeners,
+        &serial.ports,
+        &mut dtls.links,
+    )
+    .await;
     // Every session has closed its broker connection; close what is left (the QoS -1
     // connection, any other) and wait until each DISCONNECT is written, reading the
     // events meanwhile so that no connection task waits on a full channel.

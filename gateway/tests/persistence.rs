@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use sn_codec::{Connect, Packet, PubAck, Publish, QoS, RegAck, Register, ReturnCode, SubAck, Subscribe, TopicFilter, TopicRef};
+use sn_codec::{
+    Connect, Packet, PubAck, Publish, QoS, RegAck, Register, ReturnCode, SubAck, Subscribe, TopicFilter, TopicRef,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mqtt-sn-gateway");
 
@@ -129,7 +131,11 @@ impl Gateway {
                 }
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "the gateway did not exit; stderr:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not exit; stderr:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -434,7 +440,9 @@ fn args(udp: u16, broker: &str, state: &Path, extra: &[&str]) -> Vec<String> {
 #[test]
 fn after_kill_9_a_device_keeps_its_topic_ids_and_gets_what_was_queued() {
     let dir = temp_dir("kill9");
-    let Some(mosquitto) = Mosquitto::start(&dir) else { return };
+    let Some(mosquitto) = Mosquitto::start(&dir) else {
+        return;
+    };
     let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
     let state = dir.join("state");
     let udp = free_udp_port();
@@ -458,20 +466,32 @@ fn after_kill_9_a_device_keeps_its_topic_ids_and_gets_what_was_queued() {
     let observer = Observer::connect(mosquitto.port, "persist-observer", "persist/+/up");
     observer
         .client
-        .publish("persist/keeper/down", rumqttc::QoS::AtLeastOnce, false, b"while down".to_vec())
+        .publish(
+            "persist/keeper/down",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"while down".to_vec(),
+        )
         .expect("queue publish");
 
     // Restarted on the same directory.
     let gw = Gateway::start(&args(udp, &broker, &state, &[]));
     gw.wait_line("state store opened");
-    assert!(gw.log().contains("sessions=1"), "one stored session; stderr:\n{}", gw.log());
+    assert!(
+        gw.log().contains("sessions=1"),
+        "one stored session; stderr:\n{}",
+        gw.log()
+    );
 
     // The keeper reconnects: the queued message arrives under the topic id it had, with
     // no REGISTER (the gateway still knows the id), and its old id publishes.
     keeper.connect("keeper", false);
     let (topic, data, registered) = keeper.receive();
     assert_eq!(data, b"while down");
-    assert!(registered.is_empty(), "REGISTERs for ids the device already has: {registered:?}");
+    assert!(
+        registered.is_empty(),
+        "REGISTERs for ids the device already has: {registered:?}"
+    );
     assert_eq!(topic, TopicRef::Normal(down));
     assert_eq!(
         keeper.publish_qos1(TopicRef::Normal(up), 7, b"after restart"),
@@ -496,7 +516,10 @@ fn after_kill_9_a_device_keeps_its_topic_ids_and_gets_what_was_queued() {
 /// The embedded broker on a free port (for the tests that need no broker to outlive the
 /// gateway).
 fn embedded() -> String {
-    format!("--embedded-broker --embedded-broker-listen 127.0.0.1:{}", free_tcp_port())
+    format!(
+        "--embedded-broker --embedded-broker-listen 127.0.0.1:{}",
+        free_tcp_port()
+    )
 }
 
 #[test]
@@ -565,7 +588,9 @@ fn a_store_of_a_newer_schema_is_refused_even_with_state_recover() {
 #[test]
 fn a_device_asleep_at_the_crash_is_told_to_connect_and_then_keeps_its_ids() {
     let dir = temp_dir("asleep");
-    let Some(mosquitto) = Mosquitto::start(&dir) else { return };
+    let Some(mosquitto) = Mosquitto::start(&dir) else {
+        return;
+    };
     let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
     let state = dir.join("state");
     let udp = free_udp_port();
@@ -583,7 +608,12 @@ fn a_device_asleep_at_the_crash_is_told_to_connect_and_then_keeps_its_ids() {
     let observer = Observer::connect(mosquitto.port, "persist-sleep-observer", "persist/sleeper/up");
     observer
         .client
-        .publish("persist/sleeper/down", rumqttc::QoS::AtLeastOnce, false, b"while asleep".to_vec())
+        .publish(
+            "persist/sleeper/down",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"while asleep".to_vec(),
+        )
         .expect("queue publish");
     let gw = Gateway::start(&args(udp, &broker, &state, &[]));
     gw.wait_line("state store opened");
@@ -598,7 +628,10 @@ fn a_device_asleep_at_the_crash_is_told_to_connect_and_then_keeps_its_ids() {
     assert_eq!(data, b"while asleep");
     assert!(registered.is_empty(), "{registered:?}");
     assert_eq!(topic, TopicRef::Normal(down));
-    assert_eq!(sleeper.publish_qos1(TopicRef::Normal(up), 9, b"awake"), ReturnCode::Accepted);
+    assert_eq!(
+        sleeper.publish_qos1(TopicRef::Normal(up), 9, b"awake"),
+        ReturnCode::Accepted
+    );
     assert_eq!(observer.next(), ("persist/sleeper/up".to_string(), b"awake".to_vec()));
     gw.stop();
     let _ = std::fs::remove_dir_all(&dir);

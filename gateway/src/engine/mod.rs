@@ -534,7 +534,10 @@ impl Gateway {
             let client_id: Arc<str> = s.client_id.into();
             let table = TopicTable::from_entries(s.topics.into_iter().map(|(id, name)| (id, Arc::from(name))));
             let expires = match s.presence {
-                Presence::Connected => self.persisted.expiry().map(|d| now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
+                Presence::Connected => self
+                    .persisted
+                    .expiry()
+                    .map(|d| now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
                 Presence::Away { expires } => expires,
             };
             if expires.is_some_and(|at| at <= now_ms) {
@@ -565,7 +568,10 @@ impl Gateway {
     /// them in one transaction, then calls [`Gateway::store_committed`]. Empty without a
     /// store.
     pub fn take_store_ops(&mut self) -> Vec<StoreOp> {
-        self.store.as_mut().map(|q| std::mem::take(&mut q.ops)).unwrap_or_default()
+        self.store
+            .as_mut()
+            .map(|q| std::mem::take(&mut q.ops))
+            .unwrap_or_default()
     }
 
     /// The writes taken by [`Gateway::take_store_ops`] are durable (`ok`), or failed
@@ -1028,15 +1034,7 @@ impl Gateway {
             latency: &mut self.latency,
             now,
         };
-        let session = Session::new(
-            &mut ctx,
-            key,
-            client_id.clone(),
-            peer.clone(),
-            c,
-            topics,
-            admission,
-        );
+        let session = Session::new(&mut ctx, key, client_id.clone(), peer.clone(), c, topics, admission);
         self.sessions.insert(key, session);
         self.by_peer.insert(peer, key);
         self.by_client_id.insert(client_id, key);
@@ -1330,7 +1328,10 @@ impl Gateway {
         if let Some(q) = &mut self.store {
             let op = match kept {
                 Stored::Kept => StoreOp::Away {
-                    expires: expiry.map(|d| q.wall(now).saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
+                    expires: expiry.map(|d| {
+                        q.wall(now)
+                            .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    }),
                     client_id,
                 },
                 Stored::Full => StoreOp::Forget { client_id },

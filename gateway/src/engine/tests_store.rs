@@ -22,7 +22,10 @@ impl Disk {
         let dir = std::env::temp_dir().join(format!("gateway-engine-store-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = RedbStore::open(&dir, false).unwrap().store;
-        Disk { dir, store: Some(store) }
+        Disk {
+            dir,
+            store: Some(store),
+        }
     }
 
     /// What the runtime does between events: commit what the engine queued.
@@ -107,7 +110,10 @@ fn a_regack_waits_until_the_registration_is_stored() {
     connect(&mut t, &mut disk, &d, "keeper", false);
     register(&mut t, &d, "sensors/a", 7);
     assert!(t.gw.store_pending());
-    assert!(t.gw.poll_transmit().is_none(), "REGACK before the registration is stored");
+    assert!(
+        t.gw.poll_transmit().is_none(),
+        "REGACK before the registration is stored"
+    );
     let ops = disk.settle(&mut t);
     assert_eq!(
         ops,
@@ -222,7 +228,10 @@ fn session_expiry_runs_on_wall_clock_time_across_a_restart() {
     t.at(30.0);
     disk.settle(&mut t);
     assert_eq!(t.gw.stats().persisted_sessions, 0);
-    assert!(disk.store.as_ref().unwrap().load().unwrap().is_empty(), "expired in the store too");
+    assert!(
+        disk.store.as_ref().unwrap().load().unwrap().is_empty(),
+        "expired in the store too"
+    );
 }
 
 #[test]

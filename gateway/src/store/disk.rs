@@ -150,7 +150,9 @@ impl RedbStore {
                 let txn = self.db.begin_write().map_err(failed)?;
                 let has_tables = txn.list_tables().map_err(failed)?.next().is_some();
                 if has_tables {
-                    return Err(StoreError::Failed("a redb file without a schema version: not a gateway store".into()));
+                    return Err(StoreError::Failed(
+                        "a redb file without a schema version: not a gateway store".into(),
+                    ));
                 }
                 {
                     txn.open_table(META)
@@ -201,7 +203,9 @@ fn decode_presence(v: &[u8]) -> Result<Presence, String> {
         [0] => Ok(Presence::Connected),
         [1] => Ok(Presence::Away { expires: None }),
         [2, ms @ ..] => {
-            let ms: [u8; 8] = ms.try_into().map_err(|_| "a session record of the wrong length".to_string())?;
+            let ms: [u8; 8] = ms
+                .try_into()
+                .map_err(|_| "a session record of the wrong length".to_string())?;
             Ok(Presence::Away {
                 expires: Some(u64::from_be_bytes(ms)),
             })
@@ -246,7 +250,11 @@ impl RedbStore {
     /// Applies `ops` in one write transaction, then calls `before_commit` with the
     /// file's path (tests copy the file there: a crash in the middle of a commit), then
     /// commits if it returns true, or drops the transaction (an abort) if not.
-    pub(super) fn write(&mut self, ops: &[StoreOp], before_commit: impl FnOnce(&Path) -> bool) -> Result<(), StoreError> {
+    pub(super) fn write(
+        &mut self,
+        ops: &[StoreOp],
+        before_commit: impl FnOnce(&Path) -> bool,
+    ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(failed)?;
         txn.set_durability(Durability::Immediate);
         txn.set_quick_repair(true);
@@ -256,7 +264,10 @@ impl RedbStore {
             let mut held = txn.open_table(HELD).map_err(failed)?;
             for op in ops {
                 match op {
-                    StoreOp::Connected { client_id, topics: entries } => {
+                    StoreOp::Connected {
+                        client_id,
+                        topics: entries,
+                    } => {
                         let id: &str = client_id;
                         topics
                             .retain_in((id, 0u16)..=(id, u16::MAX), |_, _| false)
@@ -363,7 +374,9 @@ mod tests {
         for p in [
             Presence::Connected,
             Presence::Away { expires: None },
-            Presence::Away { expires: Some(1_700_000_000_123) },
+            Presence::Away {
+                expires: Some(1_700_000_000_123),
+            },
         ] {
             assert_eq!(decode_presence(&encode_presence(p)), Ok(p));
         }

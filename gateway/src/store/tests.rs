@@ -122,8 +122,14 @@ fn op() -> impl Strategy<Value = StoreOp> {
         (client.clone(), id.clone(), name).prop_map(|(client_id, id, name)| StoreOp::Topic { client_id, id, name }),
         (client.clone(), id).prop_map(|(client_id, id)| StoreOp::Untopic { client_id, id }),
         client.clone().prop_map(|client_id| StoreOp::Forget { client_id }),
-        (client.clone(), 0u64..4, prop::collection::vec(any::<u8>(), 0..20), 1u8..3, any::<bool>()).prop_map(
-            |(client_id, seq, payload, qos, retain)| StoreOp::PutHeld {
+        (
+            client.clone(),
+            0u64..4,
+            prop::collection::vec(any::<u8>(), 0..20),
+            1u8..3,
+            any::<bool>()
+        )
+            .prop_map(|(client_id, seq, payload, qos, retain)| StoreOp::PutHeld {
                 client_id,
                 seq,
                 message: HeldMessage {
@@ -132,8 +138,7 @@ fn op() -> impl Strategy<Value = StoreOp> {
                     qos,
                     retain,
                 },
-            }
-        ),
+            }),
         (client, 0u64..4).prop_map(|(client_id, seq)| StoreOp::RemoveHeld { client_id, seq }),
     ]
 }
