@@ -723,9 +723,16 @@ fn state_keys_from_flags_and_their_errors() {
     let s = c.validate_offline().unwrap();
     assert_eq!(s.state.dir.as_deref(), Some(std::path::Path::new("/tmp/gw-state")));
     assert!(s.state.recover);
-    assert_eq!(Settings::default().state, StateSettings::default(), "none by default: in memory");
+    assert_eq!(
+        Settings::default().state,
+        StateSettings::default(),
+        "none by default: in memory"
+    );
 
-    let e = Config::parse("[state]\nrecover = true\n").unwrap().validate_offline().unwrap_err();
+    let e = Config::parse("[state]\nrecover = true\n")
+        .unwrap()
+        .validate_offline()
+        .unwrap_err();
     assert!(e.mentions("state.recover needs state.dir"), "{e}");
     let file = std::env::temp_dir().join(format!("gw-state-file-{}", std::process::id()));
     std::fs::write(&file, b"x").unwrap();
