@@ -89,11 +89,16 @@ fn restart(sessions: usize) {
         store.commit(&ops).unwrap();
     }
     let written = t.elapsed();
-    // No clean close: the process "dies" with the file as the last commit left it.
+    // No clean close: the file as the last commit left it, copied while the store is
+    // still open (what a `kill -9` leaves), is what the restart opens.
+    let crashed = dir("restart-crashed");
+    std::fs::create_dir_all(&crashed).unwrap();
+    let file = crashed.join(gateway::store::STORE_FILE);
+    std::fs::copy(d.join(gateway::store::STORE_FILE), &file).unwrap();
     drop(store);
-    let size = std::fs::metadata(d.join(gateway::store::STORE_FILE)).unwrap().len();
+    let size = std::fs::metadata(&file).unwrap().len();
     let t = Instant::now();
-    let (store, stored) = RedbStore::open_file(&d.join(gateway::store::STORE_FILE)).unwrap();
+    let (store, stored) = RedbStore::open_file(&file).unwrap();
     let opened = t.elapsed();
     assert_eq!(stored.len(), sessions);
     let mut gw = Gateway::new(EngineConfig {
@@ -116,7 +121,9 @@ fn restart(sessions: usize) {
         rebuilt.as_secs_f64() * 1e3,
         committed.as_secs_f64() * 1e3,
     );
+    drop(store);
     let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(&crashed);
 }
 
 fn main() {
