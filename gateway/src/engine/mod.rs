@@ -521,7 +521,9 @@ impl Gateway {
     /// Each stored session becomes a kept topic table, as if its device had just gone:
     /// one whose expiry (wall-clock) passed while the gateway was down is dropped; one
     /// whose device was connected when the gateway stopped starts its expiry now (the
-    /// gateway cannot know when the device went silent).
+    /// gateway cannot know when the device went silent). The expiry in force bounds a
+    /// stored one (`session_expiry` lowered since: the new one counts from now; turned
+    /// off: none).
     pub fn restore(&mut self, now: Instant, wall: SystemTime, stored: Vec<StoredSession>) -> Restored {
         let mut queue = StoreQueue {
             ops: Vec::new(),
@@ -533,12 +535,15 @@ impl Gateway {
         for s in stored {
             let client_id: Arc<str> = s.client_id.into();
             let table = TopicTable::from_entries(s.topics.into_iter().map(|(id, name)| (id, Arc::from(name))));
-            let expires = match s.presence {
-                Presence::Connected => self
-                    .persisted
-                    .expiry()
-                    .map(|d| now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
-                Presence::Away { expires } => expires,
+            // The expiry in force now bounds what was stored (it may have been lowered,
+            // or turned off, since): a session connected at the stop gets all of it.
+            let limit = self
+                .persisted
+                .expiry()
+                .map(|d| now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+            let expires = match (s.presence, limit) {
+                (Presence::Away { expires: Some(at) }, Some(limit)) => Some(at.min(limit)),
+                (_, limit) => limit,
             };
             if expires.is_some_and(|at| at <= now_ms) {
                 done.expired += 1;
@@ -546,11 +551,11 @@ impl Gateway {
                 queue.push(StoreOp::Forget { client_id });
                 continue;
             }
-            let at = expires.map(|ms| now + Duration::from_millis(ms - now_ms));
+            let at = expires.and_then(|ms| now.checked_add(Duration::from_millis(ms - now_ms)));
             match self.persisted.keep(client_id.clone(), table, at) {
                 Stored::Kept => {
                     done.kept += 1;
-                    if s.presence == Presence::Connected {
+                    if s.presence != (Presence::Away { expires }) {
                         queue.push(StoreOp::Away { client_id, expires });
                     }
                 }

@@ -252,3 +252,40 @@ fn a_device_connected_at_the_crash_starts_its_expiry_at_the_restart() {
     assert_eq!(restored.kept, 1);
     assert_eq!(t.gw.poll_timeout(), Some(t.now + Duration::from_secs(100)));
 }
+
+#[test]
+fn a_lowered_expiry_bounds_what_was_stored_and_a_far_deadline_does_not_overflow() {
+    let wall = SystemTime::now();
+    let now_ms = crate::store::unix_millis(wall);
+    let stored = |id: &str, expires| crate::store::StoredSession {
+        client_id: id.into(),
+        presence: crate::store::Presence::Away { expires },
+        topics: vec![(1, "x".into())],
+        held: Vec::new(),
+    };
+    let mut t = T::with(EngineConfig {
+        session_expiry: Some(Duration::from_secs(10)),
+        ..cfg()
+    });
+    let restored = t.gw.restore(
+        t.now,
+        wall,
+        vec![stored("far", Some(u64::MAX)), stored("soon", Some(now_ms + 5_000))],
+    );
+    assert_eq!(restored.kept, 2);
+    // "far" is bounded by the 10 s in force, "soon" keeps its 5 s.
+    assert_eq!(t.gw.poll_timeout(), Some(t.now + Duration::from_secs(5)));
+    t.at(5.0);
+    assert_eq!(t.gw.stats().persisted_sessions, 1);
+    t.at(10.0);
+    assert_eq!(t.gw.stats().persisted_sessions, 0);
+    // Without an expiry in force, nothing expires, whatever was stored.
+    let mut t = T::with(cfg());
+    t.gw.restore(
+        t.now,
+        wall,
+        vec![stored("far", Some(u64::MAX)), stored("past", Some(now_ms - 1))],
+    );
+    assert_eq!(t.gw.stats().persisted_sessions, 2);
+    assert_eq!(t.gw.poll_timeout(), None);
+}
