@@ -18,5 +18,6 @@ pub mod link;
 pub mod open_files;
 pub mod ops;
 pub mod runtime;
+pub mod store;
 pub mod topics;
 pub mod transport;

@@ -62,6 +62,7 @@ pub fn counter_help(name: &str) -> Option<&'static str> {
         "broker_closed" => "Sessions ended because their broker connection closed",
         "takeovers" => "Sessions taken over by a new CONNECT with the same client id",
         "sessions_expired" => "Kept topic ids of clean-session-false devices dropped after limits.session_expiry_secs",
+        "store_write_errors" => "State store commits that failed (what they held is not durable)",
         "sleeps" => "Times a device went to sleep",
         "wakes" => "Times a device woke",
         "broker_rejected" => "Requests the broker link could not queue (queue full or connection gone)",

@@ -17,6 +17,7 @@ use crate::broker::shared::SharedLinks;
 use crate::broker::{AnyLink, BrokerEvent, BrokerLink, ClientKey};
 use crate::config::Settings;
 use crate::engine::{Gateway, LinkAddr, Stats};
+use crate::store::StoreLink;
 use crate::topics::Predefined;
 use crate::transport::dtls::{DtlsOutput, DtlsServer, PskSource};
 use crate::transport::serial::{LinkEvent, SerialPortStats, SerialPorts, SerialStatsReader};
@@ -254,7 +255,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         LinkMode::Transparent => AnyLink::Transparent(MqttLinks::new(broker, ev_tx)),
         LinkMode::Aggregating => AnyLink::Aggregating(SharedLinks::new(broker, ev_tx)),
     };
-    let gateway = Gateway::new(settings.engine.clone());
+    let mut gateway = Gateway::new(settings.engine.clone());
+    let store = crate::store::StoreLink::open(&settings.state, &mut gateway)?;
     let stats = Arc::new(Mutex::new(Stats::default()));
     let broker_links = Arc::new(AtomicUsize::new(0));
     let stopping = Arc::new(AtomicBool::new(false));
@@ -298,6 +300,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     }
     let engine = run(
         gateway,
+        store,
         links,
         listeners,
         in_rx,
@@ -353,6 +356,7 @@ fn stats_of<L: BrokerLink>(gw: &Gateway, dtls: &DtlsLinks, links: &L) -> Stats {
 #[allow(clippy::too_many_arguments)]
 async fn run<L: BrokerLink>(
     mut gw: Gateway,
+    mut store: Option<StoreLink>,
     mut links: L,
     listeners: Vec<UdpListener>,
     mut inbound: mpsc::Receiver<Inbound>,
@@ -371,7 +375,15 @@ async fn run<L: BrokerLink>(
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_log = Instant::now();
     gw.start(Instant::now());
-    flush(&mut gw, &mut links, &listeners, &serial.ports, &mut dtls.links).await;
+    flush(
+        &mut gw,
+        &mut store,
+        &mut links,
+        &listeners,
+        &serial.ports,
+        &mut dtls.links,
+    )
+    .await;
     loop {
         if stop_deadline.is_some() && gw.is_shut_down() {
             break;
@@ -482,13 +494,29 @@ async fn run<L: BrokerLink>(
                 snapshot.store(s, links.active());
             }
         }
-        flush(&mut gw, &mut links, &listeners, &serial.ports, &mut dtls.links).await;
+        flush(
+            &mut gw,
+            &mut store,
+            &mut links,
+            &listeners,
+            &serial.ports,
+            &mut dtls.links,
+        )
+        .await;
     }
     // Every DTLS session is told the gateway is going (close_notify).
     for d in &mut dtls.links {
         d.server.close_all();
     }
-    flush(&mut gw, &mut links, &listeners, &serial.ports, &mut dtls.links).await;
+    flush(
+        &mut gw,
+        &mut store,
+        &mut links,
+        &listeners,
+        &serial.ports,
+        &mut dtls.links,
+    )
+    .await;
     // Every session has closed its broker connection; close what is left (the QoS -1
     // connection, any other) and wait until each DISCONNECT is written, reading the
     // events meanwhile so that no connection task waits on a full channel.
@@ -547,6 +575,7 @@ fn connection_limit(settings: &Settings) -> usize {
 /// immediate refusals go straight back into the engine).
 async fn flush<L: BrokerLink>(
     gw: &mut Gateway,
+    store: &mut Option<StoreLink>,
     links: &mut L,
     listeners: &[UdpListener],
     serial: &SerialPorts,
@@ -574,6 +603,11 @@ async fn flush<L: BrokerLink>(
             if let Some(event) = links.execute(key, command) {
                 gw.handle_broker_event(Instant::now(), key, event);
             }
+        }
+        // The durability rule: what the engine stored is committed (one transaction for
+        // all of it) before the datagrams that answer it go out.
+        if let Some(store) = store {
+            store.flush(gw);
         }
         while let Some(t) = gw.poll_transmit() {
             idle = false;

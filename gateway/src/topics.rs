@@ -185,9 +185,54 @@ pub struct TopicTable {
     by_id: HashMap<u16, Arc<str>>,
     by_name: HashMap<Arc<str>, u16>,
     next_id: u16,
+    /// Changes since the last [`TopicTable::take_changes`], while recording (the state
+    /// store writes them); `None`: not recording.
+    journal: Option<Vec<TopicChange>>,
+}
+
+/// A change to a [`TopicTable`], as the state store records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicChange {
+    /// An id was assigned to a name (by the device's REGISTER or SUBSCRIBE, or by the
+    /// gateway before it delivers on the name).
+    Assigned(u16, Arc<str>),
+    /// An id was forgotten.
+    Removed(u16),
 }
 
 impl TopicTable {
+    /// A table holding `entries` (read back from the state store). Later duplicates of an
+    /// id or a name are ignored; reserved ids (0, 0xFFFF) are skipped.
+    pub fn from_entries(entries: impl IntoIterator<Item = (u16, Arc<str>)>) -> TopicTable {
+        let mut table = TopicTable::default();
+        for (id, name) in entries {
+            if id == 0 || id == 0xFFFF || table.by_id.contains_key(&id) || table.by_name.contains_key(&name) {
+                continue;
+            }
+            table.by_id.insert(id, name.clone());
+            table.by_name.insert(name, id);
+            // New ids continue after the highest one in use, as before the restart.
+            table.next_id = table.next_id.max(id);
+        }
+        table
+    }
+
+    /// Every id and its name, in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = (u16, &Arc<str>)> {
+        self.by_id.iter().map(|(id, name)| (*id, name))
+    }
+
+    /// Starts (or stops) recording changes for [`TopicTable::take_changes`]; what was
+    /// recorded before is dropped.
+    pub fn record(&mut self, on: bool) {
+        self.journal = on.then(Vec::new);
+    }
+
+    /// The changes recorded since the last call (empty when not recording).
+    pub fn take_changes(&mut self) -> Vec<TopicChange> {
+        self.journal.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     /// The name behind a normal topic id.
     pub fn name(&self, id: u16) -> Option<&Arc<str>> {
         self.by_id.get(&id)
@@ -228,6 +273,9 @@ impl TopicTable {
         };
         let name: Arc<str> = name.into();
         self.by_id.insert(id, name.clone());
+        if let Some(journal) = &mut self.journal {
+            journal.push(TopicChange::Assigned(id, name.clone()));
+        }
         self.by_name.insert(name, id);
         Some(id)
     }
@@ -236,6 +284,9 @@ impl TopicTable {
     pub fn remove(&mut self, id: u16) {
         if let Some(name) = self.by_id.remove(&id) {
             self.by_name.remove(&name);
+            if let Some(journal) = &mut self.journal {
+                journal.push(TopicChange::Removed(id));
+            }
         }
     }
 }

@@ -64,6 +64,9 @@ pub struct Cli {
     /// `[auth]` flags.
     #[command(flatten)]
     pub auth: AuthFlags,
+    /// `[state]` flags.
+    #[command(flatten)]
+    pub state: StateFlags,
     /// Predefined topic, ID=TOPIC (repeatable), e.g. 77=sensors/temp; replaces the
     /// file's entry for the same id.
     #[arg(long, id = "predefined", value_name = "ID=TOPIC", value_parser = parse_predefined)]
@@ -266,6 +269,19 @@ pub struct AuthFlags {
     #[arg(long = "mountpoint", id = "auth.mountpoint", value_name = "PREFIX")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mountpoint: Option<String>,
+}
+
+/// `[state]` flags.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct StateFlags {
+    /// Directory of the crash-safe state store (topic ids of clean-session-false devices survive a restart) [default: none, in memory].
+    #[arg(long = "state-dir", id = "state.dir", value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// On a damaged state store: keep it aside and start with an empty one instead of refusing to start.
+    #[arg(long = "state-recover", id = "state.recover")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub recover: bool,
 }
 
 /// A DTLS listener given on the command line: its address, and the certificates of

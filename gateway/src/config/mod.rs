@@ -25,10 +25,10 @@ mod validate;
 
 pub use cli::{
     AuthFlags, BrokerFlags, Cli, DiscoveryFlags, GatewayFlags, LimitsFlags, LogFlags, MetricsFlags, SerialFlag,
-    TimersFlags, UdpFlags,
+    StateFlags, TimersFlags, UdpFlags,
 };
 pub use reload::{Changes, KeyedChanges, PredefinedChanges, RELOADABLE};
-pub use validate::{DtlsListener, LogSettings, MetricsSettings, Settings, UdpProbe};
+pub use validate::{DtlsListener, LogSettings, MetricsSettings, Settings, StateSettings, UdpProbe};
 
 /// Prefix of the environment variables that set configuration keys:
 /// `MQTT_SN_<SECTION>__<KEY>`, e.g. `MQTT_SN_BROKER__URL`.
@@ -73,6 +73,21 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[auth]`: device identity and access control.
     pub auth: AuthSection,
+    /// `[state]`: the crash-safe state store.
+    pub state: StateConfig,
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory of the state store (`gateway.redb`); unset: state is kept in memory
+    /// only and a restart forgets it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// On a damaged store: rename it aside and start with an empty one (with a loud
+    /// warning) instead of refusing to start.
+    pub recover: bool,
 }
 
 /// `[auth]`.

@@ -426,6 +426,7 @@ fn every_key() -> toml::Value {
         address_change: Some("deny".into()),
         mountpoint: Some("site/%c/".into()),
     };
+    c.state.dir = Some("/var/lib/mqtt-sn-gateway".into());
     toml::Value::try_from(c).expect("the configuration serializes")
 }
 
@@ -717,4 +718,31 @@ fn auth_errors_name_the_key() {
         "[auth]\ndevices_file = \"/nonexistent/devices.toml\"\n",
         "auth.devices_file: /nonexistent/devices.toml: cannot read",
     );
+}
+
+#[test]
+fn state_keys_from_flags_and_their_errors() {
+    let c = Config::load_with_env(&cli(&["--state-dir", "/tmp/gw-state", "--state-recover"]), env(&[])).unwrap();
+    let s = c.validate_offline().unwrap();
+    assert_eq!(s.state.dir.as_deref(), Some(std::path::Path::new("/tmp/gw-state")));
+    assert!(s.state.recover);
+    assert_eq!(
+        Settings::default().state,
+        StateSettings::default(),
+        "none by default: in memory"
+    );
+
+    let e = Config::parse("[state]\nrecover = true\n")
+        .unwrap()
+        .validate_offline()
+        .unwrap_err();
+    assert!(e.mentions("state.recover needs state.dir"), "{e}");
+    let file = std::env::temp_dir().join(format!("gw-state-file-{}", std::process::id()));
+    std::fs::write(&file, b"x").unwrap();
+    let e = Config::parse(&format!("[state]\ndir = {:?}\n", file.display().to_string()))
+        .unwrap()
+        .validate_offline()
+        .unwrap_err();
+    let _ = std::fs::remove_file(&file);
+    assert!(e.mentions("state.dir") && e.mentions("is not a directory"), "{e}");
 }

@@ -44,6 +44,17 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     /// Log format and filter.
     pub log: LogSettings,
+    /// The state store.
+    pub state: StateSettings,
+}
+
+/// `[state]`, validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateSettings {
+    /// Directory of the store; `None`: in memory only.
+    pub dir: Option<std::path::PathBuf>,
+    /// Rename a damaged store aside and start afresh.
+    pub recover: bool,
 }
 
 /// One `[[dtls]]` listener, validated.
@@ -330,6 +341,7 @@ impl Config {
             udp_probe: self.udp_probe(e),
         };
         let log = self.log_settings(e);
+        let state = self.state_settings(e);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -345,7 +357,25 @@ impl Config {
             publish_wills_on_shutdown: self.gateway.publish_wills_on_shutdown,
             metrics,
             log,
+            state,
         })
+    }
+
+    /// `[state]`: a directory that is not a file, and `recover` only with a directory.
+    fn state_settings(&self, e: &mut Vec<String>) -> StateSettings {
+        let s = &self.state;
+        match &s.dir {
+            Some(dir) if dir.as_os_str().is_empty() => e.push("state.dir must not be empty".into()),
+            Some(dir) if dir.exists() && !dir.is_dir() => {
+                e.push(format!("state.dir {} exists and is not a directory", dir.display()));
+            }
+            None if s.recover => e.push("state.recover needs state.dir (there is no store to recover)".into()),
+            _ => {}
+        }
+        StateSettings {
+            dir: s.dir.clone(),
+            recover: s.recover,
+        }
     }
 
     /// The UDP probe: both strings or neither, neither empty, and a request that no

@@ -14,7 +14,7 @@ mod session;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use sn_codec::{Packet, QoS};
 use tracing::{debug, info, warn};
@@ -22,7 +22,8 @@ use tracing::{debug, info, warn};
 use crate::auth::{AddressChange, AuthConfig, Denied, Refusal, Registry};
 use crate::broker::{BrokerEvent, ClientKey, Command, LogThrottle, MqttQos, RejectReason};
 pub use crate::link::{LinkAddr, Peer};
-use crate::topics::{self, Predefined, TopicTable};
+use crate::store::{Presence, StoreOp, StoredSession, UnixMillis};
+use crate::topics::{self, Predefined, TopicChange, TopicTable};
 use persisted::{Persisted, Stored};
 pub use session::SessionState;
 use session::{Ctx, Flow, Session};
@@ -136,6 +137,9 @@ pub struct Metrics {
     pub publishes_in: u64,
     /// Kept topic ids of clean-session-false devices dropped after `session_expiry`.
     pub sessions_expired: u64,
+    /// State store commits that failed (disk full, I/O error): what they held is not
+    /// durable, and is lost if the gateway dies before a later commit succeeds.
+    pub store_write_errors: u64,
     /// Broker messages delivered to devices.
     pub publishes_out: u64,
     /// QoS -1 publishes forwarded.
@@ -407,6 +411,65 @@ pub struct Gateway {
     unreachable_log: LogThrottle,
     /// Rate limit of the INFO lines for requests the access rules refuse.
     auth_log: LogThrottle,
+    /// With a state store: the writes queued for it (see [`Gateway::restore`]).
+    store: Option<StoreQueue>,
+}
+
+/// The engine's side of the state store: the writes queued for the runtime to commit.
+#[derive(Debug)]
+struct StoreQueue {
+    ops: Vec<StoreOp>,
+    /// A write is queued or being committed: datagrams wait until it is durable (a
+    /// REGACK must not leave before the registration it acknowledges is stored).
+    unsettled: bool,
+    /// The wall-clock time of one instant: the store keeps wall-clock deadlines, the
+    /// engine is given `Instant`s.
+    anchor: (Instant, UnixMillis),
+}
+
+impl StoreQueue {
+    fn push(&mut self, op: StoreOp) {
+        self.ops.push(op);
+        self.unsettled = true;
+    }
+
+    /// `at` in wall-clock time.
+    fn wall(&self, at: Instant) -> UnixMillis {
+        let (i, ms) = self.anchor;
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        match at.checked_duration_since(i) {
+            Some(d) => ms.saturating_add(millis(d)),
+            None => ms.saturating_sub(millis(i - at)),
+        }
+    }
+
+    /// The store's record of a clean-session-false session's topic changes.
+    fn topics(&mut self, client_id: &Arc<str>, changes: Vec<TopicChange>) {
+        for c in changes {
+            self.push(match c {
+                TopicChange::Assigned(id, name) => StoreOp::Topic {
+                    client_id: client_id.clone(),
+                    id,
+                    name,
+                },
+                TopicChange::Removed(id) => StoreOp::Untopic {
+                    client_id: client_id.clone(),
+                    id,
+                },
+            });
+        }
+    }
+}
+
+/// What [`Gateway::restore`] did with the stored sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Kept: their devices get their topic ids back when they connect.
+    pub kept: usize,
+    /// Dropped: their expiry passed while the gateway was down.
+    pub expired: usize,
+    /// Dropped: beyond `limits.max_persisted_sessions`.
+    pub over_limit: usize,
 }
 
 /// At most one INFO line per this period for refusals by the access rules (an attacker
@@ -447,6 +510,97 @@ impl Gateway {
             refused_log: LogThrottle::new(CONNECT_FAILED_LOG_EVERY),
             unreachable_log: LogThrottle::new(CONNECT_FAILED_LOG_EVERY),
             auth_log: LogThrottle::new(AUTH_LOG_EVERY),
+            store: None,
+        }
+    }
+
+    /// Turns the state store on, with what it holds (`stored`, read at start; `wall` is
+    /// the wall-clock time at `now`). From here on the engine queues every change to
+    /// what it keeps of clean-session-false devices as [`StoreOp`]s
+    /// ([`Gateway::take_store_ops`]), and [`Gateway::poll_transmit`] holds datagrams back
+    /// while a write is not yet durable ([`Gateway::store_committed`]).
+    ///
+    /// Each stored session becomes a kept topic table, as if its device had just gone:
+    /// one whose expiry (wall-clock) passed while the gateway was down is dropped; one
+    /// whose device was connected when the gateway stopped starts its expiry now (the
+    /// gateway cannot know when the device went silent). The expiry in force bounds a
+    /// stored one (`session_expiry` lowered since: the new one counts from now; turned
+    /// off: none).
+    pub fn restore(&mut self, now: Instant, wall: SystemTime, stored: Vec<StoredSession>) -> Restored {
+        let mut queue = StoreQueue {
+            ops: Vec::new(),
+            unsettled: false,
+            anchor: (now, crate::store::unix_millis(wall)),
+        };
+        let mut done = Restored::default();
+        let now_ms = queue.wall(now);
+        for s in stored {
+            let client_id: Arc<str> = s.client_id.into();
+            let table = TopicTable::from_entries(s.topics.into_iter().map(|(id, name)| (id, Arc::from(name))));
+            // The expiry in force now bounds what was stored (it may have been lowered,
+            // or turned off, since): a session connected at the stop gets all of it.
+            let limit = self
+                .persisted
+                .expiry()
+                .map(|d| now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+            let expires = match (s.presence, limit) {
+                (Presence::Away { expires: Some(at) }, Some(limit)) => Some(at.min(limit)),
+                (_, limit) => limit,
+            };
+            if expires.is_some_and(|at| at <= now_ms) {
+                done.expired += 1;
+                self.metrics.sessions_expired += 1;
+                queue.push(StoreOp::Forget { client_id });
+                continue;
+            }
+            let at = expires.and_then(|ms| now.checked_add(Duration::from_millis(ms - now_ms)));
+            match self.persisted.keep(client_id.clone(), table, at) {
+                Stored::Kept => {
+                    done.kept += 1;
+                    if s.presence != (Presence::Away { expires }) {
+                        queue.push(StoreOp::Away { client_id, expires });
+                    }
+                }
+                Stored::Full => {
+                    done.over_limit += 1;
+                    queue.push(StoreOp::Forget { client_id });
+                }
+            }
+        }
+        self.store = Some(queue);
+        done
+    }
+
+    /// The state store writes queued since the last call, in order: the runtime commits
+    /// them in one transaction, then calls [`Gateway::store_committed`]. Empty without a
+    /// store.
+    pub fn take_store_ops(&mut self) -> Vec<StoreOp> {
+        self.store
+            .as_mut()
+            .map(|q| std::mem::take(&mut q.ops))
+            .unwrap_or_default()
+    }
+
+    /// The writes taken by [`Gateway::take_store_ops`] are durable (`ok`), or failed
+    /// (counted in `store_write_errors`; the gateway keeps serving from memory): the
+    /// datagrams held back behind them may go.
+    pub fn store_committed(&mut self, ok: bool) {
+        if !ok {
+            self.metrics.store_write_errors += 1;
+        }
+        if let Some(q) = &mut self.store {
+            q.unsettled = !q.ops.is_empty();
+        }
+    }
+
+    /// Whether store writes are queued or not yet committed (datagrams wait for them).
+    pub fn store_pending(&self) -> bool {
+        self.store.as_ref().is_some_and(|q| q.unsettled)
+    }
+
+    fn store_op(&mut self, op: StoreOp) {
+        if let Some(q) = &mut self.store {
+            q.push(op);
         }
     }
 
@@ -506,6 +660,10 @@ impl Gateway {
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.store_pending() {
+            // The durability rule: nothing goes out before what it answers is stored.
+            return None;
+        }
         let t = self.out.transmits.pop_front();
         if t.is_some() {
             self.metrics.datagrams_out += 1;
@@ -829,10 +987,13 @@ impl Gateway {
         }
         // Anything else on this address, or with this client id, is taken over.
         let mut topics = None;
+        // Whether the store holds something for this client id that a clean session drops.
+        let mut stored = false;
         if let Some(key) = existing {
             if let Some(old) = self.remove_session(key) {
                 self.metrics.takeovers += 1;
                 debug!(client = %c.client_id, from = %old.peer(), to = %peer, "session taken over");
+                stored = !old.clean_session();
                 let table = old.take_over(&mut self.out);
                 if !c.clean_session {
                     topics = Some(table);
@@ -843,19 +1004,36 @@ impl Gateway {
             self.end_quietly(now, key, "address reused by a new CONNECT");
         }
         if c.clean_session {
-            self.persisted.remove(c.client_id);
+            stored |= self.persisted.take(c.client_id).is_some();
+            if stored {
+                self.store_op(StoreOp::Forget {
+                    client_id: c.client_id.into(),
+                });
+            }
         } else if topics.is_none() {
             topics = self.persisted.take(c.client_id);
         }
+        let client_id: Arc<str> = c.client_id.into();
         if self.sessions.len() >= self.cfg.max_clients {
             self.metrics.connects_refused += 1;
             warn!(client = %c.client_id, peer = %peer, limit = self.cfg.max_clients, "CONNECT refused: client limit reached");
             self.out.send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::Congestion));
+            if let Some(table) = topics.filter(|_| !c.clean_session) {
+                // Kept for its next try, as if it had just gone.
+                self.store_persisted(now, client_id, table);
+            }
             return;
         }
         let key = self.next_key;
         self.next_key += 1;
-        let client_id: Arc<str> = c.client_id.into();
+        let mut topics = topics.unwrap_or_default();
+        if let (Some(q), false) = (&mut self.store, c.clean_session) {
+            topics.record(true);
+            q.push(StoreOp::Connected {
+                client_id: client_id.clone(),
+                topics: topics.entries().map(|(id, name)| (id, name.clone())).collect(),
+            });
+        }
         let mut ctx = Ctx {
             cfg: &self.cfg,
             out: &mut self.out,
@@ -863,15 +1041,7 @@ impl Gateway {
             latency: &mut self.latency,
             now,
         };
-        let session = Session::new(
-            &mut ctx,
-            key,
-            client_id.clone(),
-            peer.clone(),
-            c,
-            topics.unwrap_or_default(),
-            admission,
-        );
+        let session = Session::new(&mut ctx, key, client_id.clone(), peer.clone(), c, topics, admission);
         self.sessions.insert(key, session);
         self.by_peer.insert(peer, key);
         self.by_client_id.insert(client_id, key);
@@ -982,6 +1152,7 @@ impl Gateway {
         for client_id in self.persisted.expire(now) {
             debug!(client = %client_id, "persisted session expired; topic ids dropped");
             self.metrics.sessions_expired += 1;
+            self.store_op(StoreOp::Forget { client_id: client_id.clone() });
             self.out
                 .command(crate::broker::GATEWAY_KEY, Command::Expire { client_id });
         }
@@ -1012,6 +1183,12 @@ impl Gateway {
         if let (Flow::Continue, Some(publish_wills)) = (flow, self.stopping) {
             // Stopping: the session goes as soon as nothing of it is in flight.
             flow = session.stop(&mut ctx, publish_wills, false);
+        }
+        if let Some(q) = &mut self.store {
+            let changes = session.take_topic_changes();
+            if !changes.is_empty() {
+                q.topics(session.client_id(), changes);
+            }
         }
         match flow {
             Flow::Continue => self.reschedule(key),
@@ -1145,9 +1322,30 @@ impl Gateway {
         }
     }
 
-    fn store_persisted(&mut self, now: Instant, client_id: Arc<str>, table: TopicTable) {
-        if self.persisted.store(now, client_id.clone(), table) == Stored::Full {
+    fn store_persisted(&mut self, now: Instant, client_id: Arc<str>, mut table: TopicTable) {
+        if let Some(q) = &mut self.store {
+            // A session ended by a takeover was not through with_session: its last
+            // changes are written here.
+            q.topics(&client_id, table.take_changes());
+        }
+        table.record(false);
+        let kept = self.persisted.store(now, client_id.clone(), table);
+        if kept == Stored::Full {
             debug!(client = %client_id, "persisted-session limit reached; topic ids not kept");
+        }
+        let expiry = self.persisted.expiry();
+        if let Some(q) = &mut self.store {
+            let op = match kept {
+                Stored::Kept => StoreOp::Away {
+                    expires: expiry.map(|d| {
+                        q.wall(now)
+                            .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    }),
+                    client_id,
+                },
+                Stored::Full => StoreOp::Forget { client_id },
+            };
+            q.push(op);
         }
     }
 }
@@ -1164,3 +1362,5 @@ mod tests_link;
 mod tests_reload;
 #[cfg(test)]
 mod tests_shutdown;
+#[cfg(test)]
+mod tests_store;

@@ -3,6 +3,10 @@
 //! `limits.session_expiry_secs`, in time: a device that does not come back within the
 //! expiry loses them, like a broker's persistent-client expiration.
 //!
+//! With a state store (`state.dir`), what is kept here is also written there (the
+//! engine queues [`crate::store::StoreOp`]s), and read back at start
+//! ([`crate::engine::Gateway::restore`]), its expiry in wall-clock time.
+//!
 //! In transparent mode the broker holds the rest of such a device's session (its
 //! subscriptions and queued QoS 1/2 messages) and expires it by its own setting (for
 //! mosquitto, `persistent_client_expiration`); the gateway never clears a session at the
@@ -54,11 +58,22 @@ impl Persisted {
     /// Keeps `table` for `client_id`, whose session ended at `now` (replacing what was
     /// kept for it, and restarting its expiry).
     pub(crate) fn store(&mut self, now: Instant, client_id: Arc<str>, table: TopicTable) -> Stored {
+        let expires = self.expiry.and_then(|d| now.checked_add(d));
+        self.keep(client_id, table, expires)
+    }
+
+    /// The expiry [`Persisted::store`] gives a table kept at `now`.
+    pub(crate) fn expiry(&self) -> Option<Duration> {
+        self.expiry
+    }
+
+    /// Keeps `table` for `client_id` until `expires` (a table read back from the state
+    /// store, whose expiry was set before the restart).
+    pub(crate) fn keep(&mut self, client_id: Arc<str>, table: TopicTable, expires: Option<Instant>) -> Stored {
         if self.tables.len() >= self.limit && !self.tables.contains_key(&client_id) {
             return Stored::Full;
         }
         self.remove(&client_id);
-        let expires = self.expiry.and_then(|d| now.checked_add(d));
         if let Some(at) = expires {
             self.deadlines.insert((at, client_id.clone()));
         }

@@ -313,6 +313,12 @@ impl Session {
         self.topics
     }
 
+    /// The changes to its topic table since the last call (recorded only for a
+    /// clean-session-false session with a state store).
+    pub(crate) fn take_topic_changes(&mut self) -> Vec<crate::topics::TopicChange> {
+        self.topics.take_changes()
+    }
+
     /// Applies the registry in force now (a reload) to this session's rights.
     pub(crate) fn regrant(&mut self, auth: &AuthConfig, global: &Arc<Predefined>) {
         self.grants = auth.regrant(

@@ -1,0 +1,266 @@
+//! The state store: what the gateway keeps of clean-session-false devices across a
+//! restart or a crash (`--state-dir`, see `docs/persistence.md`).
+//!
+//! The engine stays sans-IO: it never calls the store. It queues [`StoreOp`]s, plain data,
+//! as it queues datagrams and broker commands, and the runtime applies them with
+//! [`StateStore::commit`], one transaction for everything queued in one turn of its loop
+//! (a group commit: one fsync for up to a whole batch of datagrams, not one per
+//! registration). The engine holds back every datagram queued after a store write until
+//! the runtime says the write is durable ([`crate::engine::Gateway::store_committed`]), so
+//! a REGACK never leaves before the registration it acknowledges is on disk.
+//!
+//! What is stored, per clean-session-false device: its client id, whether it is
+//! connected or gone (and then until when, in wall-clock time), and its topic ids in both
+//! directions (those it registered and those the gateway registered with it). Held
+//! messages have their operations ([`StoreOp::PutHeld`], [`StoreOp::RemoveHeld`]) for
+//! aggregating mode, where the broker no longer keeps them; transparent mode leaves them
+//! to the broker's session and never writes them.
+
+mod disk;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use disk::{Opened, RedbStore, STORE_FILE};
+
+/// The schema version this build writes. A store with a higher one was written by a
+/// newer gateway and is refused; a lower one would be migrated (there is none yet).
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Wall-clock time as the store keeps it: milliseconds since the Unix epoch.
+pub type UnixMillis = u64;
+
+/// `t` as [`UnixMillis`] (0 before the epoch, saturating far in the future).
+pub fn unix_millis(t: SystemTime) -> UnixMillis {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `ms` as a [`SystemTime`].
+pub fn system_time(ms: UnixMillis) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Where a stored session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Its device was connected (or asleep) when this was written: its expiry had not
+    /// started. After a restart it counts from the restart.
+    Connected,
+    /// Its device went; what is kept expires at this time (`None`: never, until
+    /// `limits.max_persisted_sessions` is reached).
+    Away {
+        /// When it expires.
+        expires: Option<UnixMillis>,
+    },
+}
+
+/// A broker message held for a device (aggregating mode; see [`StoreOp::PutHeld`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldMessage {
+    /// The topic, as the broker named it.
+    pub topic: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// 1 or 2 (QoS 0 messages are never stored).
+    pub qos: u8,
+    /// The retain flag.
+    pub retain: bool,
+}
+
+/// One change to the stored state. Operations on one client id apply in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    /// A clean-session-false session began: whatever was kept for the client is replaced
+    /// by this, connected, with these topic ids.
+    Connected {
+        /// The client id.
+        client_id: Arc<str>,
+        /// Its topic ids and names.
+        topics: Vec<(u16, Arc<str>)>,
+    },
+    /// Its session ended; kept until `expires` (`None`: no expiry).
+    Away {
+        /// The client id.
+        client_id: Arc<str>,
+        /// When it expires.
+        expires: Option<UnixMillis>,
+    },
+    /// A topic id was assigned (either direction).
+    Topic {
+        /// The client id.
+        client_id: Arc<str>,
+        /// The id.
+        id: u16,
+        /// The topic name.
+        name: Arc<str>,
+    },
+    /// A topic id was forgotten.
+    Untopic {
+        /// The client id.
+        client_id: Arc<str>,
+        /// The id.
+        id: u16,
+    },
+    /// Everything kept for the client is dropped (clean session, expiry, limit).
+    Forget {
+        /// The client id.
+        client_id: Arc<str>,
+    },
+    /// A message held for the client, under a sequence number that orders its held
+    /// messages (aggregating mode: written before the broker is acknowledged).
+    PutHeld {
+        /// The client id.
+        client_id: Arc<str>,
+        /// Its position in the client's queue.
+        seq: u64,
+        /// The message.
+        message: HeldMessage,
+    },
+    /// A held message was delivered (or dropped).
+    RemoveHeld {
+        /// The client id.
+        client_id: Arc<str>,
+        /// Its position in the client's queue.
+        seq: u64,
+    },
+}
+
+/// What the store holds for one client, as read back at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    /// The client id.
+    pub client_id: String,
+    /// Connected or gone.
+    pub presence: Presence,
+    /// Topic ids and names, by id.
+    pub topics: Vec<(u16, String)>,
+    /// Held messages, by sequence number.
+    pub held: Vec<(u64, HeldMessage)>,
+}
+
+/// Why the store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file cannot be read as a store: damaged, truncated, or not a store at all.
+    #[error("the state store {path} is damaged: {why}")]
+    Damaged {
+        /// The file.
+        path: String,
+        /// What the reader found.
+        why: String,
+    },
+    /// Written by a newer gateway (a schema version this build does not know).
+    #[error("the state store {path} has schema version {found}; this gateway knows versions up to {SCHEMA_VERSION}: it was written by a newer gateway")]
+    NewerSchema {
+        /// The file.
+        path: String,
+        /// Its version.
+        found: u64,
+    },
+    /// Another process has it open.
+    #[error("the state store {path} is in use by another process (one gateway per state directory)")]
+    InUse {
+        /// The file.
+        path: String,
+    },
+    /// The file system refused (permissions, disk full).
+    #[error("the state store {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A write or a read failed while running.
+    #[error("state store: {0}")]
+    Failed(String),
+}
+
+/// A store of [`StoreOp`]s, crash-safe: after [`StateStore::commit`] returns `Ok`, its
+/// operations survive a crash; a crash before leaves none of them.
+pub trait StateStore: Send {
+    /// Applies `ops`, in order, in one durable transaction.
+    fn commit(&mut self, ops: &[StoreOp]) -> Result<(), StoreError>;
+
+    /// Everything stored, by client id.
+    fn load(&self) -> Result<Vec<StoredSession>, StoreError>;
+}
+
+/// The store as the runtime drives it: opened from `[state]`, fed the engine's writes.
+pub struct StoreLink {
+    store: Box<dyn StateStore>,
+    /// Whether the last commit failed (the error is logged once per run of failures).
+    failing: bool,
+}
+
+impl std::fmt::Debug for StoreLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLink").field("failing", &self.failing).finish()
+    }
+}
+
+impl StoreLink {
+    /// Opens the store of `[state]` (none without `state.dir`), gives the engine what it
+    /// holds ([`crate::engine::Gateway::restore`]) and commits what that changed. A
+    /// damaged store is an error, or with `state.recover` set aside, loudly.
+    pub fn open(
+        state: &crate::config::StateSettings,
+        gw: &mut crate::engine::Gateway,
+    ) -> Result<Option<StoreLink>, StoreError> {
+        let Some(dir) = &state.dir else {
+            return Ok(None);
+        };
+        let started = std::time::Instant::now();
+        let opened = RedbStore::open(dir, state.recover)?;
+        if let Some((aside, why)) = &opened.set_aside {
+            tracing::error!(
+                %why,
+                kept_as = %aside.display(),
+                "STATE STORE DAMAGED: starting with an empty store (state.recover); every device's kept topic ids are lost, the damaged file is kept aside"
+            );
+        }
+        let restored = gw.restore(std::time::Instant::now(), SystemTime::now(), opened.sessions);
+        let mut link = StoreLink {
+            store: Box::new(opened.store),
+            failing: false,
+        };
+        link.flush(gw);
+        tracing::info!(
+            dir = %dir.display(),
+            sessions = restored.kept,
+            expired = restored.expired,
+            over_limit = restored.over_limit,
+            took_ms = started.elapsed().as_millis(),
+            "state store opened"
+        );
+        Ok(Some(link))
+    }
+
+    /// Commits what the engine queued, in one transaction, and tells it so.
+    pub fn flush(&mut self, gw: &mut crate::engine::Gateway) {
+        let ops = gw.take_store_ops();
+        if ops.is_empty() {
+            if gw.store_pending() {
+                gw.store_committed(true);
+            }
+            return;
+        }
+        let result = self.store.commit(&ops);
+        match &result {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!("state store writes succeed again");
+            }
+            Err(e) if !self.failing => {
+                self.failing = true;
+                tracing::error!(error = %e, "state store write failed: serving on from memory, but what was not written is lost if the gateway dies (counted in store_write_errors)");
+            }
+            _ => {}
+        }
+        gw.store_committed(result.is_ok());
+    }
+}
+
+#[cfg(test)]
+mod tests;

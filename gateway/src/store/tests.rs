@@ -1,0 +1,312 @@
+//! The store against a model: any sequence of operations, interrupted anywhere, reads
+//! back as the state after some commit (the last one, when the interruption is a dropped
+//! transaction or a copy of the file taken in the middle of one).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "gateway-store-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the store should hold: the operations' meaning, written plainly. The set holds
+/// the client ids with a session record (`Connected`, `Away`); a client with only topic
+/// ids or held messages is read back too (as connected), one with nothing is not.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Model(BTreeMap<String, StoredSession>, BTreeSet<String>);
+
+impl Model {
+    fn session(&mut self, id: &str) -> &mut StoredSession {
+        self.0.entry(id.to_string()).or_insert_with(|| StoredSession {
+            client_id: id.to_string(),
+            presence: Presence::Connected,
+            topics: Vec::new(),
+            held: Vec::new(),
+        })
+    }
+
+    fn apply(&mut self, op: &StoreOp) {
+        match op {
+            StoreOp::Connected { client_id, topics } => {
+                self.1.insert(client_id.to_string());
+                let s = self.session(client_id);
+                s.presence = Presence::Connected;
+                s.topics.clear();
+                for (id, name) in topics {
+                    s.topics.retain(|(i, _)| i != id);
+                    s.topics.push((*id, name.to_string()));
+                }
+                s.topics.sort();
+            }
+            StoreOp::Away { client_id, expires } => {
+                self.1.insert(client_id.to_string());
+                self.session(client_id).presence = Presence::Away { expires: *expires };
+            }
+            StoreOp::Topic { client_id, id, name } => {
+                let s = self.session(client_id);
+                s.topics.retain(|(i, _)| i != id);
+                s.topics.push((*id, name.to_string()));
+                s.topics.sort();
+            }
+            StoreOp::Untopic { client_id, id } => {
+                if let Some(s) = self.0.get_mut(&**client_id) {
+                    s.topics.retain(|(i, _)| i != id);
+                }
+            }
+            StoreOp::Forget { client_id } => {
+                self.0.remove(&**client_id);
+                self.1.remove(&**client_id);
+            }
+            StoreOp::PutHeld {
+                client_id,
+                seq,
+                message,
+            } => {
+                let s = self.session(client_id);
+                s.held.retain(|(q, _)| q != seq);
+                s.held.push((*seq, message.clone()));
+                s.held.sort_by_key(|(q, _)| *q);
+            }
+            StoreOp::RemoveHeld { client_id, seq } => {
+                if let Some(s) = self.0.get_mut(&**client_id) {
+                    s.held.retain(|(q, _)| q != seq);
+                }
+            }
+        }
+    }
+
+    /// What a load returns, by client id.
+    fn sessions(&self) -> Vec<StoredSession> {
+        self.0
+            .values()
+            .filter(|s| self.1.contains(&s.client_id) || !s.topics.is_empty() || !s.held.is_empty())
+            .cloned()
+            .collect()
+    }
+}
+
+fn op() -> impl Strategy<Value = StoreOp> {
+    let client = prop::sample::select(vec!["dev-a", "dev-b", "dev-c"]).prop_map(Arc::<str>::from);
+    let name = prop::sample::select(vec!["s/1", "s/2", "a/b/c", "t"]).prop_map(Arc::<str>::from);
+    let id = 1u16..6;
+    prop_oneof![
+        (client.clone(), prop::collection::vec((id.clone(), name.clone()), 0..4))
+            .prop_map(|(client_id, topics)| StoreOp::Connected { client_id, topics }),
+        (client.clone(), prop::option::of(0u64..u64::MAX))
+            .prop_map(|(client_id, expires)| StoreOp::Away { client_id, expires }),
+        (client.clone(), id.clone(), name).prop_map(|(client_id, id, name)| StoreOp::Topic { client_id, id, name }),
+        (client.clone(), id).prop_map(|(client_id, id)| StoreOp::Untopic { client_id, id }),
+        client.clone().prop_map(|client_id| StoreOp::Forget { client_id }),
+        (
+            client.clone(),
+            0u64..4,
+            prop::collection::vec(any::<u8>(), 0..20),
+            1u8..3,
+            any::<bool>()
+        )
+            .prop_map(|(client_id, seq, payload, qos, retain)| StoreOp::PutHeld {
+                client_id,
+                seq,
+                message: HeldMessage {
+                    topic: "h/x".into(),
+                    payload,
+                    qos,
+                    retain,
+                },
+            }),
+        (client, 0u64..4).prop_map(|(client_id, seq)| StoreOp::RemoveHeld { client_id, seq }),
+    ]
+}
+
+/// How one batch of operations ends.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// Committed.
+    Commit,
+    /// The transaction is dropped without a commit (the process died before it).
+    Abort,
+    /// The file is copied after the operations are written and before the commit (what
+    /// a `kill -9` at that instant leaves on disk), then committed.
+    CopyMidway,
+}
+
+fn end() -> impl Strategy<Value = End> {
+    prop_oneof![3 => Just(End::Commit), 1 => Just(End::Abort), 1 => Just(End::CopyMidway)]
+}
+
+/// What the store in `dir` holds, read as a restarted gateway reads it.
+fn load_dir(dir: &Path) -> Result<Vec<StoredSession>, StoreError> {
+    RedbStore::open_file(&dir.join(STORE_FILE)).map(|(_, s)| s)
+}
+
+proptest! {
+    // Each commit is an fsync: few cases, each a long sequence.
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn an_interrupted_store_reopens_to_what_was_committed(
+        batches in prop::collection::vec((prop::collection::vec(op(), 1..6), end()), 1..8)
+    ) {
+        let scratch = Scratch::new();
+        let live = scratch.0.join("live");
+        let mut store = RedbStore::open(&live, false).expect("a new store").store;
+        let mut committed = Model::default();
+        for (i, (ops, end)) in batches.iter().enumerate() {
+            let copy = scratch.0.join(format!("copy-{i}"));
+            let mut next = committed.clone();
+            for op in ops {
+                next.apply(op);
+            }
+            match end {
+                End::Commit => {
+                    store.write(ops, |_| true).expect("commit");
+                    committed = next;
+                }
+                End::Abort => {
+                    store.write(ops, |_| false).expect("abort");
+                }
+                End::CopyMidway => {
+                    store.write(ops, |path| {
+                        std::fs::create_dir_all(&copy).expect("copy directory");
+                        std::fs::copy(path, copy.join(STORE_FILE)).expect("copy");
+                        true
+                    }).expect("commit");
+                    // The copy was taken before this commit: it holds the state before.
+                    let read = load_dir(&copy).expect("a copy taken mid-commit opens");
+                    prop_assert_eq!(read, committed.sessions(), "copy taken in batch {}", i);
+                    committed = next;
+                }
+            }
+            // What the live store holds is exactly what was committed so far.
+            prop_assert_eq!(store.load().expect("load"), committed.sessions());
+        }
+        // The process dies (no clean close): the file reopens to the last commit.
+        drop(store);
+        prop_assert_eq!(load_dir(&live).expect("reopens"), committed.sessions());
+    }
+
+    #[test]
+    fn a_truncated_store_is_refused_or_reads_as_a_committed_state(
+        batches in prop::collection::vec(prop::collection::vec(op(), 1..6), 1..6),
+        cut in 0.0f64..1.0,
+    ) {
+        let scratch = Scratch::new();
+        let live = scratch.0.join("live");
+        let mut store = RedbStore::open(&live, false).expect("a new store").store;
+        let mut model = Model::default();
+        let mut states = vec![model.sessions()];
+        for ops in &batches {
+            store.commit(ops).expect("commit");
+            for op in ops {
+                model.apply(op);
+            }
+            states.push(model.sessions());
+        }
+        drop(store);
+        let file = live.join(STORE_FILE);
+        let len = std::fs::metadata(&file).expect("metadata").len();
+        // Truncate a copy somewhere past the start (a zero-length file is a new store).
+        let at = 1 + ((len - 1) as f64 * cut) as u64;
+        let cut_dir = scratch.0.join("cut");
+        std::fs::create_dir_all(&cut_dir).expect("dir");
+        std::fs::copy(&file, cut_dir.join(STORE_FILE)).expect("copy");
+        let f = std::fs::OpenOptions::new().write(true).open(cut_dir.join(STORE_FILE)).expect("open");
+        f.set_len(at).expect("truncate");
+        drop(f);
+        match load_dir(&cut_dir) {
+            Ok(read) => prop_assert!(states.contains(&read), "a truncated store read as a state never committed: {:?}", read),
+            Err(StoreError::Damaged { .. }) => {}
+            Err(e) => prop_assert!(false, "a truncated store gave {e}, not Damaged"),
+        }
+    }
+}
+
+#[test]
+fn a_garbled_store_is_damaged_and_recover_sets_it_aside() {
+    let scratch = Scratch::new();
+    let dir = scratch.0.join("state");
+    let mut store = RedbStore::open(&dir, false).expect("new").store;
+    store
+        .commit(&[StoreOp::Connected {
+            client_id: "dev".into(),
+            topics: vec![(1, "a/b".into())],
+        }])
+        .expect("commit");
+    drop(store);
+    let file = dir.join(STORE_FILE);
+    let mut bytes = std::fs::read(&file).expect("read");
+    // Garble everything past the first 64 octets (the header's magic stays).
+    for b in bytes.iter_mut().skip(64) {
+        *b = !*b;
+    }
+    std::fs::write(&file, &bytes).expect("write");
+    let err = RedbStore::open(&dir, false).expect_err("a garbled store is refused");
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+    assert!(err.to_string().contains("gateway.redb"), "{err}");
+    let opened = RedbStore::open(&dir, true).expect("recover starts afresh");
+    assert!(opened.sessions.is_empty());
+    let (aside, why) = opened.set_aside.expect("the damaged file was set aside");
+    assert!(matches!(why, StoreError::Damaged { .. }));
+    assert_eq!(std::fs::read(&aside).expect("kept aside"), bytes, "kept as it was");
+}
+
+#[test]
+fn a_newer_schema_is_refused_even_with_recover() {
+    let scratch = Scratch::new();
+    let dir = scratch.0.join("state");
+    drop(RedbStore::open(&dir, false).expect("new"));
+    {
+        let db = redb::Database::create(dir.join(STORE_FILE)).expect("open");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+            .expect("meta")
+            .insert("schema_version", SCHEMA_VERSION + 1)
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+    for recover in [false, true] {
+        let err = RedbStore::open(&dir, recover).expect_err("refused");
+        assert!(matches!(err, StoreError::NewerSchema { found: 2, .. }), "{err}");
+    }
+}
+
+#[test]
+fn a_second_process_on_the_same_directory_is_refused() {
+    let scratch = Scratch::new();
+    let _first = RedbStore::open(&scratch.0, false).expect("new");
+    let err = RedbStore::open(&scratch.0, false).expect_err("in use");
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+}
+
+#[test]
+fn a_file_that_is_no_store_is_damaged() {
+    let scratch = Scratch::new();
+    std::fs::write(scratch.0.join(STORE_FILE), b"not a database, just some text\n").expect("write");
+    let err = RedbStore::open(&scratch.0, false).expect_err("refused");
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+}
