@@ -249,6 +249,8 @@ enum Polled {
     Published(Tag),
     /// A SUBACK: each filter's tag with what was granted.
     Subscribed(Vec<(Tag, Option<super::MqttQos>)>),
+    /// A PUBCOMP: the QoS 2 publish in flight is complete.
+    Completed,
     Down(String, bool),
 }
 
@@ -297,6 +299,8 @@ async fn run_connection(
         ended,
         subscribes: VecDeque::new(),
         subscribing: false,
+        qos2: VecDeque::new(),
+        qos2_busy: false,
     };
     let mut refresh = tokio::time::interval(STATS_EVERY);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -304,6 +308,8 @@ async fn run_connection(
         agg.connecting();
         shell.subscribes.clear();
         shell.subscribing = false;
+        shell.qos2.clear();
+        shell.qos2_busy = false;
         let (client, mut eventloop) = AsyncClient::new(options(&cfg, index), cfg.request_capacity.max(1));
         eventloop
             .network_options
@@ -324,6 +330,7 @@ async fn run_connection(
                     }
                     Some(Polled::Message(p)) => agg.message(p.topic.into(), p.payload, our_qos(p.qos), p.retain, p.pkid),
                     Some(Polled::Published(tag)) => agg.published(tag),
+                    Some(Polled::Completed) => shell.qos2_busy = false,
                     Some(Polled::Subscribed(answers)) => {
                         shell.subscribing = false;
                         agg.subscribed(&answers);
@@ -401,6 +408,13 @@ struct Shell {
     /// meanwhile goes in the next packet, many filters at once.
     subscribes: VecDeque<(Tag, Arc<str>, super::MqttQos)>,
     subscribing: bool,
+    /// QoS 2 publishes waiting for the one in flight to complete (PUBCOMP). rumqttc
+    /// hands out the packet id of a QoS 2 publish again as soon as its PUBREC is in,
+    /// while the broker still waits for its PUBREL: a second QoS 2 publish with that id is
+    /// taken for a duplicate and lost. One at a time, none can be; until the connection
+    /// task owns its packet ids (issue 10), that is what a shared connection pays.
+    qos2: VecDeque<Request>,
+    qos2_busy: bool,
 }
 
 impl Shell {
@@ -426,34 +440,26 @@ impl Shell {
                     }
                 }
                 Output::Broker(r) => {
-                    // A failure means the connection's event loop is gone: its poll task
-                    // reports that, and the aggregator closes the sessions.
-                    let sent = match r {
-                        Request::Publish {
-                            tag,
-                            topic,
-                            payload,
-                            qos,
-                            retain,
-                        } => {
-                            tags.lock().unwrap_or_else(|e| e.into_inner()).publishes.push_back(tag);
-                            client.publish_bytes(&*topic, rumqttc_qos(qos), retain, payload).await
-                        }
-                        Request::Subscribe { tag, filter, qos } => {
-                            self.subscribes.push_back((tag, filter, qos));
-                            Ok(())
-                        }
-                        Request::Unsubscribe { filter } => client.unsubscribe(&*filter).await,
-                        Request::Ack { pkid, qos } => {
-                            let mut p = Publish::new("", rumqttc_qos(qos), Vec::new());
-                            p.pkid = pkid;
-                            client.ack(&p).await
-                        }
-                    };
-                    if let Err(e) = sent {
-                        debug!(error = %e, "request not handed to the shared connection");
+                    if let Request::Publish {
+                        qos: super::MqttQos::ExactlyOnce,
+                        ..
+                    } = r
+                    {
+                        self.qos2.push_back(r);
+                        continue;
                     }
+                    if let Request::Subscribe { tag, filter, qos } = r {
+                        self.subscribes.push_back((tag, filter, qos));
+                        continue;
+                    }
+                    send(client, tags, r).await;
                 }
+            }
+        }
+        if !self.qos2_busy {
+            if let Some(r) = self.qos2.pop_front() {
+                self.qos2_busy = true;
+                send(client, tags, r).await;
             }
         }
         if !self.subscribing && !self.subscribes.is_empty() {
@@ -483,6 +489,40 @@ impl Shell {
     }
 }
 
+/// Hands one request to rumqttc (its tag first, so the poll task pairs it with the
+/// packet id rumqttc reports). A failure means the connection's event loop is gone: its
+/// poll task reports that, and the aggregator closes the sessions.
+async fn send(client: &AsyncClient, tags: &Mutex<Tags>, r: Request) {
+    let sent = match r {
+        Request::Publish {
+            tag,
+            topic,
+            payload,
+            qos,
+            retain,
+        } => {
+            tags.lock().unwrap_or_else(|e| e.into_inner()).publishes.push_back(tag);
+            client.publish_bytes(&*topic, rumqttc_qos(qos), retain, payload).await
+        }
+        Request::Subscribe { tag, filter, qos } => {
+            tags.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .subscribes
+                .push_back(vec![tag]);
+            client.subscribe(&*filter, rumqttc_qos(qos)).await
+        }
+        Request::Unsubscribe { filter } => client.unsubscribe(&*filter).await,
+        Request::Ack { pkid, qos } => {
+            let mut p = Publish::new("", rumqttc_qos(qos), Vec::new());
+            p.pkid = pkid;
+            client.ack(&p).await
+        }
+    };
+    if let Err(e) = sent {
+        debug!(error = %e, "request not handed to the shared connection");
+    }
+}
+
 /// Polls one connection's event loop until it fails or closes, pairing rumqttc's packet
 /// ids with the aggregator's tags.
 async fn poll(
@@ -500,6 +540,7 @@ async fn poll(
                 Incoming::Publish(p) => Some(Polled::Message(p)),
                 Incoming::PubAck(a) => publishes.remove(&a.pkid).map(Polled::Published),
                 Incoming::PubRec(a) => publishes.remove(&a.pkid).map(Polled::Published),
+                Incoming::PubComp(_) => Some(Polled::Completed),
                 Incoming::SubAck(a) => subscribes.remove(&a.pkid).map(|tags| {
                     // A missing return code (a short SUBACK) counts as a refusal.
                     let answers = tags.iter().enumerate().map(|(i, tag)| {

@@ -1152,7 +1152,9 @@ impl Gateway {
         for client_id in self.persisted.expire(now) {
             debug!(client = %client_id, "persisted session expired; topic ids dropped");
             self.metrics.sessions_expired += 1;
-            self.store_op(StoreOp::Forget { client_id: client_id.clone() });
+            self.store_op(StoreOp::Forget {
+                client_id: client_id.clone(),
+            });
             self.out
                 .command(crate::broker::GATEWAY_KEY, Command::Expire { client_id });
         }
