@@ -190,8 +190,9 @@ impl BrokerLink for SharedLinks {
         self.route.len()
     }
 
+    /// The shared connections (devices are bounded by `limits.max_clients`, not by them).
     fn max_connections(&self) -> usize {
-        usize::MAX
+        self.shards.len()
     }
 
     fn reap(&mut self) {
@@ -260,7 +261,13 @@ fn options(cfg: &BrokerConfig, index: usize) -> MqttOptions {
     o.set_clean_session(true)
         .set_keep_alive(Duration::from_secs(60))
         .set_manual_acks(true)
-        .set_inflight(cfg.inflight.max(1))
+        // rumqttc numbers packets from a counter cycling through 1..=inflight and may hand
+        // out an id whose exchange is not over (a QoS 2 publish awaiting its PUBCOMP, a
+        // SUBSCRIBE awaiting its SUBACK); the broker then takes the new packet for a
+        // duplicate. With the whole id space an id comes back only after 65,535 others,
+        // long after its exchange ended. (Costs rumqttc's per-id tables, a few MB per
+        // shared connection.) The bound on what devices have in flight is theirs.
+        .set_inflight(u16::MAX)
         .set_max_packet_size(256 * 1024, 256 * 1024);
     if let Some(tls) = &cfg.tls {
         o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
