@@ -159,6 +159,9 @@ struct Inbound {
     remaining: usize,
 }
 
+/// The gateway's own publishes held while the connection is being opened, at most.
+const HELD_PUBLISHES: usize = 1024;
+
 /// The devices of one shared broker connection, and what the gateway keeps for them.
 #[derive(Debug)]
 pub struct Aggregator {
@@ -167,6 +170,8 @@ pub struct Aggregator {
     connecting: bool,
     /// CONNECTs waiting for the connection to come up.
     held: Vec<(ClientKey, ConnectParams)>,
+    /// The gateway's own publishes (QoS -1) waiting for it, at most [`HELD_PUBLISHES`].
+    held_publishes: VecDeque<Command>,
     /// Why the connection is down, and whether the broker refused it (for CONNECTs).
     down: (String, bool),
     sessions: HashMap<ClientKey, Arc<str>>,
@@ -207,6 +212,7 @@ impl Aggregator {
             connected: false,
             connecting: false,
             held: Vec::new(),
+            held_publishes: VecDeque::new(),
             down: ("the broker connection is not up yet".into(), false),
             sessions: HashMap::new(),
             devices: HashMap::new(),
@@ -325,6 +331,16 @@ impl Aggregator {
                     // Already off the broker's hands: no broker message to acknowledge.
                     self.deliver(&id, key, m, None);
                 }
+            }
+            Command::Publish { .. }
+                if key == super::GATEWAY_KEY
+                    && !self.connected
+                    && self.connecting
+                    && self.held_publishes.len() < HELD_PUBLISHES =>
+            {
+                // QoS -1 needs no session: like a connection of its own opened at the
+                // first publish, the shared one takes it once it is up.
+                self.held_publishes.push_back(command);
             }
             Command::Publish {
                 token,
@@ -560,6 +576,9 @@ impl Aggregator {
         for (key, p) in std::mem::take(&mut self.held) {
             self.command(key, Command::Connect(p));
         }
+        for c in std::mem::take(&mut self.held_publishes) {
+            self.command(super::GATEWAY_KEY, c);
+        }
     }
 
     /// The connection could not be opened, or is gone: every session on it is closed
@@ -571,6 +590,12 @@ impl Aggregator {
         for (key, _) in std::mem::take(&mut self.held) {
             let reason = reason.to_string();
             self.tell(key, BrokerEvent::ConnectFailed { reason, refused });
+        }
+        for c in std::mem::take(&mut self.held_publishes) {
+            if let Command::Publish { token, .. } = c {
+                let reason = RejectReason::Closed;
+                self.tell(super::GATEWAY_KEY, BrokerEvent::Rejected { token, reason });
+            }
         }
         if !self.connected {
             return;

@@ -478,3 +478,36 @@ fn acknowledgements_reach_the_broker_in_the_order_the_messages_came() {
         ]
     );
 }
+
+#[test]
+fn the_gateways_own_publishes_wait_for_the_connection_being_opened() {
+    let mut a = Aggregator::new(10, 4);
+    a.connecting();
+    let qos_minus_one = |n: u8| Command::Publish {
+        token: 0,
+        topic: "p".into(),
+        payload: Bytes::from(vec![n]),
+        qos: Q0,
+        retain: false,
+    };
+    a.command(crate::broker::GATEWAY_KEY, qos_minus_one(1));
+    assert!(drain(&mut a).is_empty());
+    a.connected();
+    assert!(matches!(
+        drain(&mut a).as_slice(),
+        [Output::Broker(Request::Publish { tag: None, .. })]
+    ));
+    // Down and not reconnecting: dropped at once, counted by the engine.
+    a.lost("gone", false);
+    a.command(crate::broker::GATEWAY_KEY, qos_minus_one(2));
+    assert!(matches!(
+        drain(&mut a).as_slice(),
+        [Output::Session(
+            0,
+            BrokerEvent::Rejected {
+                reason: RejectReason::Closed,
+                ..
+            }
+        )]
+    ));
+}
