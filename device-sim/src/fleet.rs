@@ -644,7 +644,9 @@ pub async fn run_worker(opts: FleetOptions, spec: crate::workers::WorkerSpec) ->
         .validate()
         .map_err(|e| FleetError::Invalid(e.to_string()))?;
     if !crate::station::set_epoch_unix_us(spec.epoch_unix_us) {
-        return Err(FleetError::Invalid("the worker's clock was read before it was set".into()));
+        return Err(FleetError::Invalid(
+            "the worker's clock was read before it was set".into(),
+        ));
     }
     let mut times = Times::new(&opts, 0.0);
     times.t0_ms = spec.t0_ms;
@@ -671,11 +673,12 @@ pub async fn run_worker(opts: FleetOptions, spec: crate::workers::WorkerSpec) ->
     let (devices, _) = spawn_devices(&opts, &shared, times.t0_ms, spec.devices.clone());
     let results = join_devices(devices).await;
     live.abort();
-    let io = |e: std::io::Error| FleetError::Invalid(format!("worker {}: cannot write to its parent: {e}", spec.number));
+    let io =
+        |e: std::io::Error| FleetError::Invalid(format!("worker {}: cannot write to its parent: {e}", spec.number));
     write(&Line::Live(shared.live.counts())).map_err(io)?;
     let n = results.len();
     for r in results {
-        write(&Line::Record(r.into())).map_err(io)?;
+        write(&Line::Record(Box::new(r.into()))).map_err(io)?;
     }
     write(&Line::End(n)).map_err(io)?;
     Ok(())
@@ -735,7 +738,7 @@ impl WorkerProc {
                     }
                     shared.live.store(&sum);
                 }
-                Ok(Line::Record(r)) => records.push(DeviceRecord::from(r)),
+                Ok(Line::Record(r)) => records.push(DeviceRecord::from(*r)),
                 Ok(Line::End(n)) => ended = Some(n),
                 Err(e) => return Err(format!("{name}: unreadable line {line:?}: {e}")),
             }
@@ -769,7 +772,9 @@ pub async fn run_spread(
         .validate()
         .map_err(|e| FleetError::Invalid(e.to_string()))?;
     if opts.echo {
-        return Err(FleetError::Invalid("an echo run cannot be spread over workers (it opens no sockets)".into()));
+        return Err(FleetError::Invalid(
+            "an echo run cannot be spread over workers (it opens no sockets)".into(),
+        ));
     }
     if opts.scenario.groups.iter().any(|g| g.downlink_interval.ms() > 0) {
         // The broker side of the downlink needs each device's subscription state, which

@@ -388,7 +388,10 @@ async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
     };
     if let Some(spec) = cmd.worker {
         // A worker: its parent has the terminal, the outputs and the report.
-        let opts = FleetOptions { progress: false, ..opts };
+        let opts = FleetOptions {
+            progress: false,
+            ..opts
+        };
         fleet::run_worker(opts, spec).await?;
         return Ok(ExitCode::SUCCESS);
     }

@@ -23,7 +23,9 @@ pub fn workers_needed(devices: usize, limit: u64) -> usize {
     if devices + RESERVED_FILES <= limit {
         1
     } else {
-        usize::try_from(devices.div_ceil(per_process)).unwrap_or(usize::MAX).max(1)
+        usize::try_from(devices.div_ceil(per_process))
+            .unwrap_or(usize::MAX)
+            .max(1)
     }
 }
 
@@ -109,7 +111,7 @@ pub enum Line {
     /// Its live counters now (several times a second).
     Live(LiveCounts),
     /// One device's record, once the device is done.
-    Record(WireRecord),
+    Record(Box<WireRecord>),
     /// Every record was written: the number of records.
     End(usize),
 }
@@ -216,9 +218,14 @@ mod tests {
             acked_us: 9,
         });
         r.downlink.insert(3, 2);
-        let line = serde_json::to_string(&Line::Record(r.clone().into())).unwrap();
-        let Line::Record(back) = serde_json::from_str(&line).unwrap() else { panic!("not a record") };
-        let back = DeviceRecord::from(back);
-        assert_eq!((back.index, back.group, back.counts, back.sent, back.downlink), (r.index, r.group, r.counts, r.sent, r.downlink));
+        let line = serde_json::to_string(&Line::Record(Box::new(r.clone().into()))).unwrap();
+        let Line::Record(back) = serde_json::from_str(&line).unwrap() else {
+            panic!("not a record")
+        };
+        let back = DeviceRecord::from(*back);
+        assert_eq!(
+            (back.index, back.group, back.counts, back.sent, back.downlink),
+            (r.index, r.group, r.counts, r.sent, r.downlink)
+        );
     }
 }

@@ -52,7 +52,14 @@ impl Drop for Dir {
 
 /// `mqtt-sn-sim run` on the scenario with `extra` arguments, through `sh -c` with
 /// `shell_prefix` before it (e.g. `ulimit -n 130;`).
-fn sim_run(gw: &Running, mosquitto: &Mosquitto, dir: &Dir, duration: &str, shell_prefix: &str, extra: &[&str]) -> Command {
+fn sim_run(
+    gw: &Running,
+    mosquitto: &Mosquitto,
+    dir: &Dir,
+    duration: &str,
+    shell_prefix: &str,
+    extra: &[&str],
+) -> Command {
     let mut args = vec![
         "run".to_string(),
         "-Q".into(),
@@ -133,9 +140,25 @@ async fn three_workers_give_the_totals_and_guarantees_of_one_process() {
     let gw = start_gateway(mosquitto.addr()).await;
     let dir = Dir::new("three");
     let (one, three) = (dir.path("one.json"), dir.path("three.json"));
-    let a = output(sim_run(&gw, &mosquitto, &dir, "2s", "", &["--workers", "1", "--report", &one.display().to_string()])).await;
+    let a = output(sim_run(
+        &gw,
+        &mosquitto,
+        &dir,
+        "2s",
+        "",
+        &["--workers", "1", "--report", &one.display().to_string()],
+    ))
+    .await;
     let one = report(&a, &one);
-    let b = output(sim_run(&gw, &mosquitto, &dir, "2s", "", &["--workers", "3", "--report", &three.display().to_string()])).await;
+    let b = output(sim_run(
+        &gw,
+        &mosquitto,
+        &dir,
+        "2s",
+        "",
+        &["--workers", "3", "--report", &three.display().to_string()],
+    ))
+    .await;
     let three = report(&b, &three);
     assert_complete(&one, "one process");
     assert_complete(&three, "three workers");
@@ -145,7 +168,9 @@ async fn three_workers_give_the_totals_and_guarantees_of_one_process() {
         for p in path {
             v = &v[*p];
         }
-        v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default()
+        v.as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
     };
     assert_eq!(keys(&one, &[]), keys(&three, &[]));
     assert_eq!(keys(&one, &["total", "counts"]), keys(&three, &["total", "counts"]));
@@ -163,7 +188,15 @@ async fn a_low_open_file_limit_spreads_the_fleet_by_itself() {
     let dir = Dir::new("ulimit");
     let json = dir.path("run.json");
     // 60 sockets and the reserve of 100 do not fit in 130 files: two workers of 30.
-    let out = output(sim_run(&gw, &mosquitto, &dir, "2s", "ulimit -n 130 &&", &["--report", &json.display().to_string()])).await;
+    let out = output(sim_run(
+        &gw,
+        &mosquitto,
+        &dir,
+        "2s",
+        "ulimit -n 130 &&",
+        &["--report", &json.display().to_string()],
+    ))
+    .await;
     let v = report(&out, &json);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("spreading the fleet over worker processes"), "{stderr}");
@@ -201,7 +234,10 @@ async fn a_killed_worker_fails_the_run_with_its_name() {
     };
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let victim = workers[1];
-    let killed = Command::new("kill").args(["-9", &victim.to_string()]).status().expect("kill runs");
+    let killed = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .expect("kill runs");
     assert!(killed.success());
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
