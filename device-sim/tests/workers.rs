@@ -222,13 +222,21 @@ async fn a_killed_worker_fails_the_run_with_its_name() {
     let mut cmd = sim_run(&gw, &mosquitto, &dir, "60s", "", &["--workers", "3"]);
     cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().expect("the binary starts");
+    let mut child = cmd.spawn().expect("the binary starts");
     let parent = child.id();
     // The workers start one after the other; wait for all three, then give them a moment.
     let workers = loop {
         let c = children(parent);
         if c.len() == 3 {
             break c;
+        }
+        // A run that ends before its workers are up is a failure, not a wait forever.
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().expect("its output");
+            panic!(
+                "the run ended ({status}) before starting 3 workers: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
