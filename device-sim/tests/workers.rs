@@ -139,7 +139,7 @@ async fn three_workers_give_the_totals_and_guarantees_of_one_process() {
     let Some(mosquitto) = Mosquitto::start() else { return };
     let gw = start_gateway(mosquitto.addr()).await;
     let dir = Dir::new("three");
-    let (one, three) = (dir.path("one.json"), dir.path("three.json"));
+    let (one, three, csv) = (dir.path("one.json"), dir.path("three.json"), dir.path("three.csv"));
     let a = output(sim_run(
         &gw,
         &mosquitto,
@@ -156,10 +156,31 @@ async fn three_workers_give_the_totals_and_guarantees_of_one_process() {
         &dir,
         "2s",
         "",
-        &["--workers", "3", "--report", &three.display().to_string()],
+        &[
+            "--workers",
+            "3",
+            "--report",
+            &three.display().to_string(),
+            "--timeseries",
+            &csv.display().to_string(),
+        ],
     ))
     .await;
     let three = report(&b, &three);
+    // The time series (as the progress line) sums the workers' live counters: its last
+    // row has every worker's publishes, rising row by row.
+    let text = std::fs::read_to_string(&csv).expect("the CSV");
+    let mut rows = text.lines();
+    let header: Vec<&str> = rows.next().expect("a header").split(',').collect();
+    let col = header
+        .iter()
+        .position(|h| *h == "published")
+        .expect("a published column");
+    let published: Vec<u64> = rows
+        .map(|r| r.split(',').nth(col).and_then(|v| v.parse().ok()).expect("a number"))
+        .collect();
+    assert!(published.windows(2).all(|w| w[0] <= w[1]), "{text}");
+    assert_eq!(published.last().copied(), Some(total(&three, "published")), "{text}");
     assert_complete(&one, "one process");
     assert_complete(&three, "three workers");
     // The same form: the same keys at the top and in the counters.
@@ -263,4 +284,16 @@ async fn a_killed_worker_fails_the_run_with_its_name() {
             || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "));
         assert!(gone, "worker {pid} outlived the run");
     }
+}
+
+#[test]
+fn a_downlink_scenario_over_workers_is_refused_not_run_without_its_downlink() {
+    let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios/sleepy.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_mqtt-sn-sim"))
+        .args(["run", "-Q", "--workers", "2", "--scenario", scenario])
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("downlink groups"), "{stderr}");
 }
