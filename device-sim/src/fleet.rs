@@ -802,12 +802,14 @@ pub async fn run_spread(
     let total = opts.scenario.devices();
     let live = Arc::new(Mutex::new(vec![[0u64; 10]; workers]));
     let mut tasks = JoinSet::new();
+    // Read once: every worker gets the very same epoch.
+    let epoch_unix_us = crate::station::epoch_unix_us();
     for (number, devices) in crate::workers::slices(total, workers).into_iter().enumerate() {
         let spec = crate::workers::WorkerSpec {
             number,
             devices: devices.clone(),
             run,
-            epoch_unix_us: crate::station::epoch_unix_us(),
+            epoch_unix_us,
             t0_ms: times.t0_ms,
         };
         let child = tokio::process::Command::new(exe)
