@@ -88,6 +88,9 @@ pub enum FleetError {
     /// Invalid options.
     #[error("{0}")]
     Invalid(String),
+    /// A worker process of a spread run failed.
+    #[error("{0}")]
+    Worker(String),
 }
 
 /// Live counters for the progress line.
@@ -238,7 +241,7 @@ pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
     let watch = verifier.as_ref().map(Verifier::watch);
     let mut monitors = Monitors::start(&shared, watch.clone(), opts.progress, elapsed);
 
-    let (devices, echo) = spawn_devices(&opts, &shared, times.t0_ms);
+    let (devices, echo) = spawn_devices(&opts, &shared, times.t0_ms, 0..opts.scenario.devices());
     let downlink = verifier
         .as_ref()
         .map(|v| tokio::spawn(downlink_task(shared.clone(), v.publisher())));
@@ -525,6 +528,7 @@ fn spawn_devices(
     opts: &FleetOptions,
     shared: &Arc<Shared>,
     t0: u64,
+    slice: std::ops::Range<usize>,
 ) -> (JoinSet<DeviceRecord>, Option<tokio::task::JoinHandle<u64>>) {
     let total = opts.scenario.devices();
     let (mut ports, echo) = if opts.echo {
@@ -537,6 +541,12 @@ fn spawn_devices(
     let mut index = 0usize;
     for (gi, g) in opts.scenario.groups.iter().enumerate() {
         for k in 0..g.count {
+            // A worker runs its slice only; every index keeps the seed, ramp place and
+            // source address one process would have given it.
+            if !slice.contains(&index) {
+                index += 1;
+                continue;
+            }
             let mut rng = SmallRng::seed_from_u64(device_seed(opts.seed, index as u64));
             let offset = if g.count > 1 {
                 g.ramp.ms() * k as u64 / g.count as u64
@@ -559,6 +569,299 @@ fn spawn_devices(
         }
     }
     (tasks, echo)
+}
+
+/// Time a spread run gives its workers to start before the first device is due.
+const WORKER_START: Duration = Duration::from_secs(1);
+
+/// How often a worker writes its live counters.
+const WORKER_LIVE_INTERVAL: Duration = Duration::from_millis(250);
+
+impl Live {
+    fn counts(&self) -> crate::workers::LiveCounts {
+        [
+            &self.connected,
+            &self.active,
+            &self.asleep,
+            &self.published,
+            &self.acknowledged,
+            &self.finished,
+            &self.socket_errors,
+            &self.retries,
+            &self.downlink_sent,
+            &self.downlink_received,
+        ]
+        .map(|a| a.load(Ordering::Relaxed))
+    }
+
+    fn store(&self, c: &crate::workers::LiveCounts) {
+        let fields = [
+            &self.connected,
+            &self.active,
+            &self.asleep,
+            &self.published,
+            &self.acknowledged,
+            &self.finished,
+            &self.socket_errors,
+            &self.retries,
+            &self.downlink_sent,
+            &self.downlink_received,
+        ];
+        for (a, v) in fields.into_iter().zip(c) {
+            a.store(*v, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The shared state of a run whose devices may be elsewhere.
+fn shared_for(opts: &FleetOptions, run: u32, times: &Times) -> Arc<Shared> {
+    Arc::new(Shared {
+        run,
+        gateway: opts.gateway,
+        prefix: opts.topic_prefix.clone(),
+        groups: opts.scenario.groups.clone(),
+        psk: opts.psk.clone(),
+        stop_ms: times.stop_ms(),
+        end_ms: times.end_ms(),
+        live: Live::default(),
+        subscribed: (0..opts.scenario.devices()).map(|_| AtomicBool::new(false)).collect(),
+        down_latency: opts
+            .scenario
+            .groups
+            .iter()
+            .map(|_| Mutex::new(LatencyHistogram::new()))
+            .collect(),
+    })
+}
+
+/// Runs one worker's slice of a spread fleet (see [`run_spread`]): no verifier, no
+/// scraper; its live counters and then every device's record go to stdout, one
+/// [`crate::workers::Line`] a line, ending with [`crate::workers::Line::End`].
+pub async fn run_worker(opts: FleetOptions, spec: crate::workers::WorkerSpec) -> Result<(), FleetError> {
+    use crate::workers::Line;
+    use std::io::Write as _;
+    opts.scenario
+        .validate()
+        .map_err(|e| FleetError::Invalid(e.to_string()))?;
+    if !crate::station::set_epoch_unix_us(spec.epoch_unix_us) {
+        return Err(FleetError::Invalid(
+            "the worker's clock was read before it was set".into(),
+        ));
+    }
+    let mut times = Times::new(&opts, 0.0);
+    times.t0_ms = spec.t0_ms;
+    let shared = shared_for(&opts, spec.run, &times);
+    let write = |line: &Line| -> std::io::Result<()> {
+        let mut text = serde_json::to_string(line).map_err(std::io::Error::other)?;
+        text.push('\n');
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()
+    };
+    let live = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                // The parent gone (a broken pipe): nothing left to report to.
+                if write(&Line::Live(shared.live.counts())).is_err() {
+                    std::process::exit(3);
+                }
+                tokio::time::sleep(WORKER_LIVE_INTERVAL).await;
+            }
+        })
+    };
+    let (devices, _) = spawn_devices(&opts, &shared, times.t0_ms, spec.devices.clone());
+    let results = join_devices(devices).await;
+    live.abort();
+    let io =
+        |e: std::io::Error| FleetError::Invalid(format!("worker {}: cannot write to its parent: {e}", spec.number));
+    write(&Line::Live(shared.live.counts())).map_err(io)?;
+    let n = results.len();
+    for r in results {
+        write(&Line::Record(Box::new(r.into()))).map_err(io)?;
+    }
+    write(&Line::End(n)).map_err(io)?;
+    Ok(())
+}
+
+/// One worker process of a spread run.
+struct WorkerProc {
+    number: usize,
+    devices: std::ops::Range<usize>,
+    child: tokio::process::Child,
+}
+
+impl WorkerProc {
+    fn name(&self) -> String {
+        let pid = self.child.id().map_or_else(String::new, |p| format!(", pid {p}"));
+        format!(
+            "worker {} (devices {}..{}{pid})",
+            self.number, self.devices.start, self.devices.end
+        )
+    }
+
+    /// Reads the worker's lines to the end: its live counters into `slot`, its records
+    /// returned. A worker that exits without its last line, or with a failure, is an error
+    /// naming it.
+    async fn collect(
+        mut self,
+        slot: usize,
+        live: Arc<Mutex<Vec<crate::workers::LiveCounts>>>,
+        shared: Arc<Shared>,
+    ) -> Result<Vec<DeviceRecord>, String> {
+        use crate::workers::Line;
+        use tokio::io::AsyncBufReadExt as _;
+        let name = self.name();
+        let Some(stdout) = self.child.stdout.take() else {
+            return Err(format!("{name}: no pipe from its stdout"));
+        };
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut records = Vec::with_capacity(self.devices.len());
+        let mut ended = None;
+        loop {
+            let line = match lines.next_line().await {
+                Ok(Some(l)) => l,
+                Ok(None) => break,
+                Err(e) => return Err(format!("{name}: cannot read its output: {e}")),
+            };
+            match serde_json::from_str::<Line>(&line) {
+                Ok(Line::Live(c)) => {
+                    let mut all = lock(&live);
+                    if let Some(s) = all.get_mut(slot) {
+                        *s = c;
+                    }
+                    let mut sum = [0u64; 10];
+                    for w in all.iter() {
+                        for (t, v) in sum.iter_mut().zip(w) {
+                            *t += v;
+                        }
+                    }
+                    shared.live.store(&sum);
+                }
+                Ok(Line::Record(r)) => records.push(DeviceRecord::from(*r)),
+                Ok(Line::End(n)) => ended = Some(n),
+                Err(e) => return Err(format!("{name}: unreadable line {line:?}: {e}")),
+            }
+        }
+        let status = self
+            .child
+            .wait()
+            .await
+            .map_err(|e| format!("{name}: cannot wait for it: {e}"))?;
+        match ended {
+            Some(n) if status.success() && n == records.len() => Ok(records),
+            Some(n) if n != records.len() => Err(format!("{name}: announced {n} records, sent {}", records.len())),
+            _ => Err(format!("{name} ended before reporting its devices ({status})")),
+        }
+    }
+}
+
+/// Runs the fleet over `workers` processes, each this program (`exe`) run with `args`
+/// and a hidden `--worker` flag giving it its slice of the device indices (see
+/// [`crate::workers`]). The verifier, the gateway scraper, the monitors and the report
+/// stay here: every message is checked once, the report is [`report::build`]'s over the
+/// merged device records, as for one process. A worker that fails ends the run with an
+/// error naming it (the others are killed).
+pub async fn run_spread(
+    opts: FleetOptions,
+    workers: usize,
+    exe: &std::path::Path,
+    args: &[std::ffi::OsString],
+) -> Result<Recorded, FleetError> {
+    opts.scenario
+        .validate()
+        .map_err(|e| FleetError::Invalid(e.to_string()))?;
+    if opts.echo {
+        return Err(FleetError::Invalid(
+            "an echo run cannot be spread over workers (it opens no sockets)".into(),
+        ));
+    }
+    if opts.scenario.groups.iter().any(|g| g.downlink_interval.ms() > 0) {
+        // The broker side of the downlink needs each device's subscription state, which
+        // lives in its worker.
+        return Err(FleetError::Invalid(
+            "downlink groups (downlink_interval) are not supported over several workers yet".into(),
+        ));
+    }
+    let started = Instant::now();
+    let _ = crate::station::epoch();
+    let run = run_id();
+    let verifier = Verifier::start(&opts.broker, run, &verifier_filters(&opts, run)).await?;
+    let elapsed = move || started.elapsed().as_secs_f64();
+    let scraper = match &opts.gateway_metrics {
+        Some(url) => Some(Scraper::start(url, elapsed).await),
+        None => None,
+    };
+    let mut times = Times::new(&opts, elapsed());
+    times.t0_ms += WORKER_START.as_millis() as u64;
+    times.t0_s += WORKER_START.as_secs_f64();
+    let shared = shared_for(&opts, run, &times);
+    let watch = Some(verifier.watch());
+    let mut monitors = Monitors::start(&shared, watch.clone(), opts.progress, elapsed);
+
+    let total = opts.scenario.devices();
+    let live = Arc::new(Mutex::new(vec![[0u64; 10]; workers]));
+    let mut tasks = JoinSet::new();
+    // Read once: every worker gets the very same epoch.
+    let epoch_unix_us = crate::station::epoch_unix_us();
+    for (number, devices) in crate::workers::slices(total, workers).into_iter().enumerate() {
+        let spec = crate::workers::WorkerSpec {
+            number,
+            devices: devices.clone(),
+            run,
+            epoch_unix_us,
+            t0_ms: times.t0_ms,
+        };
+        let child = tokio::process::Command::new(exe)
+            .args(args)
+            .arg("--worker")
+            .arg(spec.to_arg())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| FleetError::Invalid(format!("cannot start worker {number} ({}): {e}", exe.display())))?;
+        let proc = WorkerProc { number, devices, child };
+        tracing::info!(worker = %proc.name(), "worker started");
+        tasks.spawn(proc.collect(number, live.clone(), shared.clone()));
+    }
+    let mut results = Vec::with_capacity(total);
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(records)) => results.extend(records),
+            // Dropping the other tasks kills their workers (kill_on_drop).
+            Ok(Err(e)) => return Err(FleetError::Worker(e)),
+            Err(e) => return Err(FleetError::Worker(format!("a worker's reader failed: {e}"))),
+        }
+    }
+    monitors.devices_done();
+    wait_for_late_arrivals(&verifier).await;
+    let mut samples = monitors.stop();
+    samples.push(shared.live.sample(elapsed(), watch.as_ref()));
+    let timeseries = times.series(samples);
+    let gateway_metrics = match scraper {
+        Some(s) => Some(s.finish(elapsed).await),
+        None => None,
+    };
+    let arrivals = Some(verifier.finish().await);
+    let report = report::build(ReportInputs {
+        facts: RunFacts {
+            run_id: format!("{run:08x}"),
+            seed: opts.seed,
+            gateway: opts.gateway.to_string(),
+            broker: format!("{}:{}", opts.broker.host, opts.broker.port),
+            duration_s: opts.duration.as_secs_f64(),
+            elapsed_s: started.elapsed().as_secs_f64(),
+            echo_datagrams: 0,
+            gateway_metrics,
+        },
+        groups: opts.scenario.groups.iter().map(|g| g.name.clone()).collect(),
+        devices: results,
+        arrivals,
+        downlink_sent: vec![0; total],
+        downlink_latency: opts.scenario.groups.iter().map(|_| LatencyHistogram::new()).collect(),
+    });
+    Ok(Recorded { report, timeseries })
 }
 
 /// Every device's record, as the devices finish.

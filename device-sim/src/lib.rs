@@ -30,3 +30,4 @@ pub mod station;
 pub mod timeseries;
 pub mod tools;
 pub mod verifier;
+pub mod workers;

@@ -346,6 +346,13 @@ struct RunCmd {
     /// over an in-memory network (measures the simulator alone; nothing is verified).
     #[arg(long)]
     echo: bool,
+    /// Spread the devices over N worker processes [default: as many as the open-file
+    /// limit requires, one socket per device]; 1 keeps them in this process.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    workers: Option<u32>,
+    /// Run as a worker of a spread run (set by the parent process).
+    #[arg(long, hide = true, value_name = "SPEC", value_parser = device_sim::workers::WorkerSpec::parse)]
+    worker: Option<device_sim::workers::WorkerSpec>,
 }
 
 async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
@@ -379,12 +386,47 @@ async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
         },
         scenario,
     };
+    if let Some(spec) = cmd.worker {
+        // A worker: its parent has the terminal, the outputs and the report.
+        let opts = FleetOptions {
+            progress: false,
+            ..opts
+        };
+        fleet::run_worker(opts, spec).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     // Refuse an output that cannot be written before the run rather than lose the run
     // after it.
     for path in [&cmd.report, &cmd.timeseries, &cmd.html].into_iter().flatten() {
         check_writable(path)?;
     }
-    let fleet::Recorded { report, timeseries } = fleet::run_recorded(opts).await?;
+    let workers = match cmd.workers {
+        Some(n) => n as usize,
+        None if opts.echo => 1,
+        None => {
+            let limit = device_sim::workers::open_file_limit();
+            let n = device_sim::workers::workers_needed(opts.scenario.devices(), limit);
+            if n > 1 {
+                tracing::warn!(
+                    devices = opts.scenario.devices(),
+                    open_file_limit = limit,
+                    workers = n,
+                    "more devices than this process may open sockets: spreading the fleet over worker processes"
+                );
+            }
+            n
+        }
+    };
+    let recorded = if workers > 1 {
+        let exe = std::env::current_exe().context("cannot find this program to start its workers")?;
+        // The workers get this run's own arguments (scenario, gateway, seed, PSK...); the
+        // hidden --worker flag added to them makes them workers.
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        fleet::run_spread(opts, workers, &exe, &args).await?
+    } else {
+        fleet::run_recorded(opts).await?
+    };
+    let fleet::Recorded { report, timeseries } = recorded;
     print!("{}", report.table());
     let write = |path: &PathBuf, text: String| {
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))

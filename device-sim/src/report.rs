@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use std::collections::HashMap;
 
@@ -15,7 +15,7 @@ pub use crate::latency::{LatencyHistogram, MAX_LATENCY_US};
 use crate::verifier::Arrivals;
 
 /// Counters of a group (or of the whole fleet).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     /// Devices.
     pub devices: u64,

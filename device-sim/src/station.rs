@@ -27,6 +27,30 @@ pub fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// The process's epoch in microseconds of the system clock (Unix time): what a parent
+/// hands its worker processes so that all of them stamp payloads on one clock.
+pub fn epoch_unix_us() -> u64 {
+    let e = epoch();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(e.elapsed());
+    u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Sets this process's epoch to `unix_us` (a parent's [`epoch_unix_us`]), before anything
+/// read the clock; false if the epoch was already fixed. A worker's stamps and its
+/// parent's verifier then share one clock (to the accuracy of the system clock's reading).
+pub fn set_epoch_unix_us(unix_us: u64) -> bool {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ago = now_unix.saturating_sub(Duration::from_micros(unix_us));
+    let now = Instant::now();
+    let at = now.checked_sub(ago).unwrap_or(now);
+    EPOCH.set(at).is_ok()
+}
+
 /// Milliseconds since [`epoch`]: the `now` handed to the client engine.
 pub fn now_ms() -> u64 {
     u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
