@@ -17,6 +17,7 @@
 //! lower of the publish's and the subscription's (MQTT 3.1.1, 3.8.4); see
 //! [`Harness::delivery_qos`] and [`Harness::assert_published_qos`].
 
+pub mod openssl;
 pub mod tls;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -88,7 +89,8 @@ fn plain_listener(port: u16) -> String {
     format!("listener {port} 127.0.0.1\n")
 }
 
-fn in_ci() -> bool {
+/// Whether this runs under CI (`CI=true` or `CI=1`): a missing tool is then a failure.
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 

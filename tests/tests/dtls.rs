@@ -9,17 +9,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e::{encode, Harness, Mosquitto, Packet, QoS, ReturnCode, Rx, SnClient, TopicRef};
+use e2e::openssl::{connect, have_openssl, OpensslDevice};
+use e2e::{Harness, Mosquitto, Packet, QoS, ReturnCode, Rx, SnClient, TopicRef};
 use gateway::auth::Registry;
-use sn_codec::{Connect, Publish};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use sn_codec::Publish;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -38,96 +36,9 @@ psk = "ffeeddccbbaa99887766554433221100"
 
 const KEY_7: &str = "00112233445566778899aabbccddeeff";
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
-/// Whether `openssl` can be run; a failure under CI when not.
-fn have_openssl() -> bool {
-    let ok = std::process::Command::new("openssl")
-        .arg("version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            !in_ci(),
-            "openssl is not installed: the DTLS tests need it under CI=true (apt-get install -y openssl)"
-        );
-        eprintln!("\nNOTE: openssl not found; this DTLS end-to-end test was NOT RUN.\n");
-    }
-    ok
-}
-
 /// The gateway with one DTLS listener and the registry above.
 async fn start(mosquitto: Option<Mosquitto>) -> Option<Harness> {
     Harness::start_dtls(mosquitto, DEVICES).await
-}
-
-/// `openssl s_client` as a DTLS 1.2 PSK device.
-struct OpensslDevice {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: ChildStdout,
-}
-
-impl OpensslDevice {
-    fn spawn(to: SocketAddr, identity: &str, psk_hex: &str) -> OpensslDevice {
-        let mut child = Command::new("openssl")
-            .args([
-                "s_client",
-                "-dtls1_2",
-                "-quiet",
-                "-nocommands",
-                "-cipher",
-                "PSK-AES128-CCM8",
-            ])
-            .args(["-psk_identity", identity, "-psk", psk_hex])
-            .arg("-connect")
-            .arg(to.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("openssl s_client starts");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        OpensslDevice { child, stdin, stdout }
-    }
-
-    /// Sends one MQTT-SN message (one write: one record).
-    async fn send(&mut self, p: &Packet<'_>) {
-        self.stdin.write_all(&encode(p)).await.expect("write to s_client");
-        self.stdin.flush().await.expect("flush s_client");
-    }
-
-    /// The next MQTT-SN message decrypted by s_client (one-octet length form).
-    async fn recv(&mut self) -> Rx {
-        let read = async {
-            let mut len = [0u8; 1];
-            self.stdout.read_exact(&mut len).await?;
-            let mut rest = vec![0u8; usize::from(len[0]).saturating_sub(1)];
-            self.stdout.read_exact(&mut rest).await?;
-            let mut all = len.to_vec();
-            all.extend_from_slice(&rest);
-            Ok::<_, std::io::Error>(all)
-        };
-        let bytes = tokio::time::timeout(WAIT, read)
-            .await
-            .expect("an answer through s_client in time")
-            .expect("s_client's output");
-        Rx::from_packet(&Packet::decode(&bytes).expect("an MQTT-SN message"))
-    }
-}
-
-fn connect(client_id: &str) -> Packet<'_> {
-    Packet::Connect(Connect {
-        will: false,
-        clean_session: true,
-        duration: 60,
-        client_id,
-    })
 }
 
 #[tokio::test]
@@ -140,7 +51,7 @@ async fn openssl_connects_and_publishes_qos1_through_dtls_to_mosquitto() {
     };
     let h = start(Some(mosquitto)).await.expect("the gateway starts");
     let mut observer = h.observe("dtls/#").await;
-    let mut device = OpensslDevice::spawn(h.dtls[0], "id-7", KEY_7);
+    let mut device = OpensslDevice::with_psk(h.dtls[0], "id-7", KEY_7);
     h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
     device.send(&connect("sensor-7")).await;
     assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::Accepted));
@@ -183,7 +94,7 @@ async fn a_client_id_not_bound_to_the_psk_identity_gets_connack_0x03() {
         return;
     }
     let h = start(None).await.expect("the gateway starts");
-    let mut device = OpensslDevice::spawn(h.dtls[0], "id-7", KEY_7);
+    let mut device = OpensslDevice::with_psk(h.dtls[0], "id-7", KEY_7);
     h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
     device.send(&connect("sensor-8")).await;
     assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::NotSupported));
@@ -201,7 +112,7 @@ async fn a_wrong_psk_makes_no_session_and_is_counted() {
         return;
     }
     let h = start(None).await.expect("the gateway starts");
-    let mut device = OpensslDevice::spawn(h.dtls[0], "id-7", "000102030405060708090a0b0c0d0e0f");
+    let mut device = OpensslDevice::with_psk(h.dtls[0], "id-7", "000102030405060708090a0b0c0d0e0f");
     let s = h
         .wait_stats("a failed DTLS handshake", |s| s.dtls.handshakes_failed >= 1)
         .await;
@@ -238,11 +149,11 @@ async fn a_registry_reload_gives_new_handshakes_the_new_keys() {
     let registry = Registry::parse(reloaded, "devices.toml", Path::new("/"), |_| None).unwrap();
     h.running().set_registry(Arc::new(registry)).await.expect("applied");
     // The removed identity no longer handshakes; the new one does, and connects.
-    let mut old = OpensslDevice::spawn(h.dtls[0], "id-7", KEY_7);
+    let mut old = OpensslDevice::with_psk(h.dtls[0], "id-7", KEY_7);
     h.wait_stats("the old key refused", |s| s.dtls.handshakes_failed >= 1)
         .await;
     let _ = old.child.kill().await;
-    let mut new = OpensslDevice::spawn(h.dtls[0], "id-9", "99999999999999999999999999999999");
+    let mut new = OpensslDevice::with_psk(h.dtls[0], "id-9", "99999999999999999999999999999999");
     h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
     new.send(&connect("sensor-9")).await;
     assert_eq!(new.recv().await, Rx::ConnAck(ReturnCode::Accepted));
@@ -256,7 +167,7 @@ async fn a_disconnect_ends_the_dtls_session_with_close_notify_and_a_sleep_does_n
         return;
     }
     let h = start(None).await.expect("the gateway starts");
-    let mut device = OpensslDevice::spawn(h.dtls[0], "id-7", KEY_7);
+    let mut device = OpensslDevice::with_psk(h.dtls[0], "id-7", KEY_7);
     h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
     device.send(&connect("sensor-7")).await;
     assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::Accepted));

@@ -26,15 +26,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use e2e::{encode, Harness, Mosquitto, Packet, QoS, ReturnCode, Rx, TopicRef};
+use e2e::openssl::{connect, have_openssl, OpensslDevice};
+use e2e::{Harness, Mosquitto, Packet, QoS, ReturnCode, Rx, TopicRef};
 use gateway::auth::Registry;
-use sn_codec::{Connect, Publish};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-
-const WAIT: Duration = Duration::from_secs(10);
+use sn_codec::Publish;
 
 const DEVICES: &str = r##"
 [[device]]
@@ -53,27 +49,6 @@ client_id = "sensor-9"
 psk_identity = "dev-7"
 psk = "00112233445566778899aabbccddeeff"
 "##;
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
-/// Whether `openssl` can be run; a failure under CI when not.
-fn have_openssl() -> bool {
-    let ok = std::process::Command::new("openssl")
-        .arg("version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            !in_ci(),
-            "openssl is not installed: the DTLS tests need it under CI=true (apt-get install -y openssl)"
-        );
-        eprintln!("\nNOTE: openssl not found; this DTLS end-to-end test was NOT RUN.\n");
-    }
-    ok
-}
 
 /// Runs openssl with `args` in `dir`; panics with its output when it fails.
 fn openssl(dir: &Path, args: &[&str]) {
@@ -262,92 +237,26 @@ async fn start_with(pki: &Pki, mosquitto: Option<Mosquitto>, extra: &str) -> Har
     .expect("the gateway starts")
 }
 
-/// `openssl s_client` as a DTLS 1.2 device.
-struct OpensslDevice {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: ChildStdout,
-}
-
-impl OpensslDevice {
-    /// With the certificate `name.pem` / `name.key`, verifying the gateway against `ca.pem`.
-    fn with_cert(to: SocketAddr, pki: &Pki, name: &str) -> OpensslDevice {
-        let cert = pki.path(&format!("{name}.pem"));
-        let key = pki.path(&format!("{name}.key"));
-        let ca = pki.path("ca.pem");
-        Self::spawn(
-            to,
-            &[
-                "-cipher",
-                "ECDHE-ECDSA-AES128-GCM-SHA256",
-                "-cert",
-                cert.to_str().unwrap(),
-                "-key",
-                key.to_str().unwrap(),
-                "-CAfile",
-                ca.to_str().unwrap(),
-                "-verify_return_error",
-            ],
-        )
-    }
-
-    /// With a pre-shared key.
-    fn with_psk(to: SocketAddr, identity: &str, psk_hex: &str) -> OpensslDevice {
-        Self::spawn(
-            to,
-            &["-cipher", "PSK-AES128-CCM8", "-psk_identity", identity, "-psk", psk_hex],
-        )
-    }
-
-    fn spawn(to: SocketAddr, args: &[&str]) -> OpensslDevice {
-        let mut child = Command::new("openssl")
-            .args(["s_client", "-dtls1_2", "-quiet", "-nocommands"])
-            .args(args)
-            .arg("-connect")
-            .arg(to.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("openssl s_client starts");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        OpensslDevice { child, stdin, stdout }
-    }
-
-    /// Sends one MQTT-SN message (one write: one record).
-    async fn send(&mut self, p: &Packet<'_>) {
-        self.stdin.write_all(&encode(p)).await.expect("write to s_client");
-        self.stdin.flush().await.expect("flush s_client");
-    }
-
-    /// The next MQTT-SN message decrypted by s_client (one-octet length form).
-    async fn recv(&mut self) -> Rx {
-        let read = async {
-            let mut len = [0u8; 1];
-            self.stdout.read_exact(&mut len).await?;
-            let mut rest = vec![0u8; usize::from(len[0]).saturating_sub(1)];
-            self.stdout.read_exact(&mut rest).await?;
-            let mut all = len.to_vec();
-            all.extend_from_slice(&rest);
-            Ok::<_, std::io::Error>(all)
-        };
-        let bytes = tokio::time::timeout(WAIT, read)
-            .await
-            .expect("an answer through s_client in time")
-            .expect("s_client's output");
-        Rx::from_packet(&Packet::decode(&bytes).expect("an MQTT-SN message"))
-    }
-}
-
-fn connect(client_id: &str) -> Packet<'_> {
-    Packet::Connect(Connect {
-        will: false,
-        clean_session: true,
-        duration: 60,
-        client_id,
-    })
+/// `openssl s_client` with the certificate `name.pem` / `name.key`, verifying the gateway
+/// against `ca.pem`.
+fn device_with_cert(to: SocketAddr, pki: &Pki, name: &str) -> OpensslDevice {
+    let cert = pki.path(&format!("{name}.pem"));
+    let key = pki.path(&format!("{name}.key"));
+    let ca = pki.path("ca.pem");
+    OpensslDevice::spawn(
+        to,
+        &[
+            "-cipher",
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+            "-cert",
+            cert.to_str().unwrap(),
+            "-key",
+            key.to_str().unwrap(),
+            "-CAfile",
+            ca.to_str().unwrap(),
+            "-verify_return_error",
+        ],
+    )
 }
 
 #[tokio::test]
@@ -361,7 +270,7 @@ async fn a_device_certificate_from_the_ca_connects_and_publishes_qos1_to_mosquit
     let pki = Pki::generate();
     let h = start(&pki, Some(mosquitto)).await;
     let mut observer = h.observe("dtls-cert/#").await;
-    let mut device = OpensslDevice::with_cert(h.dtls[0], &pki, "dev-7");
+    let mut device = device_with_cert(h.dtls[0], &pki, "dev-7");
     h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
     device.send(&connect("sensor-7")).await;
     assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::Accepted));
@@ -407,7 +316,7 @@ async fn the_certificate_with_a_client_id_bound_elsewhere_gets_connack_0x03() {
     }
     let pki = Pki::generate();
     let h = start(&pki, None).await;
-    let mut device = OpensslDevice::with_cert(h.dtls[0], &pki, "dev-7");
+    let mut device = device_with_cert(h.dtls[0], &pki, "dev-7");
     h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
     // sensor-8 is dev-8's; sensor-9 is the PSK identity "dev-7", not the certificate.
     device.send(&connect("sensor-8")).await;
@@ -432,7 +341,7 @@ async fn a_certificate_from_another_ca_makes_no_session_and_is_counted() {
     }
     let pki = Pki::generate();
     let h = start(&pki, None).await;
-    let mut device = OpensslDevice::with_cert(h.dtls[0], &pki, "stranger");
+    let mut device = device_with_cert(h.dtls[0], &pki, "stranger");
     let s = h
         .wait_stats("a refused certificate", |s| s.dtls.certs_rejected == 1)
         .await;
@@ -449,7 +358,7 @@ async fn an_expired_certificate_makes_no_session_and_is_counted() {
     }
     let pki = Pki::generate();
     let h = start(&pki, None).await;
-    let mut device = OpensslDevice::with_cert(h.dtls[0], &pki, "expired");
+    let mut device = device_with_cert(h.dtls[0], &pki, "expired");
     let s = h
         .wait_stats("a refused certificate", |s| s.dtls.certs_rejected == 1)
         .await;
@@ -485,7 +394,7 @@ async fn with_identity_san_the_first_dns_or_uri_name_is_the_identity() {
     let pki = Pki::generate();
     let h = start_with(&pki, None, "identity = \"san\"\n").await;
     // CN dev-7, SAN DNS dev-8 (after an IP address, which does not count): sensor-8's.
-    let mut device = OpensslDevice::with_cert(h.dtls[0], &pki, "san-8");
+    let mut device = device_with_cert(h.dtls[0], &pki, "san-8");
     h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
     device.send(&connect("sensor-7")).await;
     assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::NotSupported));
@@ -493,7 +402,7 @@ async fn with_identity_san_the_first_dns_or_uri_name_is_the_identity() {
     assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::Accepted));
     let _ = device.child.kill().await;
     // A certificate without a DNS or URI name is refused under this rule.
-    let mut plain = OpensslDevice::with_cert(h.dtls[0], &pki, "dev-7");
+    let mut plain = device_with_cert(h.dtls[0], &pki, "dev-7");
     h.wait_stats("a refused certificate", |s| s.dtls.certs_rejected == 1)
         .await;
     let _ = plain.child.kill().await;
