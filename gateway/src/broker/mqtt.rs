@@ -220,7 +220,7 @@ const WILL_TOKEN: Token = Token::MAX;
 const FULL_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a connection that sent DISCONNECT waits for the broker to close its side.
-pub(super) const CLOSE_WAIT: Duration = Duration::from_secs(1);
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Requests held back for a connection whose rumqttc request channel was full, and the
 /// task that feeds them to rumqttc in order as the channel drains (back-pressure in the
@@ -798,6 +798,23 @@ pub(super) fn is_refusal(e: &ConnectionError) -> bool {
     )
 }
 
+/// Why a connection failed, for the log, and whether it was refused (the broker, or its
+/// TLS, will answer the same on every retry) rather than unreachable.
+pub(super) fn failure(cfg: &BrokerConfig, e: &ConnectionError) -> (String, bool) {
+    // A TLS failure (untrusted or misnamed certificate, client certificate refused) is
+    // answered the same on every retry: a refusal.
+    let tls = cfg.tls.as_ref().and_then(|_| super::tls::failure(e, &cfg.host));
+    let refused = tls.is_some() || is_refusal(e);
+    (tls.unwrap_or_else(|| e.to_string()), refused)
+}
+
+/// After DISCONNECT: polls until the broker has closed its side (it has then processed
+/// the DISCONNECT), at most [`CLOSE_WAIT`], so that a next connection with the same client
+/// id never reaches a broker still holding this one.
+pub(super) async fn wait_for_close(eventloop: &mut EventLoop) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, async { while eventloop.poll().await.is_ok() {} }).await;
+}
+
 /// Drives one broker connection until it closes, translating rumqttc's events.
 async fn drive(
     key: ClientKey,
@@ -889,11 +906,7 @@ async fn drive(
                     }
                     Outgoing::Disconnect => {
                         drop(p);
-                        // Ends once the broker has closed its side (it has then
-                        // processed the DISCONNECT), so that a next connection with the
-                        // same client id never reaches a broker still holding this one.
-                        let _ =
-                            tokio::time::timeout(CLOSE_WAIT, async { while eventloop.poll().await.is_ok() {} }).await;
+                        wait_for_close(&mut eventloop).await;
                         return;
                     }
                     _ => {}
@@ -901,11 +914,7 @@ async fn drive(
                 None
             }
             Err(e) => {
-                // A TLS failure (untrusted or misnamed certificate, client certificate
-                // refused) is answered the same on every retry: a refusal.
-                let tls = cfg.tls.as_ref().and_then(|_| super::tls::failure(&e, &cfg.host));
-                let refused = tls.is_some() || is_refusal(&e);
-                let reason = tls.unwrap_or_else(|| e.to_string());
+                let (reason, refused) = failure(&cfg, &e);
                 let event = if connected {
                     BrokerEvent::Closed { reason }
                 } else {

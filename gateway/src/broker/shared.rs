@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::aggregate::{AggregateStats, Aggregator, Output, Request, Tag};
-use super::mqtt::{our_qos, rumqttc_qos, BrokerConfig, CLOSE_WAIT};
+use super::mqtt::{our_qos, rumqttc_qos, BrokerConfig};
 use super::{BrokerEvent, BrokerLink, ClientKey, Command, RejectReason, GATEWAY_KEY};
 
 /// What a connection's task is told.
@@ -576,8 +576,7 @@ async fn poll(
                     }
                     Outgoing::Disconnect => {
                         drop(t);
-                        let _ =
-                            tokio::time::timeout(CLOSE_WAIT, async { while eventloop.poll().await.is_ok() {} }).await;
+                        super::mqtt::wait_for_close(&mut eventloop).await;
                         return;
                     }
                     _ => {}
@@ -585,9 +584,7 @@ async fn poll(
                 None
             }
             Err(e) => {
-                let tls = cfg.tls.as_ref().and_then(|_| super::tls::failure(&e, &cfg.host));
-                let refused = tls.is_some() || super::mqtt::is_refusal(&e);
-                let reason = tls.unwrap_or_else(|| e.to_string());
+                let (reason, refused) = super::mqtt::failure(&cfg, &e);
                 let _ = out.send(Polled::Down(reason, refused));
                 return;
             }
