@@ -262,6 +262,7 @@ fn a_lowered_expiry_bounds_what_was_stored_and_a_far_deadline_does_not_overflow(
         presence: crate::store::Presence::Away { expires },
         topics: vec![(1, "x".into())],
         held: Vec::new(),
+        subs: Vec::new(),
     };
     let mut t = T::with(EngineConfig {
         session_expiry: Some(Duration::from_secs(10)),

@@ -14,7 +14,8 @@
 //! stored sessions; see `docs/benchmarks.md`).
 //!
 //! Tables: `meta` (`schema_version`), `sessions` (client id -> presence), `topics`
-//! ((client id, topic id) -> name), `held` ((client id, sequence) -> message).
+//! ((client id, topic id) -> name), `held` ((client id, sequence) -> message), `subs`
+//! ((client id, filter) -> granted QoS; schema version 2).
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -32,6 +33,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const TOPICS: TableDefinition<(&str, u16), &str> = TableDefinition::new("topics");
 const HELD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("held");
+const SUBS: TableDefinition<(&str, &str), u8> = TableDefinition::new("subs");
 
 const VERSION_KEY: &str = "schema_version";
 
@@ -144,7 +146,8 @@ impl RedbStore {
                 path: self.path.display().to_string(),
                 found: v,
             }),
-            // Versions before 1 never existed; a migration from an older one goes here.
+            Some(Some(1)) => self.migrate_from_1(),
+            // Versions before 1 never existed.
             Some(Some(v)) => Err(StoreError::Failed(format!("unknown schema version {v}"))),
             Some(None) => Err(StoreError::Failed("no schema version".into())),
             None => {
@@ -163,10 +166,28 @@ impl RedbStore {
                     txn.open_table(SESSIONS).map_err(failed)?;
                     txn.open_table(TOPICS).map_err(failed)?;
                     txn.open_table(HELD).map_err(failed)?;
+                    txn.open_table(SUBS).map_err(failed)?;
                 }
                 txn.commit().map_err(failed)
             }
         }
+    }
+
+    /// Version 1 (topic ids and presence only) to 2: the table of subscriptions is added,
+    /// empty, since version 1 never stored any. One transaction: a crash leaves version 1.
+    fn migrate_from_1(&self) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(failed)?;
+        txn.set_durability(Durability::Immediate);
+        {
+            txn.open_table(SUBS).map_err(failed)?;
+            txn.open_table(META)
+                .map_err(failed)?
+                .insert(VERSION_KEY, SCHEMA_VERSION)
+                .map_err(failed)?;
+        }
+        txn.commit().map_err(failed)?;
+        tracing::info!(path = %self.path.display(), "state store migrated from schema version 1 to {SCHEMA_VERSION}");
+        Ok(())
     }
 
     /// The store's file.
@@ -263,6 +284,7 @@ impl RedbStore {
             let mut sessions = txn.open_table(SESSIONS).map_err(failed)?;
             let mut topics = txn.open_table(TOPICS).map_err(failed)?;
             let mut held = txn.open_table(HELD).map_err(failed)?;
+            let mut subs = txn.open_table(SUBS).map_err(failed)?;
             for op in ops {
                 match op {
                     StoreOp::Connected {
@@ -298,6 +320,18 @@ impl RedbStore {
                             .map_err(failed)?;
                         held.retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)
                             .map_err(failed)?;
+                        let mut filters = Vec::new();
+                        for row in subs.range((id, "")..).map_err(failed)? {
+                            let (k, _) = row.map_err(failed)?;
+                            let (client, filter) = k.value();
+                            if client != id {
+                                break;
+                            }
+                            filters.push(filter.to_string());
+                        }
+                        for filter in filters {
+                            subs.remove((id, filter.as_str())).map_err(failed)?;
+                        }
                     }
                     StoreOp::PutHeld {
                         client_id,
@@ -309,6 +343,12 @@ impl RedbStore {
                     }
                     StoreOp::RemoveHeld { client_id, seq } => {
                         held.remove((&**client_id, *seq)).map_err(failed)?;
+                    }
+                    StoreOp::Subscribe { client_id, filter, qos } => {
+                        subs.insert((&**client_id, &**filter), *qos).map_err(failed)?;
+                    }
+                    StoreOp::Unsubscribe { client_id, filter } => {
+                        subs.remove((&**client_id, &**filter)).map_err(failed)?;
                     }
                 }
             }
@@ -351,6 +391,16 @@ impl StateStore for RedbStore {
             let message = decode_held(v.value()).map_err(StoreError::Failed)?;
             session_of(&mut all, client).held.push((seq, message));
         }
+        let subs = txn.open_table(SUBS).map_err(failed)?;
+        for row in subs.iter().map_err(failed)? {
+            let (k, v) = row.map_err(failed)?;
+            let (client, filter) = k.value();
+            let qos = v.value();
+            if qos > 2 {
+                return Err(StoreError::Failed(format!("a subscription with QoS {qos}")));
+            }
+            session_of(&mut all, client).subs.push((filter.to_string(), qos));
+        }
         Ok(all.into_values().collect())
     }
 }
@@ -363,6 +413,7 @@ fn session_of<'a>(all: &'a mut BTreeMap<String, StoredSession>, id: &str) -> &'a
         presence: Presence::Connected,
         topics: Vec::new(),
         held: Vec::new(),
+        subs: Vec::new(),
     })
 }
 

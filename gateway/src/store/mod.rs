@@ -11,10 +11,12 @@
 //!
 //! What is stored, per clean-session-false device: its client id, whether it is
 //! connected or gone (and then until when, in wall-clock time), and its topic ids in both
-//! directions (those it registered and those the gateway registered with it). Held
-//! messages have their operations ([`StoreOp::PutHeld`], [`StoreOp::RemoveHeld`]) for
-//! aggregating mode, where the broker no longer keeps them; transparent mode leaves them
-//! to the broker's session and never writes them.
+//! directions (those it registered and those the gateway registered with it). In
+//! aggregating mode, where the broker knows only the gateway, also its subscriptions
+//! ([`StoreOp::Subscribe`]) and the QoS 1/2 messages the gateway holds for it
+//! ([`StoreOp::PutHeld`]), written by the shared connection's task before it acknowledges
+//! them to the broker; transparent mode leaves both to the broker's session and never
+//! writes them.
 
 mod disk;
 
@@ -24,8 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use disk::{Opened, RedbStore, STORE_FILE};
 
 /// The schema version this build writes. A store with a higher one was written by a
-/// newer gateway and is refused; a lower one would be migrated (there is none yet).
-pub const SCHEMA_VERSION: u64 = 1;
+/// newer gateway and is refused; a lower one is migrated when opened (1 to 2: the table of
+/// subscriptions is added).
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// Wall-clock time as the store keeps it: milliseconds since the Unix epoch.
 pub type UnixMillis = u64;
@@ -124,6 +127,22 @@ pub enum StoreOp {
         /// Its position in the client's queue.
         seq: u64,
     },
+    /// The client holds a subscription, granted at `qos` (aggregating mode).
+    Subscribe {
+        /// The client id.
+        client_id: Arc<str>,
+        /// The topic filter.
+        filter: Arc<str>,
+        /// The QoS granted (0 to 2).
+        qos: u8,
+    },
+    /// The client no longer holds a subscription (aggregating mode).
+    Unsubscribe {
+        /// The client id.
+        client_id: Arc<str>,
+        /// The topic filter.
+        filter: Arc<str>,
+    },
 }
 
 /// What the store holds for one client, as read back at start.
@@ -137,6 +156,8 @@ pub struct StoredSession {
     pub topics: Vec<(u16, String)>,
     /// Held messages, by sequence number.
     pub held: Vec<(u64, HeldMessage)>,
+    /// Subscriptions and their granted QoS, by filter (aggregating mode).
+    pub subs: Vec<(String, u8)>,
 }
 
 /// Why the store cannot be used.

@@ -47,6 +47,7 @@ impl Model {
             presence: Presence::Connected,
             topics: Vec::new(),
             held: Vec::new(),
+            subs: Vec::new(),
         })
     }
 
@@ -97,6 +98,17 @@ impl Model {
                     s.held.retain(|(q, _)| q != seq);
                 }
             }
+            StoreOp::Subscribe { client_id, filter, qos } => {
+                let s = self.session(client_id);
+                s.subs.retain(|(f, _)| **f != **filter);
+                s.subs.push((filter.to_string(), *qos));
+                s.subs.sort();
+            }
+            StoreOp::Unsubscribe { client_id, filter } => {
+                if let Some(s) = self.0.get_mut(&**client_id) {
+                    s.subs.retain(|(f, _)| **f != **filter);
+                }
+            }
         }
     }
 
@@ -104,7 +116,9 @@ impl Model {
     fn sessions(&self) -> Vec<StoredSession> {
         self.0
             .values()
-            .filter(|s| self.1.contains(&s.client_id) || !s.topics.is_empty() || !s.held.is_empty())
+            .filter(|s| {
+                self.1.contains(&s.client_id) || !s.topics.is_empty() || !s.held.is_empty() || !s.subs.is_empty()
+            })
             .cloned()
             .collect()
     }
@@ -114,6 +128,9 @@ fn op() -> impl Strategy<Value = StoreOp> {
     let client = prop::sample::select(vec!["dev-a", "dev-b", "dev-c"]).prop_map(Arc::<str>::from);
     let name = prop::sample::select(vec!["s/1", "s/2", "a/b/c", "t"]).prop_map(Arc::<str>::from);
     let id = 1u16..6;
+    // "a" and "a/#" and "ab" sort next to one another: a client's range must not reach its
+    // neighbours'.
+    let filter = prop::sample::select(vec!["a", "a/#", "ab", "+/x", ""]).prop_map(Arc::<str>::from);
     prop_oneof![
         (client.clone(), prop::collection::vec((id.clone(), name.clone()), 0..4))
             .prop_map(|(client_id, topics)| StoreOp::Connected { client_id, topics }),
@@ -139,7 +156,13 @@ fn op() -> impl Strategy<Value = StoreOp> {
                     retain,
                 },
             }),
-        (client, 0u64..4).prop_map(|(client_id, seq)| StoreOp::RemoveHeld { client_id, seq }),
+        (client.clone(), 0u64..4).prop_map(|(client_id, seq)| StoreOp::RemoveHeld { client_id, seq }),
+        (client.clone(), filter.clone(), 0u8..3).prop_map(|(client_id, filter, qos)| StoreOp::Subscribe {
+            client_id,
+            filter,
+            qos
+        }),
+        (client, filter).prop_map(|(client_id, filter)| StoreOp::Unsubscribe { client_id, filter }),
     ]
 }
 
@@ -291,8 +314,61 @@ fn a_newer_schema_is_refused_even_with_recover() {
     }
     for recover in [false, true] {
         let err = RedbStore::open(&dir, recover).expect_err("refused");
-        assert!(matches!(err, StoreError::NewerSchema { found: 2, .. }), "{err}");
+        assert!(
+            matches!(err, StoreError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1),
+            "{err}"
+        );
     }
+}
+
+#[test]
+fn a_version_1_store_is_migrated_and_keeps_what_it_held() {
+    let scratch = Scratch::new();
+    let dir = scratch.0.join("state");
+    std::fs::create_dir_all(&dir).expect("dir");
+    {
+        // A store as version 1 wrote it: no subscriptions table.
+        let db = redb::Database::create(dir.join(STORE_FILE)).expect("create");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+            .expect("meta")
+            .insert("schema_version", 1)
+            .expect("insert");
+        txn.open_table(redb::TableDefinition::<&str, &[u8]>::new("sessions"))
+            .expect("sessions")
+            .insert("dev", [1u8].as_slice())
+            .expect("insert");
+        txn.open_table(redb::TableDefinition::<(&str, u16), &str>::new("topics"))
+            .expect("topics")
+            .insert(("dev", 3), "a/b")
+            .expect("insert");
+        txn.open_table(redb::TableDefinition::<(&str, u64), &[u8]>::new("held"))
+            .expect("held");
+        txn.commit().expect("commit");
+    }
+    let mut opened = RedbStore::open(&dir, false).expect("a version 1 store opens");
+    assert_eq!(opened.sessions.len(), 1);
+    assert_eq!(opened.sessions[0].topics, vec![(3, "a/b".to_string())]);
+    assert_eq!(opened.sessions[0].presence, Presence::Away { expires: None });
+    // The migrated store takes subscriptions, and says it is version 2 from now on.
+    opened
+        .store
+        .commit(&[StoreOp::Subscribe {
+            client_id: "dev".into(),
+            filter: "a/#".into(),
+            qos: 1,
+        }])
+        .expect("commit");
+    drop(opened);
+    let read = load_dir(&dir).expect("reopens");
+    assert_eq!(read[0].subs, vec![("a/#".to_string(), 1)]);
+    let db = redb::Database::open(dir.join(STORE_FILE)).expect("open");
+    let txn = db.begin_read().expect("txn");
+    let meta = txn
+        .open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+        .expect("meta");
+    let version = meta.get("schema_version").expect("read").map(|v| v.value());
+    assert_eq!(version, Some(SCHEMA_VERSION));
 }
 
 #[test]
