@@ -251,12 +251,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     };
     info!(%mode, connections = broker.connections, "broker link");
     let probe = broker.clone();
+    let mut gateway = Gateway::new(settings.engine.clone());
+    let mut store = crate::store::StoreLink::open(&settings.state, &mut gateway)?;
     let links = match mode {
         LinkMode::Transparent => AnyLink::Transparent(MqttLinks::new(broker, ev_tx)),
-        LinkMode::Aggregating => AnyLink::Aggregating(SharedLinks::new(broker, ev_tx)),
+        LinkMode::Aggregating => {
+            // What only the gateway knows of its devices (subscriptions, held messages)
+            // is stored by the shared connections and put back into them.
+            let durable = store.as_mut().map(|s| (s.handle(), s.take_restored()));
+            AnyLink::Aggregating(SharedLinks::new(broker, ev_tx, durable))
+        }
     };
-    let mut gateway = Gateway::new(settings.engine.clone());
-    let store = crate::store::StoreLink::open(&settings.state, &mut gateway)?;
     let stats = Arc::new(Mutex::new(Stats::default()));
     let broker_links = Arc::new(AtomicUsize::new(0));
     let stopping = Arc::new(AtomicBool::new(false));
@@ -350,6 +355,7 @@ fn stats_of<L: BrokerLink>(gw: &Gateway, dtls: &DtlsLinks, links: &L) -> Stats {
         s.dtls.add(&d.server.counters());
     }
     s.aggregate = links.aggregate_stats().unwrap_or_default();
+    s.metrics.store_write_errors += s.aggregate.store_errors;
     s
 }
 

@@ -20,9 +20,18 @@
 //! - clean session false: a device's subscriptions stay in the index while it is away and
 //!   QoS 1/2 messages for it are queued (bounded), delivered when it connects again.
 //!
+//! With a state store ([`Aggregator::durable`]) it also writes what only it knows of each
+//! clean-session-false device: its subscriptions, and every QoS 1/2 message it delivers
+//! or queues for it (from arrival until the device acknowledges it). Those writes come out
+//! as [`Output::Store`], and the shell commits them before it performs anything queued
+//! after them: so a broker message is acknowledged to the broker only once it is stored
+//! for every device that still needs it, and after a crash [`Aggregator::restore`] puts
+//! the devices back, away, with their subscriptions and held messages.
+//!
 //! [`Aggregator`] is fed the commands of the sessions on its connection and what the
-//! connection reports, and queues [`Output`]s: requests for the broker and events for
-//! sessions. It owns no socket and reads no clock; [`super::shared`] drives it.
+//! connection reports, and queues [`Output`]s: requests for the broker, events for
+//! sessions and store writes. It owns no socket and reads no clock; [`super::shared`]
+//! drives it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -31,6 +40,7 @@ use bytes::Bytes;
 
 use super::index::FilterIndex;
 use super::{BrokerEvent, ClientKey, Command, ConnectParams, DeliveryId, Message, MqttQos, RejectReason, Token, Will};
+use crate::store::{HeldMessage, StoreOp};
 
 /// Names one request to the broker, so that its answer finds its way back. The driving
 /// shell pairs it with the packet id the MQTT client library chose.
@@ -82,6 +92,8 @@ pub enum Output {
     Broker(Request),
     /// Tell a session.
     Session(ClientKey, BrokerEvent),
+    /// Write to the state store; what follows waits until it is durable.
+    Store(StoreOp),
 }
 
 /// What the aggregator counts (for the metrics).
@@ -102,6 +114,8 @@ pub struct AggregateStats {
     /// Broker messages acknowledged before every device had them, the gateway keeping
     /// them instead, because `broker.inflight` were owed already.
     pub taken_over: u64,
+    /// State store commits of the shared connections that failed (filled in by the link).
+    pub store_errors: u64,
 }
 
 /// A device known to this connection: connected now, or away with clean session false.
@@ -112,10 +126,26 @@ struct Device {
     clean: bool,
     /// Its filters, with the QoS granted to it.
     subs: HashMap<Arc<str>, MqttQos>,
-    /// Messages delivered to the session and not yet acknowledged, by delivery id.
-    unacked: HashMap<DeliveryId, Message>,
-    /// QoS 1/2 messages kept while it is away.
-    queue: VecDeque<Message>,
+    /// Messages delivered to the session and not yet acknowledged, by delivery id, each
+    /// with its place in the store (0: not stored).
+    unacked: HashMap<DeliveryId, (u64, Message)>,
+    /// QoS 1/2 messages kept while it is away, each with its place in the store.
+    queue: VecDeque<(u64, Message)>,
+    /// The next place in the store for a message held for it.
+    next_seq: u64,
+}
+
+impl Device {
+    fn new(clean: bool) -> Device {
+        Device {
+            key: None,
+            clean,
+            subs: HashMap::new(),
+            unacked: HashMap::new(),
+            queue: VecDeque::new(),
+            next_seq: 1,
+        }
+    }
 }
 
 /// One distinct filter held at the broker.
@@ -194,6 +224,8 @@ pub struct Aggregator {
     /// Broker messages owed an acknowledgement at once, at most.
     owed_limit: usize,
     taken_over: u64,
+    /// Whether clean-session-false devices are written to the state store.
+    durable: bool,
     out: VecDeque<Output>,
 }
 
@@ -229,7 +261,101 @@ impl Aggregator {
             queue_dropped: 0,
             owed_limit: owed_limit.max(1),
             taken_over: 0,
+            durable: false,
             out: VecDeque::new(),
+        }
+    }
+
+    /// With a state store: what is kept for clean-session-false devices is written to it
+    /// ([`Output::Store`]) before the broker is acknowledged.
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
+    }
+
+    /// Puts back a clean-session-false device read from the state store after a restart:
+    /// away, holding `subs` (subscribed at the broker when the connection is up) and the
+    /// `held` messages, in order, for when it connects again.
+    pub fn restore(&mut self, client_id: &str, subs: &[(String, u8)], held: Vec<(u64, HeldMessage)>) {
+        let id: Arc<str> = client_id.into();
+        let mut d = Device::new(false);
+        for (filter, qos) in subs {
+            let Some(qos) = qos_of(*qos) else { continue };
+            let filter: Arc<str> = filter.as_str().into();
+            d.subs.insert(filter.clone(), qos);
+            let f = self.filters.entry(filter.clone()).or_insert_with(|| Filter {
+                asked: qos,
+                devices: HashMap::new(),
+                pending: 0,
+            });
+            if f.devices.is_empty() && f.pending == 0 {
+                self.index.insert(filter.clone());
+            }
+            f.asked = f.asked.max(qos);
+            f.devices.insert(id.clone(), qos);
+            if self.connected {
+                f.pending += 1;
+                let asked = f.asked;
+                let tag = self.tag(Waiting::Resubscribe { filter: filter.clone() });
+                self.request(Request::Subscribe {
+                    tag,
+                    filter,
+                    qos: asked,
+                });
+            }
+        }
+        for (seq, m) in held {
+            let Some(qos) = qos_of(m.qos).filter(|q| *q != MqttQos::AtMostOnce) else {
+                continue;
+            };
+            d.next_seq = d.next_seq.max(seq.saturating_add(1));
+            let message = Message {
+                topic: m.topic.into(),
+                payload: m.payload.into(),
+                qos,
+                retain: m.retain,
+                delivery: DeliveryId(0),
+            };
+            d.queue.push_back((seq, message));
+        }
+        self.devices.insert(id, d);
+    }
+
+    fn store(&mut self, op: StoreOp) {
+        self.out.push_back(Output::Store(op));
+    }
+
+    /// Stores `m` for device `id` if it is to be stored; its place (0: not stored).
+    fn hold(&mut self, id: &Arc<str>, m: &Message) -> u64 {
+        if !self.durable || m.qos == MqttQos::AtMostOnce {
+            return 0;
+        }
+        let Some(d) = self.devices.get_mut(id).filter(|d| !d.clean) else {
+            return 0;
+        };
+        let seq = d.next_seq;
+        d.next_seq += 1;
+        let message = HeldMessage {
+            topic: m.topic.to_string(),
+            payload: m.payload.to_vec(),
+            qos: m.qos as u8,
+            retain: m.retain,
+        };
+        self.store(StoreOp::PutHeld {
+            client_id: id.clone(),
+            seq,
+            message,
+        });
+        seq
+    }
+
+    /// The message stored at `seq` for `id` is no longer held (delivered or dropped).
+    fn unhold(&mut self, id: &Arc<str>, seq: u64) {
+        if seq != 0 {
+            self.store(StoreOp::RemoveHeld {
+                client_id: id.clone(),
+                seq,
+            });
         }
     }
 
@@ -254,6 +380,7 @@ impl Aggregator {
             queue_dropped: self.queue_dropped,
             unacked: self.inbound.len(),
             taken_over: self.taken_over,
+            store_errors: 0,
         }
     }
 
@@ -310,13 +437,10 @@ impl Aggregator {
                     }
                     None => false,
                 };
-                let device = self.devices.entry(id.clone()).or_insert_with(|| Device {
-                    key: None,
-                    clean: p.clean_session,
-                    subs: HashMap::new(),
-                    unacked: HashMap::new(),
-                    queue: VecDeque::new(),
-                });
+                let device = self
+                    .devices
+                    .entry(id.clone())
+                    .or_insert_with(|| Device::new(p.clean_session));
                 device.key = Some(key);
                 device.clean = p.clean_session;
                 let queued = std::mem::take(&mut device.queue);
@@ -327,9 +451,9 @@ impl Aggregator {
                         session_present: present,
                     },
                 );
-                for m in queued {
+                for (seq, m) in queued {
                     // Already off the broker's hands: no broker message to acknowledge.
-                    self.deliver(&id, key, m, None);
+                    self.deliver(&id, key, m, None, seq);
                 }
             }
             Command::Publish { .. }
@@ -404,16 +528,28 @@ impl Aggregator {
             }
             Command::Unsubscribe { token, filter } => {
                 if let Some(client) = self.sessions.get(&key).cloned() {
+                    let mut stored = false;
                     if let Some(d) = self.devices.get_mut(&client) {
-                        d.subs.remove(filter.as_str());
+                        stored = d.subs.remove(filter.as_str()).is_some() && !d.clean;
+                    }
+                    if stored && self.durable {
+                        self.store(StoreOp::Unsubscribe {
+                            client_id: client.clone(),
+                            filter: filter.as_str().into(),
+                        });
                     }
                     self.drop_subscriber(&filter, &client);
                 }
                 self.tell(key, BrokerEvent::UnsubAck { token });
             }
             Command::Ack { delivery } => {
-                if let Some(d) = self.sessions.get(&key).and_then(|c| self.devices.get_mut(c)) {
-                    d.unacked.remove(&delivery);
+                if let Some(client) = self.sessions.get(&key).cloned() {
+                    let seq = self
+                        .devices
+                        .get_mut(&client)
+                        .and_then(|d| d.unacked.remove(&delivery))
+                        .map_or(0, |(seq, _)| seq);
+                    self.unhold(&client, seq);
                 }
                 self.release(delivery);
             }
@@ -461,14 +597,20 @@ impl Aggregator {
             return;
         };
         d.key = None;
-        let mut unacked: Vec<(DeliveryId, Message)> = d.unacked.drain().collect();
+        let mut unacked: Vec<(DeliveryId, (u64, Message))> = d.unacked.drain().collect();
         unacked.sort_by_key(|(delivery, _)| *delivery);
-        for (_, m) in unacked.iter().rev() {
-            d.queue.push_front(m.clone());
+        for (_, held) in unacked.iter().rev() {
+            d.queue.push_front(held.clone());
         }
+        let mut dropped = Vec::new();
         while d.queue.len() > self.queue_limit {
-            d.queue.pop_back();
+            if let Some((seq, _)) = d.queue.pop_back() {
+                dropped.push(seq);
+            }
             self.queue_dropped += 1;
+        }
+        for seq in dropped {
+            self.unhold(id, seq);
         }
         for (delivery, _) in unacked {
             self.release(delivery);
@@ -485,6 +627,20 @@ impl Aggregator {
         }
         for filter in d.subs.keys() {
             self.drop_subscriber(filter, id);
+        }
+        if self.durable && !d.clean {
+            // Only what this aggregator wrote goes: the session record and topic ids
+            // are the engine's, which may already hold the device's next session.
+            for filter in d.subs.keys() {
+                self.store(StoreOp::Unsubscribe {
+                    client_id: id.clone(),
+                    filter: filter.clone(),
+                });
+            }
+            let seqs: Vec<u64> = d.unacked.values().chain(d.queue.iter()).map(|(seq, _)| *seq).collect();
+            for seq in seqs {
+                self.unhold(id, seq);
+            }
         }
         for delivery in d.unacked.into_keys() {
             self.release(delivery);
@@ -540,13 +696,14 @@ impl Aggregator {
 
     /// Hands `m` to session `key` of device `id`; `inbound` is the broker message it
     /// belongs to, if that is still owed an acknowledgement.
-    fn deliver(&mut self, id: &Arc<str>, key: ClientKey, mut m: Message, inbound: Option<u64>) {
+    /// `seq` is its place in the store (0: not stored).
+    fn deliver(&mut self, id: &Arc<str>, key: ClientKey, mut m: Message, inbound: Option<u64>, seq: u64) {
         let delivery = DeliveryId(self.next_delivery);
         self.next_delivery += 1;
         m.delivery = delivery;
         if m.qos != MqttQos::AtMostOnce {
             if let Some(d) = self.devices.get_mut(id) {
-                d.unacked.insert(delivery, m.clone());
+                d.unacked.insert(delivery, (seq, m.clone()));
             }
             if let Some(i) = inbound {
                 self.deliveries.insert(delivery, i);
@@ -669,8 +826,16 @@ impl Aggregator {
             let granted = granted.map(|g| g.min(qos));
             let current = self.devices.get(&client).is_some_and(|d| d.key == Some(key));
             if let (Some(g), true) = (granted, current) {
+                let mut stored = false;
                 if let Some(d) = self.devices.get_mut(&client) {
-                    d.subs.insert(filter.clone(), g);
+                    stored = d.subs.insert(filter.clone(), g) != Some(g) && !d.clean;
+                }
+                if stored && self.durable {
+                    self.store(StoreOp::Subscribe {
+                        client_id: client.clone(),
+                        filter: filter.clone(),
+                        qos: g as u8,
+                    });
                 }
                 if let Some(f) = self.filters.get_mut(&filter) {
                     f.devices.insert(client.clone(), g);
@@ -738,24 +903,32 @@ impl Aggregator {
                 retain,
                 delivery: DeliveryId(0),
             };
-            let Some(d) = self.devices.get_mut(&client) else {
+            let Some(key) = self.devices.get(&client).map(|d| d.key) else {
                 continue;
             };
-            match d.key {
+            match key {
                 Some(key) => {
                     if q != MqttQos::AtMostOnce {
                         owed += 1;
                     }
-                    self.deliver(&client, key, m, inbound);
+                    let seq = self.hold(&client, &m);
+                    self.deliver(&client, key, m, inbound, seq);
                 }
                 None if q != MqttQos::AtMostOnce => {
                     // Away with clean session false: kept by the gateway (QoS 0 is not
                     // kept for an away client, as a broker would not).
-                    if d.queue.len() >= self.queue_limit {
-                        d.queue.pop_front();
-                        self.queue_dropped += 1;
+                    let seq = self.hold(&client, &m);
+                    let mut dropped = None;
+                    if let Some(d) = self.devices.get_mut(&client) {
+                        if d.queue.len() >= self.queue_limit {
+                            dropped = d.queue.pop_front().map(|(seq, _)| seq);
+                            self.queue_dropped += 1;
+                        }
+                        d.queue.push_back((seq, m));
                     }
-                    d.queue.push_back(m);
+                    if let Some(old) = dropped {
+                        self.unhold(&client, old);
+                    }
                 }
                 None => {}
             }
@@ -784,6 +957,16 @@ impl Aggregator {
                 self.ack_in_order();
             }
         }
+    }
+}
+
+/// A stored QoS as [`MqttQos`] (`None`: not one).
+fn qos_of(q: u8) -> Option<MqttQos> {
+    match q {
+        0 => Some(MqttQos::AtMostOnce),
+        1 => Some(MqttQos::AtLeastOnce),
+        2 => Some(MqttQos::ExactlyOnce),
+        _ => None,
     }
 }
 

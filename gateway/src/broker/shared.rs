@@ -6,6 +6,10 @@
 //! broker would do per client is the aggregator's. Each connection is opened with clean
 //! session: after a loss the gateway subscribes again what its away devices hold, and the
 //! sessions that were on it are closed (as they would be in transparent mode).
+//!
+//! With a state store, each task commits its aggregator's writes (subscriptions, held
+//! messages) in one transaction per batch of work, on a blocking thread, before it carries
+//! out anything queued after them: acknowledgements to the broker wait for the commit.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +26,7 @@ use tracing::{debug, info, warn};
 use super::aggregate::{AggregateStats, Aggregator, Output, Request, Tag};
 use super::mqtt::{our_qos, rumqttc_qos, BrokerConfig};
 use super::{BrokerEvent, BrokerLink, ClientKey, Command, RejectReason, GATEWAY_KEY};
+use crate::store::{StoreHandle, StoreOp, StoredSession};
 
 /// What a connection's task is told.
 enum Input {
@@ -53,6 +58,7 @@ pub struct SharedLinks {
     route: HashMap<ClientKey, usize>,
     /// Sessions whose connection ended them (refused, lost): their routes go at reap.
     ended: mpsc::UnboundedReceiver<ClientKey>,
+    store: Option<StoreHandle>,
 }
 
 /// Which of `n` connections a client id goes to: stable across restarts (FNV-1a), so
@@ -67,23 +73,49 @@ fn shard_of(client_id: &str, n: usize) -> usize {
 }
 
 impl SharedLinks {
-    /// Opens `cfg.connections` connections (at least one), reporting to `events`.
-    pub fn new(cfg: BrokerConfig, events: mpsc::Sender<(ClientKey, BrokerEvent)>) -> Self {
+    /// Opens `cfg.connections` connections (at least one), reporting to `events`. With
+    /// `durable`, they write to that store and start with the devices read from it
+    /// (each on the connection its client id goes to).
+    pub fn new(
+        cfg: BrokerConfig,
+        events: mpsc::Sender<(ClientKey, BrokerEvent)>,
+        durable: Option<(StoreHandle, Vec<StoredSession>)>,
+    ) -> Self {
         let cfg = Arc::new(cfg);
         let (ended_tx, ended) = mpsc::unbounded_channel();
-        let shards = (0..cfg.connections.max(1))
-            .map(|i| {
+        let n = cfg.connections.max(1);
+        let (store, restored) = match durable {
+            Some((h, r)) => (Some(h), r),
+            None => (None, Vec::new()),
+        };
+        let mut by_shard: Vec<Vec<StoredSession>> = (0..n).map(|_| Vec::new()).collect();
+        for s in restored {
+            by_shard[shard_of(&s.client_id, n)].push(s);
+        }
+        let shards = by_shard
+            .into_iter()
+            .enumerate()
+            .map(|(i, restored)| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let fill = Arc::new(Fill::default());
                 let stats = Arc::new(Mutex::new(AggregateStats::default()));
+                let mut agg = Aggregator::new(cfg.offline_queue, usize::from(cfg.inflight));
+                if store.is_some() {
+                    agg = agg.durable();
+                }
+                for s in restored {
+                    agg.restore(&s.client_id, &s.subs, s.held);
+                }
                 let task = tokio::spawn(run_connection(
                     i,
                     cfg.clone(),
+                    agg,
                     rx,
                     fill.clone(),
                     stats.clone(),
                     events.clone(),
                     ended_tx.clone(),
+                    store.clone(),
                 ));
                 Shard {
                     tx,
@@ -98,6 +130,7 @@ impl SharedLinks {
             shards,
             route: HashMap::new(),
             ended,
+            store,
         }
     }
 
@@ -114,6 +147,7 @@ impl SharedLinks {
             sum.unacked += st.unacked;
             sum.taken_over += st.taken_over;
         }
+        sum.store_errors = self.store.as_ref().map_or(0, StoreHandle::link_errors);
         sum
     }
 }
@@ -288,22 +322,25 @@ fn options(cfg: &BrokerConfig, index: usize) -> MqttOptions {
 
 /// One shared connection: opened, served until lost, opened again after a pause, until
 /// the gateway shuts down.
+#[allow(clippy::too_many_arguments)]
 async fn run_connection(
     index: usize,
     cfg: Arc<BrokerConfig>,
+    mut agg: Aggregator,
     mut rx: mpsc::UnboundedReceiver<Input>,
     fill: Arc<Fill>,
     stats: Arc<Mutex<AggregateStats>>,
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
     ended: mpsc::UnboundedSender<ClientKey>,
+    store: Option<StoreHandle>,
 ) {
-    let mut agg = Aggregator::new(cfg.offline_queue, usize::from(cfg.inflight));
     let mut pause = Duration::from_millis(250);
     let mut shell = Shell {
         fill,
         stats,
         events,
         ended,
+        store,
         subscribes: VecDeque::new(),
         subscribing: false,
         qos2: VecDeque::new(),
@@ -409,6 +446,8 @@ struct Shell {
     events: mpsc::Sender<(ClientKey, BrokerEvent)>,
     /// Told the sessions this connection ended, for the link's routes.
     ended: mpsc::UnboundedSender<ClientKey>,
+    /// Where the aggregator's writes go (with a state store).
+    store: Option<StoreHandle>,
     /// SUBSCRIBEs waiting for the one in flight to be answered. rumqttc numbers
     /// SUBSCRIBE packets without checking which ids are still unanswered (they cycle
     /// through `inflight`), so one at a time keeps SUBACKs unambiguous; what queues
@@ -436,8 +475,29 @@ impl Shell {
     /// Carries out what the aggregator queued; `false` once the gateway has stopped
     /// listening for events.
     async fn flush(&mut self, agg: &mut Aggregator, client: &AsyncClient, tags: &Mutex<Tags>) -> bool {
+        let mut ops: Vec<StoreOp> = Vec::new();
+        let mut outputs: Vec<Output> = Vec::new();
         while let Some(o) = agg.poll_output() {
             match o {
+                Output::Store(op) => ops.push(op),
+                o => outputs.push(o),
+            }
+        }
+        // The durability rule: what the aggregator stored is committed (one transaction
+        // for the whole batch) before anything it queued is carried out, so the broker
+        // is acknowledged only for what is on disk.
+        if let (false, Some(store)) = (ops.is_empty(), self.store.clone()) {
+            // An fsync: off the runtime's threads.
+            if tokio::task::spawn_blocking(move || store.commit_for_link(&ops))
+                .await
+                .is_err()
+            {
+                warn!("state store commit task failed");
+            }
+        }
+        for o in outputs {
+            match o {
+                Output::Store(_) => {}
                 Output::Session(key, e) => {
                     if matches!(e, BrokerEvent::Closed { .. } | BrokerEvent::ConnectFailed { .. }) {
                         let _ = self.ended.send(key);

@@ -581,6 +581,12 @@ impl Gateway {
             .unwrap_or_default()
     }
 
+    /// Whether a clean-session-false session of `client_id` is kept (restored from the
+    /// store, or away), so that what the broker link stored for it is put back too.
+    pub fn keeps_session(&self, client_id: &str) -> bool {
+        self.persisted.contains(client_id)
+    }
+
     /// The writes taken by [`Gateway::take_store_ops`] are durable (`ok`), or failed
     /// (counted in `store_write_errors`; the gateway keeps serving from memory): the
     /// datagrams held back behind them may go.

@@ -90,6 +90,11 @@ impl Persisted {
         Some(entry.table)
     }
 
+    /// Whether something is kept for `client_id`.
+    pub(crate) fn contains(&self, client_id: &str) -> bool {
+        self.tables.contains_key(client_id)
+    }
+
     /// Forgets what was kept for `client_id` (it connects with clean session).
     pub(crate) fn remove(&mut self, client_id: &str) {
         let _ = self.take(client_id);

@@ -20,7 +20,8 @@
 
 mod disk;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use disk::{Opened, RedbStore, STORE_FILE};
@@ -208,11 +209,63 @@ pub trait StateStore: Send {
     fn load(&self) -> Result<Vec<StoredSession>, StoreError>;
 }
 
+/// The store, shared by the runtime (the engine's writes) and, in aggregating mode, the
+/// shared broker connections' tasks (subscriptions and held messages). One commit at a
+/// time; each is one durable transaction.
+#[derive(Clone)]
+pub struct StoreHandle {
+    store: Arc<Mutex<Box<dyn StateStore>>>,
+    /// Commits of the broker link's writes that failed.
+    link_errors: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreHandle").finish_non_exhaustive()
+    }
+}
+
+impl StoreHandle {
+    /// A handle on `store`.
+    pub fn new(store: Box<dyn StateStore>) -> StoreHandle {
+        StoreHandle {
+            store: Arc::new(Mutex::new(store)),
+            link_errors: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Applies `ops` in one durable transaction (see [`StateStore::commit`]).
+    pub fn commit(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        // A commit that panicked cannot have committed; the store itself stays usable.
+        self.store.lock().unwrap_or_else(|e| e.into_inner()).commit(ops)
+    }
+
+    /// Commits the broker link's writes, counting and logging a failure (the link then
+    /// serves on from memory, as the engine does).
+    pub fn commit_for_link(&self, ops: &[StoreOp]) {
+        if let Err(e) = self.commit(ops) {
+            if self.link_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::error!(error = %e, "state store write of held messages or subscriptions failed: serving on from memory (counted in store_write_errors)");
+            } else {
+                tracing::debug!(error = %e, "state store write failed");
+            }
+        }
+    }
+
+    /// How many of the broker link's commits failed.
+    pub fn link_errors(&self) -> u64 {
+        self.link_errors.load(Ordering::Relaxed)
+    }
+}
+
 /// The store as the runtime drives it: opened from `[state]`, fed the engine's writes.
 pub struct StoreLink {
-    store: Box<dyn StateStore>,
+    store: StoreHandle,
     /// Whether the last commit failed (the error is logged once per run of failures).
     failing: bool,
+    /// What the broker link stored (subscriptions, held messages) for the sessions the
+    /// engine kept at start, until [`StoreLink::take_restored`].
+    restored: Vec<StoredSession>,
 }
 
 impl std::fmt::Debug for StoreLink {
@@ -241,10 +294,19 @@ impl StoreLink {
                 "STATE STORE DAMAGED: starting with an empty store (state.recover); every device's kept topic ids are lost, the damaged file is kept aside"
             );
         }
+        let linked: Vec<StoredSession> = opened
+            .sessions
+            .iter()
+            .filter(|s| !s.subs.is_empty() || !s.held.is_empty())
+            .cloned()
+            .collect();
         let restored = gw.restore(std::time::Instant::now(), SystemTime::now(), opened.sessions);
+        // Expired or over the limit: the engine's Forget drops their rows as well.
+        let linked = linked.into_iter().filter(|s| gw.keeps_session(&s.client_id)).collect();
         let mut link = StoreLink {
-            store: Box::new(opened.store),
+            store: StoreHandle::new(Box::new(opened.store)),
             failing: false,
+            restored: linked,
         };
         link.flush(gw);
         tracing::info!(
@@ -256,6 +318,17 @@ impl StoreLink {
             "state store opened"
         );
         Ok(Some(link))
+    }
+
+    /// The store, for the broker link's own writes (aggregating mode).
+    pub fn handle(&self) -> StoreHandle {
+        self.store.clone()
+    }
+
+    /// The subscriptions and held messages stored by the broker link for the sessions
+    /// kept at start (once; aggregating mode puts them back).
+    pub fn take_restored(&mut self) -> Vec<StoredSession> {
+        std::mem::take(&mut self.restored)
     }
 
     /// Commits what the engine queued, in one transaction, and tells it so.

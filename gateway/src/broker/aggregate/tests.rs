@@ -511,3 +511,192 @@ fn the_gateways_own_publishes_wait_for_the_connection_being_opened() {
         )]
     ));
 }
+
+/// A durable aggregator whose connection is up.
+fn durable_up() -> Aggregator {
+    let mut a = Aggregator::new(2, 4).durable();
+    a.connecting();
+    a.connected();
+    assert!(drain(&mut a).is_empty());
+    a
+}
+
+fn stores(outs: &[Output]) -> Vec<StoreOp> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Store(op) => Some(op.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn position(outs: &[Output], f: impl Fn(&Output) -> bool) -> usize {
+    outs.iter().position(f).unwrap_or_else(|| panic!("not in {outs:?}"))
+}
+
+/// Subscribes `key` as in [`subscribe`], returning every output after the SUBACK.
+fn subscribe_durable(a: &mut Aggregator, key: ClientKey, filter: &str, qos: MqttQos) -> Vec<Output> {
+    a.command(
+        key,
+        Command::Subscribe {
+            token: 1,
+            filter: filter.into(),
+            qos,
+        },
+    );
+    let Some(Output::Broker(Request::Subscribe { tag, qos: asked, .. })) = a.poll_output() else {
+        panic!("expected a SUBSCRIBE");
+    };
+    a.subscribed(&[(tag, Some(asked))]);
+    drain(a)
+}
+
+#[test]
+fn a_durable_aggregator_stores_what_a_kept_device_needs_before_the_broker_is_acknowledged() {
+    let mut a = durable_up();
+    assert!(stores(&connect(&mut a, 1, "keep", false)).is_empty());
+    let outs = subscribe_durable(&mut a, 1, "s/#", Q1);
+    assert_eq!(
+        stores(&outs),
+        [StoreOp::Subscribe {
+            client_id: "keep".into(),
+            filter: "s/#".into(),
+            qos: 1
+        }]
+    );
+    // A live QoS 1 message: stored (for the device still to acknowledge it) as it goes.
+    let outs = message(&mut a, "s/t", Q1, false, 5);
+    let put = stores(&outs);
+    assert!(
+        matches!(put.as_slice(), [StoreOp::PutHeld { client_id, seq: 1, message }] if &**client_id == "keep" && message.topic == "s/t" && message.qos == 1),
+        "{put:?}"
+    );
+    let (m, acks) = messages(&outs);
+    assert!(acks.is_empty());
+    a.command(1, Command::Ack { delivery: m[0].3 });
+    let outs = drain(&mut a);
+    assert_eq!(
+        outs,
+        [
+            Output::Store(StoreOp::RemoveHeld {
+                client_id: "keep".into(),
+                seq: 1
+            }),
+            Output::Broker(Request::Ack { pkid: 5, qos: Q1 })
+        ]
+    );
+    // Away: what arrives is stored, and the store write comes before the broker's ack
+    // (the shell commits everything before what follows it).
+    a.command(1, Command::Disconnect { will: None });
+    assert!(
+        stores(&drain(&mut a)).is_empty(),
+        "subscriptions stay stored while away"
+    );
+    let outs = message(&mut a, "s/u", Q2, false, 6);
+    let put = position(&outs, |o| matches!(o, Output::Store(StoreOp::PutHeld { seq: 2, .. })));
+    let ack = position(&outs, |o| matches!(o, Output::Broker(Request::Ack { pkid: 6, .. })));
+    assert!(put < ack, "{outs:?}");
+    // QoS 0 is never stored.
+    assert!(stores(&message(&mut a, "s/v", Q0, false, 0)).is_empty());
+    // The queue's bound (2) drops the oldest from the store as well.
+    message(&mut a, "s/w", Q1, false, 7);
+    let outs = message(&mut a, "s/x", Q1, false, 8);
+    assert!(
+        stores(&outs).contains(&StoreOp::RemoveHeld {
+            client_id: "keep".into(),
+            seq: 2
+        }),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn a_clean_session_device_writes_nothing_and_a_kept_one_is_unwritten_when_it_goes_clean() {
+    let mut a = durable_up();
+    connect(&mut a, 1, "clean", true);
+    assert!(stores(&subscribe_durable(&mut a, 1, "c/#", Q1)).is_empty());
+    assert!(stores(&message(&mut a, "c/1", Q1, false, 3)).is_empty());
+
+    connect(&mut a, 2, "keep", false);
+    subscribe_durable(&mut a, 2, "k/#", Q1);
+    message(&mut a, "k/1", Q1, false, 4);
+    a.command(2, Command::Disconnect { will: None });
+    drain(&mut a);
+    // Back with clean session: only what the aggregator wrote goes (never a Forget,
+    // which would take the engine's records of the new session too).
+    let outs = connect(&mut a, 3, "keep", true);
+    let mut ops = stores(&outs);
+    ops.sort_by_key(|op| format!("{op:?}"));
+    assert_eq!(
+        ops,
+        [
+            StoreOp::RemoveHeld {
+                client_id: "keep".into(),
+                seq: 1
+            },
+            StoreOp::Unsubscribe {
+                client_id: "keep".into(),
+                filter: "k/#".into()
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_restored_device_is_subscribed_again_and_gets_its_held_messages_in_order() {
+    let mut a = Aggregator::new(10, 4).durable();
+    let held = |topic: &str, qos| HeldMessage {
+        topic: topic.into(),
+        payload: b"p".to_vec(),
+        qos,
+        retain: false,
+    };
+    a.restore(
+        "keep",
+        &[("s/#".to_string(), 2), ("bad".to_string(), 9)],
+        vec![(4, held("s/a", 1)), (7, held("s/b", 2))],
+    );
+    a.connecting();
+    a.connected();
+    let outs = drain(&mut a);
+    assert!(
+        matches!(outs.as_slice(), [Output::Broker(Request::Subscribe { filter, qos: Q2, .. })] if &**filter == "s/#"),
+        "the stored filter is subscribed again; one of an unknown QoS is not: {outs:?}"
+    );
+    let outs = connect(&mut a, 1, "keep", false);
+    assert_eq!(
+        outs[0],
+        Output::Session(1, BrokerEvent::Connected { session_present: true })
+    );
+    let got: Vec<(String, MqttQos)> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Session(1, BrokerEvent::Message(m)) => Some((m.topic.to_string(), m.qos)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, [("s/a".to_string(), Q1), ("s/b".to_string(), Q2)]);
+    let Some(Output::Session(_, BrokerEvent::Message(first))) = outs.get(1).cloned() else {
+        panic!("{outs:?}");
+    };
+    a.command(
+        1,
+        Command::Ack {
+            delivery: first.delivery,
+        },
+    );
+    assert_eq!(
+        drain(&mut a),
+        [Output::Store(StoreOp::RemoveHeld {
+            client_id: "keep".into(),
+            seq: 4
+        })],
+        "no broker ack: it was acknowledged before the restart"
+    );
+    // New messages are stored after the restored ones.
+    let outs = message(&mut a, "s/c", Q1, false, 9);
+    assert!(
+        matches!(stores(&outs).as_slice(), [StoreOp::PutHeld { seq: 8, .. }]),
+        "{outs:?}"
+    );
+}
