@@ -636,3 +636,99 @@ fn a_device_asleep_at_the_crash_is_told_to_connect_and_then_keeps_its_ids() {
     gw.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A metric's value from the gateway's /metrics (`None`: not served, or not there).
+fn metric(port: u16, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits until `name` reads `want` (the gateway refreshes its figures every 100 ms).
+fn wait_metric(port: u16, name: &str, want: f64) {
+    let deadline = Instant::now() + WAIT;
+    while metric(port, name) != Some(want) {
+        assert!(Instant::now() < deadline, "{name} never reached {want}: {:?}", metric(port, name));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Aggregating mode, where the broker knows only the gateway: after `kill -9`, what the
+/// gateway held for its clean-session-false devices (their subscriptions, a message
+/// queued while one was away, a message delivered to another and not yet acknowledged)
+/// is read back from the store.
+#[test]
+fn in_aggregating_mode_subscriptions_and_held_messages_survive_kill_9() {
+    let dir = temp_dir("aggregating");
+    let Some(mosquitto) = Mosquitto::start(&dir) else {
+        return;
+    };
+    let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
+    let state = dir.join("state");
+    let udp = free_udp_port();
+    let metrics = free_tcp_port();
+    let metrics_arg = format!("127.0.0.1:{metrics}");
+    let extra = ["--mode", "aggregating", "--metrics", &metrics_arg];
+    let gw_addr = SocketAddr::from(([127, 0, 0, 1], udp));
+    let gw = Gateway::start(&args(udp, &broker, &state, &extra));
+
+    // "away" subscribes and leaves (clean session false); "slow" stays, subscribed.
+    let away = Device::new(gw_addr);
+    away.connect("away", false);
+    let away_down = away.subscribe("agg/away/down", 1);
+    away.exchange(&Packet::Disconnect(None), |p| {
+        matches!(p, Packet::Disconnect(_)).then_some(())
+    });
+    let slow = Device::new(gw_addr);
+    slow.connect("slow", false);
+    let slow_down = slow.subscribe("agg/slow/down", 2);
+    wait_metric(metrics, "mqttsn_aggregate_away_devices", 1.0);
+
+    let observer = Observer::connect(mosquitto.port, "agg-observer", "agg/+/up");
+    let publish = |topic: &str, data: &[u8]| {
+        observer
+            .client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, data.to_vec())
+            .expect("queue publish");
+    };
+    // Queued for the away device: the gateway acknowledges it to the broker only once it
+    // is stored, and the figure is refreshed after that commit.
+    publish("agg/away/down", b"queued while away");
+    wait_metric(metrics, "mqttsn_aggregate_queued_messages", 1.0);
+    // Delivered to the slow device, which never acknowledges it (stored as it went).
+    publish("agg/slow/down", b"never acknowledged");
+    let got = loop {
+        if let Ok(Packet::Publish(p)) = Packet::decode(&slow.recv()) {
+            break p.data.to_vec();
+        }
+    };
+    assert_eq!(got, b"never acknowledged");
+
+    gw.kill_9();
+    let gw = Gateway::start(&args(udp, &broker, &state, &extra));
+    gw.wait_line("state store opened");
+
+    // Both come back with clean session false: each gets what was held for it, under the
+    // topic id it had (no REGISTER), and a live message on the restored subscription.
+    away.connect("away", false);
+    let (topic, data, registered) = away.receive();
+    assert_eq!(data, b"queued while away");
+    assert_eq!(topic, TopicRef::Normal(away_down));
+    assert!(registered.is_empty(), "{registered:?}");
+    slow.connect("slow", false);
+    let (topic, data, _) = slow.receive();
+    assert_eq!(data, b"never acknowledged", "delivered again after the restart");
+    assert_eq!(topic, TopicRef::Normal(slow_down));
+    // The subscription was put back at the broker by the gateway, not by the device.
+    wait_metric(metrics, "mqttsn_aggregate_filters", 2.0);
+    publish("agg/away/down", b"after restart");
+    let (_, data, _) = away.receive();
+    assert_eq!(data, b"after restart");
+    gw.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
