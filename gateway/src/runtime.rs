@@ -258,7 +258,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         LinkMode::Aggregating => {
             // What only the gateway knows of its devices (subscriptions, held messages)
             // is stored by the shared connections and put back into them.
-            let durable = store.as_mut().map(|s| (s.handle(), s.take_restored()));
+            let durable = store.as_mut().map(|s| crate::broker::shared::Durable {
+                store: s.handle(),
+                sessions: s.take_restored(),
+                wills: s.take_wills(),
+            });
             AnyLink::Aggregating(SharedLinks::new(broker, ev_tx, durable))
         }
     };

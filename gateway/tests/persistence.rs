@@ -339,6 +339,28 @@ impl Device {
         });
     }
 
+    /// CONNECT with a will (QoS 1): WILLTOPICREQ, WILLMSGREQ, then CONNACK.
+    fn connect_with_will(&self, client_id: &str, topic: &str, message: &[u8]) {
+        let connect = Packet::Connect(Connect {
+            will: true,
+            clean_session: true,
+            duration: 60,
+            client_id,
+        });
+        self.exchange(&connect, |p| matches!(p, Packet::WillTopicReq).then_some(()));
+        let will_topic = Packet::WillTopic(Some(sn_codec::WillTopic {
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic,
+        }));
+        self.exchange(&will_topic, |p| matches!(p, Packet::WillMsgReq).then_some(()));
+        self.exchange(&Packet::WillMsg(message), |p| match p {
+            Packet::ConnAck(ReturnCode::Accepted) => Some(()),
+            Packet::ConnAck(code) => panic!("CONNACK {code:?}"),
+            _ => None,
+        });
+    }
+
     fn register(&self, name: &str, msg_id: u16) -> u16 {
         let reg = Packet::Register(Register {
             topic_id: 0,
@@ -653,7 +675,11 @@ fn metric(port: u16, name: &str) -> Option<f64> {
 fn wait_metric(port: u16, name: &str, want: f64) {
     let deadline = Instant::now() + WAIT;
     while metric(port, name) != Some(want) {
-        assert!(Instant::now() < deadline, "{name} never reached {want}: {:?}", metric(port, name));
+        assert!(
+            Instant::now() < deadline,
+            "{name} never reached {want}: {:?}",
+            metric(port, name)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -688,6 +714,9 @@ fn in_aggregating_mode_subscriptions_and_held_messages_survive_kill_9() {
     slow.connect("slow", false);
     let slow_down = slow.subscribe("agg/slow/down", 2);
     wait_metric(metrics, "mqttsn_aggregate_away_devices", 1.0);
+    // A clean-session device with a will is connected when the gateway dies.
+    let willing = Device::new(gw_addr);
+    willing.connect_with_will("willing", "agg/willing/up", b"lost with the gateway");
 
     let observer = Observer::connect(mosquitto.port, "agg-observer", "agg/+/up");
     let publish = |topic: &str, data: &[u8]| {
@@ -712,6 +741,12 @@ fn in_aggregating_mode_subscriptions_and_held_messages_survive_kill_9() {
     gw.kill_9();
     let gw = Gateway::start(&args(udp, &broker, &state, &extra));
     gw.wait_line("state store opened");
+    // The broker knew no will for it (the gateway is its only client): the restarted
+    // gateway publishes the stored one.
+    assert_eq!(
+        observer.next(),
+        ("agg/willing/up".to_string(), b"lost with the gateway".to_vec())
+    );
 
     // Both come back with clean session false: each gets what was held for it, under the
     // topic id it had (no REGISTER), and a live message on the restored subscription.
@@ -729,6 +764,22 @@ fn in_aggregating_mode_subscriptions_and_held_messages_survive_kill_9() {
     publish("agg/away/down", b"after restart");
     let (_, data, _) = away.receive();
     assert_eq!(data, b"after restart");
+    // Published once: a second restart has no will left to publish.
+    gw.kill_9();
+    let gw = Gateway::start(&args(udp, &broker, &state, &extra));
+    gw.wait_line("state store opened");
+    away.connect("away", false);
+    publish("agg/away/down", b"marker");
+    loop {
+        // "after restart" may come again: the kill may have come before the PUBACK for
+        // it was stored (at least once).
+        let (_, data, _) = away.receive();
+        if data == b"marker" {
+            break;
+        }
+        assert_eq!(data, b"after restart");
+    }
+    assert!(observer.messages.try_recv().is_err(), "the will was published again");
     gw.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

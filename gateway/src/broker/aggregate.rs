@@ -33,7 +33,7 @@
 //! sessions and store writes. It owns no socket and reads no clock; [`super::shared`]
 //! drives it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -166,7 +166,11 @@ enum Waiting {
         key: ClientKey,
         token: Token,
     },
-    Will,
+    /// A will; once the broker has it, its stored copy goes (unless the device has
+    /// written a newer one since).
+    Will {
+        client: Option<Arc<str>>,
+    },
     Subscribe {
         key: ClientKey,
         token: Token,
@@ -226,6 +230,10 @@ pub struct Aggregator {
     taken_over: u64,
     /// Whether clean-session-false devices are written to the state store.
     durable: bool,
+    /// Devices whose session's will is in the store (durable only).
+    wills_stored: HashSet<Arc<str>>,
+    /// Wills read back from the store, published once the connection is first up.
+    restored_wills: Vec<(Arc<str>, Will)>,
     out: VecDeque<Output>,
 }
 
@@ -262,6 +270,8 @@ impl Aggregator {
             owed_limit: owed_limit.max(1),
             taken_over: 0,
             durable: false,
+            wills_stored: HashSet::new(),
+            restored_wills: Vec::new(),
             out: VecDeque::new(),
         }
     }
@@ -319,6 +329,22 @@ impl Aggregator {
             d.queue.push_back((seq, message));
         }
         self.devices.insert(id, d);
+    }
+
+    /// A will read back from the store: its device was connected when the gateway
+    /// stopped, so its connection was lost; it is published once the broker connection
+    /// is up, as a broker publishes the will of a client whose connection dropped.
+    pub fn restore_will(&mut self, client_id: &str, will: HeldMessage) {
+        let Some(qos) = qos_of(will.qos) else { return };
+        self.restored_wills.push((
+            client_id.into(),
+            Will {
+                topic: will.topic,
+                message: will.payload.into(),
+                qos,
+                retain: will.retain,
+            },
+        ));
     }
 
     fn store(&mut self, op: StoreOp) {
@@ -444,6 +470,25 @@ impl Aggregator {
                 device.key = Some(key);
                 device.clean = p.clean_session;
                 let queued = std::mem::take(&mut device.queue);
+                if self.durable {
+                    let will = p.will.as_ref().map(|w| HeldMessage {
+                        topic: w.topic.clone(),
+                        payload: w.message.to_vec(),
+                        qos: w.qos as u8,
+                        retain: w.retain,
+                    });
+                    let had = if will.is_some() {
+                        !self.wills_stored.insert(id.clone())
+                    } else {
+                        self.wills_stored.remove(&id)
+                    };
+                    if will.is_some() || had {
+                        self.store(StoreOp::Will {
+                            client_id: id.clone(),
+                            will,
+                        });
+                    }
+                }
                 self.sessions.insert(key, id.clone());
                 self.tell(
                     key,
@@ -563,8 +608,16 @@ impl Aggregator {
                 let Some(id) = self.sessions.remove(&key) else {
                     return;
                 };
-                if let Some(w) = will {
-                    self.publish_will(w);
+                // The stored will is this session's unless a newer one took over.
+                let current = self.devices.get(&id).is_some_and(|d| d.key == Some(key));
+                let stored = current && self.wills_stored.remove(&id);
+                match will {
+                    Some(w) => self.publish_will(w, stored.then(|| id.clone())),
+                    None if stored => self.store(StoreOp::Will {
+                        client_id: id.clone(),
+                        will: None,
+                    }),
+                    None => {}
                 }
                 match self.devices.get(&id) {
                     // Taken over by a newer session: the device is that one's now.
@@ -576,11 +629,19 @@ impl Aggregator {
         }
     }
 
-    fn publish_will(&mut self, w: Will) {
+    /// Publishes a will; `stored` names the device whose stored copy goes once the
+    /// broker has it.
+    fn publish_will(&mut self, w: Will, stored: Option<Arc<str>>) {
         if !self.connected {
             return;
         }
-        let tag = (w.qos != MqttQos::AtMostOnce).then(|| self.tag(Waiting::Will));
+        if w.qos == MqttQos::AtMostOnce {
+            // No answer to wait for: the stored copy goes with the publish.
+            if let Some(client) = &stored {
+                self.unstore_will(client);
+            }
+        }
+        let tag = (w.qos != MqttQos::AtMostOnce).then(|| self.tag(Waiting::Will { client: stored }));
         self.request(Request::Publish {
             tag,
             topic: w.topic.into(),
@@ -588,6 +649,16 @@ impl Aggregator {
             qos: w.qos,
             retain: w.retain,
         });
+    }
+
+    /// The stored will of `client` goes, unless its device has written a newer one since.
+    fn unstore_will(&mut self, client: &Arc<str>) {
+        if !self.wills_stored.contains(client) {
+            self.store(StoreOp::Will {
+                client_id: client.clone(),
+                will: None,
+            });
+        }
     }
 
     /// The session of `id` is gone but its device keeps its subscriptions (clean session
@@ -730,6 +801,9 @@ impl Aggregator {
             let tag = self.tag(Waiting::Resubscribe { filter: filter.clone() });
             self.request(Request::Subscribe { tag, filter, qos });
         }
+        for (client, w) in std::mem::take(&mut self.restored_wills) {
+            self.publish_will(w, Some(client));
+        }
         for (key, p) in std::mem::take(&mut self.held) {
             self.command(key, Command::Connect(p));
         }
@@ -792,8 +866,10 @@ impl Aggregator {
 
     /// The broker acknowledged publish `tag` (PUBACK, or PUBREC for QoS 2).
     pub fn published(&mut self, tag: Tag) {
-        if let Some(Waiting::Publish { key, token }) = self.waiting.remove(&tag) {
-            self.tell(key, BrokerEvent::Published { token });
+        match self.waiting.remove(&tag) {
+            Some(Waiting::Publish { key, token }) => self.tell(key, BrokerEvent::Published { token }),
+            Some(Waiting::Will { client: Some(client) }) => self.unstore_will(&client),
+            _ => {}
         }
     }
 

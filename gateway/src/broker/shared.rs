@@ -26,7 +26,19 @@ use tracing::{debug, info, warn};
 use super::aggregate::{AggregateStats, Aggregator, Output, Request, Tag};
 use super::mqtt::{our_qos, rumqttc_qos, BrokerConfig};
 use super::{BrokerEvent, BrokerLink, ClientKey, Command, RejectReason, GATEWAY_KEY};
-use crate::store::{StoreHandle, StoreOp, StoredSession};
+use crate::store::{HeldMessage, StoreHandle, StoreOp, StoredSession};
+
+/// What aggregating mode is given with a state store: the store, and what it held for
+/// the shared connections at start.
+#[derive(Debug)]
+pub struct Durable {
+    /// The store.
+    pub store: StoreHandle,
+    /// Subscriptions and held messages of the clean-session-false devices kept.
+    pub sessions: Vec<StoredSession>,
+    /// Wills of the devices connected when the gateway stopped.
+    pub wills: Vec<(String, HeldMessage)>,
+}
 
 /// What a connection's task is told.
 enum Input {
@@ -76,26 +88,26 @@ impl SharedLinks {
     /// Opens `cfg.connections` connections (at least one), reporting to `events`. With
     /// `durable`, they write to that store and start with the devices read from it
     /// (each on the connection its client id goes to).
-    pub fn new(
-        cfg: BrokerConfig,
-        events: mpsc::Sender<(ClientKey, BrokerEvent)>,
-        durable: Option<(StoreHandle, Vec<StoredSession>)>,
-    ) -> Self {
+    pub fn new(cfg: BrokerConfig, events: mpsc::Sender<(ClientKey, BrokerEvent)>, durable: Option<Durable>) -> Self {
         let cfg = Arc::new(cfg);
         let (ended_tx, ended) = mpsc::unbounded_channel();
         let n = cfg.connections.max(1);
-        let (store, restored) = match durable {
-            Some((h, r)) => (Some(h), r),
-            None => (None, Vec::new()),
+        let (store, restored, wills) = match durable {
+            Some(d) => (Some(d.store), d.sessions, d.wills),
+            None => (None, Vec::new(), Vec::new()),
         };
-        let mut by_shard: Vec<Vec<StoredSession>> = (0..n).map(|_| Vec::new()).collect();
+        let mut by_shard: Vec<(Vec<StoredSession>, Vec<(String, HeldMessage)>)> =
+            (0..n).map(|_| (Vec::new(), Vec::new())).collect();
         for s in restored {
-            by_shard[shard_of(&s.client_id, n)].push(s);
+            by_shard[shard_of(&s.client_id, n)].0.push(s);
+        }
+        for w in wills {
+            by_shard[shard_of(&w.0, n)].1.push(w);
         }
         let shards = by_shard
             .into_iter()
             .enumerate()
-            .map(|(i, restored)| {
+            .map(|(i, (restored, wills))| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let fill = Arc::new(Fill::default());
                 let stats = Arc::new(Mutex::new(AggregateStats::default()));
@@ -105,6 +117,9 @@ impl SharedLinks {
                 }
                 for s in restored {
                     agg.restore(&s.client_id, &s.subs, s.held);
+                }
+                for (client_id, will) in wills {
+                    agg.restore_will(&client_id, will);
                 }
                 let task = tokio::spawn(run_connection(
                     i,

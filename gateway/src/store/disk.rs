@@ -15,7 +15,8 @@
 //!
 //! Tables: `meta` (`schema_version`), `sessions` (client id -> presence), `topics`
 //! ((client id, topic id) -> name), `held` ((client id, sequence) -> message), `subs`
-//! ((client id, filter) -> granted QoS; schema version 2).
+//! ((client id, filter) -> granted QoS; schema version 2), `wills` (client id -> will, as
+//! a held message is written; version 2).
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -34,6 +35,7 @@ const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const TOPICS: TableDefinition<(&str, u16), &str> = TableDefinition::new("topics");
 const HELD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("held");
 const SUBS: TableDefinition<(&str, &str), u8> = TableDefinition::new("subs");
+const WILLS: TableDefinition<&str, &[u8]> = TableDefinition::new("wills");
 
 const VERSION_KEY: &str = "schema_version";
 
@@ -56,6 +58,8 @@ pub struct Opened {
     pub store: RedbStore,
     /// What it holds.
     pub sessions: Vec<StoredSession>,
+    /// The wills it holds, by client id.
+    pub wills: Vec<(String, HeldMessage)>,
     /// Where a damaged store was renamed to (only with `recover`).
     pub set_aside: Option<(PathBuf, StoreError)>,
 }
@@ -72,6 +76,7 @@ impl RedbStore {
         let path = dir.join(STORE_FILE);
         match Self::open_file(&path) {
             Ok((store, sessions)) => Ok(Opened {
+                wills: store.load_wills()?,
                 store,
                 sessions,
                 set_aside: None,
@@ -85,6 +90,7 @@ impl RedbStore {
                 })?;
                 let (store, sessions) = Self::open_file(&path)?;
                 Ok(Opened {
+                    wills: store.load_wills()?,
                     store,
                     sessions,
                     set_aside: Some((aside, damage)),
@@ -167,19 +173,22 @@ impl RedbStore {
                     txn.open_table(TOPICS).map_err(failed)?;
                     txn.open_table(HELD).map_err(failed)?;
                     txn.open_table(SUBS).map_err(failed)?;
+                    txn.open_table(WILLS).map_err(failed)?;
                 }
                 txn.commit().map_err(failed)
             }
         }
     }
 
-    /// Version 1 (topic ids and presence only) to 2: the table of subscriptions is added,
-    /// empty, since version 1 never stored any. One transaction: a crash leaves version 1.
+    /// Version 1 (topic ids and presence only) to 2: the tables of subscriptions and
+    /// wills are added, empty, since version 1 never stored any. One transaction: a crash
+    /// leaves version 1.
     fn migrate_from_1(&self) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(failed)?;
         txn.set_durability(Durability::Immediate);
         {
             txn.open_table(SUBS).map_err(failed)?;
+            txn.open_table(WILLS).map_err(failed)?;
             txn.open_table(META)
                 .map_err(failed)?
                 .insert(VERSION_KEY, SCHEMA_VERSION)
@@ -193,6 +202,28 @@ impl RedbStore {
     /// The store's file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The wills stored (see [`StoreOp::Will`]), by client id. One that does not decode
+    /// is damage, as any other record.
+    pub fn load_wills(&self) -> Result<Vec<(String, HeldMessage)>, StoreError> {
+        let damaged = |why: String| StoreError::Damaged {
+            path: self.path.display().to_string(),
+            why,
+        };
+        let read = || -> Result<Vec<(String, HeldMessage)>, String> {
+            let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+            let wills = txn.open_table(WILLS).map_err(|e| e.to_string())?;
+            let mut all = Vec::new();
+            for row in wills.iter().map_err(|e| e.to_string())? {
+                let (k, v) = row.map_err(|e| e.to_string())?;
+                all.push((k.value().to_string(), decode_message(v.value(), 0)?));
+            }
+            Ok(all)
+        };
+        catch_unwind(AssertUnwindSafe(read))
+            .map_err(|_| damaged("the store library failed reading it".into()))?
+            .map_err(damaged)
     }
 }
 
@@ -251,12 +282,17 @@ fn encode_held(m: &HeldMessage) -> Vec<u8> {
 }
 
 fn decode_held(v: &[u8]) -> Result<HeldMessage, String> {
+    decode_message(v, 1)
+}
+
+/// A held message or a will (whose QoS may be 0: `min_qos`).
+fn decode_message(v: &[u8], min_qos: u8) -> Result<HeldMessage, String> {
     let bad = || "a held message that does not decode".to_string();
     let [qos, retain, a, b, rest @ ..] = v else {
         return Err(bad());
     };
     let len = usize::from(u16::from_be_bytes([*a, *b]));
-    if rest.len() < len || !matches!(qos, 1 | 2) || *retain > 1 {
+    if rest.len() < len || !(min_qos..=2).contains(qos) || *retain > 1 {
         return Err(bad());
     }
     let (topic, payload) = rest.split_at(len);
@@ -285,6 +321,7 @@ impl RedbStore {
             let mut topics = txn.open_table(TOPICS).map_err(failed)?;
             let mut held = txn.open_table(HELD).map_err(failed)?;
             let mut subs = txn.open_table(SUBS).map_err(failed)?;
+            let mut wills = txn.open_table(WILLS).map_err(failed)?;
             for op in ops {
                 match op {
                     StoreOp::Connected {
@@ -349,6 +386,15 @@ impl RedbStore {
                     }
                     StoreOp::Unsubscribe { client_id, filter } => {
                         subs.remove((&**client_id, &**filter)).map_err(failed)?;
+                    }
+                    StoreOp::Will {
+                        client_id,
+                        will: Some(w),
+                    } => {
+                        wills.insert(&**client_id, encode_held(w).as_slice()).map_err(failed)?;
+                    }
+                    StoreOp::Will { client_id, will: None } => {
+                        wills.remove(&**client_id).map_err(failed)?;
                     }
                 }
             }

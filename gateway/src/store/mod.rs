@@ -66,7 +66,7 @@ pub struct HeldMessage {
     pub topic: String,
     /// The payload.
     pub payload: Vec<u8>,
-    /// 1 or 2 (QoS 0 messages are never stored).
+    /// 1 or 2 (QoS 0 messages are never held; a will may have 0).
     pub qos: u8,
     /// The retain flag.
     pub retain: bool,
@@ -136,6 +136,16 @@ pub enum StoreOp {
         filter: Arc<str>,
         /// The QoS granted (0 to 2).
         qos: u8,
+    },
+    /// The will of the client's session now connected (`None`: it has none, or it went
+    /// cleanly), kept so that a gateway that dies with the device connected publishes
+    /// it after its restart (aggregating mode, where the broker holds no will). For any
+    /// device, whatever its clean-session flag; [`StoreOp::Forget`] leaves it alone.
+    Will {
+        /// The client id.
+        client_id: Arc<str>,
+        /// The will (its `qos` may be 0).
+        will: Option<HeldMessage>,
     },
     /// The client no longer holds a subscription (aggregating mode).
     Unsubscribe {
@@ -266,6 +276,9 @@ pub struct StoreLink {
     /// What the broker link stored (subscriptions, held messages) for the sessions the
     /// engine kept at start, until [`StoreLink::take_restored`].
     restored: Vec<StoredSession>,
+    /// The wills of devices connected when the gateway stopped, until
+    /// [`StoreLink::take_wills`].
+    wills: Vec<(String, HeldMessage)>,
 }
 
 impl std::fmt::Debug for StoreLink {
@@ -300,6 +313,7 @@ impl StoreLink {
             .filter(|s| !s.subs.is_empty() || !s.held.is_empty())
             .cloned()
             .collect();
+        let wills = opened.wills;
         let restored = gw.restore(std::time::Instant::now(), SystemTime::now(), opened.sessions);
         // Expired or over the limit: the engine's Forget drops their rows as well.
         let linked = linked.into_iter().filter(|s| gw.keeps_session(&s.client_id)).collect();
@@ -307,6 +321,7 @@ impl StoreLink {
             store: StoreHandle::new(Box::new(opened.store)),
             failing: false,
             restored: linked,
+            wills,
         };
         link.flush(gw);
         tracing::info!(
@@ -329,6 +344,12 @@ impl StoreLink {
     /// kept at start (once; aggregating mode puts them back).
     pub fn take_restored(&mut self) -> Vec<StoredSession> {
         std::mem::take(&mut self.restored)
+    }
+
+    /// The stored wills of the devices that were connected when the gateway stopped
+    /// (once; aggregating mode publishes them, as a broker would for a lost client).
+    pub fn take_wills(&mut self) -> Vec<(String, HeldMessage)> {
+        std::mem::take(&mut self.wills)
     }
 
     /// Commits what the engine queued, in one transaction, and tells it so.

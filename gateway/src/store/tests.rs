@@ -109,6 +109,8 @@ impl Model {
                     s.subs.retain(|(f, _)| **f != **filter);
                 }
             }
+            // Read back apart from the sessions (RedbStore::load_wills).
+            StoreOp::Will { .. } => {}
         }
     }
 
@@ -162,7 +164,16 @@ fn op() -> impl Strategy<Value = StoreOp> {
             filter,
             qos
         }),
-        (client, filter).prop_map(|(client_id, filter)| StoreOp::Unsubscribe { client_id, filter }),
+        (client.clone(), filter).prop_map(|(client_id, filter)| StoreOp::Unsubscribe { client_id, filter }),
+        (client, prop::option::of(0u8..3)).prop_map(|(client_id, qos)| StoreOp::Will {
+            client_id,
+            will: qos.map(|qos| HeldMessage {
+                topic: "w".into(),
+                payload: vec![qos],
+                qos,
+                retain: false
+            })
+        }),
     ]
 }
 
@@ -369,6 +380,52 @@ fn a_version_1_store_is_migrated_and_keeps_what_it_held() {
         .expect("meta");
     let version = meta.get("schema_version").expect("read").map(|v| v.value());
     assert_eq!(version, Some(SCHEMA_VERSION));
+}
+
+#[test]
+fn wills_are_kept_apart_from_sessions_and_survive_forget() {
+    let scratch = Scratch::new();
+    let dir = scratch.0.join("state");
+    let mut store = RedbStore::open(&dir, false).expect("new").store;
+    let will = |qos| HeldMessage {
+        topic: "gone/x".into(),
+        payload: b"bye".to_vec(),
+        qos,
+        retain: true,
+    };
+    store
+        .commit(&[
+            StoreOp::Will {
+                client_id: "a".into(),
+                will: Some(will(0)),
+            },
+            StoreOp::Will {
+                client_id: "b".into(),
+                will: Some(will(2)),
+            },
+            StoreOp::Will {
+                client_id: "c".into(),
+                will: Some(will(1)),
+            },
+            StoreOp::Will {
+                client_id: "c".into(),
+                will: None,
+            },
+            // The engine's Forget (a clean-session CONNECT) leaves the will to the link.
+            StoreOp::Forget { client_id: "b".into() },
+        ])
+        .expect("commit");
+    drop(store);
+    let opened = RedbStore::open(&dir, false).expect("reopens");
+    assert!(
+        opened.sessions.is_empty(),
+        "a will is no session: {:?}",
+        opened.sessions
+    );
+    assert_eq!(
+        opened.wills,
+        vec![("a".to_string(), will(0)), ("b".to_string(), will(2))]
+    );
 }
 
 #[test]

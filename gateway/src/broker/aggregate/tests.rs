@@ -700,3 +700,101 @@ fn a_restored_device_is_subscribed_again_and_gets_its_held_messages_in_order() {
         "{outs:?}"
     );
 }
+
+fn with_will(id: &str, clean: bool, qos: MqttQos) -> ConnectParams {
+    ConnectParams {
+        will: Some(Will {
+            topic: format!("will/{id}"),
+            message: Bytes::from_static(b"gone"),
+            qos,
+            retain: false,
+        }),
+        ..params(id, clean)
+    }
+}
+
+fn will_op(id: &str, qos: Option<u8>) -> StoreOp {
+    StoreOp::Will {
+        client_id: id.into(),
+        will: qos.map(|qos| HeldMessage {
+            topic: format!("will/{id}"),
+            payload: b"gone".to_vec(),
+            qos,
+            retain: false,
+        }),
+    }
+}
+
+#[test]
+fn a_durable_aggregator_stores_each_sessions_will_and_drops_it_once_published_or_not_needed() {
+    let mut a = durable_up();
+    // Any device's will is stored, whatever its clean-session flag.
+    a.command(1, Command::Connect(with_will("calm", true, Q1)));
+    assert_eq!(stores(&drain(&mut a)), [will_op("calm", Some(1))]);
+    a.command(1, Command::Disconnect { will: None });
+    assert_eq!(
+        drain(&mut a),
+        [Output::Store(will_op("calm", None))],
+        "a clean DISCONNECT"
+    );
+
+    a.command(2, Command::Connect(with_will("lost", false, Q1)));
+    drain(&mut a);
+    a.command(
+        2,
+        Command::Disconnect {
+            will: with_will("lost", false, Q1).will,
+        },
+    );
+    let outs = drain(&mut a);
+    let [Output::Broker(Request::Publish { tag: Some(tag), .. })] = outs.as_slice() else {
+        panic!("the will alone, its stored copy kept until the broker has it: {outs:?}");
+    };
+    a.published(*tag);
+    assert_eq!(drain(&mut a), [Output::Store(will_op("lost", None))]);
+
+    // A device without a will writes nothing.
+    a.command(3, Command::Connect(params("plain", true)));
+    assert!(stores(&drain(&mut a)).is_empty());
+}
+
+#[test]
+fn a_will_read_back_is_published_when_the_connection_is_up_and_a_newer_one_is_kept() {
+    let mut a = Aggregator::new(10, 4).durable();
+    let stored = |id: &str| HeldMessage {
+        topic: format!("will/{id}"),
+        payload: b"gone".to_vec(),
+        qos: 1,
+        retain: false,
+    };
+    a.restore_will("old", stored("old"));
+    a.restore_will("back", stored("back"));
+    a.connecting();
+    // "back" reconnects (with a new will) while the connection is being opened.
+    a.command(7, Command::Connect(with_will("back", false, Q2)));
+    a.connected();
+    let outs = drain(&mut a);
+    let wills: Vec<(Tag, String)> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Broker(Request::Publish {
+                tag: Some(tag), topic, ..
+            }) => Some((*tag, topic.to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        wills.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(),
+        ["will/old", "will/back"],
+        "both devices' connections were lost with the gateway: {outs:?}"
+    );
+    assert!(stores(&outs).contains(&will_op("back", Some(2))), "{outs:?}");
+    for (tag, _) in &wills {
+        a.published(*tag);
+    }
+    assert_eq!(
+        stores(&drain(&mut a)),
+        [will_op("old", None)],
+        "the new session's will stays stored"
+    );
+}
