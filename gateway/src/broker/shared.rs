@@ -96,16 +96,17 @@ impl SharedLinks {
             Some(d) => (Some(d.store), d.sessions, d.wills),
             None => (None, Vec::new(), Vec::new()),
         };
-        let mut by_shard: Vec<(Vec<StoredSession>, Vec<(String, HeldMessage)>)> =
-            (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+        let mut sessions_of: Vec<Vec<StoredSession>> = (0..n).map(|_| Vec::new()).collect();
+        let mut wills_of: Vec<Vec<(String, HeldMessage)>> = (0..n).map(|_| Vec::new()).collect();
         for s in restored {
-            by_shard[shard_of(&s.client_id, n)].0.push(s);
+            sessions_of[shard_of(&s.client_id, n)].push(s);
         }
         for w in wills {
-            by_shard[shard_of(&w.0, n)].1.push(w);
+            wills_of[shard_of(&w.0, n)].push(w);
         }
-        let shards = by_shard
+        let shards = sessions_of
             .into_iter()
+            .zip(wills_of)
             .enumerate()
             .map(|(i, (restored, wills))| {
                 let (tx, rx) = mpsc::unbounded_channel();
