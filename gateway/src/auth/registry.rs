@@ -244,6 +244,7 @@ struct RawDevice {
     predefined: BTreeMap<String, String>,
     psk_identity: Option<String>,
     psk: Option<String>,
+    psk_file: Option<PathBuf>,
     cert_identity: Option<String>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
@@ -528,31 +529,55 @@ impl RawDevice {
         if let Err(why) = Predefined::new(predefined.iter().map(|(k, v)| (*k, v.clone()))) {
             e.push(format!("{}: {why}", at("predefined")));
         }
-        let psk = match &self.psk {
+        // The key in hex, given inline or in a file of its own (kept out of the registry,
+        // e.g. readable by the gateway's user alone); which key names it in errors.
+        let psk_hex = match (&self.psk, &self.psk_file) {
+            (Some(_), Some(_)) => {
+                e.push(format!("{}: give psk or psk_file, not both", at("psk")));
+                None
+            }
+            (Some(hex), None) => Some(("psk", hex.clone())),
+            (None, Some(file)) => {
+                let path = base.join(file);
+                match std::fs::read_to_string(&path) {
+                    Ok(hex) => Some(("psk_file", hex)),
+                    Err(err) => {
+                        e.push(format!("{}: cannot read {}: {err}", at("psk_file"), path.display()));
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        let psk = match &psk_hex {
             None => None,
-            Some(hex) => match parse_hex(hex.trim()) {
+            Some((key, hex)) => match parse_hex(hex.trim()) {
                 Some(k) if !k.is_empty() && k.len() <= MAX_PSK_LEN => Some(Secret(k)),
                 _ => {
+                    let shown = match (key, &self.psk_file) {
+                        (&"psk_file", Some(file)) => format!("{} ({})", at(key), base.join(file).display()),
+                        _ => at(key),
+                    };
                     e.push(format!(
-                        "{}: expected 1 to {MAX_PSK_LEN} octets in hexadecimal (an even number of 0-9a-f)",
-                        at("psk")
+                        "{shown}: expected 1 to {MAX_PSK_LEN} octets in hexadecimal (an even number of 0-9a-f)"
                     ));
                     None
                 }
             },
         };
-        match (&self.psk_identity, &self.psk) {
-            (Some(id), Some(_)) if id.is_empty() || id.len() > 128 => {
+        let has_key = self.psk.is_some() || self.psk_file.is_some();
+        match (&self.psk_identity, has_key) {
+            (Some(id), true) if id.is_empty() || id.len() > 128 => {
                 e.push(format!("{}: must be 1 to 128 octets", at("psk_identity")));
             }
-            (Some(id), Some(_)) if id.starts_with(CERT_IDENTITY_PREFIX) => {
+            (Some(id), true) if id.starts_with(CERT_IDENTITY_PREFIX) => {
                 e.push(format!(
                     "{}: must not start with {CERT_IDENTITY_PREFIX:?} (the prefix of certificate identities)",
                     at("psk_identity")
                 ));
             }
-            (Some(_), None) => e.push(format!("{}: given without psk", at("psk_identity"))),
-            (None, Some(_)) => e.push(format!("{}: given without psk_identity", at("psk"))),
+            (Some(_), false) => e.push(format!("{}: given without psk or psk_file", at("psk_identity"))),
+            (None, true) => e.push(format!("{}: given without psk_identity", at("psk"))),
             _ => {}
         }
         if self
@@ -770,6 +795,53 @@ password_env = "UNSET"
         assert_eq!(r.lookup("a").unwrap().password, Some(Secret("from-file".into())));
         let e = Registry::load(&dir.join("missing.toml")).unwrap_err();
         assert!(e[0].contains("missing.toml: cannot read"), "{e:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn psk_files_are_read_relative_to_the_registry_and_read_again_on_each_load() {
+        let dir = std::env::temp_dir().join(format!("gw-registry-psk-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("keys")).unwrap();
+        // Whitespace around the hex (an editor's newline, indentation) is not part of it.
+        std::fs::write(dir.join("keys/a.psk"), "  00112233445566778899aabbccddeeff \n").unwrap();
+        let text = "[[device]]\nclient_id = \"a\"\npsk_identity = \"id-a\"\npsk_file = \"keys/a.psk\"\n";
+        std::fs::write(dir.join("devices.toml"), text).unwrap();
+        let r = Registry::load(&dir.join("devices.toml")).unwrap();
+        assert_eq!(
+            r.psk_of("id-a"),
+            Some(&[0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff][..])
+        );
+        // A rotated key file is what the next load (a SIGHUP reload) uses.
+        std::fs::write(dir.join("keys/a.psk"), "cafe").unwrap();
+        let r = Registry::load(&dir.join("devices.toml")).unwrap();
+        assert_eq!(r.psk_of("id-a"), Some(&[0xca, 0xfe][..]));
+
+        let base = dir.as_path();
+        let parse = |extra: &str| {
+            let text = format!("[[device]]\nclient_id = \"a\"\npsk_identity = \"id-a\"\n{extra}");
+            Registry::parse(&text, "devices.toml", base, |_| None).unwrap_err()
+        };
+        let e = parse("psk = \"00\"\npsk_file = \"keys/a.psk\"\n");
+        assert!(e[0].contains("psk: give psk or psk_file, not both"), "{e:?}");
+        let e = parse("psk_file = \"keys/missing.psk\"\n");
+        assert!(
+            e[0].contains("psk_file: cannot read") && e[0].contains("missing.psk"),
+            "{e:?}"
+        );
+        std::fs::write(dir.join("keys/bad.psk"), "not hex").unwrap();
+        let e = parse("psk_file = \"keys/bad.psk\"\n");
+        assert!(
+            e[0].contains("psk_file (") && e[0].contains("bad.psk") && e[0].contains("hexadecimal"),
+            "{e:?}"
+        );
+        let e = Registry::parse(
+            "[[device]]\nclient_id = \"a\"\npsk_file = \"keys/a.psk\"\n",
+            "devices.toml",
+            base,
+            |_| None,
+        )
+        .unwrap_err();
+        assert!(e[0].contains("given without psk_identity"), "{e:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
