@@ -32,6 +32,12 @@ publish = ["#"]
 client_id = "sensor-8"
 psk_identity = "id-8"
 psk = "ffeeddccbbaa99887766554433221100"
+
+[[device]]
+client_id = "locked"
+psk_identity = "id-locked"
+psk = "0102030405060708090a0b0c0d0e0f10"
+dtls_only = true
 "##;
 
 const KEY_7: &str = "00112233445566778899aabbccddeeff";
@@ -102,6 +108,27 @@ async fn a_client_id_not_bound_to_the_psk_identity_gets_connack_0x03() {
         .wait_stats("the refusal counted", |s| s.metrics.auth_identity_refused == 1)
         .await;
     assert_eq!(s.sessions, 0);
+    let _ = device.child.kill().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dtls_only_device_is_refused_on_the_plain_udp_listener_and_served_over_dtls() {
+    if !have_openssl() {
+        return;
+    }
+    let h = start(None).await.expect("the gateway starts");
+    // The same gateway's plain UDP listener: its client id alone proves nothing.
+    let mut plain = SnClient::bind(Ipv4Addr::LOCALHOST, h.gateway, "locked").await;
+    plain.send(&connect("locked")).await;
+    assert_eq!(plain.recv().await, Rx::ConnAck(ReturnCode::NotSupported));
+    h.wait_stats("the refusal counted", |s| s.metrics.auth_identity_refused == 1)
+        .await;
+    // With its key, over DTLS, it connects.
+    let mut device = OpensslDevice::with_psk(h.dtls[0], "id-locked", "0102030405060708090a0b0c0d0e0f10");
+    h.wait_stats("a DTLS handshake", |s| s.dtls.handshakes_ok == 1).await;
+    device.send(&connect("locked")).await;
+    assert_eq!(device.recv().await, Rx::ConnAck(ReturnCode::Accepted));
     let _ = device.child.kill().await;
     h.shutdown().await;
 }

@@ -161,6 +161,9 @@ pub struct Device {
     pub psk_identity: Option<String>,
     /// DTLS pre-shared key.
     pub psk: Option<Secret<Vec<u8>>>,
+    /// Its client ids connect over DTLS only: a CONNECT over plain UDP (or a serial
+    /// link) is refused, so the key cannot be side-stepped by leaving DTLS out.
+    pub dtls_only: bool,
     /// The name (CN or SAN, as the listener's `identity` says) of the DTLS client
     /// certificate this entry's client ids go with; `%c`: the name must be the client
     /// id itself.
@@ -245,6 +248,8 @@ struct RawDevice {
     psk_identity: Option<String>,
     psk: Option<String>,
     psk_file: Option<PathBuf>,
+    #[serde(default)]
+    dtls_only: bool,
     cert_identity: Option<String>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
@@ -580,6 +585,12 @@ impl RawDevice {
             (None, true) => e.push(format!("{}: given without psk_identity", at("psk"))),
             _ => {}
         }
+        if self.dtls_only && !has_key && self.cert_identity.is_none() {
+            e.push(format!(
+                "{}: the entry has neither psk_identity nor cert_identity, so none of its client ids could connect",
+                at("dtls_only")
+            ));
+        }
         if self
             .cert_identity
             .as_ref()
@@ -621,6 +632,7 @@ impl RawDevice {
             predefined,
             psk_identity: self.psk_identity,
             psk,
+            dtls_only: self.dtls_only,
             cert_identity: self.cert_identity,
             client_identity,
         })

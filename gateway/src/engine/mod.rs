@@ -215,7 +215,8 @@ pub struct Metrics {
     /// (`address_change = "deny"`, or an address outside its registry entry).
     pub auth_wake_refused: u64,
     /// CONNECTs over DTLS whose client id the registry does not bind to the session's
-    /// PSK identity (also counted in `connects_refused`).
+    /// PSK identity, and CONNECTs of a `dtls_only` device not over DTLS (also counted in
+    /// `connects_refused`).
     pub auth_identity_refused: u64,
     /// CONNECTs refused because the mountpoint cannot be formed for the device (also
     /// counted in `connects_refused`), and QoS -1 publishes dropped for that reason.
@@ -856,6 +857,16 @@ impl Gateway {
             .is_some_and(|d| d.binds_dtls(client_id, identity))
     }
 
+    /// Whether the registry entry of `client_id` allows DTLS sessions only.
+    fn dtls_only(&self, client_id: &str) -> bool {
+        self.cfg
+            .auth
+            .registry
+            .as_ref()
+            .and_then(|r| r.lookup(client_id))
+            .is_some_and(|d| d.dtls_only)
+    }
+
     /// A session message from an address with no session: counted, and answered with
     /// DISCONNECT when it expects an answer, so that a device the gateway no longer
     /// knows (gateway restarted, session lost) learns it must connect again.
@@ -930,6 +941,13 @@ impl Gateway {
                     .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
                 return;
             }
+        } else if self.dtls_only(c.client_id) {
+            self.metrics.connects_refused += 1;
+            self.metrics.auth_identity_refused += 1;
+            refusal!(self, now, client = %c.client_id, peer = %peer, "CONNECT refused: its registry entry says dtls_only and this is not a DTLS session");
+            self.out
+                .send(&peer, &Packet::ConnAck(sn_codec::ReturnCode::NotSupported));
+            return;
         }
         let admission = match self.cfg.auth.admit(c.client_id, &peer) {
             Ok(a) => a,

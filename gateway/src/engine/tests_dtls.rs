@@ -22,6 +22,12 @@ psk = "ffeeddccbbaa99887766554433221100"
 
 [[device]]
 client_id = "plain"
+
+[[device]]
+client_id = "locked-*"
+psk_identity = "id-locked"
+psk = "0102030405060708"
+dtls_only = true
 "#;
 
 fn t() -> T {
@@ -110,4 +116,40 @@ fn the_same_identity_at_a_new_address_takes_its_own_session_over() {
     t.send(&new, connect("sensor-7"));
     assert!(!t.cmds().is_empty(), "the takeover goes ahead");
     assert_eq!(t.gw.stats().metrics.auth_takeover_refused, 0);
+}
+
+#[test]
+fn a_dtls_only_device_is_refused_over_plain_udp_and_served_over_dtls() {
+    let mut t = t();
+    // Its client id, without DTLS: refused, even though no session exists to protect.
+    let plain = LinkAddr::Udp(0, SocketAddr::from(([127, 0, 0, 1], 5)));
+    t.send(&plain, connect("locked-1"));
+    t.expect(&plain, &[Packet::ConnAck(ReturnCode::NotSupported)]);
+    assert!(t.cmds().is_empty(), "no broker connection for it");
+    let m = t.gw.stats().metrics;
+    assert_eq!((m.auth_identity_refused, m.connects_refused), (1, 1));
+    // Under its identity it connects; a device without dtls_only still may use plain UDP.
+    t.connect(&dtls(6, "id-locked"), "locked-1", true, 0);
+    assert_eq!(t.gw.session_state("locked-1"), Some(SessionState::Active));
+    t.connect(&plain, "plain", true, 0);
+    assert_eq!(t.gw.session_state("plain"), Some(SessionState::Active));
+    // A PINGREQ over plain UDP cannot wake it either (another identity, or none).
+    t.send(&dtls(6, "id-locked"), Packet::Disconnect(Some(60)));
+    t.tx();
+    let other = LinkAddr::Udp(0, SocketAddr::from(([127, 0, 0, 1], 7)));
+    t.send(&other, Packet::PingReq(Some("locked-1")));
+    t.expect(&other, &[Packet::Disconnect(None)]);
+    assert_eq!(t.gw.session_state("locked-1"), Some(SessionState::Asleep));
+}
+
+#[test]
+fn dtls_only_without_a_key_or_certificate_name_is_a_registry_error() {
+    let e = Registry::parse(
+        "[[device]]\nclient_id = \"x\"\ndtls_only = true\n",
+        "devices.toml",
+        std::path::Path::new("/"),
+        |_| None,
+    )
+    .unwrap_err();
+    assert!(e[0].contains("dtls_only") && e[0].contains("neither"), "{e:?}");
 }
