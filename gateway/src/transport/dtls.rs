@@ -19,7 +19,9 @@
 //!   made for the ClientHello that carries the cookie issues and checks the same cookie.
 //!   Only when that check passes is the instance kept.
 //! - **Bounds**: at most `max_handshakes` handshakes in progress (further ClientHellos
-//!   with a valid cookie are dropped and counted), a handshake deadline, and an idle
+//!   with a valid cookie are dropped and counted), at most `handshake_rate` new
+//!   handshakes per second (a token bucket in the caller's time; the cookie exchange
+//!   before it stays stateless and unlimited), a handshake deadline, and an idle
 //!   timeout after which a session is closed with close_notify.
 //!   The cookie does not depend on the kind of instance (it is an HMAC of the client
 //!   random under the seeded secret), so the cheap PSK instance answers and checks
@@ -59,6 +61,10 @@ pub struct DtlsLimits {
     pub idle_timeout: Duration,
     /// A handshake not done within this is abandoned.
     pub handshake_timeout: Duration,
+    /// New handshakes per second (ClientHellos with a valid cookie that would start
+    /// one); a token bucket holding one second's worth, so bursts up to this many pass
+    /// at once. Beyond, the ClientHello is dropped and counted.
+    pub handshake_rate: u32,
 }
 
 impl Default for DtlsLimits {
@@ -67,6 +73,7 @@ impl Default for DtlsLimits {
             max_handshakes: 256,
             idle_timeout: Duration::from_secs(600),
             handshake_timeout: Duration::from_secs(20),
+            handshake_rate: 500,
         }
     }
 }
@@ -80,6 +87,8 @@ pub struct DtlsCounters {
     pub handshakes_failed: u64,
     /// ClientHellos with a valid cookie dropped because `max_handshakes` were running.
     pub handshakes_busy: u64,
+    /// ClientHellos with a valid cookie dropped because `handshake_rate` was exceeded.
+    pub handshakes_rate_limited: u64,
     /// HelloVerifyRequests sent (each answers a ClientHello without a valid cookie).
     pub cookies_sent: u64,
     /// Datagrams that are not DTLS records, or records from an address with no session
@@ -105,6 +114,7 @@ impl DtlsCounters {
         self.handshakes_ok += other.handshakes_ok;
         self.handshakes_failed += other.handshakes_failed;
         self.handshakes_busy += other.handshakes_busy;
+        self.handshakes_rate_limited += other.handshakes_rate_limited;
         self.cookies_sent += other.cookies_sent;
         self.plaintext_dropped += other.plaintext_dropped;
         self.idle_closed += other.idle_closed;
@@ -314,6 +324,53 @@ fn cert_provider() -> &'static CryptoProvider {
     })
 }
 
+/// A token bucket for new handshakes, in virtual time (the caller's `now`). Tokens are
+/// counted in billionths, so that a refill of `rate` per second is exact per nanosecond.
+#[derive(Debug)]
+struct TokenBucket {
+    /// Tokens per second, and also the most the bucket holds.
+    rate: u32,
+    /// Billionths of a token held.
+    credit: u128,
+    /// When `credit` was last brought up to date; `None` until the first take (full).
+    last: Option<Instant>,
+}
+
+/// One token, in the bucket's units.
+const TOKEN: u128 = 1_000_000_000;
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        TokenBucket {
+            rate,
+            credit: 0,
+            last: None,
+        }
+    }
+
+    /// Takes one token at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let cap = u128::from(self.rate.max(1)) * TOKEN;
+        self.credit = match self.last {
+            None => cap,
+            Some(last) => {
+                let elapsed = now.saturating_duration_since(last).as_nanos();
+                self.credit
+                    .saturating_add(elapsed.saturating_mul(u128::from(self.rate)))
+                    .min(cap)
+            }
+        };
+        // A `now` earlier than the last one (it should not happen) refills nothing.
+        self.last = Some(self.last.map_or(now, |last| last.max(now)));
+        if self.credit >= TOKEN {
+            self.credit -= TOKEN;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The resolver given to one handshake: it looks keys up in the source and remembers
 /// the identity asked for, which is the peer's proven identity once the handshake
 /// completes.
@@ -358,6 +415,8 @@ pub struct DtlsServer {
     wall: SystemTime,
     cookie_key: ring::hmac::Key,
     sessions: HashMap<SocketAddr, Session>,
+    /// New handshakes per second (`handshake_rate`).
+    bucket: TokenBucket,
     out: VecDeque<DtlsOutput>,
     counters: DtlsCounters,
     /// dimpl's output buffer. With certificates it holds [`MAX_HANDSHAKE_BYTES`]: dimpl
@@ -398,6 +457,7 @@ impl DtlsServer {
             wall: UNIX_EPOCH,
             cookie_key,
             sessions: HashMap::new(),
+            bucket: TokenBucket::new(limits.handshake_rate),
             out: VecDeque::new(),
             counters: DtlsCounters::default(),
             buf: vec![0; 2048],
@@ -605,6 +665,13 @@ impl DtlsServer {
         if handshaking >= self.limits.max_handshakes {
             self.counters.handshakes_busy += 1;
             debug!(peer = %from, "DTLS handshake refused: max_handshakes in progress");
+            return;
+        }
+        // After the cookie (which proves the address and is stateless and unlimited)
+        // and before any handshake work: the expensive part is what is rationed.
+        if !self.bucket.take(now) {
+            self.counters.handshakes_rate_limited += 1;
+            debug!(peer = %from, "DTLS handshake refused: handshake_rate exceeded");
             return;
         }
         if auth == Auth::Certificate {

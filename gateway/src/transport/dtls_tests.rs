@@ -296,6 +296,79 @@ fn handshakes_beyond_max_handshakes_are_dropped() {
     assert_eq!(s.counters().handshakes_busy, 1);
 }
 
+/// A client at `addr` brought as far as its ClientHello with the cookie (its first
+/// ClientHello answered by `s` at `now`); returns the client and that ClientHello.
+fn cookie_hello(s: &mut DtlsServer, addr: &str, now: Instant) -> (Client, Vec<u8>) {
+    let mut c = Client::new("dev-1", KEY, addr, now);
+    let first = c.outgoing().remove(0);
+    s.handle_datagram(now, SystemTime::now(), c.addr, &first);
+    let Some(DtlsOutput::Transmit { data: hvr, .. }) = s.poll_output() else {
+        panic!("a HelloVerifyRequest");
+    };
+    c.dtls.handle_packet(&hvr).unwrap();
+    let hello = c.outgoing().remove(0);
+    (c, hello)
+}
+
+#[test]
+fn handshakes_beyond_handshake_rate_are_dropped_and_cookies_stay_unlimited() {
+    let t0 = Instant::now();
+    let mut s = server(DtlsLimits {
+        handshake_rate: 3,
+        ..DtlsLimits::default()
+    });
+    let mut waiting: Vec<(Client, Vec<u8>)> = (0..8)
+        .map(|i| cookie_hello(&mut s, &format!("127.0.1.{i}:5000"), t0))
+        .collect();
+    // A burst of one second's worth passes at once, the rest is dropped.
+    for (c, hello) in &waiting {
+        s.handle_datagram(t0, SystemTime::now(), c.addr, hello);
+    }
+    let c = s.counters();
+    assert_eq!((c.handshaking, c.handshakes_rate_limited), (3, 5));
+    while s.poll_output().is_some() {}
+    waiting.drain(..3);
+
+    // With the bucket empty, ClientHellos without a cookie are still all answered.
+    for i in 0..50 {
+        let _ = cookie_hello(&mut s, &format!("127.0.2.{i}:5000"), t0);
+    }
+    assert_eq!(s.counters().cookies_sent, 8 + 50);
+
+    // One token per third of a second: just before it, nothing; at it, one.
+    let third = Duration::from_nanos(333_333_334);
+    let (c, hello) = &waiting[0];
+    s.handle_datagram(t0 + third - Duration::from_nanos(2), SystemTime::now(), c.addr, hello);
+    assert_eq!(s.counters().handshakes_rate_limited, 6);
+    s.handle_datagram(t0 + third, SystemTime::now(), c.addr, hello);
+    assert_eq!(s.counters().handshaking, 4);
+    let (c, hello) = &waiting[1];
+    s.handle_datagram(t0 + third, SystemTime::now(), c.addr, hello);
+    assert_eq!(s.counters().handshakes_rate_limited, 7);
+
+    // A long pause refills no more than the burst.
+    let later = t0 + Duration::from_secs(10);
+    for (c, hello) in &waiting[1..] {
+        s.handle_datagram(later, SystemTime::now(), c.addr, hello);
+    }
+    let c = s.counters();
+    assert_eq!((c.handshaking, c.handshakes_rate_limited), (7, 8));
+}
+
+#[test]
+fn the_token_bucket_refills_exactly_in_virtual_time() {
+    let t0 = Instant::now();
+    let mut b = TokenBucket::new(500);
+    assert_eq!((0..600).filter(|_| b.take(t0)).count(), 500);
+    // 2 ms at 500/s is one token, 1 s is the whole burst and never more.
+    assert!(b.take(t0 + Duration::from_millis(2)));
+    assert!(!b.take(t0 + Duration::from_millis(2)));
+    let t1 = t0 + Duration::from_secs(5);
+    assert_eq!((0..600).filter(|_| b.take(t1)).count(), 500);
+    // Time going backwards refills nothing.
+    assert!(!b.take(t0));
+}
+
 #[test]
 fn idle_sessions_are_closed_with_close_notify() {
     let now = Instant::now();
