@@ -14,10 +14,13 @@
 //! - **No state before a cookie** (RFC 6347 4.2.1). A ClientHello from an address with
 //!   no session is answered with a HelloVerifyRequest and forgotten. dimpl's own cookie
 //!   check lives inside a per-peer instance, so the instance that checks it is made
-//!   on the spot and dropped: its random generator is seeded from an HMAC, under a key
-//!   drawn at start, of the client's address and ClientHello random, so the instance
+//!   on the spot and dropped: its random generator is seeded from an HMAC, under a
+//!   cookie key, of the client's address and ClientHello random, so the instance
 //!   made for the ClientHello that carries the cookie issues and checks the same cookie.
-//!   Only when that check passes is the instance kept.
+//!   Only when that check passes is the instance kept. The cookie key is replaced every
+//!   `cookie_rotation` (in the caller's time); the one before stays accepted until the
+//!   next rotation, so a ClientHello whose cookie fails under the current key is tried
+//!   under the previous one (a forged cookie costs two instances, not one).
 //! - **Bounds**: at most `max_handshakes` handshakes in progress (further ClientHellos
 //!   with a valid cookie are dropped and counted), at most `handshake_rate` new
 //!   handshakes per second (a token bucket in the caller's time; the cookie exchange
@@ -65,6 +68,9 @@ pub struct DtlsLimits {
     /// one); a token bucket holding one second's worth, so bursts up to this many pass
     /// at once. Beyond, the ClientHello is dropped and counted.
     pub handshake_rate: u32,
+    /// How often the cookie key is replaced; a cookie stays good until the rotation
+    /// after the one following its issue (one to two periods).
+    pub cookie_rotation: Duration,
 }
 
 impl Default for DtlsLimits {
@@ -74,6 +80,7 @@ impl Default for DtlsLimits {
             idle_timeout: Duration::from_secs(600),
             handshake_timeout: Duration::from_secs(20),
             handshake_rate: 500,
+            cookie_rotation: Duration::from_secs(300),
         }
     }
 }
@@ -371,6 +378,70 @@ impl TokenBucket {
     }
 }
 
+/// The cookie keys: the current one, which issues cookies, and the one before it, whose
+/// cookies are still accepted, so that a handshake that got its cookie just before a
+/// rotation completes. Rotated in the caller's time, at the first datagram after a
+/// period has passed; after two periods without a datagram, the old key is dropped too.
+struct CookieKeys {
+    period: Duration,
+    current: ring::hmac::Key,
+    previous: Option<ring::hmac::Key>,
+    /// When `current` began; `None` until the first datagram.
+    since: Option<Instant>,
+    rng: ring::rand::SystemRandom,
+}
+
+impl CookieKeys {
+    fn new(period: Duration) -> Option<Self> {
+        let rng = ring::rand::SystemRandom::new();
+        Some(CookieKeys {
+            period,
+            current: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).ok()?,
+            previous: None,
+            since: None,
+            rng,
+        })
+    }
+
+    /// Rotates the keys if a period has passed at `now`.
+    fn rotate(&mut self, now: Instant) {
+        let Some(since) = self.since else {
+            self.since = Some(now);
+            return;
+        };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed < self.period {
+            return;
+        }
+        let Ok(fresh) = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &self.rng) else {
+            // Keep the keys rather than stop answering; tried again at the next datagram.
+            debug!("no random source for a new DTLS cookie key; the old one stays");
+            return;
+        };
+        let old = std::mem::replace(&mut self.current, fresh);
+        // A cookie of `old` was issued at least two periods ago: no longer good.
+        self.previous = (elapsed < self.period.saturating_mul(2)).then_some(old);
+        self.since = Some(now);
+    }
+
+    /// The keys whose cookies are accepted, the current one first.
+    fn valid(&self) -> impl Iterator<Item = &ring::hmac::Key> {
+        std::iter::once(&self.current).chain(self.previous.as_ref())
+    }
+}
+
+/// The seed of the dimpl instance for the ClientHello with `random` from `from`, under
+/// a cookie key (see the module documentation).
+fn seed(key: &ring::hmac::Key, from: SocketAddr, random: &[u8]) -> u64 {
+    let mut ctx = ring::hmac::Context::with_key(key);
+    ctx.update(from.to_string().as_bytes());
+    ctx.update(random);
+    let tag = ctx.sign();
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&tag.as_ref()[..8]);
+    u64::from_be_bytes(seed)
+}
+
 /// The resolver given to one handshake: it looks keys up in the source and remembers
 /// the identity asked for, which is the peer's proven identity once the handshake
 /// completes.
@@ -413,7 +484,7 @@ pub struct DtlsServer {
     certs: Option<Arc<DtlsCertificates>>,
     /// The wall-clock time of the last datagram (certificates are valid in wall time).
     wall: SystemTime,
-    cookie_key: ring::hmac::Key,
+    cookie_keys: CookieKeys,
     sessions: HashMap<SocketAddr, Session>,
     /// New handshakes per second (`handshake_rate`).
     bucket: TokenBucket,
@@ -447,15 +518,14 @@ struct Drained {
 impl DtlsServer {
     /// A server taking keys from `source`, with a fresh random cookie key.
     pub fn new(limits: DtlsLimits, source: Arc<dyn PskSource>) -> Result<Self, DtlsConfigError> {
-        let rng = ring::rand::SystemRandom::new();
-        let cookie_key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
-            .map_err(|_| DtlsConfigError("no random source for the cookie key".into()))?;
+        let cookie_keys = CookieKeys::new(limits.cookie_rotation)
+            .ok_or_else(|| DtlsConfigError("no random source for the cookie key".into()))?;
         let server = DtlsServer {
             limits,
             source,
             certs: None,
             wall: UNIX_EPOCH,
-            cookie_key,
+            cookie_keys,
             sessions: HashMap::new(),
             bucket: TokenBucket::new(limits.handshake_rate),
             out: VecDeque::new(),
@@ -552,20 +622,11 @@ impl DtlsServer {
         Ok(Arc::new(config))
     }
 
-    fn seed(&self, from: SocketAddr, random: &[u8]) -> u64 {
-        let mut ctx = ring::hmac::Context::with_key(&self.cookie_key);
-        ctx.update(from.to_string().as_bytes());
-        ctx.update(random);
-        let tag = ctx.sign();
-        let mut seed = [0u8; 8];
-        seed.copy_from_slice(&tag.as_ref()[..8]);
-        u64::from_be_bytes(seed)
-    }
-
     /// Feeds one datagram received from `from`; `now` is the monotonic time, `wall` the
     /// wall-clock time (what certificate validity is checked against).
     pub fn handle_datagram(&mut self, now: Instant, wall: SystemTime, from: SocketAddr, data: &[u8]) {
         self.wall = wall;
+        self.cookie_keys.rotate(now);
         if !looks_like_record(data) {
             self.counters.plaintext_dropped += 1;
             debug!(peer = %from, len = data.len(), "non-DTLS datagram on a DTLS listener dropped");
@@ -603,15 +664,15 @@ impl DtlsServer {
     /// HelloVerifyRequest unless it carries a valid cookie, in which case a session is
     /// started (replacing any older one at that address).
     fn new_hello(&mut self, now: Instant, from: SocketAddr, hello: &ClientHello<'_>, data: &[u8]) {
-        let seed = self.seed(from, hello.random);
-        let Ok((config, recorder)) = self.config(seed) else {
-            return;
-        };
-        let mut dtls = Dtls::new_12_psk(config, now);
-        let mut scratch = VecDeque::new();
         if hello.message_seq == 0 {
-            // A first ClientHello: the instance answers with a HelloVerifyRequest, which
-            // is sent, and the instance is dropped.
+            // A first ClientHello: the instance of the current key answers with a
+            // HelloVerifyRequest, which is sent, and the instance is dropped.
+            let seed = seed(&self.cookie_keys.current, from, hello.random);
+            let Ok((config, _)) = self.config(seed) else {
+                return;
+            };
+            let mut dtls = Dtls::new_12_psk(config, now);
+            let mut scratch = VecDeque::new();
             let _ = dtls.handle_timeout(now).and_then(|()| dtls.handle_packet(data));
             let seen = drain(&mut dtls, &mut self.buf, from, &mut scratch);
             if seen.hello_verify {
@@ -628,27 +689,48 @@ impl DtlsServer {
             _ => Auth::Psk,
         };
         let first = hello.without_cookie();
-        let result = prime(&mut dtls, now, &first, data, &mut self.buf, from);
-        let mut session = Session {
-            dtls,
-            auth: Auth::Psk,
-            recorder,
-            identity: None,
-            cert_identity: None,
-            handshake_bytes: data.len(),
-            random: hello.random.to_vec(),
-            last_heard: now,
-            started: now,
-            timer: None,
-        };
-        let mut app = Vec::new();
-        let seen = drain_session(&mut session, &mut self.buf, from, &mut scratch, &mut app);
-        if seen.hello_verify {
-            // No valid cookie: answered again, and nothing kept.
-            self.counters.cookies_sent += 1;
-            self.out.extend(scratch);
-            return;
+        // The instance of each key still valid, the current one first, until one finds
+        // the cookie good (a cookie issued before the last rotation is the previous
+        // key's).
+        let mut answer: Option<VecDeque<DtlsOutput>> = None;
+        let mut checked = None;
+        for key in self.cookie_keys.valid() {
+            let seed = seed(key, from, hello.random);
+            let Ok((config, recorder)) = self.config(seed) else {
+                return;
+            };
+            let mut dtls = Dtls::new_12_psk(config, now);
+            let result = prime(&mut dtls, now, &first, data, &mut self.buf, from);
+            let mut session = Session {
+                dtls,
+                auth: Auth::Psk,
+                recorder,
+                identity: None,
+                cert_identity: None,
+                handshake_bytes: data.len(),
+                random: hello.random.to_vec(),
+                last_heard: now,
+                started: now,
+                timer: None,
+            };
+            let mut scratch = VecDeque::new();
+            let mut app = Vec::new();
+            let seen = drain_session(&mut session, &mut self.buf, from, &mut scratch, &mut app);
+            if !seen.hello_verify {
+                checked = Some((seed, session, result, scratch, app));
+                break;
+            }
+            // Answered with a new cookie: the current key's answer is the one sent.
+            answer.get_or_insert(scratch);
         }
+        let Some((seed, mut session, result, mut scratch, mut app)) = checked else {
+            // No valid cookie: answered again, and nothing kept.
+            if let Some(answer) = answer {
+                self.counters.cookies_sent += 1;
+                self.out.extend(answer);
+            }
+            return;
+        };
         // A valid cookie and a ClientHello for certificates: the PSK instance finds no
         // suite it has, which is expected; any other error is the client's.
         let no_psk_suite = matches!(

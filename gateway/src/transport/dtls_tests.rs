@@ -370,6 +370,88 @@ fn the_token_bucket_refills_exactly_in_virtual_time() {
 }
 
 #[test]
+fn a_cookie_stays_good_across_one_key_rotation_but_not_two() {
+    let period = Duration::from_secs(60);
+    let limits = DtlsLimits {
+        cookie_rotation: period,
+        ..DtlsLimits::default()
+    };
+    let t0 = Instant::now();
+    let mut s = server(limits);
+    let (mut a, hello_a) = cookie_hello(&mut s, "127.0.3.1:5000", t0);
+    let (_b, hello_b) = cookie_hello(&mut s, "127.0.3.2:5000", t0);
+
+    // One rotation later (at this datagram), a cookie of the key before is still good:
+    // the handshake goes on to completion.
+    let t1 = t0 + period + Duration::from_secs(1);
+    s.handle_datagram(t1, SystemTime::now(), a.addr, &hello_a);
+    assert_eq!((s.counters().handshaking, s.counters().cookies_sent), (1, 2));
+    while let Some(o) = s.poll_output() {
+        if let DtlsOutput::Transmit { data, .. } = o {
+            let _ = a.dtls.handle_packet(&data);
+        }
+    }
+    pump(&mut s, &mut a, t1);
+    assert!(a.connected);
+
+    // A second rotation: the first key's cookies are refused and answered anew, and
+    // nothing is kept for them.
+    let t2 = t1 + period;
+    s.handle_datagram(t2, SystemTime::now(), "127.0.3.2:5000".parse().unwrap(), &hello_b);
+    let c = s.counters();
+    assert_eq!((c.handshaking, c.sessions, c.cookies_sent), (0, 1, 3));
+    let Some(DtlsOutput::Transmit { data, .. }) = s.poll_output() else {
+        panic!("a new HelloVerifyRequest");
+    };
+    assert_eq!(data[13], HELLO_VERIFY_REQUEST);
+    assert!(s.poll_output().is_none());
+
+    // A fresh cookie after the rotations works.
+    let (mut d, hello_d) = cookie_hello(&mut s, "127.0.3.4:5000", t2);
+    s.handle_datagram(t2, SystemTime::now(), d.addr, &hello_d);
+    while let Some(o) = s.poll_output() {
+        if let DtlsOutput::Transmit { data, .. } = o {
+            let _ = d.dtls.handle_packet(&data);
+        }
+    }
+    pump(&mut s, &mut d, t2);
+    assert!(d.connected);
+}
+
+#[test]
+fn after_two_quiet_periods_both_cookie_keys_are_new() {
+    let period = Duration::from_secs(60);
+    let t0 = Instant::now();
+    let mut s = server(DtlsLimits {
+        cookie_rotation: period,
+        ..DtlsLimits::default()
+    });
+    let (_a, hello) = cookie_hello(&mut s, "127.0.3.5:5000", t0);
+    // No datagram for two periods: the rotation at this one drops the old key too.
+    s.handle_datagram(
+        t0 + period * 2,
+        SystemTime::now(),
+        "127.0.3.5:5000".parse().unwrap(),
+        &hello,
+    );
+    let c = s.counters();
+    assert_eq!((c.sessions, c.cookies_sent), (0, 2));
+    // Just short of one period, the same cookie would have been good.
+    let mut s = server(DtlsLimits {
+        cookie_rotation: period,
+        ..DtlsLimits::default()
+    });
+    let (_a, hello) = cookie_hello(&mut s, "127.0.3.5:5000", t0);
+    s.handle_datagram(
+        t0 + period - Duration::from_nanos(1),
+        SystemTime::now(),
+        "127.0.3.5:5000".parse().unwrap(),
+        &hello,
+    );
+    assert_eq!(s.counters().handshaking, 1);
+}
+
+#[test]
 fn idle_sessions_are_closed_with_close_notify() {
     let now = Instant::now();
     let limits = DtlsLimits {
