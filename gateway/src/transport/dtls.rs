@@ -37,7 +37,7 @@
 //!   holds its key by its CertificateVerify), tags every datagram. A certificate that is
 //!   refused ends the handshake before the server's Finished.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::panic::{RefUnwindSafe, UnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -475,6 +475,8 @@ struct Session {
     started: Instant,
     /// dimpl's next timer.
     timer: Option<Instant>,
+    /// Its deadline as filed in [`DtlsServer::timers`] (set by [`DtlsServer::put`]).
+    queued: Instant,
 }
 
 /// The DTLS side of one listener (see the module documentation).
@@ -485,7 +487,14 @@ pub struct DtlsServer {
     /// The wall-clock time of the last datagram (certificates are valid in wall time).
     wall: SystemTime,
     cookie_keys: CookieKeys,
+    /// Only through [`DtlsServer::put`] and [`DtlsServer::take`], which keep `timers`
+    /// and `handshaking` in step with it.
     sessions: HashMap<SocketAddr, Session>,
+    /// Every session's deadline and address, ordered: the next deadline, and those due,
+    /// in O(log n) (the runtime asks for the next one at every turn of its loop).
+    timers: BTreeSet<(Instant, SocketAddr)>,
+    /// Sessions still handshaking.
+    handshaking: usize,
     /// New handshakes per second (`handshake_rate`).
     bucket: TokenBucket,
     out: VecDeque<DtlsOutput>,
@@ -527,6 +536,8 @@ impl DtlsServer {
             wall: UNIX_EPOCH,
             cookie_keys,
             sessions: HashMap::new(),
+            timers: BTreeSet::new(),
+            handshaking: 0,
             bucket: TokenBucket::new(limits.handshake_rate),
             out: VecDeque::new(),
             counters: DtlsCounters::default(),
@@ -559,7 +570,7 @@ impl DtlsServer {
     pub fn counters(&self) -> DtlsCounters {
         let mut c = self.counters;
         c.sessions = self.sessions.len() as u64;
-        c.handshaking = self.sessions.values().filter(|s| s.identity.is_none()).count() as u64;
+        c.handshaking = self.handshaking as u64;
         c
     }
 
@@ -575,15 +586,37 @@ impl DtlsServer {
 
     /// When [`DtlsServer::handle_timeout`] is next needed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.sessions.values().filter_map(|s| self.deadline(s)).min()
+        self.timers.first().map(|(t, _)| *t)
     }
 
-    fn deadline(&self, s: &Session) -> Option<Instant> {
+    fn deadline(&self, s: &Session) -> Instant {
         let limit = match s.identity {
             Some(_) => s.last_heard + self.limits.idle_timeout,
             None => s.started + self.limits.handshake_timeout,
         };
-        Some(s.timer.map_or(limit, |t| t.min(limit)))
+        s.timer.map_or(limit, |t| t.min(limit))
+    }
+
+    /// Files `session` at `peer` (replacing any there) with its deadline.
+    fn put(&mut self, peer: SocketAddr, mut session: Session) {
+        self.take(peer);
+        session.queued = self.deadline(&session);
+        self.timers.insert((session.queued, peer));
+        if session.identity.is_none() {
+            self.handshaking += 1;
+        }
+        self.sessions.insert(peer, session);
+    }
+
+    /// Removes the session at `peer` (with its deadline); the caller puts it back
+    /// after changing it, or drops it.
+    fn take(&mut self, peer: SocketAddr) -> Option<Session> {
+        let session = self.sessions.remove(&peer)?;
+        self.timers.remove(&(session.queued, peer));
+        if session.identity.is_none() {
+            self.handshaking = self.handshaking.saturating_sub(1);
+        }
+        Some(session)
     }
 
     fn config(&self, seed: u64) -> Result<(Arc<Config>, Arc<Recorder>), DtlsConfigError> {
@@ -639,7 +672,7 @@ impl DtlsServer {
                 return;
             }
         }
-        let Some(mut session) = self.sessions.remove(&from) else {
+        let Some(mut session) = self.take(from) else {
             self.counters.plaintext_dropped += 1;
             debug!(peer = %from, "DTLS record from an address without a session dropped");
             return;
@@ -712,6 +745,7 @@ impl DtlsServer {
                 last_heard: now,
                 started: now,
                 timer: None,
+                queued: now,
             };
             let mut scratch = VecDeque::new();
             let mut app = Vec::new();
@@ -743,8 +777,7 @@ impl DtlsServer {
             self.counters.handshakes_failed += 1;
             return;
         }
-        let handshaking = self.sessions.values().filter(|s| s.identity.is_none()).count();
-        if handshaking >= self.limits.max_handshakes {
+        if self.handshaking >= self.limits.max_handshakes {
             self.counters.handshakes_busy += 1;
             debug!(peer = %from, "DTLS handshake refused: max_handshakes in progress");
             return;
@@ -782,9 +815,9 @@ impl DtlsServer {
         }
         // A valid cookie proves the address: a new handshake from it replaces the old
         // session (a device that restarted).
-        self.sessions.remove(&from);
+        self.take(from);
         self.out.extend(scratch);
-        self.sessions.insert(from, session);
+        self.put(from, session);
     }
 
     /// Drains a session after input or a timer, and keeps, upgrades or drops it.
@@ -848,19 +881,19 @@ impl DtlsServer {
             debug!(peer = %from, "DTLS session closed by the peer");
             return;
         }
-        self.sessions.insert(from, session);
+        self.put(from, session);
     }
 
     /// Handles timers: retransmissions, handshake deadlines, idle sessions.
     pub fn handle_timeout(&mut self, now: Instant) {
         let due: Vec<SocketAddr> = self
-            .sessions
+            .timers
             .iter()
-            .filter(|(_, s)| self.deadline(s).is_some_and(|d| d <= now))
-            .map(|(a, _)| *a)
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, a)| *a)
             .collect();
         for addr in due {
-            let Some(mut session) = self.sessions.remove(&addr) else {
+            let Some(mut session) = self.take(addr) else {
                 continue;
             };
             match &session.identity {
@@ -883,13 +916,13 @@ impl DtlsServer {
 
     /// Encrypts `data` for the session at `to`, if it is established with `identity`.
     pub fn send(&mut self, now: Instant, to: SocketAddr, identity: &str, data: &[u8]) {
-        let Some(mut session) = self.sessions.remove(&to) else {
+        let Some(mut session) = self.take(to) else {
             self.counters.unsent += 1;
             return;
         };
         if session.identity.as_deref() != Some(identity) {
             self.counters.unsent += 1;
-            self.sessions.insert(to, session);
+            self.put(to, session);
             return;
         }
         let result = session
@@ -901,7 +934,7 @@ impl DtlsServer {
 
     /// Closes the session at `peer` with close_notify (DISCONNECT, shutdown).
     pub fn close(&mut self, peer: SocketAddr) {
-        if let Some(session) = self.sessions.remove(&peer) {
+        if let Some(session) = self.take(peer) {
             self.close_session(peer, session);
         }
     }

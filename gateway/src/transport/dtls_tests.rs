@@ -296,10 +296,17 @@ fn handshakes_beyond_max_handshakes_are_dropped() {
     assert_eq!(s.counters().handshakes_busy, 1);
 }
 
+/// The client configuration of dev-1, built once: building one runs dimpl's provider
+/// self-tests, which take tens of milliseconds in a debug build.
+fn dev1_config() -> Arc<Config> {
+    static CONFIG: std::sync::OnceLock<Arc<Config>> = std::sync::OnceLock::new();
+    CONFIG.get_or_init(|| client_config("dev-1", KEY)).clone()
+}
+
 /// A client at `addr` brought as far as its ClientHello with the cookie (its first
 /// ClientHello answered by `s` at `now`); returns the client and that ClientHello.
 fn cookie_hello(s: &mut DtlsServer, addr: &str, now: Instant) -> (Client, Vec<u8>) {
-    let mut c = Client::new("dev-1", KEY, addr, now);
+    let mut c = Client::with_config(dev1_config(), addr, now);
     let first = c.outgoing().remove(0);
     s.handle_datagram(now, SystemTime::now(), c.addr, &first);
     let Some(DtlsOutput::Transmit { data: hvr, .. }) = s.poll_output() else {
@@ -449,6 +456,57 @@ fn after_two_quiet_periods_both_cookie_keys_are_new() {
         &hello,
     );
     assert_eq!(s.counters().handshaking, 1);
+}
+
+#[test]
+fn the_timers_of_many_sessions_fire_in_deadline_order() {
+    let n = 1000u32;
+    let idle = Duration::from_secs(60);
+    let t0 = Instant::now();
+    let mut s = server(DtlsLimits {
+        idle_timeout: idle,
+        max_handshakes: 1024,
+        ..DtlsLimits::default()
+    });
+    // Session i is established (last heard) at t0 + 10 ms * i, but in a shuffled order
+    // of addresses, so that neither the address nor the insertion order is the
+    // deadline order.
+    let mut established = HashMap::new();
+    for i in 0..n {
+        let k = (i * 7919) % n;
+        let addr = format!("127.0.{}.{}:5000", k / 200, k % 200 + 1);
+        let at = t0 + Duration::from_millis(10 * u64::from(i));
+        let mut c = Client::with_config(dev1_config(), &addr, at);
+        pump(&mut s, &mut c, at);
+        assert!(c.connected);
+        established.insert(c.addr, (i, at));
+    }
+    assert_eq!(s.counters().sessions, u64::from(n));
+    let mut closed = Vec::new();
+    let mut last = t0;
+    let mut turns = 0;
+    while let Some(t) = s.poll_timeout() {
+        assert!(t >= last, "deadlines come in order");
+        last = t;
+        s.handle_timeout(t);
+        while let Some(o) = s.poll_output() {
+            let DtlsOutput::Transmit { to, .. } = o else {
+                panic!("only records to send");
+            };
+            let (i, at) = established[&to];
+            // A retransmission of dimpl's may come before; a close_notify comes at the
+            // idle deadline exactly.
+            if t >= at + idle {
+                assert_eq!(t, at + idle, "session {i} closed at its deadline");
+                closed.push(i);
+            }
+        }
+        turns += 1;
+        assert!(turns < 10 * n, "the timers come to an end");
+    }
+    assert_eq!(closed, (0..n).collect::<Vec<_>>());
+    let c = s.counters();
+    assert_eq!((c.sessions, c.idle_closed), (0, u64::from(n)));
 }
 
 #[test]
