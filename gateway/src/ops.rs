@@ -168,7 +168,7 @@ pub fn render(view: &View) -> String {
         ConstHistogram(s.latency.publish_ack.clone()),
     );
     let d = &s.dtls;
-    let dtls_counters: [(&str, &str, u64); 8] = [
+    let dtls_counters: [(&str, &str, u64); 9] = [
         ("dtls_handshakes_ok", "DTLS handshakes completed", d.handshakes_ok),
         (
             "dtls_handshakes_failed",
@@ -179,6 +179,11 @@ pub fn render(view: &View) -> String {
             "dtls_handshakes_busy",
             "DTLS ClientHellos with a valid cookie dropped: max_handshakes in progress",
             d.handshakes_busy,
+        ),
+        (
+            "dtls_handshakes_rate_limited",
+            "DTLS ClientHellos with a valid cookie dropped: handshake_rate exceeded",
+            d.handshakes_rate_limited,
         ),
         ("dtls_cookies_sent", "DTLS HelloVerifyRequests sent", d.cookies_sent),
         (

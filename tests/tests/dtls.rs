@@ -4,6 +4,9 @@
 //! standard input becomes one DTLS record (one MQTT-SN message); what it decrypts it
 //! writes to its standard output.
 //!
+//! A flood of ClientHellos (openssl's, with fresh randoms) from many addresses gets only
+//! HelloVerifyRequests and leaves no state; the process's RSS is printed.
+//!
 //! Needs `openssl` (and mosquitto for the broker test): without them the tests say so
 //! and return, and under `CI=true` they fail.
 
@@ -212,5 +215,98 @@ async fn a_disconnect_ends_the_dtls_session_with_close_notify_and_a_sleep_does_n
         .expect("s_client's status");
     let s = h.wait_stats("the DTLS session gone", |s| s.dtls.sessions == 0).await;
     assert_eq!(s.sessions, 0);
+    h.shutdown().await;
+}
+
+/// The resident set size of this process (the gateway runs in it), in kilobytes.
+fn rss_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// The first ClientHello of `openssl s_client -dtls1_2` with a PSK, as it sends it.
+async fn openssl_client_hello() -> Vec<u8> {
+    let catcher = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let mut device = OpensslDevice::with_psk(catcher.local_addr().unwrap(), "id-7", KEY_7);
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(WAIT, catcher.recv_from(&mut buf))
+        .await
+        .expect("s_client sends a ClientHello")
+        .unwrap();
+    let _ = device.child.kill().await;
+    buf.truncate(n);
+    // A handshake record (22), epoch 0, holding a ClientHello (1).
+    assert_eq!((buf[0], buf[13]), (22, 1), "a ClientHello: {buf:02x?}");
+    buf
+}
+
+/// Sources of the flood: distinct 127.x addresses.
+const FLOOD_SOURCES: u32 = 200;
+/// ClientHellos per source.
+const FLOOD_ROUNDS: u32 = 100;
+
+#[tokio::test]
+async fn a_flood_of_client_hellos_from_many_addresses_keeps_no_session_and_memory_flat() {
+    if !have_openssl() {
+        return;
+    }
+    let h = start(None).await.expect("the gateway starts");
+    let hello = openssl_client_hello().await;
+    let mut sources = Vec::new();
+    for i in 0..FLOOD_SOURCES {
+        let ip = Ipv4Addr::new(127, 3, (i / 250) as u8, (i % 250 + 1) as u8);
+        sources.push(SnClient::bind(ip, h.dtls[0], "flood").await);
+    }
+    let before = rss_kb();
+    // Each round, one ClientHello from every source, each with its own random (offset
+    // 27: after the record and handshake headers and client_version); every answer is
+    // awaited, so no datagram is lost to a full socket buffer and each is counted.
+    let mut n = 0u64;
+    for round in 0..FLOOD_ROUNDS {
+        for source in &sources {
+            let mut h = hello.clone();
+            h[27..35].copy_from_slice(&n.to_be_bytes());
+            n += 1;
+            source.send_raw(&h).await;
+        }
+        for source in &mut sources {
+            let answer = source.recv_raw().await;
+            assert_eq!(
+                (answer[0], answer[13]),
+                (22, 3),
+                "round {round}: only HelloVerifyRequests"
+            );
+        }
+    }
+    let s = h
+        .wait_stats("every ClientHello answered", |s| s.dtls.cookies_sent == n)
+        .await;
+    let after = rss_kb();
+    eprintln!(
+        "DTLS ClientHello flood: {n} ClientHellos from {FLOOD_SOURCES} addresses; RSS {before} kB before, {after} kB after ({:+} kB)",
+        after as i64 - before as i64
+    );
+    assert_eq!(
+        (
+            s.dtls.sessions,
+            s.dtls.handshaking,
+            s.dtls.handshakes_ok,
+            s.dtls.handshakes_failed
+        ),
+        (0, 0, 0, 0),
+        "no state kept for ClientHellos without a cookie"
+    );
+    assert_eq!(s.dtls.cookies_sent, u64::from(FLOOD_SOURCES * FLOOD_ROUNDS));
+    assert!(
+        after < before + 50 * 1024,
+        "RSS grew from {before} kB to {after} kB under the flood"
+    );
+    // Nothing was kept, so nothing is retransmitted (dimpl's first retransmission
+    // would come after 1 s).
+    sources[0].expect_silence_for(Duration::from_millis(1500)).await;
     h.shutdown().await;
 }

@@ -103,6 +103,10 @@ pub struct Cli {
     #[arg(long = "dtls-identity", value_name = "cn|san", requires = "dtls")]
     #[serde(skip)]
     pub dtls_identity: Option<String>,
+    /// New DTLS handshakes per second on each --dtls listener (bursts of one second's worth).
+    #[arg(long = "dtls-handshake-rate", value_name = "N", requires = "dtls")]
+    #[serde(skip)]
+    pub dtls_handshake_rate: Option<u32>,
 }
 
 /// `[gateway]` flags.
@@ -285,7 +289,8 @@ pub struct StateFlags {
 }
 
 /// A DTLS listener given on the command line: its address, and the certificates of
-/// `--dtls-cert`, `--dtls-key`, `--dtls-client-ca` and `--dtls-identity`.
+/// `--dtls-cert`, `--dtls-key`, `--dtls-client-ca`, `--dtls-identity` and
+/// `--dtls-handshake-rate`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DtlsFlag {
     /// The listener's address.
@@ -302,6 +307,9 @@ pub struct DtlsFlag {
     /// `--dtls-identity`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// `--dtls-handshake-rate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_rate: Option<u32>,
 }
 
 impl std::str::FromStr for DtlsFlag {
@@ -313,6 +321,7 @@ impl std::str::FromStr for DtlsFlag {
             key: None,
             client_ca: None,
             identity: None,
+            handshake_rate: None,
         })
     }
 }
@@ -427,6 +436,7 @@ impl Cli {
             listener.key.clone_from(&self.dtls_key);
             listener.client_ca.clone_from(&self.dtls_client_ca);
             listener.identity.clone_from(&self.dtls_identity);
+            listener.handshake_rate = self.dtls_handshake_rate;
         }
         Ok(Serialized::defaults(flags))
     }

@@ -400,6 +400,9 @@ pub struct DtlsConfig {
     pub address: Option<SocketAddr>,
     /// DTLS handshakes in progress at once; ClientHellos beyond are dropped.
     pub max_handshakes: usize,
+    /// New DTLS handshakes per second (bursts up to one second's worth); ClientHellos
+    /// with a valid cookie beyond are dropped.
+    pub handshake_rate: u32,
     /// Seconds after which a DTLS session not heard from is closed.
     pub idle_timeout_secs: u64,
     /// The server certificate (PEM) for the ECDHE-ECDSA suite.
@@ -422,6 +425,7 @@ impl Default for DtlsConfig {
         DtlsConfig {
             address: None,
             max_handshakes: d.max_handshakes,
+            handshake_rate: d.handshake_rate,
             idle_timeout_secs: d.idle_timeout.as_secs(),
             cert: None,
             key: None,

@@ -29,7 +29,7 @@ fn load(rest: &str, devices: &str, flags: &[&str]) -> Result<Settings, ConfigErr
 #[test]
 fn listeners_from_the_file_with_their_limits() {
     let s = load(
-        "[[dtls]]\naddress = \"127.0.0.1:10001\"\n\n[[dtls]]\naddress = \"127.0.0.1:10002\"\nmax_handshakes = 8\nidle_timeout_secs = 30\n",
+        "[[dtls]]\naddress = \"127.0.0.1:10001\"\n\n[[dtls]]\naddress = \"127.0.0.1:10002\"\nmax_handshakes = 8\nidle_timeout_secs = 30\nhandshake_rate = 40\n",
         DEVICES,
         &[],
     )
@@ -39,6 +39,33 @@ fn listeners_from_the_file_with_their_limits() {
     assert_eq!(s.dtls[0].limits, crate::transport::dtls::DtlsLimits::default());
     assert_eq!(s.dtls[1].limits.max_handshakes, 8);
     assert_eq!(s.dtls[1].limits.idle_timeout, Duration::from_secs(30));
+    assert_eq!(s.dtls[1].limits.handshake_rate, 40);
+}
+
+#[test]
+fn the_handshake_rate_flag_applies_to_every_dtls_flag_listener() {
+    let s = load(
+        "",
+        DEVICES,
+        &[
+            "--dtls",
+            "127.0.0.1:20001",
+            "--dtls",
+            "127.0.0.1:20002",
+            "--dtls-handshake-rate",
+            "7",
+        ],
+    )
+    .expect("valid");
+    let rates: Vec<u32> = s.dtls.iter().map(|d| d.limits.handshake_rate).collect();
+    assert_eq!(rates, vec![7, 7]);
+    let err = load(
+        "",
+        DEVICES,
+        &["--dtls", "127.0.0.1:20001", "--dtls-handshake-rate", "0"],
+    )
+    .unwrap_err();
+    assert!(err.mentions("handshake_rate"), "{err}");
 }
 
 #[test]
@@ -79,6 +106,10 @@ fn bad_listeners_are_clear_errors() {
         (
             "[[dtls]]\naddress = \"127.0.0.1:1\"\nmax_handshakes = 0\n",
             "max_handshakes",
+        ),
+        (
+            "[[dtls]]\naddress = \"127.0.0.1:1\"\nhandshake_rate = 0\n",
+            "handshake_rate",
         ),
         (
             "[[dtls]]\naddress = \"127.0.0.1:1\"\nidle_timeout_secs = 0\n",

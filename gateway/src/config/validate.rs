@@ -618,6 +618,9 @@ impl Config {
             if d.max_handshakes == 0 || d.max_handshakes > 1_000_000 {
                 e.push(format!("{} must be 1 to 1000000", at("max_handshakes")));
             }
+            if d.handshake_rate == 0 || d.handshake_rate > 1_000_000 {
+                e.push(format!("{} must be 1 to 1000000", at("handshake_rate")));
+            }
             if d.idle_timeout_secs == 0 || d.idle_timeout_secs > 86_400 {
                 e.push(format!("{} must be 1 to 86400", at("idle_timeout_secs")));
             }
@@ -626,6 +629,7 @@ impl Config {
                 address,
                 limits: DtlsLimits {
                     max_handshakes: d.max_handshakes,
+                    handshake_rate: d.handshake_rate,
                     idle_timeout: Duration::from_secs(d.idle_timeout_secs),
                     ..DtlsLimits::default()
                 },

@@ -14,12 +14,17 @@
 //! - **No state before a cookie** (RFC 6347 4.2.1). A ClientHello from an address with
 //!   no session is answered with a HelloVerifyRequest and forgotten. dimpl's own cookie
 //!   check lives inside a per-peer instance, so the instance that checks it is made
-//!   on the spot and dropped: its random generator is seeded from an HMAC, under a key
-//!   drawn at start, of the client's address and ClientHello random, so the instance
+//!   on the spot and dropped: its random generator is seeded from an HMAC, under a
+//!   cookie key, of the client's address and ClientHello random, so the instance
 //!   made for the ClientHello that carries the cookie issues and checks the same cookie.
-//!   Only when that check passes is the instance kept.
+//!   Only when that check passes is the instance kept. The cookie key is replaced every
+//!   `cookie_rotation` (in the caller's time); the one before stays accepted until the
+//!   next rotation, so a ClientHello whose cookie fails under the current key is tried
+//!   under the previous one (a forged cookie costs two instances, not one).
 //! - **Bounds**: at most `max_handshakes` handshakes in progress (further ClientHellos
-//!   with a valid cookie are dropped and counted), a handshake deadline, and an idle
+//!   with a valid cookie are dropped and counted), at most `handshake_rate` new
+//!   handshakes per second (a token bucket in the caller's time; the cookie exchange
+//!   before it stays stateless and unlimited), a handshake deadline, and an idle
 //!   timeout after which a session is closed with close_notify.
 //!   The cookie does not depend on the kind of instance (it is an HMAC of the client
 //!   random under the seeded secret), so the cheap PSK instance answers and checks
@@ -32,7 +37,7 @@
 //!   holds its key by its CertificateVerify), tags every datagram. A certificate that is
 //!   refused ends the handshake before the server's Finished.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::panic::{RefUnwindSafe, UnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -59,6 +64,13 @@ pub struct DtlsLimits {
     pub idle_timeout: Duration,
     /// A handshake not done within this is abandoned.
     pub handshake_timeout: Duration,
+    /// New handshakes per second (ClientHellos with a valid cookie that would start
+    /// one); a token bucket holding one second's worth, so bursts up to this many pass
+    /// at once. Beyond, the ClientHello is dropped and counted.
+    pub handshake_rate: u32,
+    /// How often the cookie key is replaced; a cookie stays good until the rotation
+    /// after the one following its issue (one to two periods).
+    pub cookie_rotation: Duration,
 }
 
 impl Default for DtlsLimits {
@@ -67,6 +79,8 @@ impl Default for DtlsLimits {
             max_handshakes: 256,
             idle_timeout: Duration::from_secs(600),
             handshake_timeout: Duration::from_secs(20),
+            handshake_rate: 500,
+            cookie_rotation: Duration::from_secs(300),
         }
     }
 }
@@ -80,6 +94,8 @@ pub struct DtlsCounters {
     pub handshakes_failed: u64,
     /// ClientHellos with a valid cookie dropped because `max_handshakes` were running.
     pub handshakes_busy: u64,
+    /// ClientHellos with a valid cookie dropped because `handshake_rate` was exceeded.
+    pub handshakes_rate_limited: u64,
     /// HelloVerifyRequests sent (each answers a ClientHello without a valid cookie).
     pub cookies_sent: u64,
     /// Datagrams that are not DTLS records, or records from an address with no session
@@ -105,6 +121,7 @@ impl DtlsCounters {
         self.handshakes_ok += other.handshakes_ok;
         self.handshakes_failed += other.handshakes_failed;
         self.handshakes_busy += other.handshakes_busy;
+        self.handshakes_rate_limited += other.handshakes_rate_limited;
         self.cookies_sent += other.cookies_sent;
         self.plaintext_dropped += other.plaintext_dropped;
         self.idle_closed += other.idle_closed;
@@ -314,6 +331,117 @@ fn cert_provider() -> &'static CryptoProvider {
     })
 }
 
+/// A token bucket for new handshakes, in virtual time (the caller's `now`). Tokens are
+/// counted in billionths, so that a refill of `rate` per second is exact per nanosecond.
+#[derive(Debug)]
+struct TokenBucket {
+    /// Tokens per second, and also the most the bucket holds.
+    rate: u32,
+    /// Billionths of a token held.
+    credit: u128,
+    /// When `credit` was last brought up to date; `None` until the first take (full).
+    last: Option<Instant>,
+}
+
+/// One token, in the bucket's units.
+const TOKEN: u128 = 1_000_000_000;
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        TokenBucket {
+            rate,
+            credit: 0,
+            last: None,
+        }
+    }
+
+    /// Takes one token at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let cap = u128::from(self.rate.max(1)) * TOKEN;
+        self.credit = match self.last {
+            None => cap,
+            Some(last) => {
+                let elapsed = now.saturating_duration_since(last).as_nanos();
+                self.credit
+                    .saturating_add(elapsed.saturating_mul(u128::from(self.rate)))
+                    .min(cap)
+            }
+        };
+        // A `now` earlier than the last one (it should not happen) refills nothing.
+        self.last = Some(self.last.map_or(now, |last| last.max(now)));
+        if self.credit >= TOKEN {
+            self.credit -= TOKEN;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The cookie keys: the current one, which issues cookies, and the one before it, whose
+/// cookies are still accepted, so that a handshake that got its cookie just before a
+/// rotation completes. Rotated in the caller's time, at the first datagram after a
+/// period has passed; after two periods without a datagram, the old key is dropped too.
+struct CookieKeys {
+    period: Duration,
+    current: ring::hmac::Key,
+    previous: Option<ring::hmac::Key>,
+    /// When `current` began; `None` until the first datagram.
+    since: Option<Instant>,
+    rng: ring::rand::SystemRandom,
+}
+
+impl CookieKeys {
+    fn new(period: Duration) -> Option<Self> {
+        let rng = ring::rand::SystemRandom::new();
+        Some(CookieKeys {
+            period,
+            current: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).ok()?,
+            previous: None,
+            since: None,
+            rng,
+        })
+    }
+
+    /// Rotates the keys if a period has passed at `now`.
+    fn rotate(&mut self, now: Instant) {
+        let Some(since) = self.since else {
+            self.since = Some(now);
+            return;
+        };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed < self.period {
+            return;
+        }
+        let Ok(fresh) = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &self.rng) else {
+            // Keep the keys rather than stop answering; tried again at the next datagram.
+            debug!("no random source for a new DTLS cookie key; the old one stays");
+            return;
+        };
+        let old = std::mem::replace(&mut self.current, fresh);
+        // A cookie of `old` was issued at least two periods ago: no longer good.
+        self.previous = (elapsed < self.period.saturating_mul(2)).then_some(old);
+        self.since = Some(now);
+    }
+
+    /// The keys whose cookies are accepted, the current one first.
+    fn valid(&self) -> impl Iterator<Item = &ring::hmac::Key> {
+        std::iter::once(&self.current).chain(self.previous.as_ref())
+    }
+}
+
+/// The seed of the dimpl instance for the ClientHello with `random` from `from`, under
+/// a cookie key (see the module documentation).
+fn seed(key: &ring::hmac::Key, from: SocketAddr, random: &[u8]) -> u64 {
+    let mut ctx = ring::hmac::Context::with_key(key);
+    ctx.update(from.to_string().as_bytes());
+    ctx.update(random);
+    let tag = ctx.sign();
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&tag.as_ref()[..8]);
+    u64::from_be_bytes(seed)
+}
+
 /// The resolver given to one handshake: it looks keys up in the source and remembers
 /// the identity asked for, which is the peer's proven identity once the handshake
 /// completes.
@@ -347,6 +475,8 @@ struct Session {
     started: Instant,
     /// dimpl's next timer.
     timer: Option<Instant>,
+    /// Its deadline as filed in [`DtlsServer::timers`] (set by [`DtlsServer::put`]).
+    queued: Instant,
 }
 
 /// The DTLS side of one listener (see the module documentation).
@@ -356,8 +486,17 @@ pub struct DtlsServer {
     certs: Option<Arc<DtlsCertificates>>,
     /// The wall-clock time of the last datagram (certificates are valid in wall time).
     wall: SystemTime,
-    cookie_key: ring::hmac::Key,
+    cookie_keys: CookieKeys,
+    /// Only through [`DtlsServer::put`] and [`DtlsServer::take`], which keep `timers`
+    /// and `handshaking` in step with it.
     sessions: HashMap<SocketAddr, Session>,
+    /// Every session's deadline and address, ordered: the next deadline, and those due,
+    /// in O(log n) (the runtime asks for the next one at every turn of its loop).
+    timers: BTreeSet<(Instant, SocketAddr)>,
+    /// Sessions still handshaking.
+    handshaking: usize,
+    /// New handshakes per second (`handshake_rate`).
+    bucket: TokenBucket,
     out: VecDeque<DtlsOutput>,
     counters: DtlsCounters,
     /// dimpl's output buffer. With certificates it holds [`MAX_HANDSHAKE_BYTES`]: dimpl
@@ -388,16 +527,18 @@ struct Drained {
 impl DtlsServer {
     /// A server taking keys from `source`, with a fresh random cookie key.
     pub fn new(limits: DtlsLimits, source: Arc<dyn PskSource>) -> Result<Self, DtlsConfigError> {
-        let rng = ring::rand::SystemRandom::new();
-        let cookie_key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
-            .map_err(|_| DtlsConfigError("no random source for the cookie key".into()))?;
+        let cookie_keys = CookieKeys::new(limits.cookie_rotation)
+            .ok_or_else(|| DtlsConfigError("no random source for the cookie key".into()))?;
         let server = DtlsServer {
             limits,
             source,
             certs: None,
             wall: UNIX_EPOCH,
-            cookie_key,
+            cookie_keys,
             sessions: HashMap::new(),
+            timers: BTreeSet::new(),
+            handshaking: 0,
+            bucket: TokenBucket::new(limits.handshake_rate),
             out: VecDeque::new(),
             counters: DtlsCounters::default(),
             buf: vec![0; 2048],
@@ -429,7 +570,7 @@ impl DtlsServer {
     pub fn counters(&self) -> DtlsCounters {
         let mut c = self.counters;
         c.sessions = self.sessions.len() as u64;
-        c.handshaking = self.sessions.values().filter(|s| s.identity.is_none()).count() as u64;
+        c.handshaking = self.handshaking as u64;
         c
     }
 
@@ -445,15 +586,37 @@ impl DtlsServer {
 
     /// When [`DtlsServer::handle_timeout`] is next needed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.sessions.values().filter_map(|s| self.deadline(s)).min()
+        self.timers.first().map(|(t, _)| *t)
     }
 
-    fn deadline(&self, s: &Session) -> Option<Instant> {
+    fn deadline(&self, s: &Session) -> Instant {
         let limit = match s.identity {
             Some(_) => s.last_heard + self.limits.idle_timeout,
             None => s.started + self.limits.handshake_timeout,
         };
-        Some(s.timer.map_or(limit, |t| t.min(limit)))
+        s.timer.map_or(limit, |t| t.min(limit))
+    }
+
+    /// Files `session` at `peer` (replacing any there) with its deadline.
+    fn put(&mut self, peer: SocketAddr, mut session: Session) {
+        self.take(peer);
+        session.queued = self.deadline(&session);
+        self.timers.insert((session.queued, peer));
+        if session.identity.is_none() {
+            self.handshaking += 1;
+        }
+        self.sessions.insert(peer, session);
+    }
+
+    /// Removes the session at `peer` (with its deadline); the caller puts it back
+    /// after changing it, or drops it.
+    fn take(&mut self, peer: SocketAddr) -> Option<Session> {
+        let session = self.sessions.remove(&peer)?;
+        self.timers.remove(&(session.queued, peer));
+        if session.identity.is_none() {
+            self.handshaking = self.handshaking.saturating_sub(1);
+        }
+        Some(session)
     }
 
     fn config(&self, seed: u64) -> Result<(Arc<Config>, Arc<Recorder>), DtlsConfigError> {
@@ -492,20 +655,11 @@ impl DtlsServer {
         Ok(Arc::new(config))
     }
 
-    fn seed(&self, from: SocketAddr, random: &[u8]) -> u64 {
-        let mut ctx = ring::hmac::Context::with_key(&self.cookie_key);
-        ctx.update(from.to_string().as_bytes());
-        ctx.update(random);
-        let tag = ctx.sign();
-        let mut seed = [0u8; 8];
-        seed.copy_from_slice(&tag.as_ref()[..8]);
-        u64::from_be_bytes(seed)
-    }
-
     /// Feeds one datagram received from `from`; `now` is the monotonic time, `wall` the
     /// wall-clock time (what certificate validity is checked against).
     pub fn handle_datagram(&mut self, now: Instant, wall: SystemTime, from: SocketAddr, data: &[u8]) {
         self.wall = wall;
+        self.cookie_keys.rotate(now);
         if !looks_like_record(data) {
             self.counters.plaintext_dropped += 1;
             debug!(peer = %from, len = data.len(), "non-DTLS datagram on a DTLS listener dropped");
@@ -518,7 +672,7 @@ impl DtlsServer {
                 return;
             }
         }
-        let Some(mut session) = self.sessions.remove(&from) else {
+        let Some(mut session) = self.take(from) else {
             self.counters.plaintext_dropped += 1;
             debug!(peer = %from, "DTLS record from an address without a session dropped");
             return;
@@ -543,15 +697,15 @@ impl DtlsServer {
     /// HelloVerifyRequest unless it carries a valid cookie, in which case a session is
     /// started (replacing any older one at that address).
     fn new_hello(&mut self, now: Instant, from: SocketAddr, hello: &ClientHello<'_>, data: &[u8]) {
-        let seed = self.seed(from, hello.random);
-        let Ok((config, recorder)) = self.config(seed) else {
-            return;
-        };
-        let mut dtls = Dtls::new_12_psk(config, now);
-        let mut scratch = VecDeque::new();
         if hello.message_seq == 0 {
-            // A first ClientHello: the instance answers with a HelloVerifyRequest, which
-            // is sent, and the instance is dropped.
+            // A first ClientHello: the instance of the current key answers with a
+            // HelloVerifyRequest, which is sent, and the instance is dropped.
+            let seed = seed(&self.cookie_keys.current, from, hello.random);
+            let Ok((config, _)) = self.config(seed) else {
+                return;
+            };
+            let mut dtls = Dtls::new_12_psk(config, now);
+            let mut scratch = VecDeque::new();
             let _ = dtls.handle_timeout(now).and_then(|()| dtls.handle_packet(data));
             let seen = drain(&mut dtls, &mut self.buf, from, &mut scratch);
             if seen.hello_verify {
@@ -568,27 +722,49 @@ impl DtlsServer {
             _ => Auth::Psk,
         };
         let first = hello.without_cookie();
-        let result = prime(&mut dtls, now, &first, data, &mut self.buf, from);
-        let mut session = Session {
-            dtls,
-            auth: Auth::Psk,
-            recorder,
-            identity: None,
-            cert_identity: None,
-            handshake_bytes: data.len(),
-            random: hello.random.to_vec(),
-            last_heard: now,
-            started: now,
-            timer: None,
-        };
-        let mut app = Vec::new();
-        let seen = drain_session(&mut session, &mut self.buf, from, &mut scratch, &mut app);
-        if seen.hello_verify {
-            // No valid cookie: answered again, and nothing kept.
-            self.counters.cookies_sent += 1;
-            self.out.extend(scratch);
-            return;
+        // The instance of each key still valid, the current one first, until one finds
+        // the cookie good (a cookie issued before the last rotation is the previous
+        // key's).
+        let mut answer: Option<VecDeque<DtlsOutput>> = None;
+        let mut checked = None;
+        for key in self.cookie_keys.valid() {
+            let seed = seed(key, from, hello.random);
+            let Ok((config, recorder)) = self.config(seed) else {
+                return;
+            };
+            let mut dtls = Dtls::new_12_psk(config, now);
+            let result = prime(&mut dtls, now, &first, data, &mut self.buf, from);
+            let mut session = Session {
+                dtls,
+                auth: Auth::Psk,
+                recorder,
+                identity: None,
+                cert_identity: None,
+                handshake_bytes: data.len(),
+                random: hello.random.to_vec(),
+                last_heard: now,
+                started: now,
+                timer: None,
+                queued: now,
+            };
+            let mut scratch = VecDeque::new();
+            let mut app = Vec::new();
+            let seen = drain_session(&mut session, &mut self.buf, from, &mut scratch, &mut app);
+            if !seen.hello_verify {
+                checked = Some((seed, session, result, scratch, app));
+                break;
+            }
+            // Answered with a new cookie: the current key's answer is the one sent.
+            answer.get_or_insert(scratch);
         }
+        let Some((seed, mut session, result, mut scratch, mut app)) = checked else {
+            // No valid cookie: answered again, and nothing kept.
+            if let Some(answer) = answer {
+                self.counters.cookies_sent += 1;
+                self.out.extend(answer);
+            }
+            return;
+        };
         // A valid cookie and a ClientHello for certificates: the PSK instance finds no
         // suite it has, which is expected; any other error is the client's.
         let no_psk_suite = matches!(
@@ -601,10 +777,16 @@ impl DtlsServer {
             self.counters.handshakes_failed += 1;
             return;
         }
-        let handshaking = self.sessions.values().filter(|s| s.identity.is_none()).count();
-        if handshaking >= self.limits.max_handshakes {
+        if self.handshaking >= self.limits.max_handshakes {
             self.counters.handshakes_busy += 1;
             debug!(peer = %from, "DTLS handshake refused: max_handshakes in progress");
+            return;
+        }
+        // After the cookie (which proves the address and is stateless and unlimited)
+        // and before any handshake work: the expensive part is what is rationed.
+        if !self.bucket.take(now) {
+            self.counters.handshakes_rate_limited += 1;
+            debug!(peer = %from, "DTLS handshake refused: handshake_rate exceeded");
             return;
         }
         if auth == Auth::Certificate {
@@ -633,9 +815,9 @@ impl DtlsServer {
         }
         // A valid cookie proves the address: a new handshake from it replaces the old
         // session (a device that restarted).
-        self.sessions.remove(&from);
+        self.take(from);
         self.out.extend(scratch);
-        self.sessions.insert(from, session);
+        self.put(from, session);
     }
 
     /// Drains a session after input or a timer, and keeps, upgrades or drops it.
@@ -699,19 +881,19 @@ impl DtlsServer {
             debug!(peer = %from, "DTLS session closed by the peer");
             return;
         }
-        self.sessions.insert(from, session);
+        self.put(from, session);
     }
 
     /// Handles timers: retransmissions, handshake deadlines, idle sessions.
     pub fn handle_timeout(&mut self, now: Instant) {
         let due: Vec<SocketAddr> = self
-            .sessions
+            .timers
             .iter()
-            .filter(|(_, s)| self.deadline(s).is_some_and(|d| d <= now))
-            .map(|(a, _)| *a)
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, a)| *a)
             .collect();
         for addr in due {
-            let Some(mut session) = self.sessions.remove(&addr) else {
+            let Some(mut session) = self.take(addr) else {
                 continue;
             };
             match &session.identity {
@@ -734,13 +916,13 @@ impl DtlsServer {
 
     /// Encrypts `data` for the session at `to`, if it is established with `identity`.
     pub fn send(&mut self, now: Instant, to: SocketAddr, identity: &str, data: &[u8]) {
-        let Some(mut session) = self.sessions.remove(&to) else {
+        let Some(mut session) = self.take(to) else {
             self.counters.unsent += 1;
             return;
         };
         if session.identity.as_deref() != Some(identity) {
             self.counters.unsent += 1;
-            self.sessions.insert(to, session);
+            self.put(to, session);
             return;
         }
         let result = session
@@ -752,7 +934,7 @@ impl DtlsServer {
 
     /// Closes the session at `peer` with close_notify (DISCONNECT, shutdown).
     pub fn close(&mut self, peer: SocketAddr) {
-        if let Some(session) = self.sessions.remove(&peer) {
+        if let Some(session) = self.take(peer) {
             self.close_session(peer, session);
         }
     }

@@ -296,6 +296,219 @@ fn handshakes_beyond_max_handshakes_are_dropped() {
     assert_eq!(s.counters().handshakes_busy, 1);
 }
 
+/// The client configuration of dev-1, built once: building one runs dimpl's provider
+/// self-tests, which take tens of milliseconds in a debug build.
+fn dev1_config() -> Arc<Config> {
+    static CONFIG: std::sync::OnceLock<Arc<Config>> = std::sync::OnceLock::new();
+    CONFIG.get_or_init(|| client_config("dev-1", KEY)).clone()
+}
+
+/// A client at `addr` brought as far as its ClientHello with the cookie (its first
+/// ClientHello answered by `s` at `now`); returns the client and that ClientHello.
+fn cookie_hello(s: &mut DtlsServer, addr: &str, now: Instant) -> (Client, Vec<u8>) {
+    let mut c = Client::with_config(dev1_config(), addr, now);
+    let first = c.outgoing().remove(0);
+    s.handle_datagram(now, SystemTime::now(), c.addr, &first);
+    let Some(DtlsOutput::Transmit { data: hvr, .. }) = s.poll_output() else {
+        panic!("a HelloVerifyRequest");
+    };
+    c.dtls.handle_packet(&hvr).unwrap();
+    let hello = c.outgoing().remove(0);
+    (c, hello)
+}
+
+#[test]
+fn handshakes_beyond_handshake_rate_are_dropped_and_cookies_stay_unlimited() {
+    let t0 = Instant::now();
+    let mut s = server(DtlsLimits {
+        handshake_rate: 3,
+        ..DtlsLimits::default()
+    });
+    let mut waiting: Vec<(Client, Vec<u8>)> = (0..8)
+        .map(|i| cookie_hello(&mut s, &format!("127.0.1.{i}:5000"), t0))
+        .collect();
+    // A burst of one second's worth passes at once, the rest is dropped.
+    for (c, hello) in &waiting {
+        s.handle_datagram(t0, SystemTime::now(), c.addr, hello);
+    }
+    let c = s.counters();
+    assert_eq!((c.handshaking, c.handshakes_rate_limited), (3, 5));
+    while s.poll_output().is_some() {}
+    waiting.drain(..3);
+
+    // With the bucket empty, ClientHellos without a cookie are still all answered.
+    for i in 0..50 {
+        let _ = cookie_hello(&mut s, &format!("127.0.2.{i}:5000"), t0);
+    }
+    assert_eq!(s.counters().cookies_sent, 8 + 50);
+
+    // One token per third of a second: just before it, nothing; at it, one.
+    let third = Duration::from_nanos(333_333_334);
+    let (c, hello) = &waiting[0];
+    s.handle_datagram(t0 + third - Duration::from_nanos(2), SystemTime::now(), c.addr, hello);
+    assert_eq!(s.counters().handshakes_rate_limited, 6);
+    s.handle_datagram(t0 + third, SystemTime::now(), c.addr, hello);
+    assert_eq!(s.counters().handshaking, 4);
+    let (c, hello) = &waiting[1];
+    s.handle_datagram(t0 + third, SystemTime::now(), c.addr, hello);
+    assert_eq!(s.counters().handshakes_rate_limited, 7);
+
+    // A long pause refills no more than the burst.
+    let later = t0 + Duration::from_secs(10);
+    for (c, hello) in &waiting[1..] {
+        s.handle_datagram(later, SystemTime::now(), c.addr, hello);
+    }
+    let c = s.counters();
+    assert_eq!((c.handshaking, c.handshakes_rate_limited), (7, 8));
+}
+
+#[test]
+fn the_token_bucket_refills_exactly_in_virtual_time() {
+    let t0 = Instant::now();
+    let mut b = TokenBucket::new(500);
+    assert_eq!((0..600).filter(|_| b.take(t0)).count(), 500);
+    // 2 ms at 500/s is one token, 1 s is the whole burst and never more.
+    assert!(b.take(t0 + Duration::from_millis(2)));
+    assert!(!b.take(t0 + Duration::from_millis(2)));
+    let t1 = t0 + Duration::from_secs(5);
+    assert_eq!((0..600).filter(|_| b.take(t1)).count(), 500);
+    // Time going backwards refills nothing.
+    assert!(!b.take(t0));
+}
+
+#[test]
+fn a_cookie_stays_good_across_one_key_rotation_but_not_two() {
+    let period = Duration::from_secs(60);
+    let limits = DtlsLimits {
+        cookie_rotation: period,
+        ..DtlsLimits::default()
+    };
+    let t0 = Instant::now();
+    let mut s = server(limits);
+    let (mut a, hello_a) = cookie_hello(&mut s, "127.0.3.1:5000", t0);
+    let (_b, hello_b) = cookie_hello(&mut s, "127.0.3.2:5000", t0);
+
+    // One rotation later (at this datagram), a cookie of the key before is still good:
+    // the handshake goes on to completion.
+    let t1 = t0 + period + Duration::from_secs(1);
+    s.handle_datagram(t1, SystemTime::now(), a.addr, &hello_a);
+    assert_eq!((s.counters().handshaking, s.counters().cookies_sent), (1, 2));
+    while let Some(o) = s.poll_output() {
+        if let DtlsOutput::Transmit { data, .. } = o {
+            let _ = a.dtls.handle_packet(&data);
+        }
+    }
+    pump(&mut s, &mut a, t1);
+    assert!(a.connected);
+
+    // A second rotation: the first key's cookies are refused and answered anew, and
+    // nothing is kept for them.
+    let t2 = t1 + period;
+    s.handle_datagram(t2, SystemTime::now(), "127.0.3.2:5000".parse().unwrap(), &hello_b);
+    let c = s.counters();
+    assert_eq!((c.handshaking, c.sessions, c.cookies_sent), (0, 1, 3));
+    let Some(DtlsOutput::Transmit { data, .. }) = s.poll_output() else {
+        panic!("a new HelloVerifyRequest");
+    };
+    assert_eq!(data[13], HELLO_VERIFY_REQUEST);
+    assert!(s.poll_output().is_none());
+
+    // A fresh cookie after the rotations works.
+    let (mut d, hello_d) = cookie_hello(&mut s, "127.0.3.4:5000", t2);
+    s.handle_datagram(t2, SystemTime::now(), d.addr, &hello_d);
+    while let Some(o) = s.poll_output() {
+        if let DtlsOutput::Transmit { data, .. } = o {
+            let _ = d.dtls.handle_packet(&data);
+        }
+    }
+    pump(&mut s, &mut d, t2);
+    assert!(d.connected);
+}
+
+#[test]
+fn after_two_quiet_periods_both_cookie_keys_are_new() {
+    let period = Duration::from_secs(60);
+    let t0 = Instant::now();
+    let mut s = server(DtlsLimits {
+        cookie_rotation: period,
+        ..DtlsLimits::default()
+    });
+    let (_a, hello) = cookie_hello(&mut s, "127.0.3.5:5000", t0);
+    // No datagram for two periods: the rotation at this one drops the old key too.
+    s.handle_datagram(
+        t0 + period * 2,
+        SystemTime::now(),
+        "127.0.3.5:5000".parse().unwrap(),
+        &hello,
+    );
+    let c = s.counters();
+    assert_eq!((c.sessions, c.cookies_sent), (0, 2));
+    // Just short of one period, the same cookie would have been good.
+    let mut s = server(DtlsLimits {
+        cookie_rotation: period,
+        ..DtlsLimits::default()
+    });
+    let (_a, hello) = cookie_hello(&mut s, "127.0.3.5:5000", t0);
+    s.handle_datagram(
+        t0 + period - Duration::from_nanos(1),
+        SystemTime::now(),
+        "127.0.3.5:5000".parse().unwrap(),
+        &hello,
+    );
+    assert_eq!(s.counters().handshaking, 1);
+}
+
+#[test]
+fn the_timers_of_many_sessions_fire_in_deadline_order() {
+    let n = 1000u32;
+    let idle = Duration::from_secs(60);
+    let t0 = Instant::now();
+    let mut s = server(DtlsLimits {
+        idle_timeout: idle,
+        max_handshakes: 1024,
+        ..DtlsLimits::default()
+    });
+    // Session i is established (last heard) at t0 + 10 ms * i, but in a shuffled order
+    // of addresses, so that neither the address nor the insertion order is the
+    // deadline order.
+    let mut established = HashMap::new();
+    for i in 0..n {
+        let k = (i * 7919) % n;
+        let addr = format!("127.0.{}.{}:5000", k / 200, k % 200 + 1);
+        let at = t0 + Duration::from_millis(10 * u64::from(i));
+        let mut c = Client::with_config(dev1_config(), &addr, at);
+        pump(&mut s, &mut c, at);
+        assert!(c.connected);
+        established.insert(c.addr, (i, at));
+    }
+    assert_eq!(s.counters().sessions, u64::from(n));
+    let mut closed = Vec::new();
+    let mut last = t0;
+    let mut turns = 0;
+    while let Some(t) = s.poll_timeout() {
+        assert!(t >= last, "deadlines come in order");
+        last = t;
+        s.handle_timeout(t);
+        while let Some(o) = s.poll_output() {
+            let DtlsOutput::Transmit { to, .. } = o else {
+                panic!("only records to send");
+            };
+            let (i, at) = established[&to];
+            // A retransmission of dimpl's may come before; a close_notify comes at the
+            // idle deadline exactly.
+            if t >= at + idle {
+                assert_eq!(t, at + idle, "session {i} closed at its deadline");
+                closed.push(i);
+            }
+        }
+        turns += 1;
+        assert!(turns < 10 * n, "the timers come to an end");
+    }
+    assert_eq!(closed, (0..n).collect::<Vec<_>>());
+    let c = s.counters();
+    assert_eq!((c.sessions, c.idle_closed), (0, u64::from(n)));
+}
+
 #[test]
 fn idle_sessions_are_closed_with_close_notify() {
     let now = Instant::now();
