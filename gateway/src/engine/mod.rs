@@ -471,6 +471,8 @@ pub struct Restored {
     pub expired: usize,
     /// Dropped: beyond `limits.max_persisted_sessions`.
     pub over_limit: usize,
+    /// Of those kept, asleep again as they were (their PINGREQ wakes them).
+    pub asleep: usize,
 }
 
 /// At most one INFO line per this period for refusals by the access rules (an attacker
@@ -521,7 +523,10 @@ impl Gateway {
     /// ([`Gateway::take_store_ops`]), and [`Gateway::poll_transmit`] holds datagrams back
     /// while a write is not yet durable ([`Gateway::store_committed`]).
     ///
-    /// Each stored session becomes a kept topic table, as if its device had just gone:
+    /// A session stored asleep is held asleep again at its address, its broker
+    /// connection reopened (see [`Session::restore_asleep`]), when the configuration in
+    /// force still admits it there. Every other stored session becomes a kept topic
+    /// table, as if its device had just gone:
     /// one whose expiry (wall-clock) passed while the gateway was down is dropped; one
     /// whose device was connected when the gateway stopped starts its expiry now (the
     /// gateway cannot know when the device went silent). The expiry in force bounds a
@@ -554,6 +559,17 @@ impl Gateway {
                 queue.push(StoreOp::Forget { client_id });
                 continue;
             }
+            let table = match s.sleeper {
+                Some(sleeper) => match self.restore_asleep(now, client_id.clone(), sleeper, table) {
+                    None => {
+                        done.kept += 1;
+                        done.asleep += 1;
+                        continue;
+                    }
+                    Some(table) => table,
+                },
+                None => table,
+            };
             let at = expires.and_then(|ms| now.checked_add(Duration::from_millis(ms - now_ms)));
             match self.persisted.keep(client_id.clone(), table, at) {
                 Stored::Kept => {
@@ -572,6 +588,47 @@ impl Gateway {
         done
     }
 
+    /// A session asleep when the gateway stopped, asleep again at the same address (see
+    /// [`Session::restore_asleep`]), if its registry entry (as configured now) still
+    /// admits it there and the client limit allows; otherwise its topic table is handed
+    /// back, to be kept like any gone session's.
+    fn restore_asleep(
+        &mut self,
+        now: Instant,
+        client_id: Arc<str>,
+        sleeper: crate::store::Sleeper,
+        topics: TopicTable,
+    ) -> Option<TopicTable> {
+        let peer = &sleeper.peer;
+        let bound = match &peer.link {
+            LinkAddr::Dtls(_, _, identity) => self.bound_to(&client_id, identity),
+            _ => !self.dtls_only(&client_id),
+        };
+        if !bound || self.sessions.len() >= self.cfg.max_clients || self.by_peer.contains_key(peer) {
+            return Some(topics);
+        }
+        let Ok(admission) = self.cfg.auth.admit(&client_id, peer) else {
+            return Some(topics);
+        };
+        let key = self.next_key;
+        self.next_key += 1;
+        let peer = peer.clone();
+        let mut ctx = Ctx {
+            cfg: &self.cfg,
+            out: &mut self.out,
+            metrics: &mut self.metrics,
+            latency: &mut self.latency,
+            now,
+        };
+        let session = Session::restore_asleep(&mut ctx, key, client_id.clone(), sleeper, topics, admission);
+        debug!(client = %client_id, peer = %peer, "sleeping session restored");
+        self.sessions.insert(key, session);
+        self.by_peer.insert(peer, key);
+        self.by_client_id.insert(client_id, key);
+        self.reschedule(key);
+        None
+    }
+
     /// The state store writes queued since the last call, in order: the runtime commits
     /// them in one transaction, then calls [`Gateway::store_committed`]. Empty without a
     /// store.
@@ -585,7 +642,7 @@ impl Gateway {
     /// Whether a clean-session-false session of `client_id` is kept (restored from the
     /// store, or away), so that what the broker link stored for it is put back too.
     pub fn keeps_session(&self, client_id: &str) -> bool {
-        self.persisted.contains(client_id)
+        self.persisted.contains(client_id) || self.by_client_id.contains_key(client_id)
     }
 
     /// The writes taken by [`Gateway::take_store_ops`] are durable (`ok`), or failed
@@ -1214,6 +1271,12 @@ impl Gateway {
             let changes = session.take_topic_changes();
             if !changes.is_empty() {
                 q.topics(session.client_id(), changes);
+            }
+            if let (Flow::Continue, Some(sleeper)) = (flow, session.take_sleep_change()) {
+                q.push(StoreOp::Sleep {
+                    client_id: session.client_id().clone(),
+                    sleeper,
+                });
             }
         }
         match flow {

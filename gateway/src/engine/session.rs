@@ -12,6 +12,7 @@ use tracing::{debug, info};
 use super::{EngineConfig, Latencies, Metrics, Output, Peer};
 use crate::auth::{Admission, AuthConfig, Grants};
 use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, Credentials, Message, MqttQos, Token, Will};
+use crate::store::Sleeper;
 use crate::topics::{self, Predefined, TopicTable};
 
 /// Where a session is in its life.
@@ -150,6 +151,12 @@ pub(crate) struct Session {
     client_identity: Option<std::sync::Arc<crate::broker::tls::ClientIdentity>>,
     /// The predefined topics it sees: the global ones with its own (registry) on top.
     predefined: Arc<Predefined>,
+    /// Asleep as the state store last heard (clean-session-false sessions): a change is
+    /// written ([`Session::take_sleep_change`]), so that a restarted gateway knows it.
+    stored_sleep: Option<Sleeper>,
+    /// Restored asleep after a restart, its broker connection not yet open again: a
+    /// wake waits for it before PINGRESP (what the broker kept for it comes then).
+    reopening: bool,
 }
 
 /// Completed QoS 2 publishes remembered per client.
@@ -196,13 +203,81 @@ impl Session {
         topics: TopicTable,
         admission: Admission,
     ) -> Session {
-        let mut s = Session {
+        let mut s = Session::blank(
+            ctx,
+            key,
+            client_id,
+            peer,
+            c.clean_session,
+            c.duration,
+            topics,
+            admission,
+        );
+        s.connect_started = Some(ctx.now);
+        s.start_handshake(ctx, c.will);
+        s
+    }
+
+    /// A clean-session-false session found asleep in the state store after a restart:
+    /// asleep again at once, as it was (its sleep duration counted from now), while its
+    /// broker connection is opened again (without a will: the broker, or in aggregating
+    /// mode the restarted gateway, has published the one of the crashed session). Its
+    /// PINGREQ is a wake like any other.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn restore_asleep(
+        ctx: &mut Ctx<'_>,
+        key: ClientKey,
+        client_id: Arc<str>,
+        sleeper: Sleeper,
+        topics: TopicTable,
+        admission: Admission,
+    ) -> Session {
+        let mut s = Session::blank(
+            ctx,
+            key,
+            client_id,
+            sleeper.peer.clone(),
+            false,
+            sleeper.keep_alive,
+            topics,
+            admission,
+        );
+        s.state = SessionState::Asleep;
+        s.sleep_duration = Duration::from_secs(u64::from(sleeper.duration_secs)).min(ctx.cfg.max_sleep);
+        s.reopening = true;
+        s.stored_sleep = Some(sleeper);
+        ctx.out.command(
+            s.key,
+            Command::Connect(ConnectParams {
+                client_id: s.client_id.to_string(),
+                clean_session: false,
+                keep_alive: s.keep_alive,
+                will: None,
+                credentials: s.credentials.clone(),
+                client_identity: s.client_identity.clone(),
+            }),
+        );
+        s
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn blank(
+        ctx: &mut Ctx<'_>,
+        key: ClientKey,
+        client_id: Arc<str>,
+        peer: Peer,
+        clean_session: bool,
+        keep_alive: u16,
+        topics: TopicTable,
+        admission: Admission,
+    ) -> Session {
+        Session {
             key,
             client_id,
             peer,
             state: SessionState::Connecting,
-            clean_session: c.clean_session,
-            keep_alive: c.duration,
+            clean_session,
+            keep_alive,
             last_heard: ctx.now,
             resuming: false,
             will_topic: None,
@@ -223,14 +298,41 @@ impl Session {
             sleep_since: ctx.now,
             sleep_duration: Duration::ZERO,
             timer: None,
-            connect_started: Some(ctx.now),
+            connect_started: None,
             predefined: admission.grants.predefined(&ctx.cfg.predefined),
             grants: admission.grants,
             credentials: admission.credentials,
             client_identity: admission.client_identity,
+            stored_sleep: None,
+            reopening: false,
+        }
+    }
+
+    /// What the state store must learn of this session's sleep since the last call:
+    /// `Some(Some(_))` it went to sleep (or sleeps elsewhere, or for another duration),
+    /// `Some(None)` it is awake again; `None`: nothing new. Always `None` for a clean
+    /// session, which the store does not hold. A wake by PINGREQ is not a change: the
+    /// device sleeps on after it.
+    pub(crate) fn take_sleep_change(&mut self) -> Option<Option<Sleeper>> {
+        if self.clean_session {
+            return None;
+        }
+        let asleep = matches!(self.state, SessionState::Asleep | SessionState::Awake);
+        let secs = u32::try_from(self.sleep_duration.as_secs()).unwrap_or(u32::MAX);
+        let same = match &self.stored_sleep {
+            None => !asleep,
+            Some(s) => asleep && s.peer == self.peer && s.keep_alive == self.keep_alive && s.duration_secs == secs,
         };
-        s.start_handshake(ctx, c.will);
-        s
+        if same {
+            return None;
+        }
+        let now = asleep.then(|| Sleeper {
+            peer: self.peer.clone(),
+            keep_alive: self.keep_alive,
+            duration_secs: secs,
+        });
+        self.stored_sleep = now.clone();
+        Some(now)
     }
 
     fn start_handshake(&mut self, ctx: &mut Ctx<'_>, will: bool) {
@@ -858,6 +960,14 @@ impl Session {
                 if self.state == SessionState::Connecting {
                     debug!(client = %self.client_id, session_present, "broker accepted connection");
                     self.become_active(ctx);
+                } else if self.reopening {
+                    debug!(client = %self.client_id, session_present, "broker connection of a restored sleeping session open again");
+                    self.reopening = false;
+                    if self.state == SessionState::Awake {
+                        // Woken meanwhile: what arrived so far goes out, then PINGRESP.
+                        self.wake_remaining = self.queue.len();
+                        self.pump(ctx);
+                    }
                 }
             }
             BrokerEvent::ConnectFailed { reason, refused } => {
@@ -1032,6 +1142,9 @@ impl Session {
             match self.state {
                 SessionState::Active => {}
                 SessionState::Awake if self.wake_remaining > 0 => {}
+                // Restored after a restart, its broker connection not open yet: PINGRESP
+                // waits for what the broker kept for it.
+                SessionState::Awake if self.reopening => return,
                 SessionState::Awake => {
                     ctx.out.send(&self.peer, &Packet::PingResp);
                     self.state = SessionState::Asleep;

@@ -263,6 +263,7 @@ fn a_lowered_expiry_bounds_what_was_stored_and_a_far_deadline_does_not_overflow(
         topics: vec![(1, "x".into())],
         held: Vec::new(),
         subs: Vec::new(),
+        sleeper: None,
     };
     let mut t = T::with(EngineConfig {
         session_expiry: Some(Duration::from_secs(10)),
@@ -289,4 +290,150 @@ fn a_lowered_expiry_bounds_what_was_stored_and_a_far_deadline_does_not_overflow(
     );
     assert_eq!(t.gw.stats().persisted_sessions, 2);
     assert_eq!(t.gw.poll_timeout(), None);
+}
+
+/// The store's record of where and how long a device sleeps.
+fn asleep_at(from: &LinkAddr, secs: u32) -> Option<crate::store::Sleeper> {
+    Some(crate::store::Sleeper {
+        peer: Peer::direct(from.clone()),
+        keep_alive: 60,
+        duration_secs: secs,
+    })
+}
+
+#[test]
+fn a_sleeping_device_is_asleep_again_after_a_crash_and_its_pingreq_gets_what_was_held_then_pingresp() {
+    let mut t = T::with(EngineConfig {
+        auth: crate::auth::AuthConfig {
+            address_change: crate::auth::AddressChange::Deny,
+            ..crate::auth::AuthConfig::default()
+        },
+        ..cfg()
+    });
+    let mut disk = Disk::new("sleeper");
+    t.gw.restore(t.now, SystemTime::now(), Vec::new());
+    let (d, other) = (dev(1), dev(2));
+    connect(&mut t, &mut disk, &d, "sleepy", false);
+    register(&mut t, &d, "out/a", 1);
+    disk.settle(&mut t);
+    t.tx();
+    t.send(&d, Packet::Disconnect(Some(600)));
+    let ops = disk.settle(&mut t);
+    assert_eq!(
+        ops,
+        vec![StoreOp::Sleep {
+            client_id: "sleepy".into(),
+            sleeper: asleep_at(&d, 600)
+        }]
+    );
+    t.expect(&d, &[Packet::Disconnect(None)]);
+    // Woken and asleep again: no write (the device sleeps on).
+    t.send(&d, Packet::PingReq(Some("sleepy")));
+    t.expect(&d, &[Packet::PingResp]);
+    assert!(disk.settle(&mut t).is_empty(), "a wake is not a change");
+
+    // kill -9; the restarted gateway holds the session asleep and opens its broker
+    // connection again (clean session false, no will).
+    let restored = disk.restart(&mut t, SystemTime::now());
+    assert_eq!((restored.kept, restored.asleep), (1, 1));
+    let key = match t.cmds().as_slice() {
+        [(key, Command::Connect(p))] => {
+            assert!(!p.clean_session && p.will.is_none() && p.client_id == "sleepy");
+            *key
+        }
+        other => panic!("expected the broker connection reopened, got {other:?}"),
+    };
+    assert_eq!(t.gw.stats().asleep, 1);
+    assert_eq!(t.gw.poll_timeout(), Some(t.now + Duration::from_secs(900)));
+    t.event(key, BrokerEvent::Connected { session_present: true });
+    t.event(key, super::tests::msg("out/a", "held", MqttQos::AtLeastOnce, 5));
+    t.expect_nothing();
+
+    // Another address cannot wake it (and take what is held).
+    t.send(&other, Packet::PingReq(Some("sleepy")));
+    t.expect(&other, &[Packet::Disconnect(None)]);
+    assert_eq!(t.gw.stats().metrics.auth_wake_refused, 1);
+
+    // Its own wake: the held message under the topic id it registered before the
+    // crash, then PINGRESP once it is acknowledged.
+    t.send(&d, Packet::PingReq(Some("sleepy")));
+    let sent = t.tx();
+    let [(to, bytes)] = sent.as_slice() else {
+        panic!("expected one PUBLISH, got {sent:?}");
+    };
+    assert_eq!(to, &d);
+    let msg_id = match Packet::decode(bytes) {
+        Ok(Packet::Publish(p)) => {
+            assert_eq!((p.topic, p.data), (TopicRef::Normal(1), &b"held"[..]));
+            p.msg_id
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    t.send(&d, super::tests::puback(1, msg_id));
+    t.expect(&d, &[Packet::PingResp]);
+    assert!(matches!(t.cmds().as_slice(), [(k, Command::Ack { .. })] if *k == key));
+}
+
+#[test]
+fn a_restored_sleeper_woken_before_its_broker_connection_is_back_waits_for_it() {
+    let mut t = T::with(cfg());
+    let mut disk = Disk::new("sleeper-early");
+    t.gw.restore(t.now, SystemTime::now(), Vec::new());
+    let d = dev(1);
+    connect(&mut t, &mut disk, &d, "early", false);
+    t.send(&d, Packet::Disconnect(Some(60)));
+    disk.settle(&mut t);
+    t.tx();
+    disk.restart(&mut t, SystemTime::now());
+    let key = match t.cmds().as_slice() {
+        [(key, Command::Connect(_))] => *key,
+        other => panic!("expected a broker connect, got {other:?}"),
+    };
+    t.send(&d, Packet::PingReq(Some("early")));
+    t.expect_nothing();
+    t.event(key, BrokerEvent::Connected { session_present: true });
+    t.expect(&d, &[Packet::PingResp]);
+    // A CONNECT wakes it for good: the store hears it is awake.
+    t.send(
+        &d,
+        Packet::Connect(Connect {
+            will: false,
+            clean_session: false,
+            duration: 60,
+            client_id: "early",
+        }),
+    );
+    assert_eq!(
+        disk.settle(&mut t),
+        vec![StoreOp::Sleep {
+            client_id: "early".into(),
+            sleeper: None
+        }]
+    );
+    t.expect(&d, &[Packet::ConnAck(ReturnCode::Accepted)]);
+}
+
+#[test]
+fn a_restored_sleeper_the_registry_no_longer_admits_there_is_kept_as_gone() {
+    let mut t = T::with(cfg());
+    let disk = Disk::new("sleeper-dtls");
+    t.gw.restore(t.now, SystemTime::now(), Vec::new());
+    // Stored asleep under a DTLS identity no registry binds (there is none now).
+    let stored = crate::store::StoredSession {
+        client_id: "gone".into(),
+        presence: crate::store::Presence::Connected,
+        topics: vec![(1, "x".into())],
+        held: Vec::new(),
+        subs: Vec::new(),
+        sleeper: Some(crate::store::Sleeper {
+            peer: Peer::direct(LinkAddr::Dtls(0, "127.0.0.1:9".parse().unwrap(), "id".into())),
+            keep_alive: 60,
+            duration_secs: 60,
+        }),
+    };
+    let restored = t.gw.restore(t.now, SystemTime::now(), vec![stored]);
+    assert_eq!((restored.kept, restored.asleep), (1, 0));
+    assert!(t.cmds().is_empty());
+    assert_eq!(t.gw.stats().persisted_sessions, 1);
+    drop(disk);
 }

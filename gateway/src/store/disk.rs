@@ -16,7 +16,8 @@
 //! Tables: `meta` (`schema_version`), `sessions` (client id -> presence), `topics`
 //! ((client id, topic id) -> name), `held` ((client id, sequence) -> message), `subs`
 //! ((client id, filter) -> granted QoS; schema version 2), `wills` (client id -> will, as
-//! a held message is written; version 2).
+//! a held message is written; version 2), `sleepers` (client id -> where and how long
+//! its device sleeps; version 2).
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -25,7 +26,8 @@ use std::time::SystemTime;
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
-use super::{HeldMessage, Presence, StateStore, StoreError, StoreOp, StoredSession, SCHEMA_VERSION};
+use super::{HeldMessage, Presence, Sleeper, StateStore, StoreError, StoreOp, StoredSession, SCHEMA_VERSION};
+use crate::link::{LinkAddr, Peer};
 
 /// The store's file name in the state directory.
 pub const STORE_FILE: &str = "gateway.redb";
@@ -36,6 +38,7 @@ const TOPICS: TableDefinition<(&str, u16), &str> = TableDefinition::new("topics"
 const HELD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("held");
 const SUBS: TableDefinition<(&str, &str), u8> = TableDefinition::new("subs");
 const WILLS: TableDefinition<&str, &[u8]> = TableDefinition::new("wills");
+const SLEEPERS: TableDefinition<&str, &[u8]> = TableDefinition::new("sleepers");
 
 const VERSION_KEY: &str = "schema_version";
 
@@ -174,21 +177,23 @@ impl RedbStore {
                     txn.open_table(HELD).map_err(failed)?;
                     txn.open_table(SUBS).map_err(failed)?;
                     txn.open_table(WILLS).map_err(failed)?;
+                    txn.open_table(SLEEPERS).map_err(failed)?;
                 }
                 txn.commit().map_err(failed)
             }
         }
     }
 
-    /// Version 1 (topic ids and presence only) to 2: the tables of subscriptions and
-    /// wills are added, empty, since version 1 never stored any. One transaction: a crash
-    /// leaves version 1.
+    /// Version 1 (topic ids and presence only) to 2: the tables of subscriptions, wills
+    /// and sleepers are added, empty, since version 1 never stored any. One transaction: a
+    /// crash leaves version 1.
     fn migrate_from_1(&self) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(failed)?;
         txn.set_durability(Durability::Immediate);
         {
             txn.open_table(SUBS).map_err(failed)?;
             txn.open_table(WILLS).map_err(failed)?;
+            txn.open_table(SLEEPERS).map_err(failed)?;
             txn.open_table(META)
                 .map_err(failed)?
                 .insert(VERSION_KEY, SCHEMA_VERSION)
@@ -304,6 +309,100 @@ fn decode_message(v: &[u8], min_qos: u8) -> Result<HeldMessage, String> {
     })
 }
 
+/// `sleepers` values: keep-alive (2 octets), sleep duration (4), link kind (0 UDP, 1
+/// serial, 2 DTLS), listener or port index (2), then for UDP and DTLS the address as
+/// text (1 octet of length, the text), for DTLS the identity (2 octets of length, the
+/// identity), and last the node id of a client behind a forwarder (1 octet of length,
+/// 0 for none, the id). Numbers big endian.
+fn encode_sleeper(s: &Sleeper) -> Vec<u8> {
+    fn text(v: &mut Vec<u8>, t: &str, wide: bool) {
+        let b = t.as_bytes();
+        if wide {
+            let len = u16::try_from(b.len()).unwrap_or(u16::MAX);
+            v.extend_from_slice(&len.to_be_bytes());
+            v.extend_from_slice(&b[..usize::from(len)]);
+        } else {
+            let len = u8::try_from(b.len()).unwrap_or(u8::MAX);
+            v.push(len);
+            v.extend_from_slice(&b[..usize::from(len)]);
+        }
+    }
+    let mut v = Vec::with_capacity(32);
+    v.extend_from_slice(&s.keep_alive.to_be_bytes());
+    v.extend_from_slice(&s.duration_secs.to_be_bytes());
+    match &s.peer.link {
+        LinkAddr::Udp(i, a) => {
+            v.push(0);
+            v.extend_from_slice(&i.to_be_bytes());
+            text(&mut v, &a.to_string(), false);
+        }
+        LinkAddr::Serial(i) => {
+            v.push(1);
+            v.extend_from_slice(&i.to_be_bytes());
+        }
+        LinkAddr::Dtls(i, a, identity) => {
+            v.push(2);
+            v.extend_from_slice(&i.to_be_bytes());
+            text(&mut v, &a.to_string(), false);
+            text(&mut v, identity, true);
+        }
+    }
+    let node = s.peer.node.as_deref().unwrap_or(&[]);
+    let len = u8::try_from(node.len()).unwrap_or(u8::MAX);
+    v.push(len);
+    v.extend_from_slice(&node[..usize::from(len)]);
+    v
+}
+
+fn decode_sleeper(v: &[u8]) -> Result<Sleeper, String> {
+    let bad = || "a sleeper record that does not decode".to_string();
+    fn take<'a>(v: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (v.len() >= n).then(|| v.split_at(n))?;
+        *v = rest;
+        Some(head)
+    }
+    fn text(v: &mut &[u8], wide: bool) -> Option<String> {
+        let len = if wide {
+            let b = take(v, 2)?;
+            usize::from(u16::from_be_bytes([b[0], b[1]]))
+        } else {
+            usize::from(*take(v, 1)?.first()?)
+        };
+        String::from_utf8(take(v, len)?.to_vec()).ok()
+    }
+    fn decode(r: &mut &[u8]) -> Option<Sleeper> {
+        let ka = take(r, 2)?;
+        let d = take(r, 4)?;
+        let kind = *take(r, 1)?.first()?;
+        let i = take(r, 2)?;
+        let index = u16::from_be_bytes([i[0], i[1]]);
+        let link = match kind {
+            0 => LinkAddr::Udp(index, text(r, false)?.parse().ok()?),
+            1 => LinkAddr::Serial(index),
+            2 => {
+                let addr = text(r, false)?.parse().ok()?;
+                LinkAddr::Dtls(index, addr, text(r, true)?.into())
+            }
+            _ => return None,
+        };
+        let len = usize::from(*take(r, 1)?.first()?);
+        let node = take(r, len)?;
+        if !r.is_empty() {
+            return None;
+        }
+        Some(Sleeper {
+            peer: Peer {
+                link,
+                node: (!node.is_empty()).then(|| node.into()),
+            },
+            keep_alive: u16::from_be_bytes([ka[0], ka[1]]),
+            duration_secs: u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
+        })
+    }
+    let mut v = v;
+    decode(&mut v).ok_or_else(bad)
+}
+
 impl RedbStore {
     /// Applies `ops` in one write transaction, then calls `before_commit` with the
     /// file's path (tests copy the file there: a crash in the middle of a commit), then
@@ -322,6 +421,7 @@ impl RedbStore {
             let mut held = txn.open_table(HELD).map_err(failed)?;
             let mut subs = txn.open_table(SUBS).map_err(failed)?;
             let mut wills = txn.open_table(WILLS).map_err(failed)?;
+            let mut sleepers = txn.open_table(SLEEPERS).map_err(failed)?;
             for op in ops {
                 match op {
                     StoreOp::Connected {
@@ -332,6 +432,7 @@ impl RedbStore {
                         topics
                             .retain_in((id, 0u16)..=(id, u16::MAX), |_, _| false)
                             .map_err(failed)?;
+                        sleepers.remove(id).map_err(failed)?;
                         sessions
                             .insert(id, encode_presence(Presence::Connected).as_slice())
                             .map_err(failed)?;
@@ -342,6 +443,7 @@ impl RedbStore {
                     StoreOp::Away { client_id, expires } => {
                         let presence = encode_presence(Presence::Away { expires: *expires });
                         sessions.insert(&**client_id, presence.as_slice()).map_err(failed)?;
+                        sleepers.remove(&**client_id).map_err(failed)?;
                     }
                     StoreOp::Topic { client_id, id, name } => {
                         topics.insert((&**client_id, *id), &**name).map_err(failed)?;
@@ -352,6 +454,7 @@ impl RedbStore {
                     StoreOp::Forget { client_id } => {
                         let id: &str = client_id;
                         sessions.remove(id).map_err(failed)?;
+                        sleepers.remove(id).map_err(failed)?;
                         topics
                             .retain_in((id, 0u16)..=(id, u16::MAX), |_, _| false)
                             .map_err(failed)?;
@@ -395,6 +498,20 @@ impl RedbStore {
                     }
                     StoreOp::Will { client_id, will: None } => {
                         wills.remove(&**client_id).map_err(failed)?;
+                    }
+                    StoreOp::Sleep {
+                        client_id,
+                        sleeper: Some(sleeper),
+                    } => {
+                        sleepers
+                            .insert(&**client_id, encode_sleeper(sleeper).as_slice())
+                            .map_err(failed)?;
+                    }
+                    StoreOp::Sleep {
+                        client_id,
+                        sleeper: None,
+                    } => {
+                        sleepers.remove(&**client_id).map_err(failed)?;
                     }
                 }
             }
@@ -447,6 +564,12 @@ impl StateStore for RedbStore {
             }
             session_of(&mut all, client).subs.push((filter.to_string(), qos));
         }
+        let sleepers = txn.open_table(SLEEPERS).map_err(failed)?;
+        for row in sleepers.iter().map_err(failed)? {
+            let (k, v) = row.map_err(failed)?;
+            let sleeper = decode_sleeper(v.value()).map_err(StoreError::Failed)?;
+            session_of(&mut all, k.value()).sleeper = Some(sleeper);
+        }
         Ok(all.into_values().collect())
     }
 }
@@ -460,6 +583,7 @@ fn session_of<'a>(all: &'a mut BTreeMap<String, StoredSession>, id: &str) -> &'a
         topics: Vec::new(),
         held: Vec::new(),
         subs: Vec::new(),
+        sleeper: None,
     })
 }
 
@@ -489,5 +613,27 @@ mod tests {
         assert_eq!(decode_held(&encode_held(&m)), Ok(m));
         assert!(decode_held(&[1, 0, 0, 9, b'a']).is_err());
         assert!(decode_held(&[3, 0, 0, 0]).is_err());
+        let addr: std::net::SocketAddr = "[::1]:4000".parse().expect("address");
+        for peer in [
+            Peer::direct(LinkAddr::Udp(3, addr)),
+            Peer::direct(LinkAddr::Serial(1)),
+            Peer::direct(LinkAddr::Dtls(0, addr, "sensor-7".into())),
+            Peer {
+                link: LinkAddr::Udp(0, addr),
+                node: Some(vec![0xab, 0x01].into()),
+            },
+        ] {
+            let s = Sleeper {
+                peer,
+                keep_alive: 60,
+                duration_secs: 86_400,
+            };
+            let bytes = encode_sleeper(&s);
+            assert_eq!(decode_sleeper(&bytes), Ok(s));
+            for cut in 0..bytes.len() {
+                assert!(decode_sleeper(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+        assert!(decode_sleeper(&[0, 60, 0, 0, 0, 9, 7, 0, 0, 0]).is_err());
     }
 }

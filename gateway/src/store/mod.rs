@@ -147,6 +147,15 @@ pub enum StoreOp {
         /// The will (its `qos` may be 0).
         will: Option<HeldMessage>,
     },
+    /// The client's device went to sleep (`Some`), or is awake again (`None`). Written
+    /// when a clean-session-false device enters sleep, not at every wake-up, so that a
+    /// gateway restarted while it sleeps recognises its PINGREQ.
+    Sleep {
+        /// The client id.
+        client_id: Arc<str>,
+        /// Where and how long it sleeps.
+        sleeper: Option<Sleeper>,
+    },
     /// The client no longer holds a subscription (aggregating mode).
     Unsubscribe {
         /// The client id.
@@ -154,6 +163,19 @@ pub enum StoreOp {
         /// The topic filter.
         filter: Arc<str>,
     },
+}
+
+/// A clean-session-false device asleep when this was written: where it was, and what
+/// the gateway needs to hold its session again after a restart (its broker keep-alive
+/// and its sleep duration, counted again from the restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sleeper {
+    /// Its address (a PINGREQ from elsewhere is judged as a wake from another address).
+    pub peer: crate::link::Peer,
+    /// The keep-alive of its CONNECT, in seconds (for its broker connection).
+    pub keep_alive: u16,
+    /// Its sleep duration, in seconds.
+    pub duration_secs: u32,
 }
 
 /// What the store holds for one client, as read back at start.
@@ -169,6 +191,8 @@ pub struct StoredSession {
     pub held: Vec<(u64, HeldMessage)>,
     /// Subscriptions and their granted QoS, by filter (aggregating mode).
     pub subs: Vec<(String, u8)>,
+    /// Asleep when the gateway stopped: where and for how long.
+    pub sleeper: Option<Sleeper>,
 }
 
 /// Why the store cannot be used.
@@ -327,6 +351,7 @@ impl StoreLink {
         tracing::info!(
             dir = %dir.display(),
             sessions = restored.kept,
+            asleep = restored.asleep,
             expired = restored.expired,
             over_limit = restored.over_limit,
             took_ms = started.elapsed().as_millis(),

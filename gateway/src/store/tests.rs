@@ -48,6 +48,7 @@ impl Model {
             topics: Vec::new(),
             held: Vec::new(),
             subs: Vec::new(),
+            sleeper: None,
         })
     }
 
@@ -57,6 +58,7 @@ impl Model {
                 self.1.insert(client_id.to_string());
                 let s = self.session(client_id);
                 s.presence = Presence::Connected;
+                s.sleeper = None;
                 s.topics.clear();
                 for (id, name) in topics {
                     s.topics.retain(|(i, _)| i != id);
@@ -66,7 +68,9 @@ impl Model {
             }
             StoreOp::Away { client_id, expires } => {
                 self.1.insert(client_id.to_string());
-                self.session(client_id).presence = Presence::Away { expires: *expires };
+                let s = self.session(client_id);
+                s.presence = Presence::Away { expires: *expires };
+                s.sleeper = None;
             }
             StoreOp::Topic { client_id, id, name } => {
                 let s = self.session(client_id);
@@ -111,6 +115,18 @@ impl Model {
             }
             // Read back apart from the sessions (RedbStore::load_wills).
             StoreOp::Will { .. } => {}
+            StoreOp::Sleep {
+                client_id,
+                sleeper: Some(sleeper),
+            } => self.session(client_id).sleeper = Some(sleeper.clone()),
+            StoreOp::Sleep {
+                client_id,
+                sleeper: None,
+            } => {
+                if let Some(s) = self.0.get_mut(&**client_id) {
+                    s.sleeper = None;
+                }
+            }
         }
     }
 
@@ -119,7 +135,11 @@ impl Model {
         self.0
             .values()
             .filter(|s| {
-                self.1.contains(&s.client_id) || !s.topics.is_empty() || !s.held.is_empty() || !s.subs.is_empty()
+                self.1.contains(&s.client_id)
+                    || !s.topics.is_empty()
+                    || !s.held.is_empty()
+                    || !s.subs.is_empty()
+                    || s.sleeper.is_some()
             })
             .cloned()
             .collect()
@@ -165,6 +185,16 @@ fn op() -> impl Strategy<Value = StoreOp> {
             qos
         }),
         (client.clone(), filter).prop_map(|(client_id, filter)| StoreOp::Unsubscribe { client_id, filter }),
+        (client.clone(), prop::option::of((0u16..3, 0u32..100_000))).prop_map(|(client_id, sleep)| {
+            StoreOp::Sleep {
+                client_id,
+                sleeper: sleep.map(|(port, duration_secs)| crate::store::Sleeper {
+                    peer: crate::link::Peer::direct(crate::link::LinkAddr::Serial(port)),
+                    keep_alive: 30,
+                    duration_secs,
+                }),
+            }
+        }),
         (client, prop::option::of(0u8..3)).prop_map(|(client_id, qos)| StoreOp::Will {
             client_id,
             will: qos.map(|qos| HeldMessage {
