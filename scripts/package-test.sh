@@ -78,6 +78,8 @@ step "checking the installed configuration with the installed binary"
 # shellcheck disable=SC2016 # $MAINPID is systemd's, not the shell's
 grep -qxF 'ExecReload=/bin/kill -HUP $MAINPID' /lib/systemd/system/mqtt-sn-gateway.service \
   || fail "the unit has no ExecReload: systemctl reload would not reload the configuration"
+grep -qxF 'StateDirectory=mqtt-sn-gateway' /lib/systemd/system/mqtt-sn-gateway.service \
+  || fail "the unit has no StateDirectory: the packaged [state] dir would not exist"
 /usr/bin/mqtt-sn-gateway --version
 /usr/bin/mqtt-sn-gateway --check-config -c /etc/mqtt-sn-gateway/gateway.toml \
   || fail "the installed configuration does not pass --check-config"

@@ -86,7 +86,8 @@ fn example_file_parses() {
 }
 
 /// The commented configuration the Debian package installs in /etc: it validates, and
-/// says what the defaults say (it only uncomments a default or two).
+/// says what the defaults say (it only uncomments a default or two), apart from the
+/// broker and the state directory the unit's StateDirectory= creates.
 #[test]
 fn packaged_file_validates_and_keeps_the_defaults() {
     let text = include_str!("../../../packaging/gateway.toml");
@@ -94,6 +95,9 @@ fn packaged_file_validates_and_keeps_the_defaults() {
     c.validate_offline().expect("packaging/gateway.toml validates");
     let mut expected = Config::default();
     expected.broker.url = Some("mqtt://127.0.0.1:1883".into());
+    expected.state.dir = Some("/var/lib/mqtt-sn-gateway".into());
+    let unit = include_str!("../../../packaging/mqtt-sn-gateway.service");
+    assert!(unit.lines().any(|l| l == "StateDirectory=mqtt-sn-gateway"), "the unit creates the state directory");
     assert_eq!(c, expected);
 }
 
