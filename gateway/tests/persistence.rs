@@ -379,9 +379,14 @@ impl Device {
 
     /// SUBSCRIBE by name at QoS 1; the topic id of the SUBACK.
     fn subscribe(&self, name: &str, msg_id: u16) -> u16 {
+        self.subscribe_at(name, msg_id, QoS::AtLeastOnce)
+    }
+
+    /// SUBSCRIBE by name at `qos`; the topic id of the SUBACK.
+    fn subscribe_at(&self, name: &str, msg_id: u16, qos: QoS) -> u16 {
         let sub = Packet::Subscribe(Subscribe {
             dup: false,
-            qos: QoS::AtLeastOnce,
+            qos,
             msg_id,
             topic: TopicFilter::Name(name),
         });
@@ -692,6 +697,69 @@ fn transparent_a_device_asleep_at_the_crash_wakes_with_pingreq_after_the_restart
 #[test]
 fn aggregating_a_device_asleep_at_the_crash_wakes_with_pingreq_after_the_restart() {
     a_device_asleep_at_the_crash_wakes_with_pingreq_after_the_restart("asleep-aggregating", &["--mode", "aggregating"]);
+}
+
+/// The next PUBLISH the gateway sends (other packets skipped): message id, DUP, data.
+fn next_publish(device: &Device) -> (u16, bool, Vec<u8>) {
+    loop {
+        if let Ok(Packet::Publish(p)) = Packet::decode(&device.recv()) {
+            return (p.msg_id, p.dup, p.data.to_vec());
+        }
+    }
+}
+
+/// A QoS 2 message delivered to a device that had not answered PUBREC when the gateway
+/// was killed goes out again after the restart under the same message id with DUP (so
+/// the device, which remembers the id, passes it on once), and the exchange completes.
+fn qos2_across_kill_9(name: &str, mode: &[&str]) {
+    let dir = temp_dir(name);
+    let Some(mosquitto) = Mosquitto::start(&dir) else {
+        return;
+    };
+    let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
+    let state = dir.join("state");
+    let udp = free_udp_port();
+    let gw_addr = SocketAddr::from(([127, 0, 0, 1], udp));
+    let gw = Gateway::start(&args(udp, &broker, &state, mode));
+    let device = Device::new(gw_addr);
+    device.connect("exactly", false);
+    device.subscribe_at("persist/q2/down", 1, QoS::ExactlyOnce);
+    let observer = Observer::connect(mosquitto.port, &format!("{name}-observer"), "persist/q2/up");
+    observer
+        .client
+        .publish(
+            "persist/q2/down",
+            rumqttc::QoS::ExactlyOnce,
+            false,
+            b"just once".to_vec(),
+        )
+        .expect("queue publish");
+    let (msg_id, dup, data) = next_publish(&device);
+    assert_eq!((dup, data.as_slice()), (false, &b"just once"[..]));
+    // No PUBREC: the gateway dies with the exchange open.
+    gw.kill_9();
+    let gw = Gateway::start(&args(udp, &broker, &state, mode));
+    gw.wait_line("state store opened");
+    device.connect("exactly", false);
+    let (again, dup, data) = next_publish(&device);
+    assert_eq!(data, b"just once");
+    assert_eq!((again, dup), (msg_id, true), "the same message id, with DUP");
+    device.exchange(&Packet::PubRec(msg_id), |p| {
+        matches!(p, Packet::PubRel(id) if *id == msg_id).then_some(())
+    });
+    device.send(&Packet::PubComp(msg_id));
+    gw.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn transparent_a_qos2_delivery_open_at_kill_9_goes_out_again_under_its_message_id() {
+    qos2_across_kill_9("q2-transparent", &[]);
+}
+
+#[test]
+fn aggregating_a_qos2_delivery_open_at_kill_9_goes_out_again_under_its_message_id() {
+    qos2_across_kill_9("q2-aggregating", &["--mode", "aggregating"]);
 }
 
 /// A metric's value from the gateway's /metrics (`None`: not served, or not there).

@@ -97,7 +97,10 @@ fn packaged_file_validates_and_keeps_the_defaults() {
     expected.broker.url = Some("mqtt://127.0.0.1:1883".into());
     expected.state.dir = Some("/var/lib/mqtt-sn-gateway".into());
     let unit = include_str!("../../../packaging/mqtt-sn-gateway.service");
-    assert!(unit.lines().any(|l| l == "StateDirectory=mqtt-sn-gateway"), "the unit creates the state directory");
+    assert!(
+        unit.lines().any(|l| l == "StateDirectory=mqtt-sn-gateway"),
+        "the unit creates the state directory"
+    );
     assert_eq!(c, expected);
 }
 

@@ -9,6 +9,7 @@
 
 mod discovery;
 mod persisted;
+mod qos2;
 mod session;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -24,7 +25,7 @@ use crate::broker::{BrokerEvent, ClientKey, Command, LogThrottle, MqttQos, Rejec
 pub use crate::link::{LinkAddr, Peer};
 use crate::store::{Presence, StoreOp, StoredSession, UnixMillis};
 use crate::topics::{self, Predefined, TopicChange, TopicTable};
-use persisted::{Persisted, Stored};
+use persisted::{Kept, Persisted, Stored};
 pub use session::SessionState;
 use session::{Ctx, Flow, Session};
 
@@ -460,6 +461,17 @@ impl StoreQueue {
             });
         }
     }
+
+    /// The store's record of a clean-session-false session's QoS 2 deliveries.
+    fn qos2(&mut self, client_id: &Arc<str>, changes: Vec<(u16, Option<crate::store::Qos2State>)>) {
+        for (msg_id, state) in changes {
+            self.push(StoreOp::Qos2 {
+                client_id: client_id.clone(),
+                msg_id,
+                state,
+            });
+        }
+    }
 }
 
 /// What [`Gateway::restore`] did with the stored sessions.
@@ -542,7 +554,10 @@ impl Gateway {
         let now_ms = queue.wall(now);
         for s in stored {
             let client_id: Arc<str> = s.client_id.into();
-            let table = TopicTable::from_entries(s.topics.into_iter().map(|(id, name)| (id, Arc::from(name))));
+            let table = Kept {
+                topics: TopicTable::from_entries(s.topics.into_iter().map(|(id, name)| (id, Arc::from(name)))),
+                qos2: qos2::Qos2Ledger::from_entries(s.qos2),
+            };
             // The expiry in force now bounds what was stored (it may have been lowered,
             // or turned off, since): a session connected at the stop gets all of it.
             let limit = self
@@ -597,8 +612,8 @@ impl Gateway {
         now: Instant,
         client_id: Arc<str>,
         sleeper: crate::store::Sleeper,
-        topics: TopicTable,
-    ) -> Option<TopicTable> {
+        mut topics: Kept,
+    ) -> Option<Kept> {
         let peer = &sleeper.peer;
         let bound = match &peer.link {
             LinkAddr::Dtls(_, _, identity) => self.bound_to(&client_id, identity),
@@ -613,6 +628,9 @@ impl Gateway {
         let key = self.next_key;
         self.next_key += 1;
         let peer = peer.clone();
+        // Its changes from now on are written, as a connected session's are.
+        topics.topics.record(true);
+        topics.qos2.record(true);
         let mut ctx = Ctx {
             cfg: &self.cfg,
             out: &mut self.out,
@@ -1107,12 +1125,13 @@ impl Gateway {
         }
         let key = self.next_key;
         self.next_key += 1;
-        let mut topics = topics.unwrap_or_default();
+        let mut kept = topics.unwrap_or_default();
         if let (Some(q), false) = (&mut self.store, c.clean_session) {
-            topics.record(true);
+            kept.topics.record(true);
+            kept.qos2.record(true);
             q.push(StoreOp::Connected {
                 client_id: client_id.clone(),
-                topics: topics.entries().map(|(id, name)| (id, name.clone())).collect(),
+                topics: kept.topics.entries().map(|(id, name)| (id, name.clone())).collect(),
             });
         }
         let mut ctx = Ctx {
@@ -1122,7 +1141,7 @@ impl Gateway {
             latency: &mut self.latency,
             now,
         };
-        let session = Session::new(&mut ctx, key, client_id.clone(), peer.clone(), c, topics, admission);
+        let session = Session::new(&mut ctx, key, client_id.clone(), peer.clone(), c, kept, admission);
         self.sessions.insert(key, session);
         self.by_peer.insert(peer, key);
         self.by_client_id.insert(client_id, key);
@@ -1272,6 +1291,8 @@ impl Gateway {
             if !changes.is_empty() {
                 q.topics(session.client_id(), changes);
             }
+            let changes = session.take_qos2_changes();
+            q.qos2(session.client_id(), changes);
             if let (Flow::Continue, Some(sleeper)) = (flow, session.take_sleep_change()) {
                 q.push(StoreOp::Sleep {
                     client_id: session.client_id().clone(),
@@ -1407,17 +1428,19 @@ impl Gateway {
     fn persist(&mut self, now: Instant, session: Session) {
         if !session.clean_session() {
             let client_id = session.client_id().clone();
-            self.store_persisted(now, client_id, session.into_topics());
+            self.store_persisted(now, client_id, session.into_kept());
         }
     }
 
-    fn store_persisted(&mut self, now: Instant, client_id: Arc<str>, mut table: TopicTable) {
+    fn store_persisted(&mut self, now: Instant, client_id: Arc<str>, mut table: Kept) {
         if let Some(q) = &mut self.store {
             // A session ended by a takeover was not through with_session: its last
             // changes are written here.
-            q.topics(&client_id, table.take_changes());
+            q.topics(&client_id, table.topics.take_changes());
+            q.qos2(&client_id, table.qos2.take_changes());
         }
-        table.record(false);
+        table.topics.record(false);
+        table.qos2.record(false);
         let kept = self.persisted.store(now, client_id.clone(), table);
         if kept == Stored::Full {
             debug!(client = %client_id, "persisted-session limit reached; topic ids not kept");

@@ -16,9 +16,28 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::qos2::Qos2Ledger;
 use crate::topics::TopicTable;
 
-/// The topic tables of clean-session-false devices that are not connected.
+/// What is kept of a clean-session-false device's session while it is not connected.
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    /// Its topic ids.
+    pub topics: TopicTable,
+    /// Its QoS 2 deliveries in progress.
+    pub qos2: Qos2Ledger,
+}
+
+impl From<TopicTable> for Kept {
+    fn from(topics: TopicTable) -> Self {
+        Kept {
+            topics,
+            qos2: Qos2Ledger::default(),
+        }
+    }
+}
+
+/// What is kept of clean-session-false devices that are not connected.
 #[derive(Debug)]
 pub(crate) struct Persisted {
     limit: usize,
@@ -30,7 +49,7 @@ pub(crate) struct Persisted {
 
 #[derive(Debug)]
 struct Entry {
-    table: TopicTable,
+    kept: Kept,
     expires: Option<Instant>,
 }
 
@@ -57,7 +76,7 @@ impl Persisted {
 
     /// Keeps `table` for `client_id`, whose session ended at `now` (replacing what was
     /// kept for it, and restarting its expiry).
-    pub(crate) fn store(&mut self, now: Instant, client_id: Arc<str>, table: TopicTable) -> Stored {
+    pub(crate) fn store(&mut self, now: Instant, client_id: Arc<str>, table: Kept) -> Stored {
         let expires = self.expiry.and_then(|d| now.checked_add(d));
         self.keep(client_id, table, expires)
     }
@@ -69,7 +88,7 @@ impl Persisted {
 
     /// Keeps `table` for `client_id` until `expires` (a table read back from the state
     /// store, whose expiry was set before the restart).
-    pub(crate) fn keep(&mut self, client_id: Arc<str>, table: TopicTable, expires: Option<Instant>) -> Stored {
+    pub(crate) fn keep(&mut self, client_id: Arc<str>, kept: Kept, expires: Option<Instant>) -> Stored {
         if self.tables.len() >= self.limit && !self.tables.contains_key(&client_id) {
             return Stored::Full;
         }
@@ -77,17 +96,17 @@ impl Persisted {
         if let Some(at) = expires {
             self.deadlines.insert((at, client_id.clone()));
         }
-        self.tables.insert(client_id, Entry { table, expires });
+        self.tables.insert(client_id, Entry { kept, expires });
         Stored::Kept
     }
 
     /// Takes what was kept for `client_id` (it connects again).
-    pub(crate) fn take(&mut self, client_id: &str) -> Option<TopicTable> {
+    pub(crate) fn take(&mut self, client_id: &str) -> Option<Kept> {
         let (key, entry) = self.tables.remove_entry(client_id)?;
         if let Some(at) = entry.expires {
             self.deadlines.remove(&(at, key));
         }
-        Some(entry.table)
+        Some(entry.kept)
     }
 
     /// Whether something is kept for `client_id`.
@@ -139,7 +158,7 @@ mod tests {
     fn kept_until_taken_without_an_expiry() {
         let t0 = Instant::now();
         let mut p = Persisted::new(10, None);
-        assert_eq!(p.store(t0, id("a"), TopicTable::default()), Stored::Kept);
+        assert_eq!(p.store(t0, id("a"), Kept::default()), Stored::Kept);
         assert_eq!(p.next_expiry(), None);
         assert!(p.expire(t0 + Duration::from_secs(1_000_000)).is_empty());
         assert!(p.take("a").is_some());
@@ -150,9 +169,9 @@ mod tests {
     fn the_limit_refuses_new_devices_but_not_a_known_one() {
         let t0 = Instant::now();
         let mut p = Persisted::new(1, None);
-        assert_eq!(p.store(t0, id("a"), TopicTable::default()), Stored::Kept);
-        assert_eq!(p.store(t0, id("b"), TopicTable::default()), Stored::Full);
-        assert_eq!(p.store(t0, id("a"), TopicTable::default()), Stored::Kept);
+        assert_eq!(p.store(t0, id("a"), Kept::default()), Stored::Kept);
+        assert_eq!(p.store(t0, id("b"), Kept::default()), Stored::Full);
+        assert_eq!(p.store(t0, id("a"), Kept::default()), Stored::Kept);
         assert_eq!(p.len(), 1);
     }
 
@@ -161,12 +180,12 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs;
         let mut p = Persisted::new(10, Some(s(60)));
-        p.store(t0, id("a"), TopicTable::default());
-        p.store(t0 + s(10), id("b"), TopicTable::default());
+        p.store(t0, id("a"), Kept::default());
+        p.store(t0 + s(10), id("b"), Kept::default());
         assert_eq!(p.next_expiry(), Some(t0 + s(60)));
         // "a" comes back and goes again at 30 s: its expiry moves to 90 s.
         assert!(p.take("a").is_some());
-        p.store(t0 + s(30), id("a"), TopicTable::default());
+        p.store(t0 + s(30), id("a"), Kept::default());
         assert_eq!(p.next_expiry(), Some(t0 + s(70)));
         assert!(p.expire(t0 + s(69)).is_empty());
         assert_eq!(p.expire(t0 + s(70)), vec![id("b")]);
@@ -179,7 +198,7 @@ mod tests {
     fn a_taken_table_leaves_no_deadline_behind() {
         let t0 = Instant::now();
         let mut p = Persisted::new(10, Some(Duration::from_secs(5)));
-        p.store(t0, id("a"), TopicTable::default());
+        p.store(t0, id("a"), Kept::default());
         assert!(p.take("a").is_some());
         assert_eq!(p.next_expiry(), None);
         assert!(p.expire(t0 + Duration::from_secs(10)).is_empty());

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use sn_codec::{Packet, PubAck, QoS, RegAck, Register, ReturnCode, SubAck, TopicFilter, TopicRef};
 use tracing::{debug, info};
 
+use super::persisted::Kept;
+use super::qos2::{self, Qos2Ledger};
 use super::{EngineConfig, Latencies, Metrics, Output, Peer};
 use crate::auth::{Admission, AuthConfig, Grants};
 use crate::broker::{BrokerEvent, ClientKey, Command, ConnectParams, Credentials, Message, MqttQos, Token, Will};
@@ -157,6 +159,8 @@ pub(crate) struct Session {
     /// Restored asleep after a restart, its broker connection not yet open again: a
     /// wake waits for it before PINGRESP (what the broker kept for it comes then).
     reopening: bool,
+    /// Its QoS 2 deliveries in progress, kept across its sessions (see [`qos2`]).
+    qos2_out: Qos2Ledger,
 }
 
 /// Completed QoS 2 publishes remembered per client.
@@ -200,19 +204,10 @@ impl Session {
         client_id: Arc<str>,
         peer: Peer,
         c: sn_codec::Connect<'_>,
-        topics: TopicTable,
+        kept: Kept,
         admission: Admission,
     ) -> Session {
-        let mut s = Session::blank(
-            ctx,
-            key,
-            client_id,
-            peer,
-            c.clean_session,
-            c.duration,
-            topics,
-            admission,
-        );
+        let mut s = Session::blank(ctx, key, client_id, peer, c.clean_session, c.duration, kept, admission);
         s.connect_started = Some(ctx.now);
         s.start_handshake(ctx, c.will);
         s
@@ -229,7 +224,7 @@ impl Session {
         key: ClientKey,
         client_id: Arc<str>,
         sleeper: Sleeper,
-        topics: TopicTable,
+        kept: Kept,
         admission: Admission,
     ) -> Session {
         let mut s = Session::blank(
@@ -239,7 +234,7 @@ impl Session {
             sleeper.peer.clone(),
             false,
             sleeper.keep_alive,
-            topics,
+            kept,
             admission,
         );
         s.state = SessionState::Asleep;
@@ -268,7 +263,7 @@ impl Session {
         peer: Peer,
         clean_session: bool,
         keep_alive: u16,
-        topics: TopicTable,
+        kept: Kept,
         admission: Admission,
     ) -> Session {
         Session {
@@ -282,7 +277,8 @@ impl Session {
             resuming: false,
             will_topic: None,
             will_message: Bytes::new(),
-            topics,
+            topics: kept.topics,
+            qos2_out: kept.qos2,
             next_token: 1,
             uplink: HashMap::new(),
             qos2_in: HashMap::new(),
@@ -411,14 +407,24 @@ impl Session {
         self.timer = at;
     }
 
-    pub(crate) fn into_topics(self) -> TopicTable {
-        self.topics
+    /// What a clean-session-false device keeps when the session ends.
+    pub(crate) fn into_kept(self) -> Kept {
+        Kept {
+            topics: self.topics,
+            qos2: self.qos2_out,
+        }
     }
 
     /// The changes to its topic table since the last call (recorded only for a
     /// clean-session-false session with a state store).
     pub(crate) fn take_topic_changes(&mut self) -> Vec<crate::topics::TopicChange> {
         self.topics.take_changes()
+    }
+
+    /// The changes to its QoS 2 deliveries in progress since the last call (recorded
+    /// as the topic table's are).
+    pub(crate) fn take_qos2_changes(&mut self) -> Vec<(u16, Option<crate::store::Qos2State>)> {
+        self.qos2_out.take_changes()
     }
 
     /// Applies the registry in force now (a reload) to this session's rights.
@@ -470,9 +476,9 @@ impl Session {
 
     /// The session is replaced by a new CONNECT with the same client id or address:
     /// close its broker connection cleanly (no will: the client is not lost).
-    pub(crate) fn take_over(self, out: &mut Output) -> TopicTable {
+    pub(crate) fn take_over(self, out: &mut Output) -> Kept {
         out.command(self.key, Command::Disconnect { will: None });
-        self.topics
+        self.into_kept()
     }
 
     /// A CONNECT again from the same address while the handshake runs: the device did
@@ -666,11 +672,13 @@ impl Session {
     }
 
     fn next_msg_id(&mut self) -> u16 {
-        self.next_msg_id = self.next_msg_id.wrapping_add(1);
-        if self.next_msg_id == 0 {
-            self.next_msg_id = 1;
+        loop {
+            self.next_msg_id = self.next_msg_id.wrapping_add(1);
+            // 0 is no id; one a QoS 2 delivery in progress holds is not free either.
+            if self.next_msg_id != 0 && !self.qos2_out.holds(self.next_msg_id) {
+                return self.next_msg_id;
+            }
         }
-        self.next_msg_id
     }
 
     fn next_token(&mut self) -> Token {
@@ -1145,6 +1153,7 @@ impl Session {
                 // Restored after a restart, its broker connection not open yet: PINGRESP
                 // waits for what the broker kept for it.
                 SessionState::Awake if self.reopening => return,
+                SessionState::Awake if self.qos2_out.owed_pubrel(None).is_some() => {}
                 SessionState::Awake => {
                     ctx.out.send(&self.peer, &Packet::PingResp);
                     self.state = SessionState::Asleep;
@@ -1154,6 +1163,13 @@ impl Session {
                 }
                 _ => return,
             }
+            // A QoS 2 delivery of an earlier session that the device acknowledged with
+            // PUBREC is completed first: the device holds its message id until PUBREL.
+            if let Some(msg_id) = self.qos2_out.owed_pubrel(None) {
+                self.set_inflight(ctx, InflightKind::PubRel { msg_id });
+                ctx.out.send(&self.peer, &Packet::PubRel(msg_id));
+                return;
+            }
             let Some(front) = self.queue.front() else {
                 return;
             };
@@ -1161,11 +1177,24 @@ impl Session {
             match topics::outbound_ref(&topic_name, &self.predefined, &self.topics) {
                 Some(topic) => {
                     let qos = front.msg.qos;
-                    let msg_id = if qos == MqttQos::AtMostOnce {
-                        0
-                    } else {
-                        self.next_msg_id()
+                    let again = (qos == MqttQos::ExactlyOnce)
+                        .then(|| qos2::digest(&front.msg.topic, &front.msg.payload))
+                        .map(|d| (d, self.qos2_out.matching(d)));
+                    let msg_id = match again {
+                        _ if qos == MqttQos::AtMostOnce => 0,
+                        // Sent before, in an earlier session (or gateway): the same id,
+                        // with DUP, so the device recognises it.
+                        Some((_, Some(msg_id))) => {
+                            if let Some(f) = self.queue.front_mut() {
+                                f.sent = true;
+                            }
+                            msg_id
+                        }
+                        _ => self.next_msg_id(),
                     };
+                    if let Some((d, _)) = again {
+                        self.qos2_out.sent(msg_id, d);
+                    }
                     if !self.send_publish(ctx, topic, msg_id) {
                         self.give_up_front(ctx);
                         continue;
@@ -1304,6 +1333,7 @@ impl Session {
         match self.inflight.map(|i| i.kind) {
             Some(InflightKind::Publish { msg_id, .. }) if msg_id == rec_id => {
                 // The device has the message: now, and only now, the broker may forget it.
+                self.qos2_out.released(msg_id);
                 self.ack_front_to_broker(ctx);
                 self.set_inflight(ctx, InflightKind::PubRel { msg_id });
                 ctx.out.send(&self.peer, &Packet::PubRel(msg_id));
@@ -1320,6 +1350,7 @@ impl Session {
         if let Some(InflightKind::PubRel { msg_id }) = self.inflight.map(|i| i.kind) {
             if msg_id == comp_id {
                 self.inflight = None;
+                self.qos2_out.completed(msg_id);
             }
         }
     }

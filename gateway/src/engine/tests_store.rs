@@ -264,6 +264,7 @@ fn a_lowered_expiry_bounds_what_was_stored_and_a_far_deadline_does_not_overflow(
         held: Vec::new(),
         subs: Vec::new(),
         sleeper: None,
+        qos2: Vec::new(),
     };
     let mut t = T::with(EngineConfig {
         session_expiry: Some(Duration::from_secs(10)),
@@ -430,10 +431,107 @@ fn a_restored_sleeper_the_registry_no_longer_admits_there_is_kept_as_gone() {
             keep_alive: 60,
             duration_secs: 60,
         }),
+        qos2: Vec::new(),
     };
     let restored = t.gw.restore(t.now, SystemTime::now(), vec![stored]);
     assert_eq!((restored.kept, restored.asleep), (1, 0));
     assert!(t.cmds().is_empty());
     assert_eq!(t.gw.stats().persisted_sessions, 1);
     drop(disk);
+}
+
+/// The PUBLISH datagrams and PUBRELs sent to `to`, decoded as (msg id, dup) and PUBREL ids.
+fn qos2_sent(t: &mut T, to: &LinkAddr) -> (Vec<(u16, bool)>, Vec<u16>) {
+    let (mut publishes, mut pubrels) = (Vec::new(), Vec::new());
+    for (addr, data) in t.tx() {
+        assert_eq!(&addr, to);
+        match Packet::decode(&data).unwrap() {
+            Packet::Publish(p) => publishes.push((p.msg_id, p.dup)),
+            Packet::PubRel(id) => pubrels.push(id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (publishes, pubrels)
+}
+
+#[test]
+fn a_qos2_delivery_cut_by_a_crash_goes_out_again_under_its_message_id_and_its_pubrel_is_owed() {
+    let mut t = T::with(cfg());
+    let mut disk = Disk::new("qos2");
+    t.gw.restore(t.now, SystemTime::now(), Vec::new());
+    let d = dev(1);
+    let key = connect(&mut t, &mut disk, &d, "q2", false);
+    register(&mut t, &d, "down/q2", 1);
+    disk.settle(&mut t);
+    t.tx();
+    t.event(key, super::tests::msg("down/q2", "once", MqttQos::ExactlyOnce, 9));
+    assert!(t.gw.poll_transmit().is_none(), "the PUBLISH waits for its record");
+    let ops = disk.settle(&mut t);
+    assert!(
+        matches!(ops.as_slice(), [StoreOp::Qos2 { msg_id, state: Some(s), .. }] if !s.released && *msg_id != 0),
+        "{ops:?}"
+    );
+    let (first, _) = qos2_sent(&mut t, &d);
+    let [(msg_id, false)] = first.as_slice() else {
+        panic!("expected one new PUBLISH, got {first:?}");
+    };
+    let msg_id = *msg_id;
+
+    // kill -9 before the device's PUBREC. The broker (or the store) delivers it again:
+    // the same message id, DUP set, so the device passes it on once.
+    disk.restart(&mut t, SystemTime::now());
+    let key = connect(&mut t, &mut disk, &d, "q2", false);
+    // A message before it does not take that id (the device may hold it).
+    t.event(key, super::tests::msg("down/q2", "first", MqttQos::AtLeastOnce, 1));
+    disk.settle(&mut t);
+    let (publishes, _) = qos2_sent(&mut t, &d);
+    let [(q1_id, false)] = publishes.as_slice() else {
+        panic!("expected the QoS 1 PUBLISH, got {publishes:?}");
+    };
+    assert_ne!(*q1_id, msg_id);
+    t.send(&d, super::tests::puback(1, *q1_id));
+    t.event(key, super::tests::msg("down/q2", "once", MqttQos::ExactlyOnce, 1));
+    disk.settle(&mut t);
+    assert_eq!(qos2_sent(&mut t, &d).0, vec![(msg_id, true)]);
+    t.event(key, super::tests::msg("down/q2", "other", MqttQos::ExactlyOnce, 2));
+    t.send(&d, Packet::PubRec(msg_id));
+    disk.settle(&mut t);
+    let (publishes, pubrels) = qos2_sent(&mut t, &d);
+    assert_eq!(pubrels, vec![msg_id]);
+    assert!(publishes.is_empty(), "one exchange at a time: {publishes:?}");
+
+    // kill -9 after PUBREC, before PUBCOMP: the next session owes the device its PUBREL
+    // before anything else, or the device would hold the id for ever.
+    disk.restart(&mut t, SystemTime::now());
+    t.send(
+        &d,
+        Packet::Connect(Connect {
+            will: false,
+            clean_session: false,
+            duration: 60,
+            client_id: "q2",
+        }),
+    );
+    let key = match t.cmds().as_slice() {
+        [.., (key, Command::Connect(_))] => *key,
+        other => panic!("expected a broker connect, got {other:?}"),
+    };
+    t.event(key, BrokerEvent::Connected { session_present: true });
+    disk.settle(&mut t);
+    t.expect(&d, &[Packet::ConnAck(ReturnCode::Accepted), Packet::PubRel(msg_id)]);
+    t.event(key, super::tests::msg("down/q2", "other", MqttQos::ExactlyOnce, 3));
+    disk.settle(&mut t);
+    assert!(qos2_sent(&mut t, &d).0.is_empty(), "the PUBREL comes first");
+    t.send(&d, Packet::PubComp(msg_id));
+    let ops = disk.settle(&mut t);
+    assert!(ops.contains(&StoreOp::Qos2 {
+        client_id: "q2".into(),
+        msg_id,
+        state: None
+    }));
+    let (publishes, _) = qos2_sent(&mut t, &d);
+    assert!(
+        matches!(publishes.as_slice(), [(_, false)]),
+        "the next message, new: {publishes:?}"
+    );
 }

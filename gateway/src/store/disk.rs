@@ -17,7 +17,8 @@
 //! ((client id, topic id) -> name), `held` ((client id, sequence) -> message), `subs`
 //! ((client id, filter) -> granted QoS; schema version 2), `wills` (client id -> will, as
 //! a held message is written; version 2), `sleepers` (client id -> where and how long
-//! its device sleeps; version 2).
+//! its device sleeps; version 2), `qos2` ((client id, message id) -> a QoS 2 delivery in
+//! progress toward it; version 2).
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -26,7 +27,9 @@ use std::time::SystemTime;
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
-use super::{HeldMessage, Presence, Sleeper, StateStore, StoreError, StoreOp, StoredSession, SCHEMA_VERSION};
+use super::{
+    HeldMessage, Presence, Qos2State, Sleeper, StateStore, StoreError, StoreOp, StoredSession, SCHEMA_VERSION,
+};
 use crate::link::{LinkAddr, Peer};
 
 /// The store's file name in the state directory.
@@ -39,6 +42,7 @@ const HELD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("held");
 const SUBS: TableDefinition<(&str, &str), u8> = TableDefinition::new("subs");
 const WILLS: TableDefinition<&str, &[u8]> = TableDefinition::new("wills");
 const SLEEPERS: TableDefinition<&str, &[u8]> = TableDefinition::new("sleepers");
+const QOS2: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("qos2");
 
 const VERSION_KEY: &str = "schema_version";
 
@@ -178,6 +182,7 @@ impl RedbStore {
                     txn.open_table(SUBS).map_err(failed)?;
                     txn.open_table(WILLS).map_err(failed)?;
                     txn.open_table(SLEEPERS).map_err(failed)?;
+                    txn.open_table(QOS2).map_err(failed)?;
                 }
                 txn.commit().map_err(failed)
             }
@@ -194,6 +199,7 @@ impl RedbStore {
             txn.open_table(SUBS).map_err(failed)?;
             txn.open_table(WILLS).map_err(failed)?;
             txn.open_table(SLEEPERS).map_err(failed)?;
+            txn.open_table(QOS2).map_err(failed)?;
             txn.open_table(META)
                 .map_err(failed)?
                 .insert(VERSION_KEY, SCHEMA_VERSION)
@@ -422,6 +428,7 @@ impl RedbStore {
             let mut subs = txn.open_table(SUBS).map_err(failed)?;
             let mut wills = txn.open_table(WILLS).map_err(failed)?;
             let mut sleepers = txn.open_table(SLEEPERS).map_err(failed)?;
+            let mut qos2 = txn.open_table(QOS2).map_err(failed)?;
             for op in ops {
                 match op {
                     StoreOp::Connected {
@@ -455,6 +462,8 @@ impl RedbStore {
                         let id: &str = client_id;
                         sessions.remove(id).map_err(failed)?;
                         sleepers.remove(id).map_err(failed)?;
+                        qos2.retain_in((id, 0u16)..=(id, u16::MAX), |_, _| false)
+                            .map_err(failed)?;
                         topics
                             .retain_in((id, 0u16)..=(id, u16::MAX), |_, _| false)
                             .map_err(failed)?;
@@ -513,6 +522,23 @@ impl RedbStore {
                     } => {
                         sleepers.remove(&**client_id).map_err(failed)?;
                     }
+                    StoreOp::Qos2 {
+                        client_id,
+                        msg_id,
+                        state: Some(q),
+                    } => {
+                        let mut v = [0u8; 9];
+                        v[0] = u8::from(q.released);
+                        v[1..].copy_from_slice(&q.digest.to_be_bytes());
+                        qos2.insert((&**client_id, *msg_id), v.as_slice()).map_err(failed)?;
+                    }
+                    StoreOp::Qos2 {
+                        client_id,
+                        msg_id,
+                        state: None,
+                    } => {
+                        qos2.remove((&**client_id, *msg_id)).map_err(failed)?;
+                    }
                 }
             }
         }
@@ -570,6 +596,23 @@ impl StateStore for RedbStore {
             let sleeper = decode_sleeper(v.value()).map_err(StoreError::Failed)?;
             session_of(&mut all, k.value()).sleeper = Some(sleeper);
         }
+        let qos2 = txn.open_table(QOS2).map_err(failed)?;
+        for row in qos2.iter().map_err(failed)? {
+            let (k, v) = row.map_err(failed)?;
+            let (client, msg_id) = k.value();
+            let state = match v.value() {
+                [released @ (0 | 1), digest @ ..] if digest.len() == 8 => {
+                    let mut d = [0u8; 8];
+                    d.copy_from_slice(digest);
+                    Qos2State {
+                        digest: u64::from_be_bytes(d),
+                        released: *released == 1,
+                    }
+                }
+                _ => return Err(StoreError::Failed("a QoS 2 record that does not decode".into())),
+            };
+            session_of(&mut all, client).qos2.push((msg_id, state));
+        }
         Ok(all.into_values().collect())
     }
 }
@@ -584,6 +627,7 @@ fn session_of<'a>(all: &'a mut BTreeMap<String, StoredSession>, id: &str) -> &'a
         held: Vec::new(),
         subs: Vec::new(),
         sleeper: None,
+        qos2: Vec::new(),
     })
 }
 

@@ -156,6 +156,20 @@ pub enum StoreOp {
         /// Where and how long it sleeps.
         sleeper: Option<Sleeper>,
     },
+    /// A QoS 2 delivery to the device that it may hold state for: sent (`released`
+    /// false: it may have the message, awaiting PUBREL after its PUBREC), released (the
+    /// gateway had its PUBREC and sends PUBREL), or, `None`, complete (PUBCOMP). Written
+    /// before the PUBLISH (or PUBREL) leaves, so that after a crash the same message goes
+    /// out again under the same message id and the device, which dedups by message id,
+    /// delivers it once (clean-session-false devices, both modes).
+    Qos2 {
+        /// The client id.
+        client_id: Arc<str>,
+        /// The message id toward the device.
+        msg_id: u16,
+        /// Where the exchange stands.
+        state: Option<Qos2State>,
+    },
     /// The client no longer holds a subscription (aggregating mode).
     Unsubscribe {
         /// The client id.
@@ -163,6 +177,16 @@ pub enum StoreOp {
         /// The topic filter.
         filter: Arc<str>,
     },
+}
+
+/// A QoS 2 delivery in progress toward a device (see [`StoreOp::Qos2`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Qos2State {
+    /// A digest of the message's topic and payload (a stable hash: it must match across
+    /// processes), to recognise the message when the broker or the store delivers it again.
+    pub digest: u64,
+    /// The device's PUBREC was received: only PUBREL and PUBCOMP remain.
+    pub released: bool,
 }
 
 /// A clean-session-false device asleep when this was written: where it was, and what
@@ -193,6 +217,8 @@ pub struct StoredSession {
     pub subs: Vec<(String, u8)>,
     /// Asleep when the gateway stopped: where and for how long.
     pub sleeper: Option<Sleeper>,
+    /// QoS 2 deliveries to it in progress, by message id.
+    pub qos2: Vec<(u16, Qos2State)>,
 }
 
 /// Why the store cannot be used.

@@ -49,6 +49,7 @@ impl Model {
             held: Vec::new(),
             subs: Vec::new(),
             sleeper: None,
+            qos2: Vec::new(),
         })
     }
 
@@ -127,6 +128,25 @@ impl Model {
                     s.sleeper = None;
                 }
             }
+            StoreOp::Qos2 {
+                client_id,
+                msg_id,
+                state: Some(q),
+            } => {
+                let s = self.session(client_id);
+                s.qos2.retain(|(m, _)| m != msg_id);
+                s.qos2.push((*msg_id, *q));
+                s.qos2.sort_by_key(|(m, _)| *m);
+            }
+            StoreOp::Qos2 {
+                client_id,
+                msg_id,
+                state: None,
+            } => {
+                if let Some(s) = self.0.get_mut(&**client_id) {
+                    s.qos2.retain(|(m, _)| m != msg_id);
+                }
+            }
         }
     }
 
@@ -140,6 +160,7 @@ impl Model {
                     || !s.held.is_empty()
                     || !s.subs.is_empty()
                     || s.sleeper.is_some()
+                    || !s.qos2.is_empty()
             })
             .cloned()
             .collect()
@@ -195,6 +216,13 @@ fn op() -> impl Strategy<Value = StoreOp> {
                 }),
             }
         }),
+        (client.clone(), 1u16..4, prop::option::of((any::<u64>(), any::<bool>()))).prop_map(
+            |(client_id, msg_id, state)| StoreOp::Qos2 {
+                client_id,
+                msg_id,
+                state: state.map(|(digest, released)| crate::store::Qos2State { digest, released }),
+            }
+        ),
         (client, prop::option::of(0u8..3)).prop_map(|(client_id, qos)| StoreOp::Will {
             client_id,
             will: qos.map(|qos| HeldMessage {
