@@ -1296,7 +1296,7 @@ impl Gateway {
             if let (Flow::Continue, Some(sleeper)) = (flow, session.take_sleep_change()) {
                 q.push(StoreOp::Sleep {
                     client_id: session.client_id().clone(),
-                    sleeper,
+                    sleeper: Some(sleeper),
                 });
             }
         }

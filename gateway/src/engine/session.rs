@@ -161,6 +161,9 @@ pub(crate) struct Session {
     reopening: bool,
     /// Its QoS 2 deliveries in progress, kept across its sessions (see [`qos2`]).
     qos2_out: Qos2Ledger,
+    /// Restored asleep after a restart and not connected since: a request other than a
+    /// wake (the device was awake after all) is answered DISCONNECT, so it connects.
+    restored: bool,
 }
 
 /// Completed QoS 2 publishes remembered per client.
@@ -240,6 +243,7 @@ impl Session {
         s.state = SessionState::Asleep;
         s.sleep_duration = Duration::from_secs(u64::from(sleeper.duration_secs)).min(ctx.cfg.max_sleep);
         s.reopening = true;
+        s.restored = true;
         s.stored_sleep = Some(sleeper);
         ctx.out.command(
             s.key,
@@ -301,33 +305,40 @@ impl Session {
             client_identity: admission.client_identity,
             stored_sleep: None,
             reopening: false,
+            restored: false,
         }
     }
 
     /// What the state store must learn of this session's sleep since the last call:
-    /// `Some(Some(_))` it went to sleep (or sleeps elsewhere, or for another duration),
-    /// `Some(None)` it is awake again; `None`: nothing new. Always `None` for a clean
-    /// session, which the store does not hold. A wake by PINGREQ is not a change: the
-    /// device sleeps on after it.
-    pub(crate) fn take_sleep_change(&mut self) -> Option<Option<Sleeper>> {
+    /// `Some(_)` it went to sleep (or sleeps elsewhere, or for another duration); `None`:
+    /// nothing new. Always `None` for a clean session, which the store does not hold. A
+    /// wake by PINGREQ is not a change (the device sleeps on after it), and neither is a
+    /// CONNECT from sleep: a sleepy device connects to publish and sleeps again, and one
+    /// write per cycle would cost a commit each time. The record goes when the session
+    /// ends; a device found asleep after a crash that was in fact awake is told to
+    /// connect again at its first request (see [`Session::restore_asleep`]).
+    pub(crate) fn take_sleep_change(&mut self) -> Option<Sleeper> {
         if self.clean_session {
             return None;
         }
         let asleep = matches!(self.state, SessionState::Asleep | SessionState::Awake);
+        if !asleep {
+            return None;
+        }
         let secs = u32::try_from(self.sleep_duration.as_secs()).unwrap_or(u32::MAX);
-        let same = match &self.stored_sleep {
-            None => !asleep,
-            Some(s) => asleep && s.peer == self.peer && s.keep_alive == self.keep_alive && s.duration_secs == secs,
-        };
+        let same = self
+            .stored_sleep
+            .as_ref()
+            .is_some_and(|s| s.peer == self.peer && s.keep_alive == self.keep_alive && s.duration_secs == secs);
         if same {
             return None;
         }
-        let now = asleep.then(|| Sleeper {
+        let now = Sleeper {
             peer: self.peer.clone(),
             keep_alive: self.keep_alive,
             duration_secs: secs,
-        });
-        self.stored_sleep = now.clone();
+        };
+        self.stored_sleep = Some(now.clone());
         Some(now)
     }
 
@@ -502,6 +513,7 @@ impl Session {
         self.last_heard = ctx.now;
         self.keep_alive = c.duration;
         self.resuming = true;
+        self.restored = false;
         debug!(client = %self.client_id, "client resumes from sleep with CONNECT");
         self.start_handshake(ctx, c.will);
         Flow::Continue
@@ -605,6 +617,13 @@ impl Session {
                 self.will_message = Bytes::copy_from_slice(m);
                 debug!(client = %self.client_id, "will message update");
                 ctx.out.send(&self.peer, &Packet::WillMsgResp(ReturnCode::Accepted));
+            }
+            (S::Asleep, Packet::Publish(_) | Packet::Register(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_))
+                if self.restored =>
+            {
+                ctx.metrics.unexpected += 1;
+                debug!(client = %self.client_id, "request to a session restored asleep: the device is told to connect");
+                ctx.out.send(&self.peer, &Packet::Disconnect(None));
             }
             (state, p) => {
                 ctx.metrics.unexpected += 1;
