@@ -1,0 +1,847 @@
+//! One lean MQTT 3.1.1 client connection that owns its packet ids.
+//!
+//! [`spawn`] runs one connection as a task: it is fed [`ConnRequest`]s and reports
+//! [`ConnEvent`]s, in order. Unlike rumqttc's event loop (a packet-id counter cycling
+//! `1..=inflight` that hands out an id whose QoS 2 exchange is still in its PUBREL phase,
+//! and never checks SUBSCRIBE ids), one id space covers PUBLISH (QoS 1/2, until PUBACK or
+//! PUBCOMP), SUBSCRIBE and UNSUBSCRIBE (until their ack), and a new id is never one in
+//! use ([`Ids`]). The codec is rumqttc's own `mqttbytes::v4`, so nothing new is built.
+//!
+//! Broker misbehaviour ends the connection with a [`ConnEvent::Closed`] naming it: a
+//! malformed packet, a packet a broker never sends (CONNECT, SUBSCRIBE, PINGREQ, a second
+//! CONNACK), and an ack for a packet id not in use or in the wrong phase (answering it
+//! could complete someone else's exchange). A PUBREL for an unknown id is answered with
+//! PUBCOMP (harmless, MQTT 3.1.1 4.3.3: the broker may resend it).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Disconnect, LastWill, Login, Packet, PingReq, PubAck, PubComp, PubRec,
+    PubRel, Publish, Subscribe, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{MqttQos, Will};
+
+/// What the read buffer starts with and is shrunk back to: most packets are small.
+const READ_BUF: usize = 1024;
+/// A read buffer grown beyond this for a large packet is given back once it is empty.
+const READ_BUF_KEEP: usize = 4 * READ_BUF;
+/// A write buffer grown beyond this for a large batch is given back once written.
+const WRITE_BUF_KEEP: usize = 16 * 1024;
+/// A batch stops taking requests beyond this many bytes, so reads are not starved.
+const BATCH_MAX: usize = 64 * 1024;
+/// How long to wait for the broker to close its side after our DISCONNECT.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// How one connection is opened and run.
+#[derive(Clone)]
+pub struct ConnOptions {
+    /// Broker host name or IP address.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// TLS with this config (what `broker::tls::BrokerTls::config()` returns), or plain TCP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Local address to bind before connecting (port 0), or the kernel's choice.
+    pub source: Option<IpAddr>,
+    /// MQTT client id.
+    pub client_id: String,
+    /// Clean-session flag.
+    pub clean_session: bool,
+    /// Keep-alive (whole seconds are sent; zero: none).
+    pub keep_alive: Duration,
+    /// User and password ("" = user name only).
+    pub credentials: Option<(String, String)>,
+    /// Last will registered with the broker.
+    pub will: Option<Will>,
+    /// Bound on reaching the broker, the TLS handshake and its CONNACK (zero: none).
+    pub connect_timeout: Duration,
+    /// Outgoing QoS 1/2 publishes not yet complete (PUBACK, or PUBCOMP for QoS 2); beyond,
+    /// requests wait in order.
+    pub inflight: u16,
+    /// The largest packet accepted from the broker (its remaining length); a larger one
+    /// ends the connection. Outgoing packets are not checked.
+    pub max_packet_size: usize,
+}
+
+impl std::fmt::Debug for ConnOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnOptions")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls.is_some())
+            .field("source", &self.source)
+            .field("client_id", &self.client_id)
+            .field("clean_session", &self.clean_session)
+            .field("keep_alive", &self.keep_alive)
+            .field("user", &self.credentials.as_ref().map(|c| &c.0))
+            .field("will", &self.will)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("inflight", &self.inflight)
+            .field("max_packet_size", &self.max_packet_size)
+            .finish()
+    }
+}
+
+/// A request to the connection task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnRequest {
+    /// Publish. QoS 1/2 with a tag are answered by [`ConnEvent::Published`]; QoS 0 (and
+    /// no tag) by nothing.
+    Publish {
+        /// Echoed by [`ConnEvent::Published`].
+        tag: Option<u64>,
+        /// Topic name.
+        topic: Arc<str>,
+        /// Payload.
+        payload: Bytes,
+        /// QoS.
+        qos: MqttQos,
+        /// Retain flag.
+        retain: bool,
+    },
+    /// Subscribe; answered by [`ConnEvent::SubAck`] (at once, with nothing granted, when
+    /// `filters` is empty: MQTT forbids an empty SUBSCRIBE).
+    Subscribe {
+        /// Echoed by [`ConnEvent::SubAck`].
+        tag: u64,
+        /// Topic filters with their requested QoS.
+        filters: Vec<(Arc<str>, MqttQos)>,
+    },
+    /// Unsubscribe; answered by [`ConnEvent::UnsubAck`] (at once when `filters` is empty).
+    Unsubscribe {
+        /// Echoed by [`ConnEvent::UnsubAck`].
+        tag: u64,
+        /// Topic filters.
+        filters: Vec<Arc<str>>,
+    },
+    /// Acknowledge the broker's message `pkid`: PUBACK (QoS 1) or PUBREC (QoS 2; the task then
+    /// answers the broker's PUBREL with PUBCOMP by itself). QoS 0: nothing.
+    Ack {
+        /// The message's packet id ([`ConnEvent::Message::pkid`]).
+        pkid: u16,
+        /// The message's QoS.
+        qos: MqttQos,
+    },
+    /// DISCONNECT after everything queued before it, then wait (bounded, ~1 s) for the broker
+    /// to close its side, then end.
+    Disconnect,
+}
+
+/// What the connection task reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnEvent {
+    /// CONNACK with code 0.
+    Connected {
+        /// The broker kept a session for this client id.
+        session_present: bool,
+    },
+    /// Never connected: refused (CONNACK with a non-zero code, TLS certificate refusal: `refused`
+    /// true) or unreachable/timeout (`refused` false).
+    ConnectFailed {
+        /// Why, for the log.
+        reason: String,
+        /// The broker (or its TLS peer) said no, as opposed to not being reached.
+        refused: bool,
+    },
+    /// PUBACK for QoS 1, PUBREC for QoS 2 (the broker has it; the task sends PUBREL itself).
+    Published {
+        /// The request's tag.
+        tag: u64,
+    },
+    /// SUBACK: one entry per filter, `None` where refused (0x80).
+    SubAck {
+        /// The request's tag.
+        tag: u64,
+        /// Granted QoS per filter.
+        granted: Vec<Option<MqttQos>>,
+    },
+    /// UNSUBACK.
+    UnsubAck {
+        /// The request's tag.
+        tag: u64,
+    },
+    /// A message from the broker; QoS 1/2 want a [`ConnRequest::Ack`] with `pkid`.
+    Message {
+        /// Topic name.
+        topic: Arc<str>,
+        /// Payload.
+        payload: Bytes,
+        /// QoS.
+        qos: MqttQos,
+        /// Retain flag.
+        retain: bool,
+        /// DUP flag (a redelivery).
+        dup: bool,
+        /// Packet id (0 for QoS 0).
+        pkid: u16,
+    },
+    /// After Connected: lost (with why), or ended after Disconnect.
+    Closed {
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// Runs one connection until it ends; events in order; ends after ConnectFailed or Closed.
+///
+/// Dropping every request sender drops the connection without DISCONNECT (the broker then
+/// publishes the will) and ends with [`ConnEvent::Closed`]; so does a dropped event receiver
+/// (without the event). Aborting the task drops the connection the same way.
+pub fn spawn(
+    opts: ConnOptions,
+    requests: mpsc::Receiver<ConnRequest>,
+    events: mpsc::UnboundedSender<ConnEvent>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(opts, requests, events))
+}
+
+/// Why the connection was never established.
+struct Failure {
+    reason: String,
+    refused: bool,
+}
+
+impl Failure {
+    fn unreachable(reason: String) -> Failure {
+        Failure { reason, refused: false }
+    }
+}
+
+async fn run(opts: ConnOptions, requests: mpsc::Receiver<ConnRequest>, events: mpsc::UnboundedSender<ConnEvent>) {
+    let tcp = match bounded(opts.connect_timeout, open_tcp(&opts)).await {
+        Ok(tcp) => tcp,
+        Err(f) => {
+            let _ = events.send(ConnEvent::ConnectFailed { reason: f.reason, refused: f.refused });
+            return;
+        }
+    };
+    // Nagle would hold a lone small packet (an ack, a PINGREQ) back for the peer's ack.
+    let _ = tcp.set_nodelay(true);
+    match opts.tls.clone() {
+        None => establish_and_run(tcp, opts, requests, events).await,
+        Some(config) => {
+            let tls = bounded(opts.connect_timeout, tls_handshake(tcp, &opts.host, config)).await;
+            match tls {
+                Ok(stream) => establish_and_run(stream, opts, requests, events).await,
+                Err(f) => {
+                    let _ = events.send(ConnEvent::ConnectFailed { reason: f.reason, refused: f.refused });
+                }
+            }
+        }
+    }
+}
+
+/// `fut` bounded by `limit` (zero: unbounded).
+async fn bounded<T>(limit: Duration, fut: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    if limit.is_zero() {
+        return fut.await;
+    }
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::unreachable(format!("no answer within {limit:?}"))),
+    }
+}
+
+async fn open_tcp(opts: &ConnOptions) -> Result<TcpStream, Failure> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((opts.host.as_str(), opts.port))
+        .await
+        .map_err(|e| Failure::unreachable(format!("cannot resolve {}: {e}", opts.host)))?
+        // Bound to a source address, only a peer of the same family can be reached.
+        .filter(|a| opts.source.is_none_or(|s| s.is_ipv4() == a.is_ipv4()))
+        .collect();
+    let mut last = format!("no address of {} to reach", opts.host);
+    for addr in addrs {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+        let attempt = async {
+            let socket = socket?;
+            if let Some(source) = opts.source {
+                socket.bind(SocketAddr::new(source, 0))?;
+            }
+            socket.connect(addr).await
+        };
+        match attempt.await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = format!("cannot connect to {addr}: {e}"),
+        }
+    }
+    Err(Failure::unreachable(last))
+}
+
+async fn tls_handshake(
+    tcp: TcpStream,
+    host: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Failure> {
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| Failure { reason: format!("{host} is no TLS server name: {e}"), refused: true })?;
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| {
+        // A rustls error (a certificate refused by either side, an alert) is a refusal; a
+        // plain I/O error (reset, EOF) is not.
+        let refused = e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>());
+        Failure { reason: format!("TLS handshake: {e}"), refused }
+    })
+}
+
+fn to_qos(q: MqttQos) -> QoS {
+    match q {
+        MqttQos::AtMostOnce => QoS::AtMostOnce,
+        MqttQos::AtLeastOnce => QoS::AtLeastOnce,
+        MqttQos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn from_qos(q: QoS) -> MqttQos {
+    match q {
+        QoS::AtMostOnce => MqttQos::AtMostOnce,
+        QoS::AtLeastOnce => MqttQos::AtLeastOnce,
+        QoS::ExactlyOnce => MqttQos::ExactlyOnce,
+    }
+}
+
+fn connect_packet(opts: &ConnOptions) -> Connect {
+    let mut c = Connect::new(opts.client_id.clone());
+    c.keep_alive = u16::try_from(opts.keep_alive.as_secs()).unwrap_or(u16::MAX);
+    c.clean_session = opts.clean_session;
+    c.login = opts.credentials.as_ref().map(|(u, p)| Login::new(u.clone(), p.clone()));
+    c.last_will = opts.will.as_ref().map(|w| LastWill {
+        topic: w.topic.clone(),
+        message: w.message.clone(),
+        qos: to_qos(w.qos),
+        retain: w.retain,
+    });
+    c
+}
+
+/// Sends CONNECT, waits (bounded) for CONNACK, then runs the connection.
+async fn establish_and_run<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    opts: ConnOptions,
+    requests: mpsc::Receiver<ConnRequest>,
+    events: mpsc::UnboundedSender<ConnEvent>,
+) {
+    let mut rbuf = BytesMut::with_capacity(READ_BUF);
+    let handshake = async {
+        let mut wbuf = BytesMut::with_capacity(64);
+        connect_packet(&opts)
+            .write(&mut wbuf)
+            .map_err(|e| Failure { reason: format!("cannot encode CONNECT: {e}"), refused: true })?;
+        stream
+            .write_all(&wbuf)
+            .await
+            .map_err(|e| Failure::unreachable(format!("sending CONNECT: {e}")))?;
+        stream.flush().await.map_err(|e| Failure::unreachable(format!("sending CONNECT: {e}")))?;
+        loop {
+            match Packet::read(&mut rbuf, opts.max_packet_size) {
+                Ok(Packet::ConnAck(ack)) => return Ok(ack),
+                Ok(other) => {
+                    return Err(Failure::unreachable(format!("expected CONNACK, got {}", packet_name(&other))))
+                }
+                Err(CodecError::InsufficientBytes(n)) => rbuf.reserve(n),
+                Err(e) => return Err(Failure::unreachable(format!("malformed CONNACK: {e}"))),
+            }
+            match stream.read_buf(&mut rbuf).await {
+                Ok(0) => return Err(Failure::unreachable("the broker closed the connection before CONNACK".into())),
+                Ok(_) => {}
+                Err(e) => return Err(Failure::unreachable(format!("waiting for CONNACK: {e}"))),
+            }
+        }
+    };
+    let ack: ConnAck = match bounded(opts.connect_timeout, handshake).await {
+        Ok(ack) => ack,
+        Err(f) => {
+            let _ = events.send(ConnEvent::ConnectFailed { reason: f.reason, refused: f.refused });
+            return;
+        }
+    };
+    if ack.code != ConnectReturnCode::Success {
+        let _ = events.send(ConnEvent::ConnectFailed {
+            reason: format!("the broker refused the connection: {:?} ({})", ack.code, ack.code as u8),
+            refused: true,
+        });
+        return;
+    }
+    if events.send(ConnEvent::Connected { session_present: ack.session_present }).is_err() {
+        return;
+    }
+    let mut conn = Conn::new(&opts, rbuf, events);
+    let reason = match conn.run(&mut stream, requests).await {
+        Ok(reason) | Err(reason) => reason,
+    };
+    let _ = conn.events.send(ConnEvent::Closed { reason });
+}
+
+/// What an id in use is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// QoS 1 PUBLISH, for PUBACK.
+    PubAck(Option<u64>),
+    /// QoS 2 PUBLISH, for PUBREC.
+    PubRec(Option<u64>),
+    /// QoS 2 PUBREL sent, for PUBCOMP.
+    PubComp,
+    /// SUBSCRIBE, for SUBACK.
+    SubAck(u64),
+    /// UNSUBSCRIBE, for UNSUBACK.
+    UnsubAck(u64),
+}
+
+/// Packet ids in use, with what each waits for. A cursor cycles through 1..=65535 and
+/// skips ids in use, so a new id is never one in use and a freed id is not handed out
+/// again soon (a late duplicate ack cannot hit its successor). Empty when idle, so an
+/// idle connection costs nothing here.
+#[derive(Debug, Default)]
+struct Ids {
+    used: HashMap<u16, Slot>,
+    next: u16,
+}
+
+impl Ids {
+    /// A free id for `slot`, or `None` when all 65535 are in use.
+    fn take(&mut self, slot: Slot) -> Option<u16> {
+        if self.used.len() >= usize::from(u16::MAX) {
+            return None;
+        }
+        loop {
+            self.next = self.next.checked_add(1).unwrap_or(1);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.used.entry(self.next) {
+                e.insert(slot);
+                return Some(self.next);
+            }
+        }
+    }
+
+    fn get(&self, id: u16) -> Option<Slot> {
+        self.used.get(&id).copied()
+    }
+
+    fn set(&mut self, id: u16, slot: Slot) {
+        self.used.insert(id, slot);
+    }
+
+    fn free(&mut self, id: u16) {
+        self.used.remove(&id);
+        if self.used.is_empty() {
+            // Give the table's memory back: an idle connection keeps none.
+            self.used = HashMap::new();
+        }
+    }
+}
+
+/// The state of one established connection.
+struct Conn {
+    events: mpsc::UnboundedSender<ConnEvent>,
+    keep_alive: Duration,
+    max_packet_size: usize,
+    inflight_max: u16,
+    /// Outgoing QoS 1/2 publishes not complete.
+    inflight: u16,
+    ids: Ids,
+    /// The head request, waiting for an inflight slot or a free id; nothing behind it
+    /// is taken before it.
+    held: Option<ConnRequest>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    last_sent: Instant,
+    last_heard: Instant,
+    ping_out: bool,
+}
+
+/// How one connection ends: `Ok` after Disconnect, `Err` when lost; both carry the reason.
+type End = Result<String, String>;
+
+impl Conn {
+    fn new(opts: &ConnOptions, rbuf: BytesMut, events: mpsc::UnboundedSender<ConnEvent>) -> Conn {
+        let now = Instant::now();
+        Conn {
+            events,
+            keep_alive: Duration::from_secs(opts.keep_alive.as_secs().min(u64::from(u16::MAX))),
+            max_packet_size: opts.max_packet_size,
+            inflight_max: opts.inflight.max(1),
+            inflight: 0,
+            ids: Ids::default(),
+            held: None,
+            rbuf,
+            wbuf: BytesMut::new(),
+            last_sent: now,
+            last_heard: now,
+            ping_out: false,
+        }
+    }
+
+    fn emit(&self, event: ConnEvent) -> Result<(), String> {
+        self.events.send(event).map_err(|_| "the event receiver was dropped".to_owned())
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        mut requests: mpsc::Receiver<ConnRequest>,
+    ) -> End {
+        // Packets that came with CONNACK.
+        self.parse()?;
+        loop {
+            // Take what is queued, in order, up to the inflight bound.
+            let mut disconnect = false;
+            loop {
+                if let Some(req) = self.held.take() {
+                    match self.admit(req)? {
+                        Admit::Done => {}
+                        Admit::Wait(req) => {
+                            self.held = Some(req);
+                            break;
+                        }
+                        Admit::Disconnect => {
+                            disconnect = true;
+                            break;
+                        }
+                    }
+                }
+                if self.wbuf.len() >= BATCH_MAX {
+                    break;
+                }
+                match requests.try_recv() {
+                    Ok(req) => self.held = Some(req),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        // Flush what was taken, then drop the connection without DISCONNECT.
+                        self.flush(stream).await?;
+                        return Err("the request channel was closed; connection dropped".into());
+                    }
+                }
+            }
+            if disconnect {
+                Disconnect.write(&mut self.wbuf).map_err(|e| format!("encoding DISCONNECT: {e}"))?;
+                self.flush(stream).await?;
+                return self.linger(stream).await;
+            }
+            self.flush(stream).await?;
+
+            let deadline = self.deadline();
+            let more = self.held.is_none() && self.wbuf.len() < BATCH_MAX;
+            if self.rbuf.capacity() - self.rbuf.len() < 64 {
+                self.rbuf.reserve(READ_BUF / 2);
+            }
+            tokio::select! {
+                read = stream.read_buf(&mut self.rbuf) => {
+                    match read {
+                        Ok(0) => return Err("the broker closed the connection".into()),
+                        Ok(_) => {
+                            self.last_heard = Instant::now();
+                            self.parse()?;
+                        }
+                        Err(e) => return Err(format!("reading from the broker: {e}")),
+                    }
+                }
+                req = requests.recv(), if more => match req {
+                    Some(req) => self.held = Some(req),
+                    None => return Err("the request channel was closed; connection dropped".into()),
+                },
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.keep_alive_check()?;
+                }
+            }
+        }
+    }
+
+    /// When the keep-alive needs a look next, if at all.
+    fn deadline(&self) -> Option<Instant> {
+        if self.keep_alive.is_zero() {
+            return None;
+        }
+        let lost = self.last_heard + self.keep_alive * 3 / 2;
+        if self.ping_out {
+            Some(lost)
+        } else {
+            Some(lost.min(self.last_sent.min(self.last_heard) + self.keep_alive))
+        }
+    }
+
+    fn keep_alive_check(&mut self) -> Result<(), String> {
+        let now = Instant::now();
+        if now >= self.last_heard + self.keep_alive * 3 / 2 {
+            return Err(format!(
+                "keep-alive: nothing heard from the broker for {:?}",
+                now.duration_since(self.last_heard)
+            ));
+        }
+        // Ping also when we keep sending but hear nothing (QoS 0 only), so that silence
+        // from the broker is told from a connection that is merely quiet.
+        if !self.ping_out && (now >= self.last_sent + self.keep_alive || now >= self.last_heard + self.keep_alive) {
+            PingReq.write(&mut self.wbuf).map_err(|e| format!("encoding PINGREQ: {e}"))?;
+            self.ping_out = true;
+        }
+        Ok(())
+    }
+
+    /// Writes the batch with one `write_all`.
+    async fn flush<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Result<(), String> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        stream.write_all(&self.wbuf).await.map_err(|e| format!("writing to the broker: {e}"))?;
+        stream.flush().await.map_err(|e| format!("writing to the broker: {e}"))?;
+        self.last_sent = Instant::now();
+        if self.wbuf.capacity() > WRITE_BUF_KEEP {
+            self.wbuf = BytesMut::new();
+        } else {
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// After DISCONNECT: reads (and reports) what the broker still sends until it closes,
+    /// bounded by [`CLOSE_WAIT`].
+    async fn linger<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> End {
+        let until = Instant::now() + CLOSE_WAIT;
+        loop {
+            self.rbuf.reserve(READ_BUF / 2);
+            match tokio::time::timeout_at(until, stream.read_buf(&mut self.rbuf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Ok("disconnected".into()),
+                Ok(Ok(_)) => {
+                    // Acks for what was sent before DISCONNECT are still reported; any
+                    // answer they would need is not sent (the session is over).
+                    if let Err(e) = self.parse() {
+                        return Ok(format!("disconnected ({e})"));
+                    }
+                    self.wbuf.clear();
+                }
+            }
+        }
+    }
+
+    /// Encodes `req` into the batch, or hands it back when it must wait.
+    fn admit(&mut self, req: ConnRequest) -> Result<Admit, String> {
+        let enc = |e: CodecError| format!("encoding a request: {e}");
+        match req {
+            ConnRequest::Publish { tag, topic, payload, qos, retain } => {
+                let mut p = Publish::from_bytes(&*topic, to_qos(qos), payload);
+                p.retain = retain;
+                if qos != MqttQos::AtMostOnce {
+                    let slot = if qos == MqttQos::AtLeastOnce { Slot::PubAck(tag) } else { Slot::PubRec(tag) };
+                    if self.inflight >= self.inflight_max {
+                        return Ok(Admit::Wait(ConnRequest::Publish { tag, topic, payload: p.payload, qos, retain }));
+                    }
+                    let Some(id) = self.ids.take(slot) else {
+                        return Ok(Admit::Wait(ConnRequest::Publish { tag, topic, payload: p.payload, qos, retain }));
+                    };
+                    p.pkid = id;
+                    self.inflight += 1;
+                }
+                p.write(&mut self.wbuf).map_err(enc)?;
+            }
+            ConnRequest::Subscribe { tag, filters } => {
+                if filters.is_empty() {
+                    self.emit(ConnEvent::SubAck { tag, granted: Vec::new() })?;
+                    return Ok(Admit::Done);
+                }
+                let Some(id) = self.ids.take(Slot::SubAck(tag)) else {
+                    return Ok(Admit::Wait(ConnRequest::Subscribe { tag, filters }));
+                };
+                let s = Subscribe {
+                    pkid: id,
+                    filters: filters.iter().map(|(f, q)| SubscribeFilter::new(f.to_string(), to_qos(*q))).collect(),
+                };
+                s.write(&mut self.wbuf).map_err(enc)?;
+            }
+            ConnRequest::Unsubscribe { tag, filters } => {
+                if filters.is_empty() {
+                    self.emit(ConnEvent::UnsubAck { tag })?;
+                    return Ok(Admit::Done);
+                }
+                let Some(id) = self.ids.take(Slot::UnsubAck(tag)) else {
+                    return Ok(Admit::Wait(ConnRequest::Unsubscribe { tag, filters }));
+                };
+                let u = Unsubscribe { pkid: id, topics: filters.iter().map(|f| f.to_string()).collect() };
+                u.write(&mut self.wbuf).map_err(enc)?;
+            }
+            ConnRequest::Ack { pkid, qos } => match qos {
+                MqttQos::AtMostOnce => {}
+                MqttQos::AtLeastOnce => {
+                    PubAck::new(pkid).write(&mut self.wbuf).map_err(enc)?;
+                }
+                MqttQos::ExactlyOnce => {
+                    PubRec::new(pkid).write(&mut self.wbuf).map_err(enc)?;
+                }
+            },
+            ConnRequest::Disconnect => return Ok(Admit::Disconnect),
+        }
+        Ok(Admit::Done)
+    }
+
+    /// Handles every whole packet in the read buffer.
+    fn parse(&mut self) -> Result<(), String> {
+        loop {
+            match Packet::read(&mut self.rbuf, self.max_packet_size) {
+                Ok(packet) => self.incoming(packet)?,
+                Err(CodecError::InsufficientBytes(n)) => {
+                    if self.rbuf.is_empty() && self.rbuf.capacity() > READ_BUF_KEEP {
+                        // Idle again after a large packet: give the memory back.
+                        self.rbuf = BytesMut::with_capacity(READ_BUF);
+                    } else {
+                        self.rbuf.reserve(n);
+                    }
+                    return Ok(());
+                }
+                Err(CodecError::PayloadSizeLimitExceeded(n)) => {
+                    return Err(format!(
+                        "the broker sent a packet of {n} bytes, over max_packet_size {}",
+                        self.max_packet_size
+                    ))
+                }
+                Err(e) => return Err(format!("malformed packet from the broker: {e}")),
+            }
+        }
+    }
+
+    fn incoming(&mut self, packet: Packet) -> Result<(), String> {
+        let enc = |e: CodecError| format!("encoding an answer: {e}");
+        match packet {
+            Packet::Publish(p) => self.emit(ConnEvent::Message {
+                topic: Arc::from(p.topic),
+                payload: p.payload,
+                qos: from_qos(p.qos),
+                retain: p.retain,
+                dup: p.dup,
+                pkid: p.pkid,
+            })?,
+            Packet::PubAck(a) => match self.ids.get(a.pkid) {
+                Some(Slot::PubAck(tag)) => {
+                    self.ids.free(a.pkid);
+                    self.inflight -= 1;
+                    if let Some(tag) = tag {
+                        self.emit(ConnEvent::Published { tag })?;
+                    }
+                }
+                other => return Err(unexpected("PUBACK", a.pkid, other)),
+            },
+            Packet::PubRec(a) => match self.ids.get(a.pkid) {
+                Some(Slot::PubRec(tag)) => {
+                    self.ids.set(a.pkid, Slot::PubComp);
+                    PubRel::new(a.pkid).write(&mut self.wbuf).map_err(enc)?;
+                    if let Some(tag) = tag {
+                        self.emit(ConnEvent::Published { tag })?;
+                    }
+                }
+                // A repeated PUBREC: PUBREL again (MQTT 3.1.1 4.3.3 lets the sender resend).
+                Some(Slot::PubComp) => {
+                    PubRel::new(a.pkid).write(&mut self.wbuf).map_err(enc)?;
+                }
+                other => return Err(unexpected("PUBREC", a.pkid, other)),
+            },
+            Packet::PubComp(a) => match self.ids.get(a.pkid) {
+                Some(Slot::PubComp) => {
+                    self.ids.free(a.pkid);
+                    self.inflight -= 1;
+                }
+                other => return Err(unexpected("PUBCOMP", a.pkid, other)),
+            },
+            Packet::PubRel(r) => {
+                PubComp::new(r.pkid).write(&mut self.wbuf).map_err(enc)?;
+            }
+            Packet::SubAck(a) => match self.ids.get(a.pkid) {
+                Some(Slot::SubAck(tag)) => {
+                    self.ids.free(a.pkid);
+                    let granted = a
+                        .return_codes
+                        .iter()
+                        .map(|c| match c {
+                            SubscribeReasonCode::Success(q) => Some(from_qos(*q)),
+                            SubscribeReasonCode::Failure => None,
+                        })
+                        .collect();
+                    self.emit(ConnEvent::SubAck { tag, granted })?;
+                }
+                other => return Err(unexpected("SUBACK", a.pkid, other)),
+            },
+            Packet::UnsubAck(a) => match self.ids.get(a.pkid) {
+                Some(Slot::UnsubAck(tag)) => {
+                    self.ids.free(a.pkid);
+                    self.emit(ConnEvent::UnsubAck { tag })?;
+                }
+                other => return Err(unexpected("UNSUBACK", a.pkid, other)),
+            },
+            Packet::PingResp => self.ping_out = false,
+            other => return Err(format!("the broker sent {}, which a broker never sends", packet_name(&other))),
+        }
+        Ok(())
+    }
+}
+
+/// What [`Conn::admit`] did with a request.
+enum Admit {
+    /// Encoded (or answered at once).
+    Done,
+    /// Must wait for an inflight slot or a free id.
+    Wait(ConnRequest),
+    /// Disconnect reached the head of the queue.
+    Disconnect,
+}
+
+fn unexpected(what: &str, pkid: u16, slot: Option<Slot>) -> String {
+    match slot {
+        None => format!("the broker sent {what} for packet id {pkid}, which is not in use"),
+        Some(s) => format!("the broker sent {what} for packet id {pkid}, which waits for {s:?}"),
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect => "DISCONNECT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_never_one_in_use_and_wrap() {
+        let mut ids = Ids::default();
+        let a = ids.take(Slot::PubComp).unwrap();
+        assert_eq!(a, 1);
+        // Walk the cursor round to just before `a`: the next take skips it.
+        ids.next = u16::MAX;
+        let b = ids.take(Slot::SubAck(7)).unwrap();
+        assert_eq!(b, 2, "1 is in use, so the wrapped cursor skips it");
+        ids.free(a);
+        assert_eq!(ids.get(a), None);
+        assert_eq!(ids.get(b), Some(Slot::SubAck(7)));
+    }
+
+    #[test]
+    fn ids_run_out_at_65535() {
+        let mut ids = Ids::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..u16::MAX {
+            assert!(seen.insert(ids.take(Slot::PubAck(None)).unwrap()));
+        }
+        assert!(!seen.contains(&0));
+        assert_eq!(ids.take(Slot::PubAck(None)), None);
+        ids.free(300);
+        assert_eq!(ids.take(Slot::PubAck(None)), Some(300));
+    }
+}
