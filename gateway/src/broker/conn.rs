@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Disconnect, LastWill, Login, Packet, PingReq, PubAck, PubComp, PubRec,
-    PubRel, Publish, Subscribe, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
+    ConnAck, Connect, ConnectReturnCode, Disconnect, LastWill, Login, Packet, PingReq, PubAck, PubComp, PubRec, PubRel,
+    Publish, Subscribe, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
 };
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -222,7 +222,10 @@ async fn run(opts: ConnOptions, requests: mpsc::Receiver<ConnRequest>, events: m
     let tcp = match bounded(opts.connect_timeout, open_tcp(&opts)).await {
         Ok(tcp) => tcp,
         Err(f) => {
-            let _ = events.send(ConnEvent::ConnectFailed { reason: f.reason, refused: f.refused });
+            let _ = events.send(ConnEvent::ConnectFailed {
+                reason: f.reason,
+                refused: f.refused,
+            });
             return;
         }
     };
@@ -235,7 +238,10 @@ async fn run(opts: ConnOptions, requests: mpsc::Receiver<ConnRequest>, events: m
             match tls {
                 Ok(stream) => establish_and_run(stream, opts, requests, events).await,
                 Err(f) => {
-                    let _ = events.send(ConnEvent::ConnectFailed { reason: f.reason, refused: f.refused });
+                    let _ = events.send(ConnEvent::ConnectFailed {
+                        reason: f.reason,
+                        refused: f.refused,
+                    });
                 }
             }
         }
@@ -262,7 +268,11 @@ async fn open_tcp(opts: &ConnOptions) -> Result<TcpStream, Failure> {
         .collect();
     let mut last = format!("no address of {} to reach", opts.host);
     for addr in addrs {
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        };
         let attempt = async {
             let socket = socket?;
             if let Some(source) = opts.source {
@@ -283,14 +293,22 @@ async fn tls_handshake(
     host: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Failure> {
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| Failure { reason: format!("{host} is no TLS server name: {e}"), refused: true })?;
-    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| {
-        // A rustls error (a certificate refused by either side, an alert) is a refusal; a
-        // plain I/O error (reset, EOF) is not.
-        let refused = e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>());
-        Failure { reason: format!("TLS handshake: {e}"), refused }
-    })
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| Failure {
+        reason: format!("{host} is no TLS server name: {e}"),
+        refused: true,
+    })?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| {
+            // A rustls error (a certificate refused by either side, an alert) is a refusal; a
+            // plain I/O error (reset, EOF) is not.
+            let refused = e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>());
+            Failure {
+                reason: format!("TLS handshake: {e}"),
+                refused,
+            }
+        })
 }
 
 fn to_qos(q: MqttQos) -> QoS {
@@ -333,25 +351,36 @@ async fn establish_and_run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut rbuf = BytesMut::with_capacity(READ_BUF);
     let handshake = async {
         let mut wbuf = BytesMut::with_capacity(64);
-        connect_packet(&opts)
-            .write(&mut wbuf)
-            .map_err(|e| Failure { reason: format!("cannot encode CONNECT: {e}"), refused: true })?;
+        connect_packet(&opts).write(&mut wbuf).map_err(|e| Failure {
+            reason: format!("cannot encode CONNECT: {e}"),
+            refused: true,
+        })?;
         stream
             .write_all(&wbuf)
             .await
             .map_err(|e| Failure::unreachable(format!("sending CONNECT: {e}")))?;
-        stream.flush().await.map_err(|e| Failure::unreachable(format!("sending CONNECT: {e}")))?;
+        stream
+            .flush()
+            .await
+            .map_err(|e| Failure::unreachable(format!("sending CONNECT: {e}")))?;
         loop {
             match Packet::read(&mut rbuf, opts.max_packet_size) {
                 Ok(Packet::ConnAck(ack)) => return Ok(ack),
                 Ok(other) => {
-                    return Err(Failure::unreachable(format!("expected CONNACK, got {}", packet_name(&other))))
+                    return Err(Failure::unreachable(format!(
+                        "expected CONNACK, got {}",
+                        packet_name(&other)
+                    )))
                 }
                 Err(CodecError::InsufficientBytes(n)) => rbuf.reserve(n),
                 Err(e) => return Err(Failure::unreachable(format!("malformed CONNACK: {e}"))),
             }
             match stream.read_buf(&mut rbuf).await {
-                Ok(0) => return Err(Failure::unreachable("the broker closed the connection before CONNACK".into())),
+                Ok(0) => {
+                    return Err(Failure::unreachable(
+                        "the broker closed the connection before CONNACK".into(),
+                    ))
+                }
                 Ok(_) => {}
                 Err(e) => return Err(Failure::unreachable(format!("waiting for CONNACK: {e}"))),
             }
@@ -360,7 +389,10 @@ async fn establish_and_run<S: AsyncRead + AsyncWrite + Unpin>(
     let ack: ConnAck = match bounded(opts.connect_timeout, handshake).await {
         Ok(ack) => ack,
         Err(f) => {
-            let _ = events.send(ConnEvent::ConnectFailed { reason: f.reason, refused: f.refused });
+            let _ = events.send(ConnEvent::ConnectFailed {
+                reason: f.reason,
+                refused: f.refused,
+            });
             return;
         }
     };
@@ -371,7 +403,12 @@ async fn establish_and_run<S: AsyncRead + AsyncWrite + Unpin>(
         });
         return;
     }
-    if events.send(ConnEvent::Connected { session_present: ack.session_present }).is_err() {
+    if events
+        .send(ConnEvent::Connected {
+            session_present: ack.session_present,
+        })
+        .is_err()
+    {
         return;
     }
     let mut conn = Conn::new(&opts, rbuf, events);
@@ -480,7 +517,9 @@ impl Conn {
     }
 
     fn emit(&self, event: ConnEvent) -> Result<(), String> {
-        self.events.send(event).map_err(|_| "the event receiver was dropped".to_owned())
+        self.events
+            .send(event)
+            .map_err(|_| "the event receiver was dropped".to_owned())
     }
 
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(
@@ -521,7 +560,9 @@ impl Conn {
                 }
             }
             if disconnect {
-                Disconnect.write(&mut self.wbuf).map_err(|e| format!("encoding DISCONNECT: {e}"))?;
+                Disconnect
+                    .write(&mut self.wbuf)
+                    .map_err(|e| format!("encoding DISCONNECT: {e}"))?;
                 self.flush(stream).await?;
                 return self.linger(stream).await;
             }
@@ -578,7 +619,9 @@ impl Conn {
         // Ping also when we keep sending but hear nothing (QoS 0 only), so that silence
         // from the broker is told from a connection that is merely quiet.
         if !self.ping_out && (now >= self.last_sent + self.keep_alive || now >= self.last_heard + self.keep_alive) {
-            PingReq.write(&mut self.wbuf).map_err(|e| format!("encoding PINGREQ: {e}"))?;
+            PingReq
+                .write(&mut self.wbuf)
+                .map_err(|e| format!("encoding PINGREQ: {e}"))?;
             self.ping_out = true;
         }
         Ok(())
@@ -589,8 +632,14 @@ impl Conn {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        stream.write_all(&self.wbuf).await.map_err(|e| format!("writing to the broker: {e}"))?;
-        stream.flush().await.map_err(|e| format!("writing to the broker: {e}"))?;
+        stream
+            .write_all(&self.wbuf)
+            .await
+            .map_err(|e| format!("writing to the broker: {e}"))?;
+        stream
+            .flush()
+            .await
+            .map_err(|e| format!("writing to the broker: {e}"))?;
         self.last_sent = Instant::now();
         if self.wbuf.capacity() > WRITE_BUF_KEEP {
             self.wbuf = BytesMut::new();
@@ -624,16 +673,38 @@ impl Conn {
     fn admit(&mut self, req: ConnRequest) -> Result<Admit, String> {
         let enc = |e: CodecError| format!("encoding a request: {e}");
         match req {
-            ConnRequest::Publish { tag, topic, payload, qos, retain } => {
+            ConnRequest::Publish {
+                tag,
+                topic,
+                payload,
+                qos,
+                retain,
+            } => {
                 let mut p = Publish::from_bytes(&*topic, to_qos(qos), payload);
                 p.retain = retain;
                 if qos != MqttQos::AtMostOnce {
-                    let slot = if qos == MqttQos::AtLeastOnce { Slot::PubAck(tag) } else { Slot::PubRec(tag) };
+                    let slot = if qos == MqttQos::AtLeastOnce {
+                        Slot::PubAck(tag)
+                    } else {
+                        Slot::PubRec(tag)
+                    };
                     if self.inflight >= self.inflight_max {
-                        return Ok(Admit::Wait(ConnRequest::Publish { tag, topic, payload: p.payload, qos, retain }));
+                        return Ok(Admit::Wait(ConnRequest::Publish {
+                            tag,
+                            topic,
+                            payload: p.payload,
+                            qos,
+                            retain,
+                        }));
                     }
                     let Some(id) = self.ids.take(slot) else {
-                        return Ok(Admit::Wait(ConnRequest::Publish { tag, topic, payload: p.payload, qos, retain }));
+                        return Ok(Admit::Wait(ConnRequest::Publish {
+                            tag,
+                            topic,
+                            payload: p.payload,
+                            qos,
+                            retain,
+                        }));
                     };
                     p.pkid = id;
                     self.inflight += 1;
@@ -642,7 +713,10 @@ impl Conn {
             }
             ConnRequest::Subscribe { tag, filters } => {
                 if filters.is_empty() {
-                    self.emit(ConnEvent::SubAck { tag, granted: Vec::new() })?;
+                    self.emit(ConnEvent::SubAck {
+                        tag,
+                        granted: Vec::new(),
+                    })?;
                     return Ok(Admit::Done);
                 }
                 let Some(id) = self.ids.take(Slot::SubAck(tag)) else {
@@ -650,7 +724,10 @@ impl Conn {
                 };
                 let s = Subscribe {
                     pkid: id,
-                    filters: filters.iter().map(|(f, q)| SubscribeFilter::new(f.to_string(), to_qos(*q))).collect(),
+                    filters: filters
+                        .iter()
+                        .map(|(f, q)| SubscribeFilter::new(f.to_string(), to_qos(*q)))
+                        .collect(),
                 };
                 s.write(&mut self.wbuf).map_err(enc)?;
             }
@@ -662,7 +739,10 @@ impl Conn {
                 let Some(id) = self.ids.take(Slot::UnsubAck(tag)) else {
                     return Ok(Admit::Wait(ConnRequest::Unsubscribe { tag, filters }));
                 };
-                let u = Unsubscribe { pkid: id, topics: filters.iter().map(|f| f.to_string()).collect() };
+                let u = Unsubscribe {
+                    pkid: id,
+                    topics: filters.iter().map(|f| f.to_string()).collect(),
+                };
                 u.write(&mut self.wbuf).map_err(enc)?;
             }
             ConnRequest::Ack { pkid, qos } => match qos {
@@ -772,7 +852,12 @@ impl Conn {
                 other => return Err(unexpected("UNSUBACK", a.pkid, other)),
             },
             Packet::PingResp => self.ping_out = false,
-            other => return Err(format!("the broker sent {}, which a broker never sends", packet_name(&other))),
+            other => {
+                return Err(format!(
+                    "the broker sent {}, which a broker never sends",
+                    packet_name(&other)
+                ))
+            }
         }
         Ok(())
     }
