@@ -264,7 +264,7 @@ async fn open_tcp(opts: &ConnOptions) -> Result<TcpStream, Failure> {
         .await
         .map_err(|e| Failure::unreachable(format!("cannot resolve {}: {e}", opts.host)))?
         // Bound to a source address, only a peer of the same family can be reached.
-        .filter(|a| opts.source.is_none_or(|s| s.is_ipv4() == a.is_ipv4()))
+        .filter(|a| opts.source.map_or(true, |s| s.is_ipv4() == a.is_ipv4()))
         .collect();
     let mut last = format!("no address of {} to reach", opts.host);
     for addr in addrs {
