@@ -233,17 +233,27 @@ async fn run(opts: ConnOptions, requests: mpsc::Receiver<ConnRequest>, events: m
     let _ = tcp.set_nodelay(true);
     match opts.tls.clone() {
         None => establish_and_run(tcp, opts, requests, events).await,
-        Some(config) => {
-            let tls = bounded(opts.connect_timeout, tls_handshake(tcp, &opts.host, config)).await;
-            match tls {
-                Ok(stream) => establish_and_run(stream, opts, requests, events).await,
-                Err(f) => {
-                    let _ = events.send(ConnEvent::ConnectFailed {
-                        reason: f.reason,
-                        refused: f.refused,
-                    });
-                }
-            }
+        // Boxed: a TLS stream is large, and an unboxed future would make every plain
+        // connection's task as large as a TLS one.
+        Some(config) => Box::pin(run_tls(tcp, config, opts, requests, events)).await,
+    }
+}
+
+/// The TLS handshake, then the connection over it.
+async fn run_tls(
+    tcp: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    opts: ConnOptions,
+    requests: mpsc::Receiver<ConnRequest>,
+    events: mpsc::UnboundedSender<ConnEvent>,
+) {
+    match bounded(opts.connect_timeout, tls_handshake(tcp, &opts.host, config)).await {
+        Ok(stream) => establish_and_run(stream, opts, requests, events).await,
+        Err(f) => {
+            let _ = events.send(ConnEvent::ConnectFailed {
+                reason: f.reason,
+                refused: f.refused,
+            });
         }
     }
 }
