@@ -481,3 +481,58 @@ async fn memory_per_idle_connection() {
     drop(conns);
     warm.disconnect().await;
 }
+
+#[tokio::test]
+async fn tls_with_a_client_certificate_and_a_refused_server_certificate() {
+    let Some(pki) = e2e::tls::Pki::generate() else { return };
+    let Some(m) = e2e::tls::TlsMosquitto::start(&pki, true) else {
+        return;
+    };
+    let good = pki.broker_config(m.addr(), &pki.ca, Some((&pki.client_cert, &pki.client_key)));
+    let mut o = opts(m.addr(), "conn-tls");
+    o.tls = Some(good.tls.as_ref().unwrap().config());
+    let mut c = Conn::connected(o).await;
+    c.send(ConnRequest::Subscribe {
+        tag: 1,
+        filters: vec![(Arc::from("tls/#"), MqttQos::AtLeastOnce)],
+    })
+    .await;
+    assert_eq!(
+        c.next().await,
+        ConnEvent::SubAck {
+            tag: 1,
+            granted: vec![Some(MqttQos::AtLeastOnce)]
+        }
+    );
+    c.publish(2, "tls/x", b"over tls", MqttQos::AtLeastOnce).await;
+    let mut published = false;
+    let mut received = false;
+    while !(published && received) {
+        match c.next().await {
+            ConnEvent::Published { tag: 2 } => published = true,
+            ConnEvent::Message {
+                topic,
+                payload,
+                pkid,
+                qos,
+                ..
+            } => {
+                assert_eq!((&*topic, &payload[..]), ("tls/x", &b"over tls"[..]));
+                c.send(ConnRequest::Ack { pkid, qos }).await;
+                received = true;
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+    c.disconnect().await;
+
+    // Trusting another CA only: the broker's certificate is refused.
+    let bad = pki.broker_config(m.addr(), &pki.other_ca, Some((&pki.client_cert, &pki.client_key)));
+    let mut o = opts(m.addr(), "conn-tls-bad");
+    o.tls = Some(bad.tls.as_ref().unwrap().config());
+    let mut c = start(o);
+    match c.next().await {
+        ConnEvent::ConnectFailed { refused: true, reason } => assert!(reason.contains("TLS"), "{reason}"),
+        e => panic!("expected a TLS refusal, got {e:?}"),
+    }
+}
