@@ -536,3 +536,72 @@ async fn tls_with_a_client_certificate_and_a_refused_server_certificate() {
         e => panic!("expected a TLS refusal, got {e:?}"),
     }
 }
+
+/// Reads whole packets from a stand-in's stream until `n` have arrived.
+async fn read_packets(s: &mut TcpStream, buf: &mut BytesMut, n: usize) -> Vec<Packet> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match Packet::read(buf, 1 << 16) {
+            Ok(p) => out.push(p),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                let read = tokio::time::timeout(WAIT, s.read_buf(buf))
+                    .await
+                    .expect("packets in time")
+                    .unwrap();
+                assert_ne!(read, 0, "the client closed");
+            }
+            Err(e) => panic!("bad packet from the client: {e}"),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn requests_beyond_inflight_wait_in_order() {
+    let (l, addr) = stand_in().await;
+    let mut o = opts(addr, "conn-inflight");
+    o.inflight = 4;
+    let mut c = start(o);
+    let (mut s, _, _) = accept_connect(&l).await;
+    s.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+    assert_eq!(c.next().await, ConnEvent::Connected { session_present: false });
+    for i in 0..10u64 {
+        c.publish(i, "t", &[i as u8], MqttQos::AtLeastOnce).await;
+    }
+    // Behind the publishes, a QoS 0 publish waits too: requests keep their order.
+    c.publish(99, "t", b"qos0", MqttQos::AtMostOnce).await;
+    let mut buf = BytesMut::new();
+    let first = read_packets(&mut s, &mut buf, 4).await;
+    let mut ids = Vec::new();
+    for (i, p) in first.iter().enumerate() {
+        match p {
+            Packet::Publish(p) => {
+                assert_eq!(&p.payload[..], &[i as u8]);
+                ids.push(p.pkid);
+            }
+            p => panic!("expected PUBLISH, got {p:?}"),
+        }
+    }
+    // Nothing beyond the bound while nothing is acknowledged.
+    tokio::time::sleep(QUIET).await;
+    assert!(Packet::read(&mut buf, 1 << 16).is_err(), "nothing more was sent");
+    let mut more = [0u8; 16];
+    assert!(
+        tokio::time::timeout(QUIET, s.read(&mut more)).await.is_err(),
+        "nothing more was sent"
+    );
+    // Each PUBACK lets one more through, with an id not in use.
+    for (k, id) in ids.clone().into_iter().enumerate() {
+        s.write_all(&[0x40, 0x02, (id >> 8) as u8, id as u8]).await.unwrap();
+        assert_eq!(c.next().await, ConnEvent::Published { tag: k as u64 });
+        let next = read_packets(&mut s, &mut buf, 1).await;
+        match &next[0] {
+            Packet::Publish(p) => {
+                assert_eq!(&p.payload[..], &[(k + 4) as u8]);
+                assert!(!ids[k + 1..].contains(&p.pkid), "id {} is in use", p.pkid);
+                ids.push(p.pkid);
+            }
+            p => panic!("expected PUBLISH, got {p:?}"),
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! `1..=inflight` that hands out an id whose QoS 2 exchange is still in its PUBREL phase,
 //! and never checks SUBSCRIBE ids), one id space covers PUBLISH (QoS 1/2, until PUBACK or
 //! PUBCOMP), SUBSCRIBE and UNSUBSCRIBE (until their ack), and a new id is never one in
-//! use ([`Ids`]). The codec is rumqttc's own `mqttbytes::v4`, so nothing new is built.
+//! use (a cursor skipping ids in use). The codec is rumqttc's own `mqttbytes::v4`, so nothing new is built.
 //!
 //! Broker misbehaviour ends the connection with a [`ConnEvent::Closed`] naming it: a
 //! malformed packet, a packet a broker never sends (CONNECT, SUBSCRIBE, PINGREQ, a second
