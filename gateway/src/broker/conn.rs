@@ -927,6 +927,55 @@ mod tests {
         assert_eq!(ids.get(b), Some(Slot::SubAck(7)));
     }
 
+    fn test_opts() -> ConnOptions {
+        ConnOptions {
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: None,
+            source: None,
+            client_id: "t".into(),
+            clean_session: true,
+            keep_alive: Duration::from_secs(30),
+            credentials: None,
+            will: None,
+            connect_timeout: Duration::ZERO,
+            inflight: 4,
+            max_packet_size: 4096,
+        }
+    }
+
+    #[tokio::test]
+    async fn arbitrary_bytes_from_the_broker_never_panic() {
+        // A deterministic xorshift stream of packet-like inputs: a plausible first byte
+        // (every packet type and flag), a short remaining length, random contents.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut ended = 0;
+        for _ in 0..20_000 {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let mut conn = Conn::new(&test_opts(), BytesMut::new(), tx);
+            // Some ids in use, so that acks sometimes match.
+            conn.ids.take(Slot::PubAck(Some(1)));
+            conn.ids.take(Slot::PubRec(Some(2)));
+            conn.ids.take(Slot::SubAck(3));
+            conn.inflight = 2;
+            let len = (next() % 12) as usize;
+            conn.rbuf.extend_from_slice(&[(next() & 0xFF) as u8, len as u8]);
+            for _ in 0..len + (next() % 3) as usize {
+                conn.rbuf.extend_from_slice(&[(next() & 0xFF) as u8]);
+            }
+            if conn.parse().is_err() {
+                ended += 1;
+            }
+        }
+        assert!(ended > 0, "some inputs end the connection");
+    }
+
     #[test]
     fn ids_run_out_at_65535() {
         let mut ids = Ids::default();
