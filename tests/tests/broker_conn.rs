@@ -605,3 +605,22 @@ async fn requests_beyond_inflight_wait_in_order() {
         }
     }
 }
+
+#[tokio::test]
+async fn qos_2_publishes_right_before_disconnect_are_delivered() {
+    // mosquitto hands an incoming QoS 2 message on at PUBREL: a DISCONNECT sent before
+    // the exchange completes would lose it, so Disconnect waits for what is in flight.
+    let Some(m) = Mosquitto::start() else { return };
+    let mut obs = Observer::connect(m.addr(), "conn-last-obs").await;
+    obs.subscribe("last/#", 1).await;
+    let mut o = opts(m.addr(), "conn-last");
+    o.inflight = 10;
+    let c = Conn::connected(o).await;
+    for i in 0..10u8 {
+        c.publish(u64::from(i), "last/x", &[i], MqttQos::ExactlyOnce).await;
+    }
+    c.disconnect().await;
+    for i in 0..10u8 {
+        obs.expect_msg_eq("last/x", &[i]).await;
+    }
+}

@@ -133,8 +133,9 @@ pub enum ConnRequest {
         /// The message's QoS.
         qos: MqttQos,
     },
-    /// DISCONNECT after everything queued before it, then wait (bounded, ~1 s) for the broker
-    /// to close its side, then end.
+    /// DISCONNECT after everything queued before it (and once the publishes in flight are
+    /// complete, bounded by `connect_timeout`, at least 1 s), then wait (bounded, ~1 s) for
+    /// the broker to close its side, then end.
     Disconnect,
 }
 
@@ -502,6 +503,11 @@ struct Conn {
     last_sent: Instant,
     last_heard: Instant,
     ping_out: bool,
+    /// Disconnect reached the head: nothing more is taken, and DISCONNECT goes once the
+    /// publishes in flight are complete or at this instant.
+    closing: Option<Instant>,
+    /// How long Disconnect waits for publishes in flight.
+    drain_wait: Duration,
 }
 
 /// How one connection ends: `Ok` after Disconnect, `Err` when lost; both carry the reason.
@@ -523,6 +529,8 @@ impl Conn {
             last_sent: now,
             last_heard: now,
             ping_out: false,
+            closing: None,
+            drain_wait: opts.connect_timeout.max(Duration::from_secs(1)),
         }
     }
 
@@ -541,8 +549,10 @@ impl Conn {
         self.parse()?;
         loop {
             // Take what is queued, in order, up to the inflight bound.
-            let mut disconnect = false;
             loop {
+                if self.closing.is_some() {
+                    break;
+                }
                 if let Some(req) = self.held.take() {
                     match self.admit(req)? {
                         Admit::Done => {}
@@ -551,7 +561,7 @@ impl Conn {
                             break;
                         }
                         Admit::Disconnect => {
-                            disconnect = true;
+                            self.closing = Some(Instant::now() + self.drain_wait);
                             break;
                         }
                     }
@@ -569,7 +579,12 @@ impl Conn {
                     }
                 }
             }
-            if disconnect {
+            // mosquitto hands an incoming QoS 2 message on only at PUBREL: DISCONNECT
+            // before the exchanges in flight complete would lose them.
+            if self
+                .closing
+                .is_some_and(|until| self.inflight == 0 || Instant::now() >= until)
+            {
                 Disconnect
                     .write(&mut self.wbuf)
                     .map_err(|e| format!("encoding DISCONNECT: {e}"))?;
@@ -579,7 +594,8 @@ impl Conn {
             self.flush(stream).await?;
 
             let deadline = self.deadline();
-            let more = self.held.is_none() && self.wbuf.len() < BATCH_MAX;
+            let more = self.held.is_none() && self.closing.is_none() && self.wbuf.len() < BATCH_MAX;
+            let closing = self.closing;
             if self.rbuf.capacity() - self.rbuf.len() < 64 {
                 self.rbuf.reserve(READ_BUF / 2);
             }
@@ -601,6 +617,8 @@ impl Conn {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.keep_alive_check()?;
                 }
+                // The drain bound passed: the loop's top sends DISCONNECT.
+                _ = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {}
             }
         }
     }
