@@ -39,14 +39,14 @@ fn opts(addr: SocketAddr, id: &str) -> ConnOptions {
 
 /// A running connection task with its two channels.
 struct Conn {
-    tx: mpsc::Sender<ConnRequest>,
+    tx: conn::Requests,
     rx: mpsc::UnboundedReceiver<ConnEvent>,
     task: JoinHandle<()>,
 }
 
 fn start(o: ConnOptions) -> Conn {
     init_logging();
-    let (tx, requests) = mpsc::channel(1024);
+    let (tx, requests) = conn::queue(1024, usize::MAX);
     let (events, rx) = mpsc::unbounded_channel();
     let task = conn::spawn(o, requests, events);
     Conn { tx, rx, task }
@@ -67,7 +67,7 @@ impl Conn {
     }
 
     async fn send(&self, r: ConnRequest) {
-        self.tx.send(r).await.expect("the task takes requests");
+        self.tx.try_send(r).expect("the task takes requests");
     }
 
     async fn publish(&self, tag: u64, topic: &str, payload: &[u8], qos: MqttQos) {

@@ -1,7 +1,9 @@
 //! One lean MQTT 3.1.1 client connection that owns its packet ids.
 //!
-//! [`spawn`] runs one connection as a task: it is fed [`ConnRequest`]s and reports
-//! [`ConnEvent`]s, in order. Unlike rumqttc's event loop (a packet-id counter cycling
+//! [`spawn`] runs one connection as a task: it is fed [`ConnRequest`]s through a lean
+//! queue ([`queue`]: bounded in requests and in octets, nothing allocated while empty) and
+//! reports [`ConnEvent`]s, in order, to an [`EventSink`] (awaited: a slow receiver holds
+//! the reading back instead of piling events up). Unlike rumqttc's event loop (a packet-id counter cycling
 //! `1..=inflight` that hands out an id whose QoS 2 exchange is still in its PUBREL phase,
 //! and never checks SUBSCRIBE ids), one id space covers PUBLISH (QoS 1/2, until PUBACK or
 //! PUBCOMP), SUBSCRIBE and UNSUBSCRIBE (until their ack), and a new id is never one in
@@ -13,10 +15,10 @@
 //! could complete someone else's exchange). A PUBREL for an unknown id is answered with
 //! PUBCOMP (harmless, MQTT 3.1.1 4.3.3: the broker may resend it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -27,7 +29,7 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use super::{MqttQos, Will};
@@ -194,16 +196,201 @@ pub enum ConnEvent {
     },
 }
 
-/// Runs one connection until it ends; events in order; ends after ConnectFailed or Closed.
-///
-/// Dropping every request sender drops the connection without DISCONNECT (the broker then
-/// publishes the will) and ends with [`ConnEvent::Closed`]; so does a dropped event receiver
-/// (without the event). Aborting the task drops the connection the same way.
-pub fn spawn(
-    opts: ConnOptions,
-    requests: mpsc::Receiver<ConnRequest>,
-    events: mpsc::UnboundedSender<ConnEvent>,
-) -> tokio::task::JoinHandle<()> {
+/// Where a connection's events go. Awaited for each event: a receiver that is slow to take
+/// them holds the connection's reading back (the broker's own flow control then applies)
+/// instead of letting events pile up.
+pub trait EventSink: Send + 'static {
+    /// Hands one event on; [`Gone`] when nobody takes events any more (the connection then
+    /// ends).
+    fn send(&mut self, event: ConnEvent) -> impl Future<Output = Result<(), Gone>> + Send;
+}
+
+/// The receiver of a connection's events is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone;
+
+impl EventSink for mpsc::UnboundedSender<ConnEvent> {
+    fn send(&mut self, event: ConnEvent) -> impl Future<Output = Result<(), Gone>> + Send {
+        std::future::ready(mpsc::UnboundedSender::send(self, event).map_err(|_| Gone))
+    }
+}
+
+/// The sending half of a connection's request queue ([`queue`]). Dropping it drops the
+/// connection (without DISCONNECT) once the requests queued before are taken.
+pub struct Requests {
+    shared: Arc<Queue>,
+}
+
+/// The receiving half of a connection's request queue, owned by the connection task.
+pub struct RequestQueue {
+    shared: Arc<Queue>,
+}
+
+/// Why [`Requests::try_send`] did not queue a request (handed back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotQueued {
+    /// The queue holds its bound of requests or octets.
+    Full(ConnRequest),
+    /// The connection task has ended.
+    Closed(ConnRequest),
+}
+
+/// A request queue shared by its two halves: a `VecDeque` behind a mutex (empty, it holds
+/// no allocation, unlike a channel's block of slots) and a wake-up for the task.
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Notify,
+    max_requests: usize,
+    max_bytes: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<ConnRequest>,
+    /// Topic, filter and payload octets of `items`.
+    bytes: usize,
+    sender_gone: bool,
+    receiver_gone: bool,
+}
+
+/// A queue beyond this many slots, once empty, gives its memory back.
+const QUEUE_KEEP: usize = 64;
+
+/// A request queue holding at most `max_requests` requests and `max_bytes` octets of
+/// topics, filters and payloads (a request is always taken into an empty queue, however
+/// large), for [`spawn`].
+pub fn queue(max_requests: usize, max_bytes: usize) -> (Requests, RequestQueue) {
+    let shared = Arc::new(Queue {
+        state: Mutex::new(QueueState::default()),
+        ready: Notify::new(),
+        max_requests: max_requests.max(1),
+        max_bytes,
+    });
+    (Requests { shared: shared.clone() }, RequestQueue { shared })
+}
+
+/// The octets a request holds in a queue (acknowledgements and DISCONNECT: none).
+fn request_bytes(r: &ConnRequest) -> usize {
+    match r {
+        ConnRequest::Publish { topic, payload, .. } => topic.len() + payload.len(),
+        ConnRequest::Subscribe { filters, .. } => filters.iter().map(|(f, _)| f.len()).sum(),
+        ConnRequest::Unsubscribe { filters, .. } => filters.iter().map(|f| f.len()).sum(),
+        ConnRequest::Ack { .. } | ConnRequest::Disconnect => 0,
+    }
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Requests {
+    /// Queues `req` within the queue's bounds.
+    pub fn try_send(&self, req: ConnRequest) -> Result<(), NotQueued> {
+        self.push(req, true)
+    }
+
+    /// Queues `req` whatever the bounds (for what must not be refused and is small or
+    /// bounded elsewhere: acknowledgements, a lost client's will, DISCONNECT); `Err` with
+    /// the request when the task has ended.
+    pub fn send_anyway(&self, req: ConnRequest) -> Result<(), ConnRequest> {
+        self.push(req, false).map_err(|e| match e {
+            NotQueued::Full(r) | NotQueued::Closed(r) => r,
+        })
+    }
+
+    /// The connection task has ended (nothing sent now is taken).
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().receiver_gone
+    }
+
+    /// Requests queued and not yet taken by the task.
+    pub fn len(&self) -> usize {
+        self.shared.lock().items.len()
+    }
+
+    /// Nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&self, req: ConnRequest, bounded: bool) -> Result<(), NotQueued> {
+        let size = request_bytes(&req);
+        let mut st = self.shared.lock();
+        if st.receiver_gone {
+            return Err(NotQueued::Closed(req));
+        }
+        if bounded
+            && !st.items.is_empty()
+            && (st.items.len() >= self.shared.max_requests || st.bytes + size > self.shared.max_bytes)
+        {
+            return Err(NotQueued::Full(req));
+        }
+        st.items.push_back(req);
+        st.bytes += size;
+        drop(st);
+        self.shared.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for Requests {
+    fn drop(&mut self) {
+        self.shared.lock().sender_gone = true;
+        self.shared.ready.notify_one();
+    }
+}
+
+/// What [`RequestQueue::try_recv`] found instead of a request.
+enum Empty {
+    /// Nothing queued now.
+    Now,
+    /// Nothing queued, and the sender is gone.
+    ForGood,
+}
+
+impl RequestQueue {
+    fn try_recv(&mut self) -> Result<ConnRequest, Empty> {
+        let mut st = self.shared.lock();
+        match st.items.pop_front() {
+            Some(req) => {
+                st.bytes -= request_bytes(&req);
+                if st.items.is_empty() && st.items.capacity() > QUEUE_KEEP {
+                    st.items = VecDeque::new();
+                }
+                Ok(req)
+            }
+            None if st.sender_gone => Err(Empty::ForGood),
+            None => Err(Empty::Now),
+        }
+    }
+
+    /// The next request; `None` once the queue is empty and its sender gone. Cancel-safe:
+    /// a request is only taken when this returns it.
+    async fn recv(&mut self) -> Option<ConnRequest> {
+        loop {
+            match self.try_recv() {
+                Ok(req) => return Some(req),
+                Err(Empty::ForGood) => return None,
+                // A push after this look stores a permit, so the wait below returns at once.
+                Err(Empty::Now) => self.shared.ready.notified().await,
+            }
+        }
+    }
+}
+
+impl Drop for RequestQueue {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.receiver_gone = true;
+        st.items = VecDeque::new();
+        st.bytes = 0;
+    }
+}
+
+/// Runs one connection as a task until it ends ([`run`]).
+pub fn spawn<E: EventSink>(opts: ConnOptions, requests: RequestQueue, events: E) -> tokio::task::JoinHandle<()> {
     tokio::spawn(run(opts, requests, events))
 }
 
@@ -217,16 +404,34 @@ impl Failure {
     fn unreachable(reason: String) -> Failure {
         Failure { reason, refused: false }
     }
+
+    /// An I/O error while establishing: a TLS error inside it (an alert the broker sends
+    /// after a TLS 1.3 handshake: a client certificate required or refused) is a refusal,
+    /// described for an operator; anything else is a failure to reach the broker.
+    fn io(context: &str, e: &std::io::Error, host: &str) -> Failure {
+        match super::tls::describe_io(e, host) {
+            Some(reason) => Failure { reason, refused: true },
+            None => Failure::unreachable(format!("{context}: {e}")),
+        }
+    }
 }
 
-async fn run(opts: ConnOptions, requests: mpsc::Receiver<ConnRequest>, events: mpsc::UnboundedSender<ConnEvent>) {
+/// Runs one connection until it ends; events in order; ends after ConnectFailed or Closed.
+///
+/// Dropping the [`Requests`] drops the connection without DISCONNECT (the broker then
+/// publishes the will) once what was queued before is taken, and ends with
+/// [`ConnEvent::Closed`]; so does a gone event receiver (without the event). Dropping the
+/// future (aborting the task) drops the connection the same way.
+pub async fn run<E: EventSink>(opts: ConnOptions, requests: RequestQueue, mut events: E) {
     let tcp = match bounded(opts.connect_timeout, open_tcp(&opts)).await {
         Ok(tcp) => tcp,
         Err(f) => {
-            let _ = events.send(ConnEvent::ConnectFailed {
-                reason: f.reason,
-                refused: f.refused,
-            });
+            let _ = events
+                .send(ConnEvent::ConnectFailed {
+                    reason: f.reason,
+                    refused: f.refused,
+                })
+                .await;
             return;
         }
     };
@@ -241,20 +446,22 @@ async fn run(opts: ConnOptions, requests: mpsc::Receiver<ConnRequest>, events: m
 }
 
 /// The TLS handshake, then the connection over it.
-async fn run_tls(
+async fn run_tls<E: EventSink>(
     tcp: TcpStream,
     config: Arc<rustls::ClientConfig>,
     opts: ConnOptions,
-    requests: mpsc::Receiver<ConnRequest>,
-    events: mpsc::UnboundedSender<ConnEvent>,
+    requests: RequestQueue,
+    mut events: E,
 ) {
     match bounded(opts.connect_timeout, tls_handshake(tcp, &opts.host, config)).await {
         Ok(stream) => establish_and_run(stream, opts, requests, events).await,
         Err(f) => {
-            let _ = events.send(ConnEvent::ConnectFailed {
-                reason: f.reason,
-                refused: f.refused,
-            });
+            let _ = events
+                .send(ConnEvent::ConnectFailed {
+                    reason: f.reason,
+                    refused: f.refused,
+                })
+                .await;
         }
     }
 }
@@ -304,22 +511,13 @@ async fn tls_handshake(
     host: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Failure> {
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| Failure {
-        reason: format!("{host} is no TLS server name: {e}"),
-        refused: true,
-    })?;
+    let name = super::tls::server_name(host).map_err(|reason| Failure { reason, refused: true })?;
     tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
-        .map_err(|e| {
-            // A rustls error (a certificate refused by either side, an alert) is a refusal; a
-            // plain I/O error (reset, EOF) is not.
-            let refused = e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>());
-            Failure {
-                reason: format!("TLS handshake: {e}"),
-                refused,
-            }
-        })
+        // A rustls error (a certificate refused by either side, an alert) is a refusal; a
+        // plain I/O error (reset, EOF) is not.
+        .map_err(|e| Failure::io("TLS handshake", &e, host))
 }
 
 fn to_qos(q: MqttQos) -> QoS {
@@ -353,13 +551,14 @@ fn connect_packet(opts: &ConnOptions) -> Connect {
 }
 
 /// Sends CONNECT, waits (bounded) for CONNACK, then runs the connection.
-async fn establish_and_run<S: AsyncRead + AsyncWrite + Unpin>(
+async fn establish_and_run<S: AsyncRead + AsyncWrite + Unpin, E: EventSink>(
     mut stream: S,
     opts: ConnOptions,
-    requests: mpsc::Receiver<ConnRequest>,
-    events: mpsc::UnboundedSender<ConnEvent>,
+    requests: RequestQueue,
+    mut events: E,
 ) {
     let mut rbuf = BytesMut::with_capacity(READ_BUF);
+    let host = opts.host.as_str();
     let handshake = async {
         let mut wbuf = BytesMut::with_capacity(64);
         connect_packet(&opts).write(&mut wbuf).map_err(|e| Failure {
@@ -369,11 +568,11 @@ async fn establish_and_run<S: AsyncRead + AsyncWrite + Unpin>(
         stream
             .write_all(&wbuf)
             .await
-            .map_err(|e| Failure::unreachable(format!("sending CONNECT: {e}")))?;
+            .map_err(|e| Failure::io("sending CONNECT", &e, host))?;
         stream
             .flush()
             .await
-            .map_err(|e| Failure::unreachable(format!("sending CONNECT: {e}")))?;
+            .map_err(|e| Failure::io("sending CONNECT", &e, host))?;
         loop {
             match Packet::read(&mut rbuf, opts.max_packet_size) {
                 Ok(Packet::ConnAck(ack)) => return Ok(ack),
@@ -393,40 +592,50 @@ async fn establish_and_run<S: AsyncRead + AsyncWrite + Unpin>(
                     ))
                 }
                 Ok(_) => {}
-                Err(e) => return Err(Failure::unreachable(format!("waiting for CONNACK: {e}"))),
+                Err(e) => return Err(Failure::io("waiting for CONNACK", &e, host)),
             }
         }
     };
     let ack: ConnAck = match bounded(opts.connect_timeout, handshake).await {
         Ok(ack) => ack,
         Err(f) => {
-            let _ = events.send(ConnEvent::ConnectFailed {
-                reason: f.reason,
-                refused: f.refused,
-            });
+            let _ = events
+                .send(ConnEvent::ConnectFailed {
+                    reason: f.reason,
+                    refused: f.refused,
+                })
+                .await;
             return;
         }
     };
     if ack.code != ConnectReturnCode::Success {
-        let _ = events.send(ConnEvent::ConnectFailed {
-            reason: format!("the broker refused the connection: {:?} ({})", ack.code, ack.code as u8),
-            refused: true,
-        });
+        let _ = events
+            .send(ConnEvent::ConnectFailed {
+                reason: format!("the broker refused the connection: {:?} ({})", ack.code, ack.code as u8),
+                // "Server unavailable" is transient; the others are answered the same
+                // on every retry.
+                refused: ack.code != ConnectReturnCode::ServiceUnavailable,
+            })
+            .await;
         return;
     }
     if events
         .send(ConnEvent::Connected {
             session_present: ack.session_present,
         })
+        .await
         .is_err()
     {
         return;
     }
-    let mut conn = Conn::new(&opts, rbuf, events);
-    let reason = match conn.run(&mut stream, requests).await {
+    let mut conn = Conn::new(&opts, rbuf);
+    let reason = match conn.run(&mut stream, requests, &mut events).await {
         Ok(reason) | Err(reason) => reason,
     };
-    let _ = conn.events.send(ConnEvent::Closed { reason });
+    // Events parsed before the end still go, then the end.
+    if conn.deliver(&mut events).await.is_ok() {
+        let _ = events.send(ConnEvent::Closed { reason }).await;
+    }
 }
 
 /// What an id in use is waiting for.
@@ -488,7 +697,8 @@ impl Ids {
 
 /// The state of one established connection.
 struct Conn {
-    events: mpsc::UnboundedSender<ConnEvent>,
+    /// Events parsed and not yet handed to the sink ([`Conn::deliver`]).
+    outbox: Vec<ConnEvent>,
     keep_alive: Duration,
     max_packet_size: usize,
     inflight_max: u16,
@@ -514,10 +724,10 @@ struct Conn {
 type End = Result<String, String>;
 
 impl Conn {
-    fn new(opts: &ConnOptions, rbuf: BytesMut, events: mpsc::UnboundedSender<ConnEvent>) -> Conn {
+    fn new(opts: &ConnOptions, rbuf: BytesMut) -> Conn {
         let now = Instant::now();
         Conn {
-            events,
+            outbox: Vec::new(),
             keep_alive: Duration::from_secs(opts.keep_alive.as_secs().min(u64::from(u16::MAX))),
             max_packet_size: opts.max_packet_size,
             inflight_max: opts.inflight.max(1),
@@ -534,20 +744,39 @@ impl Conn {
         }
     }
 
-    fn emit(&self, event: ConnEvent) -> Result<(), String> {
-        self.events
-            .send(event)
-            .map_err(|_| "the event receiver was dropped".to_owned())
+    fn emit(&mut self, event: ConnEvent) -> Result<(), String> {
+        self.outbox.push(event);
+        Ok(())
     }
 
-    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    /// Hands the events parsed so far to the sink, in order.
+    async fn deliver<E: EventSink>(&mut self, sink: &mut E) -> Result<(), String> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        let mut out = std::mem::take(&mut self.outbox);
+        for event in out.drain(..) {
+            sink.send(event)
+                .await
+                .map_err(|Gone| "the event receiver was dropped".to_owned())?;
+        }
+        // Keep a small outbox's allocation for the next batch; give a large one back.
+        if out.capacity() <= QUEUE_KEEP {
+            self.outbox = out;
+        }
+        Ok(())
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin, E: EventSink>(
         &mut self,
         stream: &mut S,
-        mut requests: mpsc::Receiver<ConnRequest>,
+        mut requests: RequestQueue,
+        sink: &mut E,
     ) -> End {
         // Packets that came with CONNACK.
         self.parse()?;
         loop {
+            self.deliver(sink).await?;
             // Take what is queued, in order, up to the inflight bound.
             loop {
                 if self.closing.is_some() {
@@ -571,8 +800,8 @@ impl Conn {
                 }
                 match requests.try_recv() {
                     Ok(req) => self.held = Some(req),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                    Err(Empty::Now) => break,
+                    Err(Empty::ForGood) => {
                         // Flush what was taken, then drop the connection without DISCONNECT.
                         self.flush(stream).await?;
                         return Err("the request channel was closed; connection dropped".into());
@@ -589,7 +818,7 @@ impl Conn {
                     .write(&mut self.wbuf)
                     .map_err(|e| format!("encoding DISCONNECT: {e}"))?;
                 self.flush(stream).await?;
-                return self.linger(stream).await;
+                return self.linger(stream, sink).await;
             }
             self.flush(stream).await?;
 
@@ -679,7 +908,7 @@ impl Conn {
 
     /// After DISCONNECT: reads (and reports) what the broker still sends until it closes,
     /// bounded by [`CLOSE_WAIT`].
-    async fn linger<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> End {
+    async fn linger<S: AsyncRead + Unpin, E: EventSink>(&mut self, stream: &mut S, sink: &mut E) -> End {
         let until = Instant::now() + CLOSE_WAIT;
         loop {
             self.rbuf.reserve(READ_BUF / 2);
@@ -692,6 +921,9 @@ impl Conn {
                         return Ok(format!("disconnected ({e})"));
                     }
                     self.wbuf.clear();
+                    if self.deliver(sink).await.is_err() {
+                        return Ok("disconnected".into());
+                    }
                 }
             }
         }
@@ -975,8 +1207,7 @@ mod tests {
         };
         let mut ended = 0;
         for _ in 0..20_000 {
-            let (tx, _rx) = mpsc::unbounded_channel();
-            let mut conn = Conn::new(&test_opts(), BytesMut::new(), tx);
+            let mut conn = Conn::new(&test_opts(), BytesMut::new());
             // Some ids in use, so that acks sometimes match.
             conn.ids.take(Slot::PubAck(Some(1)));
             conn.ids.take(Slot::PubRec(Some(2)));

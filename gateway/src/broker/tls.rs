@@ -376,9 +376,9 @@ fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustl
     None
 }
 
-/// The rustls error inside an I/O error (how tokio-rustls reports a handshake failure),
-/// described.
-fn describe_io(io: &io::Error, host: &str) -> Option<String> {
+/// The rustls error inside an I/O error (how tokio-rustls reports a handshake failure,
+/// and a read reports an alert), described for the log; `None` when there is none.
+pub fn describe_io(io: &io::Error, host: &str) -> Option<String> {
     find_rustls(io).map(|t| describe(t, host))
 }
 
