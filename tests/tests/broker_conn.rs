@@ -624,3 +624,52 @@ async fn qos_2_publishes_right_before_disconnect_are_delivered() {
         obs.expect_msg_eq("last/x", &[i]).await;
     }
 }
+
+/// `broker.source_addresses`: the transparent link makes its device connections from the
+/// addresses in turn, so each address carries its share (and its own ephemeral ports).
+#[tokio::test]
+async fn transparent_connections_spread_over_the_source_addresses() {
+    use gateway::broker::mqtt::{BrokerConfig, MqttLinks};
+    use gateway::broker::{BrokerEvent, BrokerLink, Command, ConnectParams};
+    init_logging();
+    let (l, addr) = stand_in().await;
+    let sources: Vec<IpAddr> = (2..=4).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect();
+    let cfg = BrokerConfig {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        source_addresses: sources.clone(),
+        ..BrokerConfig::default()
+    };
+    let (tx, mut events) = mpsc::channel(64);
+    let mut links = MqttLinks::new(cfg, tx);
+    for key in 1..=6u64 {
+        let params = ConnectParams {
+            client_id: format!("src-{key}"),
+            clean_session: true,
+            keep_alive: 30,
+            will: None,
+            credentials: None,
+            client_identity: None,
+        };
+        assert_eq!(links.execute(key, Command::Connect(params)), None);
+    }
+    // The stand-in broker accepts all six and answers each CONNACK.
+    let mut from: HashMap<IpAddr, usize> = HashMap::new();
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let (mut s, peer, _) = accept_connect(&l).await;
+        s.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+        *from.entry(peer.ip()).or_default() += 1;
+        held.push(s);
+    }
+    for _ in 0..6 {
+        match tokio::time::timeout(WAIT, events.recv()).await {
+            Ok(Some((_, BrokerEvent::Connected { .. }))) => {}
+            other => panic!("expected Connected, got {other:?}"),
+        }
+    }
+    for ip in &sources {
+        assert_eq!(from.get(ip), Some(&2), "two connections from {ip}: {from:?}");
+    }
+    assert_eq!(from.len(), 3, "{from:?}");
+}

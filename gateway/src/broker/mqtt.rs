@@ -2,6 +2,7 @@
 //! MQTT-SN client.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,10 @@ pub struct BrokerConfig {
     /// Aggregating mode: the shared connections' client id, followed by `-N` (and
     /// preceded by `client_id_prefix`).
     pub aggregate_client_id: String,
+    /// Local addresses the broker connections are made from, one after the other (each
+    /// gives its own ~28,000 ephemeral ports toward one broker address); empty: the
+    /// kernel's choice.
+    pub source_addresses: Vec<IpAddr>,
 }
 
 /// How devices reach the broker.
@@ -110,6 +115,7 @@ impl Default for BrokerConfig {
             connections: 1,
             offline_queue: 1000,
             aggregate_client_id: "mqtt-sn-gw-1".into(),
+            source_addresses: Vec::new(),
         }
     }
 }
@@ -307,6 +313,8 @@ pub struct MqttLinks {
     /// Connections allowed at once (`broker.max_connections`, resolved at start).
     max_connections: usize,
     limit_warn: LogThrottle,
+    /// Which of `broker.source_addresses` the next connection is made from.
+    next_source: usize,
 }
 
 impl MqttLinks {
@@ -325,10 +333,21 @@ impl MqttLinks {
             full_warn: LogThrottle::new(FULL_WARN_EVERY),
             max_connections,
             limit_warn: LogThrottle::new(FULL_WARN_EVERY),
+            next_source: 0,
         }
     }
 
-    fn options(&self, p: &ConnectParams) -> ConnOptions {
+    /// The source address of the next connection: `broker.source_addresses` in turn, so
+    /// that each gives its own ephemeral ports toward the broker.
+    fn next_source(&mut self) -> Option<IpAddr> {
+        let sources = &self.cfg.source_addresses;
+        let ip = *sources.get(self.next_source % sources.len().max(1))?;
+        self.next_source = (self.next_source + 1) % sources.len();
+        Some(ip)
+    }
+
+    fn options(&mut self, p: &ConnectParams) -> ConnOptions {
+        let source = self.next_source();
         let cfg = &self.cfg;
         let tls = cfg.tls.as_ref().map(|tls| match &p.client_identity {
             // A device with its own certificate (device registry) presents it. Validated
@@ -351,7 +370,7 @@ impl MqttLinks {
             host: cfg.host.clone(),
             port: cfg.port,
             tls,
-            source: None,
+            source,
             client_id: format!("{}{}", cfg.client_id_prefix, p.client_id),
             clean_session: p.clean_session,
             keep_alive: Duration::from_secs(u64::from(p.keep_alive)),
