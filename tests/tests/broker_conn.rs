@@ -673,3 +673,34 @@ async fn transparent_connections_spread_over_the_source_addresses() {
     }
     assert_eq!(from.len(), 3, "{from:?}");
 }
+
+/// Aggregating mode: shared connection n is made from source address n (modulo their
+/// number), on our own connection task too.
+#[tokio::test]
+async fn shared_connections_spread_over_the_source_addresses() {
+    use gateway::broker::mqtt::{BrokerConfig, LinkMode};
+    use gateway::broker::shared::SharedLinks;
+    init_logging();
+    let (l, addr) = stand_in().await;
+    let sources: Vec<IpAddr> = (2..=4).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect();
+    let cfg = BrokerConfig {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        source_addresses: sources.clone(),
+        mode: LinkMode::Aggregating,
+        connections: 3,
+        ..BrokerConfig::default()
+    };
+    let (tx, _events) = mpsc::channel(64);
+    let _links = SharedLinks::new(cfg, tx, None);
+    let mut from: HashMap<String, IpAddr> = HashMap::new();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (s, peer, c) = tokio::time::timeout(WAIT, accept_connect(&l)).await.expect("a CONNECT");
+        from.insert(c.client_id, peer.ip());
+        held.push(s);
+    }
+    for (n, ip) in sources.iter().enumerate() {
+        assert_eq!(from.get(&format!("mqtt-sn-gw-1-{n}")), Some(ip), "{from:?}");
+    }
+}

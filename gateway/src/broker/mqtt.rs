@@ -6,7 +6,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{ConnectReturnCode, ConnectionError, EventLoop};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
@@ -34,9 +33,9 @@ pub struct BrokerConfig {
     pub password: Option<String>,
     /// Prepended to each device's client id on the broker.
     pub client_id_prefix: String,
-    /// Requests queued per connection (transparent mode: with `backlog_capacity`, the
-    /// bound of one connection's request queue; aggregating mode: rumqttc's request
-    /// channel).
+    /// Requests queued per device connection (transparent mode: with `backlog_capacity`,
+    /// the bound of one connection's request queue; aggregating mode does not use it, its
+    /// shared connections are bounded by `backlog_capacity` and `backlog_bytes`).
     pub request_capacity: usize,
     /// Requests held per connection, in order, beyond `request_capacity` (a device
     /// bursting faster than its broker connection drains): the burst is absorbed and
@@ -189,27 +188,8 @@ impl BrokerConfig {
     }
 }
 
-pub(super) fn rumqttc_qos(q: MqttQos) -> rumqttc::QoS {
-    match q {
-        MqttQos::AtMostOnce => rumqttc::QoS::AtMostOnce,
-        MqttQos::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
-        MqttQos::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
-    }
-}
-
-pub(super) fn our_qos(q: rumqttc::QoS) -> MqttQos {
-    match q {
-        rumqttc::QoS::AtMostOnce => MqttQos::AtMostOnce,
-        rumqttc::QoS::AtLeastOnce => MqttQos::AtLeastOnce,
-        rumqttc::QoS::ExactlyOnce => MqttQos::ExactlyOnce,
-    }
-}
-
 /// How often the link logs, at most, that a connection's queue overflowed.
 const FULL_WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// How long a connection that sent DISCONNECT waits for the broker to close its side.
-const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// The largest packet taken from the broker (its remaining length).
 const MAX_PACKET: usize = 256 * 1024;
@@ -632,38 +612,6 @@ fn unpack_delivery(d: DeliveryId) -> (MqttQos, u16) {
         _ => MqttQos::AtMostOnce,
     };
     (qos, (d.0 & 0xFFFF) as u16)
-}
-
-/// Whether a connect failure is the broker's answer (it will answer the same again)
-/// rather than a transient failure to reach it. "Server unavailable" is transient.
-pub(super) fn is_refusal(e: &ConnectionError) -> bool {
-    matches!(
-        e,
-        ConnectionError::ConnectionRefused(
-            ConnectReturnCode::BadUserNamePassword
-                | ConnectReturnCode::NotAuthorized
-                | ConnectReturnCode::BadClientId
-                | ConnectReturnCode::RefusedProtocolVersion
-        )
-    )
-}
-
-/// Why a connection failed, for the log, and whether it was refused (the broker, or its
-/// TLS, will answer the same on every retry) rather than unreachable.
-pub(super) fn failure(cfg: &BrokerConfig, e: &ConnectionError) -> (String, bool) {
-    // A TLS failure (untrusted or misnamed certificate, client certificate refused) is
-    // answered the same on every retry: a refusal.
-    let tls = cfg.tls.as_ref().and_then(|_| super::tls::failure(e, &cfg.host));
-    let refused = tls.is_some() || is_refusal(e);
-    (tls.unwrap_or_else(|| e.to_string()), refused)
-}
-
-/// After DISCONNECT on a rumqttc connection (aggregating mode's): polls until the broker has
-/// closed its side (it has then processed the DISCONNECT), at most [`CLOSE_WAIT`], so that
-/// a next connection with the same client id never reaches a broker still holding this
-/// one. (Transparent mode's [`conn`] tasks do the same by themselves.)
-pub(super) async fn wait_for_close(eventloop: &mut EventLoop) {
-    let _ = tokio::time::timeout(CLOSE_WAIT, async { while eventloop.poll().await.is_ok() {} }).await;
 }
 
 #[cfg(test)]
