@@ -7,6 +7,7 @@
 //! carries every client over a few shared connections.
 
 pub mod aggregate;
+pub mod conn;
 pub mod index;
 pub mod mqtt;
 pub mod shared;

@@ -1,22 +1,20 @@
-//! Transparent mode: one MQTT 3.1.1 connection (rumqttc) per MQTT-SN client.
+//! Transparent mode: one MQTT 3.1.1 connection ([`super::conn`], our own lean task) per
+//! MQTT-SN client.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    AsyncClient, ClientError, ConnectReturnCode, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions,
-    Outgoing, Publish, Request, SubscribeReasonCode, TlsConfiguration, Transport,
-};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use super::conn::{self, ConnEvent, ConnOptions, ConnRequest, EventSink, Gone, NotQueued};
 use super::tls::BrokerTls;
 use super::{
     BrokerEvent, BrokerLink, ClientKey, Command, ConnectParams, DeliveryId, LogThrottle, Message, MqttQos,
-    RejectReason, Token, GATEWAY_KEY,
+    RejectReason, GATEWAY_KEY,
 };
 
 /// Where and how to reach the broker.
@@ -35,15 +33,18 @@ pub struct BrokerConfig {
     pub password: Option<String>,
     /// Prepended to each device's client id on the broker.
     pub client_id_prefix: String,
-    /// Requests queued per connection in rumqttc's request channel.
+    /// Requests queued per device connection (transparent mode: with `backlog_capacity`,
+    /// the bound of one connection's request queue; aggregating mode does not use it, its
+    /// shared connections are bounded by `backlog_capacity` and `backlog_bytes`).
     pub request_capacity: usize,
-    /// Requests held per connection, in order, once rumqttc's request channel is full
-    /// (a device bursting faster than its broker connection drains): the burst is
-    /// absorbed and fed to rumqttc as it drains, instead of being dropped. Beyond this,
-    /// QoS 0 publishes are dropped (counted, warned) and QoS 1/2 answered congestion.
+    /// Requests held per connection, in order, beyond `request_capacity` (a device
+    /// bursting faster than its broker connection drains): the burst is absorbed and
+    /// written as the connection drains, instead of being dropped. Beyond this, QoS 0
+    /// publishes are dropped (counted, warned) and QoS 1/2 answered congestion.
     pub backlog_capacity: usize,
-    /// Topic and payload octets the backlog may hold per connection: what bounds the
-    /// memory one device (or a device at a forged address) can make the gateway hold.
+    /// Topic and payload octets a connection's queue may hold (a request is always taken
+    /// into an empty queue): what bounds the memory one device (or a device at a forged
+    /// address) can make the gateway hold.
     pub backlog_bytes: usize,
     /// QoS 1/2 publishes per connection awaiting the broker's acknowledgement.
     pub inflight: u16,
@@ -66,6 +67,10 @@ pub struct BrokerConfig {
     /// Aggregating mode: the shared connections' client id, followed by `-N` (and
     /// preceded by `client_id_prefix`).
     pub aggregate_client_id: String,
+    /// Local addresses the broker connections are made from, one after the other (each
+    /// gives its own ~28,000 ephemeral ports toward one broker address); empty: the
+    /// kernel's choice.
+    pub source_addresses: Vec<IpAddr>,
 }
 
 /// How devices reach the broker.
@@ -109,6 +114,7 @@ impl Default for BrokerConfig {
             connections: 1,
             offline_queue: 1000,
             aggregate_client_id: "mqtt-sn-gw-1".into(),
+            source_addresses: Vec::new(),
         }
     }
 }
@@ -182,87 +188,23 @@ impl BrokerConfig {
     }
 }
 
-pub(super) fn rumqttc_qos(q: MqttQos) -> rumqttc::QoS {
-    match q {
-        MqttQos::AtMostOnce => rumqttc::QoS::AtMostOnce,
-        MqttQos::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
-        MqttQos::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
-    }
-}
-
-pub(super) fn our_qos(q: rumqttc::QoS) -> MqttQos {
-    match q {
-        rumqttc::QoS::AtMostOnce => MqttQos::AtMostOnce,
-        rumqttc::QoS::AtLeastOnce => MqttQos::AtLeastOnce,
-        rumqttc::QoS::ExactlyOnce => MqttQos::ExactlyOnce,
-    }
-}
-
-/// Tokens of requests handed to rumqttc, in the order rumqttc will report them sent.
-/// rumqttc keeps publishes in order among themselves, and other control packets in
-/// order among themselves, so one queue per kind pairs each with its packet id.
-#[derive(Debug, Default)]
-struct Pending {
-    publishes: VecDeque<Option<Token>>,
-    subscribes: VecDeque<Token>,
-    unsubscribes: VecDeque<Token>,
-    /// Told when the broker has the will of a lost client (PUBACK for QoS 1, PUBCOMP for
-    /// QoS 2), so that DISCONNECT is not sent before: a QoS 2 publish cut off after PUBREC
-    /// is never delivered.
-    will_done: Option<oneshot::Sender<()>>,
-}
-
-/// The token of a lost client's will publish: never a session's token (those count up
-/// from 1), and answered by no event.
-const WILL_TOKEN: Token = Token::MAX;
-
-/// How often the link logs, at most, that a connection's backlog overflowed.
+/// How often the link logs, at most, that a connection's queue overflowed.
 const FULL_WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// How long a connection that sent DISCONNECT waits for the broker to close its side.
-const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// The largest packet taken from the broker (its remaining length).
+const MAX_PACKET: usize = 256 * 1024;
 
-/// Requests held back for a connection whose rumqttc request channel was full, and the
-/// task that feeds them to rumqttc in order as the channel drains (back-pressure in the
-/// place of a drop).
-struct Backlog {
-    tx: mpsc::UnboundedSender<Request>,
-    fill: Arc<Fill>,
-    task: JoinHandle<()>,
-}
-
-/// What a backlog holds: requests sent to it and not yet taken by rumqttc's channel
-/// (while not zero, every new request goes to the backlog too, so order is kept), and
-/// their topic and payload octets.
-#[derive(Default)]
-struct Fill {
-    requests: AtomicUsize,
-    bytes: AtomicUsize,
-}
-
-/// The octets a request holds in a backlog (topic and payload; acknowledgements none).
-fn request_bytes(r: &Request) -> usize {
-    match r {
-        Request::Publish(p) => p.topic.len() + p.payload.len(),
-        Request::Subscribe(s) => s.filters.iter().map(|f| f.path.len()).sum(),
-        Request::Unsubscribe(u) => u.topics.iter().map(String::len).sum(),
-        _ => 0,
-    }
-}
-
+/// One device's connection as the link holds it: the sending half of its task's request
+/// queue. Packet ids and the pairing of acknowledgements are the task's ([`conn`]).
 struct Conn {
-    client: AsyncClient,
-    pending: Arc<Mutex<Pending>>,
+    requests: conn::Requests,
     /// Which connection of this key this is: a late end of an older one must not remove
     /// it.
     generation: u64,
-    /// Cleared when the connection's drive task ends.
-    alive: Arc<AtomicBool>,
     broker_id: Arc<str>,
-    backlog: Option<Backlog>,
 }
 
-/// A connection's drive task ended (whatever the reason): its table entries can go.
+/// A connection's task ended (whatever the reason): its table entries can go.
 #[derive(Debug)]
 struct Ended {
     key: ClientKey,
@@ -270,12 +212,11 @@ struct Ended {
     broker_id: Arc<str>,
 }
 
-/// Reports the end of a drive task when dropped, so that every way a task ends (refused,
-/// unreachable, closed by the broker, DISCONNECT sent, gateway stopping, even a panic)
-/// frees the connection's entries.
+/// Reports the end of a connection task when dropped, so that every way a task ends
+/// (refused, unreachable, closed by the broker, DISCONNECT sent, gateway stopping, even a
+/// panic) frees the connection's entries.
 struct EndGuard {
     ended: mpsc::UnboundedSender<Ended>,
-    alive: Arc<AtomicBool>,
     key: ClientKey,
     generation: u64,
     broker_id: Arc<str>,
@@ -283,7 +224,6 @@ struct EndGuard {
 
 impl Drop for EndGuard {
     fn drop(&mut self) {
-        self.alive.store(false, Ordering::Release);
         let _ = self.ended.send(Ended {
             key: self.key,
             generation: self.generation,
@@ -292,8 +232,48 @@ impl Drop for EndGuard {
     }
 }
 
-/// The transparent-mode broker link: a connection per client, each driven by its own
-/// task, all reporting to one event channel.
+/// A device connection's events as the engine takes them: as [`BrokerEvent`]s, with the
+/// device's key, on the link's one event channel (awaited: a busy engine holds the
+/// connection's reading back).
+struct Keyed {
+    key: ClientKey,
+    events: mpsc::Sender<(ClientKey, BrokerEvent)>,
+}
+
+impl EventSink for Keyed {
+    fn send(&mut self, event: ConnEvent) -> impl std::future::Future<Output = Result<(), Gone>> + Send {
+        let event = match event {
+            ConnEvent::Connected { session_present } => BrokerEvent::Connected { session_present },
+            ConnEvent::ConnectFailed { reason, refused } => BrokerEvent::ConnectFailed { reason, refused },
+            ConnEvent::Published { tag } => BrokerEvent::Published { token: tag },
+            // One filter per SUBSCRIBE here.
+            ConnEvent::SubAck { tag, granted } => BrokerEvent::SubAck {
+                token: tag,
+                granted: granted.first().copied().flatten(),
+            },
+            ConnEvent::UnsubAck { tag } => BrokerEvent::UnsubAck { token: tag },
+            ConnEvent::Message {
+                topic,
+                payload,
+                qos,
+                retain,
+                pkid,
+                dup: _,
+            } => BrokerEvent::Message(Message {
+                topic,
+                payload,
+                qos,
+                retain,
+                delivery: pack_delivery(qos, pkid),
+            }),
+            ConnEvent::Closed { reason } => BrokerEvent::Closed { reason },
+        };
+        async move { self.events.send((self.key, event)).await.map_err(|_| Gone) }
+    }
+}
+
+/// The transparent-mode broker link: a connection per client, each run by its own task
+/// ([`conn`]), all reporting to one event channel.
 ///
 /// A connection's entry goes when the session closes it ([`Command::Disconnect`]) or
 /// when its task ends by itself (broker refused or unreachable, connection lost); the
@@ -313,6 +293,8 @@ pub struct MqttLinks {
     /// Connections allowed at once (`broker.max_connections`, resolved at start).
     max_connections: usize,
     limit_warn: LogThrottle,
+    /// Which of `broker.source_addresses` the next connection is made from.
+    next_source: usize,
 }
 
 impl MqttLinks {
@@ -331,186 +313,118 @@ impl MqttLinks {
             full_warn: LogThrottle::new(FULL_WARN_EVERY),
             max_connections,
             limit_warn: LogThrottle::new(FULL_WARN_EVERY),
+            next_source: 0,
         }
     }
 
-    fn options(&self, p: &ConnectParams) -> MqttOptions {
-        let id = format!("{}{}", self.cfg.client_id_prefix, p.client_id);
-        let mut o = MqttOptions::new(id, self.cfg.host.clone(), self.cfg.port);
-        o.set_clean_session(p.clean_session)
-            .set_keep_alive(Duration::from_secs(u64::from(p.keep_alive)))
-            .set_manual_acks(true)
-            .set_inflight(self.cfg.inflight.max(1))
-            .set_max_packet_size(256 * 1024, 256 * 1024);
-        if let Some(tls) = &self.cfg.tls {
-            // rumqttc checks the certificate against the host it connects to (an IP
-            // address host against the certificate's IP subjectAltNames).
-            let config = match &p.client_identity {
-                // A device with its own certificate (device registry) presents it.
-                // Validated when the registry was loaded, so this does not fail in
-                // practice; if it does, the connection goes without a client
-                // certificate rather than with the gateway's.
-                Some(identity) => tls.config_for(identity).unwrap_or_else(|e| {
-                    tracing::warn!(client = %p.client_id, error = %e, "the device's TLS client certificate cannot be used");
-                    tls.config_without_client_auth()
-                }),
-                None => tls.config(),
-            };
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    /// The source address of the next connection: `broker.source_addresses` in turn, so
+    /// that each gives its own ephemeral ports toward the broker.
+    fn next_source(&mut self) -> Option<IpAddr> {
+        let sources = &self.cfg.source_addresses;
+        let ip = *sources.get(self.next_source % sources.len().max(1))?;
+        self.next_source = (self.next_source + 1) % sources.len();
+        Some(ip)
+    }
+
+    fn options(&mut self, p: &ConnectParams) -> ConnOptions {
+        let source = self.next_source();
+        let cfg = &self.cfg;
+        let tls = cfg.tls.as_ref().map(|tls| match &p.client_identity {
+            // A device with its own certificate (device registry) presents it. Validated
+            // when the registry was loaded, so this does not fail in practice; if it does,
+            // the connection goes without a client certificate rather than with the
+            // gateway's.
+            Some(identity) => tls.config_for(identity).unwrap_or_else(|e| {
+                warn!(client = %p.client_id, error = %e, "the device's TLS client certificate cannot be used");
+                tls.config_without_client_auth()
+            }),
+            None => tls.config(),
+        });
+        // The device's own login (device registry) replaces the global one.
+        let credentials = match (&p.credentials, &cfg.username) {
+            (Some(c), _) => Some((c.username.clone(), c.password.clone())),
+            (None, Some(u)) => Some((u.clone(), cfg.password.clone().unwrap_or_default())),
+            (None, None) => None,
+        };
+        ConnOptions {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            tls,
+            source,
+            client_id: format!("{}{}", cfg.client_id_prefix, p.client_id),
+            clean_session: p.clean_session,
+            keep_alive: Duration::from_secs(u64::from(p.keep_alive)),
+            credentials,
+            will: p.will.clone(),
+            connect_timeout: Duration::from_secs(cfg.connect_timeout_secs.max(1)),
+            inflight: cfg.inflight.max(1),
+            max_packet_size: MAX_PACKET,
         }
-        if let Some(c) = &p.credentials {
-            // The device's own login (device registry) replaces the global one.
-            o.set_credentials(c.username.clone(), c.password.clone());
-        } else if let (Some(u), Some(pw)) = (&self.cfg.username, &self.cfg.password) {
-            o.set_credentials(u.clone(), pw.clone());
-        } else if let Some(u) = &self.cfg.username {
-            o.set_credentials(u.clone(), String::new());
-        }
-        if let Some(w) = &p.will {
-            o.set_last_will(LastWill::new(
-                w.topic.clone(),
-                w.message.clone(),
-                rumqttc_qos(w.qos),
-                w.retain,
-            ));
-        }
-        o
     }
 
     fn connect(&mut self, key: ClientKey, p: ConnectParams) {
-        let options = self.options(&p);
-        let broker_id: Arc<str> = options.client_id().into();
-        let (client, eventloop) = AsyncClient::new(options, self.cfg.request_capacity.max(1));
-        let pending = Arc::new(Mutex::new(Pending::default()));
+        let opts = self.options(&p);
+        let broker_id: Arc<str> = opts.client_id.as_str().into();
+        let (requests, queue) = conn::queue(
+            self.cfg.request_capacity.saturating_add(self.cfg.backlog_capacity),
+            self.cfg.backlog_bytes,
+        );
         self.next_generation += 1;
         let generation = self.next_generation;
-        let alive = Arc::new(AtomicBool::new(true));
         let guard = EndGuard {
             ended: self.ended_tx.clone(),
-            alive: alive.clone(),
             key,
             generation,
             broker_id: broker_id.clone(),
         };
         let previous = self.last_task.remove(&broker_id).map(|(_, t)| t);
-        let task = tokio::spawn(drive(
+        let wait = opts.connect_timeout;
+        let sink = Keyed {
             key,
-            eventloop,
-            pending.clone(),
-            self.events.clone(),
-            previous,
-            self.cfg.clone(),
-            guard,
-        ));
+            events: self.events.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            if let Some(previous) = previous {
+                // Bounded: a stuck old connection does not keep the device out for good.
+                let _ = tokio::time::timeout(wait, previous).await;
+            }
+            conn::run(opts, queue, sink).await;
+        });
         self.last_task.insert(broker_id.clone(), (generation, task));
         let conn = Conn {
-            client,
-            pending,
+            requests,
             generation,
-            alive,
             broker_id,
-            backlog: None,
         };
         if let Some(old) = self.conns.insert(key, conn) {
-            let _ = old.client.try_disconnect();
+            let _ = old.requests.send_anyway(ConnRequest::Disconnect);
         }
     }
 
-    /// Hands one request to rumqttc, or to the connection's backlog when rumqttc's
-    /// channel is full (or the backlog already holds something: order is kept).
-    fn submit(
-        cfg: &BrokerConfig,
-        full_warn: &mut LogThrottle,
-        key: ClientKey,
-        conn: &mut Conn,
-        direct: impl FnOnce(&AsyncClient) -> Result<(), ClientError>,
-        request: impl FnOnce() -> Request,
-    ) -> Result<(), RejectReason> {
-        let backlogged = conn
-            .backlog
-            .as_ref()
-            .map_or(0, |b| b.fill.requests.load(Ordering::Acquire));
-        let request = if backlogged == 0 {
-            match direct(&conn.client) {
-                Ok(()) => return Ok(()),
-                Err(ClientError::TryRequest(r) | ClientError::Request(r)) => r,
-            }
-        } else {
-            request()
-        };
-        if !conn.alive.load(Ordering::Acquire) {
+    /// Queues `request` on `key`'s connection within its queue's bounds; on failure, the
+    /// reason for the session.
+    fn submit(&mut self, key: ClientKey, request: ConnRequest) -> Result<(), RejectReason> {
+        let Some(conn) = self.conns.get(&key) else {
             return Err(RejectReason::Closed);
-        }
-        let size = request_bytes(&request);
-        let held_bytes = conn
-            .backlog
-            .as_ref()
-            .map_or(0, |b| b.fill.bytes.load(Ordering::Acquire));
-        if backlogged >= cfg.backlog_capacity || held_bytes + size > cfg.backlog_bytes {
-            if let Some(held_back) = full_warn.allow(Instant::now()) {
-                warn!(
-                    key,
-                    client = %conn.broker_id,
-                    backlog = cfg.backlog_capacity,
-                    backlog_bytes = cfg.backlog_bytes,
-                    held_back,
-                    "broker connection backlog full: the device sends faster than the broker takes; \
-                     QoS 0 publishes dropped, QoS 1/2 answered congestion"
-                );
-            }
-            return Err(RejectReason::Full);
-        }
-        let backlog = conn.backlog.get_or_insert_with(|| {
-            debug!(key, client = %conn.broker_id, "request channel full: holding requests in the backlog");
-            let (tx, rx) = mpsc::unbounded_channel();
-            let fill = Arc::new(Fill::default());
-            let task = tokio::spawn(feed_backlog(conn.client.clone(), rx, fill.clone()));
-            Backlog { tx, fill, task }
-        });
-        backlog.fill.requests.fetch_add(1, Ordering::AcqRel);
-        backlog.fill.bytes.fetch_add(size, Ordering::AcqRel);
-        if backlog.tx.send(request).is_err() {
-            backlog.fill.requests.fetch_sub(1, Ordering::AcqRel);
-            backlog.fill.bytes.fetch_sub(size, Ordering::AcqRel);
-            return Err(RejectReason::Closed);
-        }
-        Ok(())
-    }
-}
-
-/// Feeds a connection's backlog to rumqttc in order, each request waiting for room in
-/// the request channel. Ends when the connection is dropped and the backlog is empty.
-async fn feed_backlog(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Request>, fill: Arc<Fill>) {
-    while let Some(request) = rx.recv().await {
-        let size = request_bytes(&request);
-        let sent = match request {
-            Request::Publish(p) => client.publish_bytes(p.topic, p.qos, p.retain, p.payload).await,
-            Request::Subscribe(s) => match s.filters.into_iter().next() {
-                Some(f) => client.subscribe(f.path, f.qos).await,
-                None => Ok(()),
-            },
-            Request::Unsubscribe(u) => match u.topics.into_iter().next() {
-                Some(t) => client.unsubscribe(t).await,
-                None => Ok(()),
-            },
-            Request::PubAck(a) => {
-                let mut p = Publish::new("", rumqttc::QoS::AtLeastOnce, Vec::new());
-                p.pkid = a.pkid;
-                client.ack(&p).await
-            }
-            Request::PubRec(a) => {
-                let mut p = Publish::new("", rumqttc::QoS::ExactlyOnce, Vec::new());
-                p.pkid = a.pkid;
-                client.ack(&p).await
-            }
-            _ => Ok(()),
         };
-        fill.requests.fetch_sub(1, Ordering::AcqRel);
-        fill.bytes.fetch_sub(size, Ordering::AcqRel);
-        if let Err(e) = sent {
-            // The connection's task has ended: its session learns it from the Closed
-            // (or ConnectFailed) event; what is left here has nowhere to go.
-            debug!(error = %e, "backlogged request not delivered: connection gone");
+        match conn.requests.try_send(request) {
+            Ok(()) => Ok(()),
+            Err(NotQueued::Closed(_)) => Err(RejectReason::Closed),
+            Err(NotQueued::Full(_)) => {
+                if let Some(held_back) = self.full_warn.allow(Instant::now()) {
+                    warn!(
+                        key,
+                        client = %conn.broker_id,
+                        requests = self.cfg.request_capacity.saturating_add(self.cfg.backlog_capacity),
+                        backlog_bytes = self.cfg.backlog_bytes,
+                        held_back,
+                        "broker connection queue full: the device sends faster than the broker takes; \
+                         QoS 0 publishes dropped, QoS 1/2 answered congestion"
+                    );
+                }
+                Err(RejectReason::Full)
+            }
         }
     }
 }
@@ -553,21 +467,8 @@ impl BrokerLink for MqttLinks {
             };
             self.connect(key, params);
         }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return match command {
-                Command::Publish { token, .. }
-                | Command::Subscribe { token, .. }
-                | Command::Unsubscribe { token, .. } => Some(BrokerEvent::Rejected {
-                    token,
-                    reason: RejectReason::Closed,
-                }),
-                _ => None,
-            };
-        };
-        let cfg = &self.cfg;
-        let full_warn = &mut self.full_warn;
-        match command {
-            Command::Connect(_) | Command::Expire { .. } => None,
+        let (token, outcome) = match command {
+            Command::Connect(_) | Command::Expire { .. } => return None,
             Command::Publish {
                 token,
                 topic,
@@ -575,130 +476,66 @@ impl BrokerLink for MqttLinks {
                 qos,
                 retain,
             } => {
-                let pending = conn.pending.clone();
-                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
-                let t = (qos != MqttQos::AtMostOnce).then_some(token);
-                pending.publishes.push_back(t);
-                let q = rumqttc_qos(qos);
-                // Exactly one of the two closures below runs.
-                let payload = std::cell::Cell::new(Some(payload));
-                let take = || payload.take().unwrap_or_default();
-                let result = Self::submit(
-                    cfg,
-                    full_warn,
-                    key,
-                    conn,
-                    |c| c.try_publish(&*topic, q, retain, Vec::from(take())),
-                    || {
-                        let mut p = Publish::from_bytes(&*topic, q, take());
-                        p.retain = retain;
-                        Request::Publish(p)
-                    },
-                );
-                match result {
-                    Ok(()) => None,
-                    Err(reason) => {
-                        pending.publishes.pop_back();
-                        debug!(key, ?reason, "publish not queued");
-                        Some(BrokerEvent::Rejected { token, reason })
-                    }
-                }
+                let request = ConnRequest::Publish {
+                    tag: (qos != MqttQos::AtMostOnce).then_some(token),
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                };
+                (token, self.submit(key, request))
             }
             Command::Subscribe { token, filter, qos } => {
-                let pending = conn.pending.clone();
-                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
-                pending.subscribes.push_back(token);
-                let q = rumqttc_qos(qos);
-                let f2 = filter.clone();
-                let result = Self::submit(
-                    cfg,
-                    full_warn,
-                    key,
-                    conn,
-                    |c| c.try_subscribe(filter, q),
-                    || Request::Subscribe(rumqttc::Subscribe::new(f2, q)),
-                );
-                match result {
-                    Ok(()) => None,
-                    Err(reason) => {
-                        pending.subscribes.pop_back();
-                        debug!(key, ?reason, "subscribe not queued");
-                        Some(BrokerEvent::Rejected { token, reason })
-                    }
-                }
+                let request = ConnRequest::Subscribe {
+                    tag: token,
+                    filters: vec![(Arc::from(filter), qos)],
+                };
+                (token, self.submit(key, request))
             }
             Command::Unsubscribe { token, filter } => {
-                let pending = conn.pending.clone();
-                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
-                pending.unsubscribes.push_back(token);
-                let f2 = filter.clone();
-                let result = Self::submit(
-                    cfg,
-                    full_warn,
-                    key,
-                    conn,
-                    |c| c.try_unsubscribe(filter),
-                    || Request::Unsubscribe(rumqttc::Unsubscribe::new(f2)),
-                );
-                match result {
-                    Ok(()) => None,
-                    Err(reason) => {
-                        pending.unsubscribes.pop_back();
-                        debug!(key, ?reason, "unsubscribe not queued");
-                        Some(BrokerEvent::Rejected { token, reason })
-                    }
-                }
+                let request = ConnRequest::Unsubscribe {
+                    tag: token,
+                    filters: vec![Arc::from(filter)],
+                };
+                (token, self.submit(key, request))
             }
             Command::Ack { delivery } => {
                 let (qos, pkid) = unpack_delivery(delivery);
-                let mut p = Publish::new("", rumqttc_qos(qos), Vec::new());
-                p.pkid = pkid;
-                let request = || match qos {
-                    MqttQos::ExactlyOnce => Request::PubRec(rumqttc::PubRec::new(pkid)),
-                    _ => Request::PubAck(rumqttc::PubAck::new(pkid)),
-                };
-                if let Err(reason) = Self::submit(cfg, full_warn, key, conn, |c| c.try_ack(&p), request) {
+                // Never refused for a full queue: an ack is small, and the broker's
+                // messages in flight bound how many there are.
+                let sent = self
+                    .conns
+                    .get(&key)
+                    .is_some_and(|c| c.requests.send_anyway(ConnRequest::Ack { pkid, qos }).is_ok());
+                if !sent {
                     // Not lost: unacknowledged, the broker delivers it again.
-                    warn!(key, pkid, ?reason, "acknowledgement not queued");
+                    debug!(key, pkid, "acknowledgement not queued: the connection is gone");
                 }
-                None
+                return None;
             }
             Command::Disconnect { will } => {
                 let conn = self.conns.remove(&key)?;
-                let mut done = None;
-                if let Some(w) = &will {
-                    let mut pending = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    if w.qos == MqttQos::AtMostOnce {
-                        pending.publishes.push_back(None);
-                    } else {
-                        let (tx, rx) = oneshot::channel();
-                        pending.publishes.push_back(Some(WILL_TOKEN));
-                        pending.will_done = Some(tx);
-                        done = Some(rx);
-                    }
+                // After what the device sent before it went: the will (its QoS 1/2
+                // exchange completes before DISCONNECT goes, a QoS 2 publish cut off
+                // after PUBREC being never delivered), then DISCONNECT.
+                if let Some(w) = will {
+                    let _ = conn.requests.send_anyway(ConnRequest::Publish {
+                        tag: None,
+                        topic: Arc::from(w.topic),
+                        payload: w.message,
+                        qos: w.qos,
+                        retain: w.retain,
+                    });
                 }
-                let wait = Duration::from_secs(self.cfg.connect_timeout_secs.max(1));
-                // Awaiting in a task keeps the order (backlog, will, then DISCONNECT)
-                // even when the request queue is full, without blocking the engine.
-                tokio::spawn(async move {
-                    if let Some(backlog) = conn.backlog {
-                        // What the device sent before it went comes before the DISCONNECT.
-                        drop(backlog.tx);
-                        let _ = tokio::time::timeout(wait, backlog.task).await;
-                    }
-                    if let Some(w) = will {
-                        let _ = conn
-                            .client
-                            .publish_bytes(w.topic, rumqttc_qos(w.qos), w.retain, w.message)
-                            .await;
-                    }
-                    if let Some(done) = done {
-                        // Bounded: a broker that does not answer does not hold the link open.
-                        let _ = tokio::time::timeout(wait, done).await;
-                    }
-                    let _ = conn.client.disconnect().await;
-                });
-                None
+                let _ = conn.requests.send_anyway(ConnRequest::Disconnect);
+                return None;
+            }
+        };
+        match outcome {
+            Ok(()) => None,
+            Err(reason) => {
+                debug!(key, ?reason, "request not queued");
+                Some(BrokerEvent::Rejected { token, reason })
             }
         }
     }
@@ -775,161 +612,6 @@ fn unpack_delivery(d: DeliveryId) -> (MqttQos, u16) {
         _ => MqttQos::AtMostOnce,
     };
     (qos, (d.0 & 0xFFFF) as u16)
-}
-
-/// Tells the task closing a lost client's link that the broker has its will.
-fn will_delivered(pending: &Mutex<Pending>) {
-    if let Some(tx) = pending.lock().unwrap_or_else(|e| e.into_inner()).will_done.take() {
-        let _ = tx.send(());
-    }
-}
-
-/// Whether a connect failure is the broker's answer (it will answer the same again)
-/// rather than a transient failure to reach it. "Server unavailable" is transient.
-pub(super) fn is_refusal(e: &ConnectionError) -> bool {
-    matches!(
-        e,
-        ConnectionError::ConnectionRefused(
-            ConnectReturnCode::BadUserNamePassword
-                | ConnectReturnCode::NotAuthorized
-                | ConnectReturnCode::BadClientId
-                | ConnectReturnCode::RefusedProtocolVersion
-        )
-    )
-}
-
-/// Why a connection failed, for the log, and whether it was refused (the broker, or its
-/// TLS, will answer the same on every retry) rather than unreachable.
-pub(super) fn failure(cfg: &BrokerConfig, e: &ConnectionError) -> (String, bool) {
-    // A TLS failure (untrusted or misnamed certificate, client certificate refused) is
-    // answered the same on every retry: a refusal.
-    let tls = cfg.tls.as_ref().and_then(|_| super::tls::failure(e, &cfg.host));
-    let refused = tls.is_some() || is_refusal(e);
-    (tls.unwrap_or_else(|| e.to_string()), refused)
-}
-
-/// After DISCONNECT: polls until the broker has closed its side (it has then processed
-/// the DISCONNECT), at most [`CLOSE_WAIT`], so that a next connection with the same client
-/// id never reaches a broker still holding this one.
-pub(super) async fn wait_for_close(eventloop: &mut EventLoop) {
-    let _ = tokio::time::timeout(CLOSE_WAIT, async { while eventloop.poll().await.is_ok() {} }).await;
-}
-
-/// Drives one broker connection until it closes, translating rumqttc's events.
-async fn drive(
-    key: ClientKey,
-    mut eventloop: EventLoop,
-    pending: Arc<Mutex<Pending>>,
-    events: mpsc::Sender<(ClientKey, BrokerEvent)>,
-    previous: Option<JoinHandle<()>>,
-    cfg: Arc<BrokerConfig>,
-    _guard: EndGuard,
-) {
-    let connect_timeout_secs = cfg.connect_timeout_secs;
-    if let Some(previous) = previous {
-        let _ = tokio::time::timeout(Duration::from_secs(connect_timeout_secs.max(1)), previous).await;
-    }
-    eventloop
-        .network_options
-        .set_connection_timeout(connect_timeout_secs.max(1));
-    let mut connected = false;
-    let mut publishes: HashMap<u16, Token> = HashMap::new();
-    let mut subscribes: HashMap<u16, Token> = HashMap::new();
-    let mut unsubscribes: HashMap<u16, Token> = HashMap::new();
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(Event::Incoming(incoming)) => match incoming {
-                Incoming::ConnAck(ack) => {
-                    connected = true;
-                    Some(BrokerEvent::Connected {
-                        session_present: ack.session_present,
-                    })
-                }
-                Incoming::Publish(p) => Some(BrokerEvent::Message(Message {
-                    topic: p.topic.into(),
-                    payload: p.payload,
-                    qos: our_qos(p.qos),
-                    retain: p.retain,
-                    delivery: pack_delivery(our_qos(p.qos), p.pkid),
-                })),
-                Incoming::PubAck(a) => match publishes.remove(&a.pkid) {
-                    Some(WILL_TOKEN) => {
-                        will_delivered(&pending);
-                        None
-                    }
-                    token => token.map(|token| BrokerEvent::Published { token }),
-                },
-                Incoming::PubRec(a) => match publishes.remove(&a.pkid) {
-                    // The will is the broker's once PUBCOMP completes the exchange.
-                    Some(WILL_TOKEN) => {
-                        publishes.insert(a.pkid, WILL_TOKEN);
-                        None
-                    }
-                    token => token.map(|token| BrokerEvent::Published { token }),
-                },
-                Incoming::PubComp(a) => {
-                    if publishes.get(&a.pkid) == Some(&WILL_TOKEN) {
-                        publishes.remove(&a.pkid);
-                        will_delivered(&pending);
-                    }
-                    None
-                }
-                Incoming::SubAck(a) => subscribes.remove(&a.pkid).map(|token| BrokerEvent::SubAck {
-                    token,
-                    granted: match a.return_codes.first() {
-                        Some(SubscribeReasonCode::Success(q)) => Some(our_qos(*q)),
-                        _ => None,
-                    },
-                }),
-                Incoming::UnsubAck(a) => unsubscribes
-                    .remove(&a.pkid)
-                    .map(|token| BrokerEvent::UnsubAck { token }),
-                _ => None,
-            },
-            Ok(Event::Outgoing(outgoing)) => {
-                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                match outgoing {
-                    Outgoing::Publish(pkid) => {
-                        if let Some(Some(token)) = p.publishes.pop_front() {
-                            publishes.insert(pkid, token);
-                        }
-                    }
-                    Outgoing::Subscribe(pkid) => {
-                        if let Some(token) = p.subscribes.pop_front() {
-                            subscribes.insert(pkid, token);
-                        }
-                    }
-                    Outgoing::Unsubscribe(pkid) => {
-                        if let Some(token) = p.unsubscribes.pop_front() {
-                            unsubscribes.insert(pkid, token);
-                        }
-                    }
-                    Outgoing::Disconnect => {
-                        drop(p);
-                        wait_for_close(&mut eventloop).await;
-                        return;
-                    }
-                    _ => {}
-                }
-                None
-            }
-            Err(e) => {
-                let (reason, refused) = failure(&cfg, &e);
-                let event = if connected {
-                    BrokerEvent::Closed { reason }
-                } else {
-                    BrokerEvent::ConnectFailed { reason, refused }
-                };
-                let _ = events.send((key, event)).await;
-                return;
-            }
-        };
-        if let Some(event) = event {
-            if events.send((key, event)).await.is_err() {
-                return; // The gateway is shutting down.
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1132,8 +814,8 @@ mod tests {
     /// A device sending large publishes faster than its connection drains is held to
     /// `backlog_bytes`, however few requests that is.
     #[tokio::test]
-    async fn the_backlog_is_bounded_in_octets() {
-        // Nothing drains the request channel.
+    async fn the_queue_is_bounded_in_octets() {
+        // Nothing drains the request queue: the connection never gets its CONNACK.
         let port = silent_broker().await;
         let (tx, _rx) = mpsc::channel(16);
         let cfg = BrokerConfig {
@@ -1150,19 +832,61 @@ mod tests {
             token,
             topic: Arc::from("t"),
             payload: bytes::Bytes::from(vec![0u8; 3999]),
-            qos: MqttQos::AtMostOnce,
+            qos: MqttQos::AtLeastOnce,
             retain: false,
         };
-        // One in rumqttc's channel, two in the backlog (8,000 octets), the fourth over.
-        let outcomes: Vec<Option<BrokerEvent>> = (1..=4).map(|t| links.execute(1, publish(t))).collect();
-        assert_eq!(outcomes[..3], [None, None, None], "{outcomes:?}");
+        // Two fit (8,000 octets), the third is over.
+        let outcomes: Vec<Option<BrokerEvent>> = (1..=3).map(|t| links.execute(1, publish(t))).collect();
+        assert_eq!(outcomes[..2], [None, None], "{outcomes:?}");
         assert_eq!(
-            outcomes[3],
+            outcomes[2],
             Some(BrokerEvent::Rejected {
-                token: 4,
+                token: 3,
                 reason: RejectReason::Full
             })
         );
+        // An acknowledgement and the DISCONNECT are taken however full the queue is.
+        assert_eq!(
+            links.execute(
+                1,
+                Command::Ack {
+                    delivery: pack_delivery(MqttQos::AtLeastOnce, 9)
+                }
+            ),
+            None
+        );
+        assert_eq!(links.execute(1, Command::Disconnect { will: None }), None);
+        assert_eq!(links.active(), 0);
+    }
+
+    /// A single request larger than `backlog_bytes` still goes when the queue is empty.
+    #[tokio::test]
+    async fn a_large_request_fits_an_empty_queue() {
+        let port = silent_broker().await;
+        let (tx, _rx) = mpsc::channel(16);
+        let cfg = BrokerConfig {
+            port,
+            connect_timeout_secs: 30,
+            backlog_bytes: 100,
+            ..BrokerConfig::default()
+        };
+        let mut links = MqttLinks::new(cfg, tx);
+        links.execute(1, Command::Connect(params("large")));
+        let publish = |token| Command::Publish {
+            token,
+            topic: Arc::from("t"),
+            payload: bytes::Bytes::from(vec![0u8; 1000]),
+            qos: MqttQos::AtMostOnce,
+            retain: false,
+        };
+        assert_eq!(links.execute(1, publish(1)), None);
+        assert!(matches!(
+            links.execute(1, publish(2)),
+            Some(BrokerEvent::Rejected {
+                reason: RejectReason::Full,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Aggregating mode's shell: `broker.connections` shared MQTT connections (rumqttc), the
-//! devices spread over them by client id, each connection's [`Aggregator`] driven by its
-//! own task.
+//! Aggregating mode's shell: `broker.connections` shared MQTT connections (each a
+//! [`super::conn`] task), the devices spread over them by client id, each connection's
+//! [`Aggregator`] driven by its own task.
 //!
 //! The link only routes commands to the task of the device's connection; everything a
 //! broker would do per client is the aggregator's. Each connection is opened with clean
@@ -11,20 +11,18 @@
 //! messages) in one transaction per batch of work, on a blocking thread, before it carries
 //! out anything queued after them: acknowledgements to the broker wait for the commit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, SubscribeReasonCode, Transport,
-};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::aggregate::{AggregateStats, Aggregator, Output, Request, Tag};
-use super::mqtt::{our_qos, rumqttc_qos, BrokerConfig};
+use super::conn::{self, ConnEvent, ConnOptions, ConnRequest};
+use super::mqtt::BrokerConfig;
 use super::{BrokerEvent, BrokerLink, ClientKey, Command, RejectReason, GATEWAY_KEY};
 use crate::store::{HeldMessage, StoreHandle, StoreOp, StoredSession};
 
@@ -278,62 +276,40 @@ impl BrokerLink for SharedLinks {
     }
 }
 
-/// Tags of requests handed to rumqttc, in the order rumqttc reports them sent (one
-/// queue per kind, as rumqttc keeps each kind in order), and the packet ids since chosen.
-#[derive(Default)]
-struct Tags {
-    publishes: VecDeque<Option<Tag>>,
-    /// The filters' tags of each SUBSCRIBE packet.
-    subscribes: VecDeque<Vec<Tag>>,
-}
-
 /// How often a connection's task refreshes the stats the metrics read.
 const STATS_EVERY: Duration = Duration::from_millis(100);
 
 /// Filters in one SUBSCRIBE packet, at most.
 const SUBSCRIBE_BATCH: usize = 64;
 
-/// What a connection's poll task reports.
-enum Polled {
-    Up,
-    Message(Publish),
-    Published(Tag),
-    /// A SUBACK: each filter's tag with what was granted.
-    Subscribed(Vec<(Tag, Option<super::MqttQos>)>),
-    /// A PUBCOMP: the QoS 2 publish in flight is complete.
-    Completed,
-    Down(String, bool),
-}
+/// The largest packet taken from the broker (its remaining length).
+const MAX_PACKET: usize = 256 * 1024;
 
-fn options(cfg: &BrokerConfig, index: usize) -> MqttOptions {
-    let id = format!("{}{}-{}", cfg.client_id_prefix, cfg.aggregate_client_id, index);
-    let mut o = MqttOptions::new(id, cfg.host.clone(), cfg.port);
-    o.set_clean_session(true)
-        .set_keep_alive(Duration::from_secs(60))
-        .set_manual_acks(true)
-        // rumqttc numbers packets from a counter cycling through 1..=inflight and may hand
-        // out an id whose exchange is not over (a QoS 2 publish awaiting its PUBCOMP, a
-        // SUBSCRIBE awaiting its SUBACK); the broker then takes the new packet for a
-        // duplicate. With the whole id space an id comes back only after 65,535 others,
-        // long after its exchange ended. (Costs rumqttc's per-id tables, a few MB per
-        // shared connection.) The bound on what devices have in flight is theirs.
-        .set_inflight(u16::MAX)
-        .set_max_packet_size(256 * 1024, 256 * 1024);
-    if let Some(tls) = &cfg.tls {
-        o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-            tls.config(),
-        )));
+/// How shared connection `index` is opened. Its own QoS 1/2 publishes in flight are
+/// bounded by `broker.inflight` (beyond, they wait in order): a broker may silently drop
+/// what exceeds its own window (Mosquitto's `max_inflight_messages`), so this must stay
+/// within it. The connection task owns its packet ids, so no id of an exchange still
+/// open is handed out again.
+fn options(cfg: &BrokerConfig, index: usize) -> ConnOptions {
+    let sources = &cfg.source_addresses;
+    ConnOptions {
+        host: cfg.host.clone(),
+        port: cfg.port,
+        tls: cfg.tls.as_ref().map(|tls| tls.config()),
+        // The shared connections spread over the source addresses like devices' do.
+        source: sources.get(index % sources.len().max(1)).copied(),
+        client_id: format!("{}{}-{}", cfg.client_id_prefix, cfg.aggregate_client_id, index),
+        clean_session: true,
+        keep_alive: Duration::from_secs(60),
+        credentials: cfg
+            .username
+            .as_ref()
+            .map(|u| (u.clone(), cfg.password.clone().unwrap_or_default())),
+        will: None,
+        connect_timeout: Duration::from_secs(cfg.connect_timeout_secs.max(1)),
+        inflight: cfg.inflight.max(1),
+        max_packet_size: MAX_PACKET,
     }
-    match (&cfg.username, &cfg.password) {
-        (Some(u), Some(p)) => {
-            o.set_credentials(u.clone(), p.clone());
-        }
-        (Some(u), None) => {
-            o.set_credentials(u.clone(), String::new());
-        }
-        _ => {}
-    }
-    o
 }
 
 /// One shared connection: opened, served until lost, opened again after a pause, until
@@ -357,47 +333,51 @@ async fn run_connection(
         events,
         ended,
         store,
-        subscribes: VecDeque::new(),
-        subscribing: false,
-        qos2: VecDeque::new(),
-        qos2_busy: false,
+        requests: None,
+        subscribes: Vec::new(),
+        batches: HashMap::new(),
+        next_tag: 0,
     };
     let mut refresh = tokio::time::interval(STATS_EVERY);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         agg.connecting();
-        shell.subscribes.clear();
-        shell.subscribing = false;
-        shell.qos2.clear();
-        shell.qos2_busy = false;
-        let (client, mut eventloop) = AsyncClient::new(options(&cfg, index), cfg.request_capacity.max(1));
-        eventloop
-            .network_options
-            .set_connection_timeout(cfg.connect_timeout_secs.max(1));
-        let tags = Arc::new(Mutex::new(Tags::default()));
+        shell.batches.clear();
+        // The link bounds what is queued towards this task (`Fill`); what the aggregator
+        // hands on is bounded by the devices' own windows.
+        let (requests, queue) = conn::queue(usize::MAX, usize::MAX);
+        shell.requests = Some(requests);
         let (polled_tx, mut polled) = mpsc::unbounded_channel();
-        let poller = tokio::spawn(poll(eventloop, tags.clone(), polled_tx, cfg.clone()));
+        let poller = conn::spawn(options(&cfg, index), queue, polled_tx);
         let mut was_up = false;
         let closing = loop {
             tokio::select! {
                 biased;
                 _ = refresh.tick() => shell.refresh(&agg),
                 p = polled.recv() => match p {
-                    Some(Polled::Up) => {
+                    Some(ConnEvent::Connected { .. }) => {
                         info!(connection = index, broker = %cfg.url(), "shared broker connection up");
                         was_up = true;
                         agg.connected();
                     }
-                    Some(Polled::Message(p)) => agg.message(p.topic.into(), p.payload, our_qos(p.qos), p.retain, p.pkid),
-                    Some(Polled::Published(tag)) => agg.published(tag),
-                    Some(Polled::Completed) => shell.qos2_busy = false,
-                    Some(Polled::Subscribed(answers)) => {
-                        shell.subscribing = false;
-                        agg.subscribed(&answers);
+                    Some(ConnEvent::Message { topic, payload, qos, retain, pkid, .. }) => {
+                        agg.message(topic, payload, qos, retain, pkid);
                     }
-                    Some(Polled::Down(reason, refused)) => {
+                    Some(ConnEvent::Published { tag }) => agg.published(tag),
+                    Some(ConnEvent::SubAck { tag, granted }) => {
+                        if let Some(answers) = shell.subscribed(tag, &granted) {
+                            agg.subscribed(&answers);
+                        }
+                    }
+                    Some(ConnEvent::UnsubAck { .. }) => {}
+                    Some(ConnEvent::ConnectFailed { reason, refused }) => {
                         warn!(connection = index, %reason, "shared broker connection lost; its sessions are closed");
                         agg.lost(&reason, refused);
+                        break false;
+                    }
+                    Some(ConnEvent::Closed { reason }) => {
+                        warn!(connection = index, %reason, "shared broker connection lost; its sessions are closed");
+                        agg.lost(&reason, false);
                         break false;
                     }
                     None => {
@@ -413,21 +393,28 @@ async fn run_connection(
                     Some(Input::Close) | None => break true,
                 },
             }
-            if !shell.flush(&mut agg, &client, &tags).await {
+            if !shell.flush(&mut agg).await {
                 return; // The gateway is stopping.
             }
         };
         if closing {
-            let _ = shell.flush(&mut agg, &client, &tags).await;
-            let _ = client.disconnect().await;
-            let wait = Duration::from_secs(cfg.connect_timeout_secs.max(1));
+            let _ = shell.flush(&mut agg).await;
+            if let Some(requests) = shell.requests.take() {
+                // After what is queued, and once the publishes in flight are complete.
+                let _ = requests.send_anyway(ConnRequest::Disconnect);
+            }
+            // The task's own bounds: the drain (connect timeout) and the close wait (1 s).
+            let wait = Duration::from_secs(cfg.connect_timeout_secs.max(1)) * 2 + Duration::from_secs(1);
             if tokio::time::timeout(wait, poller).await.is_err() {
                 debug!(connection = index, "shared broker connection did not close in time");
             }
             return;
         }
         poller.abort();
-        if !shell.flush(&mut agg, &client, &tags).await {
+        // What is handed on until the next attempt goes nowhere (the aggregator has closed
+        // the sessions; its subscriptions are made again once up).
+        shell.requests = None;
+        if !shell.flush(&mut agg).await {
             return;
         }
         if was_up {
@@ -444,7 +431,7 @@ async fn run_connection(
                     Some(Input::Command(key, c)) => {
                         shell.taken(&c);
                         agg.command(key, c);
-                        if !shell.flush(&mut agg, &client, &tags).await {
+                        if !shell.flush(&mut agg).await {
                             return;
                         }
                     }
@@ -464,19 +451,16 @@ struct Shell {
     ended: mpsc::UnboundedSender<ClientKey>,
     /// Where the aggregator's writes go (with a state store).
     store: Option<StoreHandle>,
-    /// SUBSCRIBEs waiting for the one in flight to be answered. rumqttc numbers
-    /// SUBSCRIBE packets without checking which ids are still unanswered (they cycle
-    /// through `inflight`), so one at a time keeps SUBACKs unambiguous; what queues
-    /// meanwhile goes in the next packet, many filters at once.
-    subscribes: VecDeque<(Tag, Arc<str>, super::MqttQos)>,
-    subscribing: bool,
-    /// QoS 2 publishes waiting for the one in flight to complete (PUBCOMP). rumqttc
-    /// hands out the packet id of a QoS 2 publish again as soon as its PUBREC is in,
-    /// while the broker still waits for its PUBREL: a second QoS 2 publish with that id is
-    /// taken for a duplicate and lost. One at a time, none can be; until the connection
-    /// task owns its packet ids (issue 10), that is what a shared connection pays.
-    qos2: VecDeque<Request>,
-    qos2_busy: bool,
+    /// The connection task's request queue (`None` while down).
+    requests: Option<conn::Requests>,
+    /// Subscriptions the aggregator asked for in this batch of work: they go in as few
+    /// SUBSCRIBE packets as fit (the connection task numbers each with an id of its own,
+    /// so any number may be in flight).
+    subscribes: Vec<(Tag, Arc<str>, super::MqttQos)>,
+    /// The filters' tags of each SUBSCRIBE in flight, by the connection's tag of it.
+    batches: HashMap<u64, Vec<Tag>>,
+    /// The connection's tag of the next SUBSCRIBE or UNSUBSCRIBE.
+    next_tag: u64,
 }
 
 impl Shell {
@@ -490,7 +474,7 @@ impl Shell {
 
     /// Carries out what the aggregator queued; `false` once the gateway has stopped
     /// listening for events.
-    async fn flush(&mut self, agg: &mut Aggregator, client: &AsyncClient, tags: &Mutex<Tags>) -> bool {
+    async fn flush(&mut self, agg: &mut Aggregator) -> bool {
         let mut ops: Vec<StoreOp> = Vec::new();
         let mut outputs: Vec<Output> = Vec::new();
         while let Some(o) = agg.poll_output() {
@@ -522,154 +506,84 @@ impl Shell {
                         return false;
                     }
                 }
-                Output::Broker(r) => {
-                    if let Request::Publish {
-                        qos: super::MqttQos::ExactlyOnce,
-                        ..
-                    } = r
-                    {
-                        self.qos2.push_back(r);
-                        continue;
-                    }
-                    if let Request::Subscribe { tag, filter, qos } = r {
-                        self.subscribes.push_back((tag, filter, qos));
-                        continue;
-                    }
-                    send(client, tags, r).await;
-                }
+                Output::Broker(Request::Subscribe { tag, filter, qos }) => self.subscribes.push((tag, filter, qos)),
+                Output::Broker(r) => self.send(r),
             }
         }
-        if !self.qos2_busy {
-            if let Some(r) = self.qos2.pop_front() {
-                self.qos2_busy = true;
-                send(client, tags, r).await;
-            }
-        }
-        if !self.subscribing && !self.subscribes.is_empty() {
+        while !self.subscribes.is_empty() {
             let n = self.subscribes.len().min(SUBSCRIBE_BATCH);
             let batch: Vec<_> = self.subscribes.drain(..n).collect();
-            let filters = batch
-                .iter()
-                .map(|(_, f, q)| rumqttc::SubscribeFilter::new(f.to_string(), rumqttc_qos(*q)));
-            let filters: Vec<_> = filters.collect();
-            let batch_tags = batch.iter().map(|(t, _, _)| *t).collect();
-            tags.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .subscribes
-                .push_back(batch_tags);
-            self.subscribing = true;
-            if let Err(e) = client.subscribe_many(filters).await {
-                debug!(error = %e, "SUBSCRIBE not handed to the shared connection");
-            }
+            let tag = self.tag();
+            self.batches.insert(tag, batch.iter().map(|(t, _, _)| *t).collect());
+            let filters = batch.into_iter().map(|(_, f, q)| (f, q)).collect();
+            self.request(ConnRequest::Subscribe { tag, filters });
         }
         true
+    }
+
+    fn tag(&mut self) -> u64 {
+        self.next_tag = self.next_tag.wrapping_add(1);
+        self.next_tag
+    }
+
+    /// Hands one of the aggregator's requests to the connection task.
+    fn send(&mut self, r: Request) {
+        let request = match r {
+            Request::Publish {
+                tag,
+                topic,
+                payload,
+                qos,
+                retain,
+            } => ConnRequest::Publish {
+                tag,
+                topic,
+                payload,
+                qos,
+                retain,
+            },
+            Request::Subscribe { tag, filter, qos } => {
+                self.subscribes.push((tag, filter, qos));
+                return;
+            }
+            Request::Unsubscribe { filter } => ConnRequest::Unsubscribe {
+                tag: self.tag(),
+                filters: vec![filter],
+            },
+            Request::Ack { pkid, qos } => ConnRequest::Ack { pkid, qos },
+        };
+        self.request(request);
+    }
+
+    /// Queues `request` on the connection. Refused means the connection's task is gone:
+    /// its end is reported as an event, and the aggregator closes the sessions.
+    fn request(&self, request: ConnRequest) {
+        let queued = self.requests.as_ref().is_some_and(|r| r.send_anyway(request).is_ok());
+        if !queued {
+            debug!("request not handed to the shared connection: it is down");
+        }
+    }
+
+    /// A SUBACK for the connection's tag `tag`: each filter's tag with what was granted (a
+    /// missing return code, in a short SUBACK, counts as a refusal).
+    fn subscribed(
+        &mut self,
+        tag: u64,
+        granted: &[Option<super::MqttQos>],
+    ) -> Option<Vec<(Tag, Option<super::MqttQos>)>> {
+        let tags = self.batches.remove(&tag)?;
+        Some(
+            tags.into_iter()
+                .enumerate()
+                .map(|(i, t)| (t, granted.get(i).copied().flatten()))
+                .collect(),
+        )
     }
 
     /// Refreshes the stats the metrics read. Counting walks every device, so this runs
     /// every STATS_EVERY (the runtime's snapshot period), not once per message.
     fn refresh(&self, agg: &Aggregator) {
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = agg.stats();
-    }
-}
-
-/// Hands one request to rumqttc (its tag first, so the poll task pairs it with the
-/// packet id rumqttc reports). A failure means the connection's event loop is gone: its
-/// poll task reports that, and the aggregator closes the sessions.
-async fn send(client: &AsyncClient, tags: &Mutex<Tags>, r: Request) {
-    let sent = match r {
-        Request::Publish {
-            tag,
-            topic,
-            payload,
-            qos,
-            retain,
-        } => {
-            tags.lock().unwrap_or_else(|e| e.into_inner()).publishes.push_back(tag);
-            client.publish_bytes(&*topic, rumqttc_qos(qos), retain, payload).await
-        }
-        Request::Subscribe { tag, filter, qos } => {
-            tags.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .subscribes
-                .push_back(vec![tag]);
-            client.subscribe(&*filter, rumqttc_qos(qos)).await
-        }
-        Request::Unsubscribe { filter } => client.unsubscribe(&*filter).await,
-        Request::Ack { pkid, qos } => {
-            let mut p = Publish::new("", rumqttc_qos(qos), Vec::new());
-            p.pkid = pkid;
-            client.ack(&p).await
-        }
-    };
-    if let Err(e) = sent {
-        debug!(error = %e, "request not handed to the shared connection");
-    }
-}
-
-/// Polls one connection's event loop until it fails or closes, pairing rumqttc's packet
-/// ids with the aggregator's tags.
-async fn poll(
-    mut eventloop: EventLoop,
-    tags: Arc<Mutex<Tags>>,
-    out: mpsc::UnboundedSender<Polled>,
-    cfg: Arc<BrokerConfig>,
-) {
-    let mut publishes: HashMap<u16, Tag> = HashMap::new();
-    let mut subscribes: HashMap<u16, Vec<Tag>> = HashMap::new();
-    loop {
-        let polled = match eventloop.poll().await {
-            Ok(Event::Incoming(i)) => match i {
-                Incoming::ConnAck(_) => Some(Polled::Up),
-                Incoming::Publish(p) => Some(Polled::Message(p)),
-                Incoming::PubAck(a) => publishes.remove(&a.pkid).map(Polled::Published),
-                Incoming::PubRec(a) => publishes.remove(&a.pkid).map(Polled::Published),
-                Incoming::PubComp(_) => Some(Polled::Completed),
-                Incoming::SubAck(a) => subscribes.remove(&a.pkid).map(|tags| {
-                    // A missing return code (a short SUBACK) counts as a refusal.
-                    let answers = tags.iter().enumerate().map(|(i, tag)| {
-                        let granted = match a.return_codes.get(i) {
-                            Some(SubscribeReasonCode::Success(q)) => Some(our_qos(*q)),
-                            _ => None,
-                        };
-                        (*tag, granted)
-                    });
-                    Polled::Subscribed(answers.collect())
-                }),
-                _ => None,
-            },
-            Ok(Event::Outgoing(o)) => {
-                let mut t = tags.lock().unwrap_or_else(|e| e.into_inner());
-                match o {
-                    Outgoing::Publish(pkid) => {
-                        if let Some(Some(tag)) = t.publishes.pop_front() {
-                            publishes.insert(pkid, tag);
-                        }
-                    }
-                    Outgoing::Subscribe(pkid) => {
-                        if let Some(tags) = t.subscribes.pop_front() {
-                            subscribes.insert(pkid, tags);
-                        }
-                    }
-                    Outgoing::Disconnect => {
-                        drop(t);
-                        super::mqtt::wait_for_close(&mut eventloop).await;
-                        return;
-                    }
-                    _ => {}
-                }
-                None
-            }
-            Err(e) => {
-                let (reason, refused) = super::mqtt::failure(&cfg, &e);
-                let _ = out.send(Polled::Down(reason, refused));
-                return;
-            }
-        };
-        if let Some(p) = polled {
-            if out.send(p).is_err() {
-                return;
-            }
-        }
     }
 }
 

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::tokio_rustls::TlsConnector;
-use rumqttc::ConnectionError;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore};
@@ -277,7 +276,7 @@ impl BrokerTls {
         &self.files
     }
 
-    /// The rustls configuration, for rumqttc's transport.
+    /// The rustls configuration of a broker connection ([`super::conn::ConnOptions::tls`]).
     pub fn config(&self) -> Arc<ClientConfig> {
         self.config.clone()
     }
@@ -334,28 +333,6 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
         .map_err(|_| format!("{host:?} is neither a DNS name nor an IP address the broker's certificate could name"))
 }
 
-/// The TLS problem behind a failed broker connection, as a line for the log, or `None`
-/// when the failure is not a TLS one. A TLS failure is a refusal (the device is told
-/// "rejected"): a certificate the gateway does not trust, one that does not name the
-/// broker's host, a client certificate the broker refuses or requires, or no common
-/// protocol, are all answered the same way on every retry. A connection merely cut
-/// during the handshake (no TLS error in it) is not one: that is transient.
-///
-/// The rustls error is looked for along the whole error chain: rumqttc reports a
-/// handshake failure as its TLS error, but an alert the broker sends after a TLS 1.3
-/// handshake (a client certificate required or refused) arrives as a read error under
-/// its MQTT state error.
-pub fn failure(e: &ConnectionError, host: &str) -> Option<String> {
-    if let Some(t) = find_rustls(e) {
-        return Some(describe(t, host));
-    }
-    match e {
-        ConnectionError::Tls(rumqttc::TlsError::Io(_)) => None,
-        ConnectionError::Tls(other) => Some(format!("TLS with the broker failed: {other}")),
-        _ => None,
-    }
-}
-
 /// The rustls error in `e`'s chain of sources, looking inside I/O errors too (whose
 /// `source` skips the error they wrap).
 fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
@@ -376,9 +353,15 @@ fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustl
     None
 }
 
-/// The rustls error inside an I/O error (how tokio-rustls reports a handshake failure),
-/// described.
-fn describe_io(io: &io::Error, host: &str) -> Option<String> {
+/// The TLS problem behind a failed broker connection, as a line for the log, or `None`
+/// when the failure is not a TLS one (the rustls error inside the I/O error, as
+/// tokio-rustls reports a handshake failure and a read reports an alert, looked for along
+/// the whole chain). A TLS failure is a refusal (the device is told "rejected"): a
+/// certificate the gateway does not trust, one that does not name the broker's host, a
+/// client certificate the broker refuses or requires, or no common protocol, are all
+/// answered the same way on every retry. A connection merely cut during the handshake
+/// (no TLS error in it) is not one: that is transient.
+pub fn describe_io(io: &io::Error, host: &str) -> Option<String> {
     find_rustls(io).map(|t| describe(t, host))
 }
 
@@ -542,32 +525,23 @@ mod tests {
 
     #[test]
     fn failures_that_are_tls_ones() {
-        let cert = |e: CertificateError| {
-            ConnectionError::Tls(rumqttc::TlsError::Io(io::Error::new(
-                io::ErrorKind::InvalidData,
-                rustls::Error::InvalidCertificate(e),
-            )))
-        };
-        let unknown = failure(&cert(CertificateError::UnknownIssuer), "b").expect("a TLS failure");
+        let cert =
+            |e: CertificateError| io::Error::new(io::ErrorKind::InvalidData, rustls::Error::InvalidCertificate(e));
+        let unknown = describe_io(&cert(CertificateError::UnknownIssuer), "b").expect("a TLS failure");
         assert!(unknown.contains("not signed by a CA the gateway trusts"), "{unknown}");
-        let name = failure(&cert(CertificateError::NotValidForName), "b.example").expect("a TLS failure");
+        let name = describe_io(&cert(CertificateError::NotValidForName), "b.example").expect("a TLS failure");
         assert!(name.contains("does not name \"b.example\""), "{name}");
-        // An alert after the handshake, read as an MQTT state error.
-        let alert = ConnectionError::MqttState(rumqttc::StateError::Io(io::Error::new(
+        // An alert after the handshake, read while waiting for CONNACK.
+        let alert = io::Error::new(
             io::ErrorKind::InvalidData,
             rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
-        )));
-        let required = failure(&alert, "b").expect("a TLS failure");
+        );
+        let required = describe_io(&alert, "b").expect("a TLS failure");
         assert!(required.contains("requires a client certificate"), "{required}");
         // Cut during the handshake, or not TLS at all: transient, not a TLS failure.
-        let cut = ConnectionError::Tls(rumqttc::TlsError::Io(io::Error::from(io::ErrorKind::ConnectionReset)));
-        assert_eq!(failure(&cut, "b"), None);
-        assert_eq!(failure(&ConnectionError::NetworkTimeout, "b"), None);
+        assert_eq!(describe_io(&io::Error::from(io::ErrorKind::ConnectionReset), "b"), None);
         assert_eq!(
-            failure(
-                &ConnectionError::Io(io::Error::from(io::ErrorKind::ConnectionRefused)),
-                "b"
-            ),
+            describe_io(&io::Error::from(io::ErrorKind::ConnectionRefused), "b"),
             None
         );
     }

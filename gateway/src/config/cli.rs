@@ -2,7 +2,7 @@
 //! the key path), so that `--help` shows the key's default and only the flags given
 //! become the last configuration layer.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser};
@@ -186,6 +186,10 @@ pub struct BrokerFlags {
     #[arg(long = "broker-connections", id = "broker.connections", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<usize>,
+    /// Local address to make broker connections from (repeatable: used in turn, each adding ~28,000 ephemeral ports); replaces the file's list.
+    #[arg(long = "broker-source-address", id = "broker.source_addresses", value_name = "IP")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_addresses: Vec<IpAddr>,
 }
 
 /// `[timers]` flags.

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Format, Serialized, Toml};
@@ -222,6 +222,9 @@ pub struct BrokerSection {
     pub connections: usize,
     /// Aggregating mode: QoS 1/2 messages kept per device away with clean session false.
     pub offline_queue: usize,
+    /// Local addresses the broker connections are made from, in turn (empty: the
+    /// kernel's choice): each gives another ~28,000 ephemeral ports toward the broker.
+    pub source_addresses: Vec<IpAddr>,
 }
 
 impl Default for BrokerSection {
@@ -246,6 +249,7 @@ impl Default for BrokerSection {
             mode: b.mode,
             connections: b.connections,
             offline_queue: b.offline_queue,
+            source_addresses: b.source_addresses.clone(),
         }
     }
 }
@@ -579,9 +583,10 @@ fn merge_env(mut figment: Figment, env: impl IntoIterator<Item = (String, String
     }
 }
 
-/// A list key (`udp.listen`) takes a comma-separated value; others take it as it is.
+/// A list key (`udp.listen`, `broker.source_addresses`) takes a comma-separated value;
+/// others take it as it is.
 fn env_value(key: &str, value: String) -> figment::value::Value {
-    if key == "udp.listen" {
+    if key == "udp.listen" || key == "broker.source_addresses" {
         let items: Vec<figment::value::Value> = value
             .split(',')
             .map(str::trim)

@@ -753,3 +753,61 @@ fn state_keys_from_flags_and_their_errors() {
     let _ = std::fs::remove_file(&file);
     assert!(e.mentions("state.dir") && e.mentions("is not a directory"), "{e}");
 }
+
+#[test]
+fn broker_source_addresses_from_flags_file_and_environment() {
+    let c = Config::load_with_env(
+        &cli(&[
+            "--broker-source-address",
+            "127.0.0.2",
+            "--broker-source-address",
+            "127.0.0.3",
+        ]),
+        env(&[]),
+    )
+    .expect("loads");
+    let s = c.validate_offline().expect("validates");
+    assert_eq!(
+        s.broker.source_addresses,
+        [
+            "127.0.0.2".parse::<std::net::IpAddr>().unwrap(),
+            "127.0.0.3".parse().unwrap()
+        ]
+    );
+    let c = Config::load_with_env(
+        &Cli::default(),
+        env(&[("MQTT_SN_BROKER__SOURCE_ADDRESSES", "127.0.0.4, 127.0.0.5")]),
+    )
+    .expect("loads");
+    assert_eq!(
+        c.validate_offline().expect("validates").broker.source_addresses.len(),
+        2
+    );
+    assert!(Config::default()
+        .validate_offline()
+        .expect("defaults validate")
+        .broker
+        .source_addresses
+        .is_empty());
+
+    for (text, wants) in [
+        (
+            "[broker]\nsource_addresses = [\"127.0.0.2\", \"127.0.0.2\"]\n",
+            "given twice",
+        ),
+        ("[broker]\nsource_addresses = [\"0.0.0.0\"]\n", "not a unicast address"),
+        (
+            "[broker]\nsource_addresses = [\"224.0.0.1\"]\n",
+            "not a unicast address",
+        ),
+        (
+            "[broker]\nurl = \"mqtt://127.0.0.1:1883\"\nsource_addresses = [\"::1\"]\n",
+            "another address family",
+        ),
+    ] {
+        let errors = Config::parse(text).expect("parses").validate_offline().unwrap_err();
+        assert!(errors.mentions("broker.source_addresses"), "{text}: {errors}");
+        assert!(errors.to_string().contains(wants), "{text}: {errors}");
+    }
+    assert!(Config::parse("[broker]\nsource_addresses = [\"not-an-ip\"]\n").is_err());
+}

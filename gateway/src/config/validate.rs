@@ -2,7 +2,7 @@
 //! [`Settings`] built from a valid [`Config`].
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -187,6 +187,30 @@ fn at_least<T: PartialOrd + fmt::Display + Copy>(errors: &mut Vec<String>, key: 
 
 /// Longest `limits.session_expiry_secs` accepted: ten years (beyond, use 0: never).
 const MAX_EXPIRY_SECS: u64 = 10 * 366 * 24 * 3600;
+
+/// `broker.source_addresses`, checked: unicast, each once, and of the broker's family when
+/// the broker is given by address (a name may resolve to either; a connection then uses
+/// only the addresses of the source's family).
+fn source_addresses(e: &mut Vec<String>, given: &[IpAddr], broker_host: &str) -> Vec<IpAddr> {
+    let broker_ip = broker_host.parse::<IpAddr>().ok();
+    let mut seen = Vec::with_capacity(given.len());
+    for &ip in given {
+        if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+            e.push(format!(
+                "broker.source_addresses: {ip} is not a unicast address a connection can be made from"
+            ));
+        } else if seen.contains(&ip) {
+            e.push(format!("broker.source_addresses: {ip} is given twice"));
+        } else if broker_ip.is_some_and(|b| b.is_ipv4() != ip.is_ipv4()) {
+            e.push(format!(
+                "broker.source_addresses: {ip} cannot reach the broker at {broker_host} (another address family)"
+            ));
+        } else {
+            seen.push(ip);
+        }
+    }
+    seen
+}
 
 /// Longest Tretry and connect timeout accepted: an hour.
 const MAX_TIMER_SECS: f64 = 3600.0;
@@ -449,6 +473,7 @@ impl Config {
                     .into(),
             );
         }
+        let source_addresses = source_addresses(e, &b.source_addresses, &host);
         BrokerConfig {
             host,
             port,
@@ -470,6 +495,7 @@ impl Config {
             connections: at_least(e, "broker.connections", b.connections, 1, 1024),
             offline_queue: at_least(e, "broker.offline_queue", b.offline_queue, 0, 10_000_000),
             aggregate_client_id: format!("mqtt-sn-gw-{}", self.gateway.id),
+            source_addresses,
         }
     }
 
