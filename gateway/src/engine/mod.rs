@@ -536,7 +536,8 @@ impl Gateway {
     /// while a write is not yet durable ([`Gateway::store_committed`]).
     ///
     /// A session stored asleep is held asleep again at its address, its broker
-    /// connection reopened (see [`Session::restore_asleep`]), when the configuration in
+    /// connection reopened (without a will: the broker, or in aggregating mode the
+    /// restarted gateway, published the crashed session's), when the configuration in
     /// force still admits it there. Every other stored session becomes a kept topic
     /// table, as if its device had just gone:
     /// one whose expiry (wall-clock) passed while the gateway was down is dropped; one
