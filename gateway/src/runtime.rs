@@ -262,6 +262,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
                 store: s.handle(),
                 sessions: s.take_restored(),
                 wills: s.take_wills(),
+                broker_filters: s.take_broker_filters(),
             });
             AnyLink::Aggregating(SharedLinks::new(broker, ev_tx, durable))
         }

@@ -762,6 +762,58 @@ fn aggregating_a_qos2_delivery_open_at_kill_9_goes_out_again_under_its_message_i
     qos2_across_kill_9("q2-aggregating", &["--mode", "aggregating"]);
 }
 
+/// Aggregating mode with a state store keeps the shared connection's MQTT session at the
+/// broker (clean session false): what is published while the gateway is down is queued
+/// by the broker and reaches the clean-session-false device after the restart, and a
+/// filter only a clean-session device held is unsubscribed when the session is resumed.
+#[test]
+fn in_aggregating_mode_what_is_published_while_the_gateway_is_down_is_delivered() {
+    let dir = temp_dir("outage");
+    let Some(mosquitto) = Mosquitto::start(&dir) else {
+        return;
+    };
+    let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
+    let state = dir.join("state");
+    let udp = free_udp_port();
+    let extra = ["--mode", "aggregating"];
+    let gw_addr = SocketAddr::from(([127, 0, 0, 1], udp));
+    let gw = Gateway::start(&args(udp, &broker, &state, &extra));
+    let away = Device::new(gw_addr);
+    away.connect("outage", false);
+    let down = away.subscribe("agg/outage/down", 1);
+    away.exchange(&Packet::Disconnect(None), |p| {
+        matches!(p, Packet::Disconnect(_)).then_some(())
+    });
+    let passing = Device::new(gw_addr);
+    passing.connect("passing", true);
+    passing.subscribe("agg/passing/#", 2);
+    gw.kill_9();
+
+    let observer = Observer::connect(mosquitto.port, "outage-observer", "agg/none");
+    observer
+        .client
+        .publish(
+            "agg/outage/down",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"while down".to_vec(),
+        )
+        .expect("queue publish");
+    // Published once the broker has it (the observer's PUBACK).
+    std::thread::sleep(Duration::from_millis(300));
+    let gw = Gateway::start(&args(udp, &broker, &state, &extra));
+    gw.wait_line("session_present=true");
+    gw.wait_line("unsubscribing the filters no device holds any more");
+    assert!(gw.log().contains("filters=1"), "{}", gw.log());
+    away.connect("outage", false);
+    let (topic, data, registered) = away.receive();
+    assert_eq!(data, b"while down");
+    assert_eq!(topic, TopicRef::Normal(down));
+    assert!(registered.is_empty(), "{registered:?}");
+    gw.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A metric's value from the gateway's /metrics (`None`: not served, or not there).
 fn metric(port: u16, name: &str) -> Option<f64> {
     use std::io::{Read, Write};

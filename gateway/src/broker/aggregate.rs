@@ -234,6 +234,13 @@ pub struct Aggregator {
     wills_stored: HashSet<Arc<str>>,
     /// Wills read back from the store, published once the connection is first up.
     restored_wills: Vec<(Arc<str>, Will)>,
+    /// The filters the broker may hold for this connection's MQTT session: asked for,
+    /// and not unsubscribed since. With a persistent session (durable), the broker keeps
+    /// them across a lost connection and a gateway restart, so those no device holds any
+    /// more are unsubscribed when the session is resumed.
+    at_broker: HashSet<Arc<str>>,
+    /// This connection's number (its key in the store's `broker_filters`).
+    connection: u16,
     out: VecDeque<Output>,
 }
 
@@ -272,6 +279,8 @@ impl Aggregator {
             durable: false,
             wills_stored: HashSet::new(),
             restored_wills: Vec::new(),
+            at_broker: HashSet::new(),
+            connection: 0,
             out: VecDeque::new(),
         }
     }
@@ -281,6 +290,20 @@ impl Aggregator {
     pub fn durable(mut self) -> Self {
         self.durable = true;
         self
+    }
+
+    /// The connection's number among the shared connections (for its broker filters in
+    /// the store).
+    pub fn numbered(mut self, connection: u16) -> Self {
+        self.connection = connection;
+        self
+    }
+
+    /// A filter the broker held for this connection's session when the gateway stopped
+    /// (read back from the store): unsubscribed once the session is resumed unless a
+    /// device holds it.
+    pub fn restore_broker_filter(&mut self, filter: &str) {
+        self.at_broker.insert(filter.into());
     }
 
     /// Puts back a clean-session-false device read from the state store after a restart:
@@ -422,6 +445,23 @@ impl Aggregator {
     }
 
     fn request(&mut self, r: Request) {
+        let change = match &r {
+            Request::Subscribe { filter, .. } if !self.at_broker.contains(filter) => {
+                self.at_broker.insert(filter.clone());
+                Some((filter.clone(), true))
+            }
+            Request::Unsubscribe { filter } if self.at_broker.remove(filter) => Some((filter.clone(), false)),
+            _ => None,
+        };
+        if let (Some((filter, held)), true) = (change, self.durable) {
+            // Stored before the SUBSCRIBE leaves: after a crash, the gateway knows every
+            // filter the broker may hold for it.
+            self.store(StoreOp::BrokerFilter {
+                connection: self.connection,
+                filter,
+                held,
+            });
+        }
         self.out.push_back(Output::Broker(r));
     }
 
@@ -788,12 +828,58 @@ impl Aggregator {
         self.connecting = true;
     }
 
-    /// The connection is up (CONNACK): the filters of away devices are subscribed again,
-    /// and the CONNECTs that waited are answered.
+    /// The connection is up (CONNACK) with a new MQTT session: see
+    /// [`Aggregator::connected_to_session`].
     pub fn connected(&mut self) {
+        self.connected_to_session(false);
+    }
+
+    /// The connection is up (CONNACK): the filters of away devices are subscribed again,
+    /// and the CONNECTs that waited are answered. With `session_present` (a persistent
+    /// session the broker kept: durable mode), the broker still holds what was
+    /// subscribed: only filters it lacks are subscribed, and those no device holds any
+    /// more are unsubscribed. Without, the broker holds nothing: every filter is asked
+    /// for again.
+    pub fn connected_to_session(&mut self, session_present: bool) {
         self.connected = true;
         self.connecting = false;
-        let held: Vec<(Arc<str>, MqttQos)> = self.filters.iter().map(|(f, e)| (f.clone(), e.asked)).collect();
+        if session_present {
+            let mut stale: Vec<Arc<str>> = self
+                .at_broker
+                .iter()
+                .filter(|f| !self.filters.contains_key(*f))
+                .cloned()
+                .collect();
+            stale.sort();
+            if !stale.is_empty() {
+                tracing::info!(
+                    connection = self.connection,
+                    filters = stale.len(),
+                    "resumed broker session: unsubscribing the filters no device holds any more"
+                );
+            }
+            for filter in stale {
+                self.request(Request::Unsubscribe { filter });
+            }
+        } else {
+            let gone: Vec<Arc<str>> = self.at_broker.drain().collect();
+            if self.durable {
+                for filter in gone {
+                    let connection = self.connection;
+                    self.store(StoreOp::BrokerFilter {
+                        connection,
+                        filter,
+                        held: false,
+                    });
+                }
+            }
+        }
+        let held: Vec<(Arc<str>, MqttQos)> = self
+            .filters
+            .iter()
+            .filter(|(f, _)| !(session_present && self.at_broker.contains(*f)))
+            .map(|(f, e)| (f.clone(), e.asked))
+            .collect();
         for (filter, qos) in held {
             if let Some(f) = self.filters.get_mut(&filter) {
                 f.pending += 1;
@@ -984,11 +1070,16 @@ impl Aggregator {
             };
             match key {
                 Some(key) => {
-                    if q != MqttQos::AtMostOnce {
+                    let seq = self.hold(&client, &m);
+                    // Stored for the device (seq > 0): durably queued, so the broker may
+                    // have its acknowledgement once the store has it, without waiting for
+                    // the device (a persistent broker session would otherwise deliver it
+                    // again after a crash, beside the stored copy).
+                    let owes = q != MqttQos::AtMostOnce && seq == 0;
+                    if owes {
                         owed += 1;
                     }
-                    let seq = self.hold(&client, &m);
-                    self.deliver(&client, key, m, inbound, seq);
+                    self.deliver(&client, key, m, inbound.filter(|_| owes), seq);
                 }
                 None if q != MqttQos::AtMostOnce => {
                     // Away with clean session false: kept by the gateway (QoS 0 is not

@@ -36,6 +36,8 @@ pub struct Durable {
     pub sessions: Vec<StoredSession>,
     /// Wills of the devices connected when the gateway stopped.
     pub wills: Vec<(String, HeldMessage)>,
+    /// The filters the broker held for each connection's persistent session.
+    pub broker_filters: Vec<(u16, String)>,
 }
 
 /// What a connection's task is told.
@@ -90,10 +92,27 @@ impl SharedLinks {
         let cfg = Arc::new(cfg);
         let (ended_tx, ended) = mpsc::unbounded_channel();
         let n = cfg.connections.max(1);
-        let (store, restored, wills) = match durable {
-            Some(d) => (Some(d.store), d.sessions, d.wills),
-            None => (None, Vec::new(), Vec::new()),
+        let (store, restored, wills, broker_filters) = match durable {
+            Some(d) => (Some(d.store), d.sessions, d.wills, d.broker_filters),
+            None => (None, Vec::new(), Vec::new(), Vec::new()),
         };
+        let mut filters_of: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
+        let mut orphaned = std::collections::BTreeSet::new();
+        for (connection, filter) in broker_filters {
+            match filters_of.get_mut(usize::from(connection)) {
+                Some(f) => f.push(filter),
+                None => {
+                    orphaned.insert(connection);
+                }
+            }
+        }
+        for connection in orphaned {
+            warn!(
+                connection,
+                client_id = %format!("{}{}-{}", cfg.client_id_prefix, cfg.aggregate_client_id, connection),
+                "an earlier run had more shared connections: the broker may keep this one's session (and queue messages for it) until it expires it"
+            );
+        }
         let mut sessions_of: Vec<Vec<StoredSession>> = (0..n).map(|_| Vec::new()).collect();
         let mut wills_of: Vec<Vec<(String, HeldMessage)>> = (0..n).map(|_| Vec::new()).collect();
         for s in restored {
@@ -110,9 +129,13 @@ impl SharedLinks {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let fill = Arc::new(Fill::default());
                 let stats = Arc::new(Mutex::new(AggregateStats::default()));
-                let mut agg = Aggregator::new(cfg.offline_queue, usize::from(cfg.inflight));
+                let mut agg = Aggregator::new(cfg.offline_queue, usize::from(cfg.inflight))
+                    .numbered(u16::try_from(i).unwrap_or(u16::MAX));
                 if store.is_some() {
                     agg = agg.durable();
+                }
+                for filter in std::mem::take(&mut filters_of[i]) {
+                    agg.restore_broker_filter(&filter);
                 }
                 for s in restored {
                     agg.restore(&s.client_id, &s.subs, s.held);
@@ -290,7 +313,11 @@ const MAX_PACKET: usize = 256 * 1024;
 /// what exceeds its own window (Mosquitto's `max_inflight_messages`), so this must stay
 /// within it. The connection task owns its packet ids, so no id of an exchange still
 /// open is handed out again.
-fn options(cfg: &BrokerConfig, index: usize) -> ConnOptions {
+///
+/// With a state store (`persistent`), the session is clean-session false: the broker
+/// keeps the gateway's subscriptions and queues the messages published while the gateway
+/// is down or the connection lost, and hands them over when the session is resumed.
+fn options(cfg: &BrokerConfig, index: usize, persistent: bool) -> ConnOptions {
     let sources = &cfg.source_addresses;
     ConnOptions {
         host: cfg.host.clone(),
@@ -299,7 +326,7 @@ fn options(cfg: &BrokerConfig, index: usize) -> ConnOptions {
         // The shared connections spread over the source addresses like devices' do.
         source: sources.get(index % sources.len().max(1)).copied(),
         client_id: format!("{}{}-{}", cfg.client_id_prefix, cfg.aggregate_client_id, index),
-        clean_session: true,
+        clean_session: !persistent,
         keep_alive: Duration::from_secs(60),
         credentials: cfg
             .username
@@ -348,17 +375,17 @@ async fn run_connection(
         let (requests, queue) = conn::queue(usize::MAX, usize::MAX);
         shell.requests = Some(requests);
         let (polled_tx, mut polled) = mpsc::unbounded_channel();
-        let poller = conn::spawn(options(&cfg, index), queue, polled_tx);
+        let poller = conn::spawn(options(&cfg, index, shell.store.is_some()), queue, polled_tx);
         let mut was_up = false;
         let closing = loop {
             tokio::select! {
                 biased;
                 _ = refresh.tick() => shell.refresh(&agg),
                 p = polled.recv() => match p {
-                    Some(ConnEvent::Connected { .. }) => {
-                        info!(connection = index, broker = %cfg.url(), "shared broker connection up");
+                    Some(ConnEvent::Connected { session_present }) => {
+                        info!(connection = index, broker = %cfg.url(), session_present, "shared broker connection up");
                         was_up = true;
-                        agg.connected();
+                        agg.connected_to_session(session_present);
                     }
                     Some(ConnEvent::Message { topic, payload, qos, retain, pkid, .. }) => {
                         agg.message(topic, payload, qos, retain, pkid);

@@ -20,7 +20,8 @@
 //! ((client id, filter) -> granted QoS; schema version 2), `wills` (client id -> will, as
 //! a held message is written; version 2), `sleepers` (client id -> where and how long
 //! its device sleeps; version 2), `qos2` ((client id, message id) -> a QoS 2 delivery in
-//! progress toward it; version 2).
+//! progress toward it; version 2), `broker_filters` ((shared connection, filter) -> 0:
+//! what the broker holds for the aggregating-mode connections' sessions; version 2).
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -45,6 +46,7 @@ const SUBS: TableDefinition<(&str, &str), u8> = TableDefinition::new("subs");
 const WILLS: TableDefinition<&str, &[u8]> = TableDefinition::new("wills");
 const SLEEPERS: TableDefinition<&str, &[u8]> = TableDefinition::new("sleepers");
 const QOS2: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("qos2");
+const BROKER_FILTERS: TableDefinition<(u16, &str), u8> = TableDefinition::new("broker_filters");
 
 const VERSION_KEY: &str = "schema_version";
 
@@ -69,6 +71,8 @@ pub struct Opened {
     pub sessions: Vec<StoredSession>,
     /// The wills it holds, by client id.
     pub wills: Vec<(String, HeldMessage)>,
+    /// The filters the broker holds for each shared connection's session.
+    pub broker_filters: Vec<(u16, String)>,
     /// Where a damaged store was renamed to (only with `recover`).
     pub set_aside: Option<(PathBuf, StoreError)>,
 }
@@ -86,6 +90,7 @@ impl RedbStore {
         match Self::open_file(&path) {
             Ok((store, sessions)) => Ok(Opened {
                 wills: store.load_wills()?,
+                broker_filters: store.load_broker_filters()?,
                 store,
                 sessions,
                 set_aside: None,
@@ -100,6 +105,7 @@ impl RedbStore {
                 let (store, sessions) = Self::open_file(&path)?;
                 Ok(Opened {
                     wills: store.load_wills()?,
+                    broker_filters: store.load_broker_filters()?,
                     store,
                     sessions,
                     set_aside: Some((aside, damage)),
@@ -185,6 +191,7 @@ impl RedbStore {
                     txn.open_table(WILLS).map_err(failed)?;
                     txn.open_table(SLEEPERS).map_err(failed)?;
                     txn.open_table(QOS2).map_err(failed)?;
+                    txn.open_table(BROKER_FILTERS).map_err(failed)?;
                 }
                 txn.commit().map_err(failed)
             }
@@ -202,6 +209,7 @@ impl RedbStore {
             txn.open_table(WILLS).map_err(failed)?;
             txn.open_table(SLEEPERS).map_err(failed)?;
             txn.open_table(QOS2).map_err(failed)?;
+            txn.open_table(BROKER_FILTERS).map_err(failed)?;
             txn.open_table(META)
                 .map_err(failed)?
                 .insert(VERSION_KEY, SCHEMA_VERSION)
@@ -231,6 +239,31 @@ impl RedbStore {
             for row in wills.iter().map_err(|e| e.to_string())? {
                 let (k, v) = row.map_err(|e| e.to_string())?;
                 all.push((k.value().to_string(), decode_message(v.value(), 0)?));
+            }
+            Ok(all)
+        };
+        catch_unwind(AssertUnwindSafe(read))
+            .map_err(|_| damaged("the store library failed reading it".into()))?
+            .map_err(damaged)
+    }
+}
+
+impl RedbStore {
+    /// The filters stored for the shared connections' sessions (see
+    /// [`StoreOp::BrokerFilter`]), by connection.
+    pub fn load_broker_filters(&self) -> Result<Vec<(u16, String)>, StoreError> {
+        let damaged = |why: String| StoreError::Damaged {
+            path: self.path.display().to_string(),
+            why,
+        };
+        let read = || -> Result<Vec<(u16, String)>, String> {
+            let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+            let table = txn.open_table(BROKER_FILTERS).map_err(|e| e.to_string())?;
+            let mut all = Vec::new();
+            for row in table.iter().map_err(|e| e.to_string())? {
+                let (k, _) = row.map_err(|e| e.to_string())?;
+                let (connection, filter) = k.value();
+                all.push((connection, filter.to_string()));
             }
             Ok(all)
         };
@@ -431,6 +464,7 @@ impl RedbStore {
             let mut wills = txn.open_table(WILLS).map_err(failed)?;
             let mut sleepers = txn.open_table(SLEEPERS).map_err(failed)?;
             let mut qos2 = txn.open_table(QOS2).map_err(failed)?;
+            let mut broker_filters = txn.open_table(BROKER_FILTERS).map_err(failed)?;
             for op in ops {
                 match op {
                     StoreOp::Connected {
@@ -540,6 +574,20 @@ impl RedbStore {
                         state: None,
                     } => {
                         qos2.remove((&**client_id, *msg_id)).map_err(failed)?;
+                    }
+                    StoreOp::BrokerFilter {
+                        connection,
+                        filter,
+                        held: true,
+                    } => {
+                        broker_filters.insert((*connection, &**filter), 0).map_err(failed)?;
+                    }
+                    StoreOp::BrokerFilter {
+                        connection,
+                        filter,
+                        held: false,
+                    } => {
+                        broker_filters.remove((*connection, &**filter)).map_err(failed)?;
                     }
                 }
             }

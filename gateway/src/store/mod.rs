@@ -170,6 +170,18 @@ pub enum StoreOp {
         /// Where the exchange stands.
         state: Option<Qos2State>,
     },
+    /// A filter the broker holds (`held`), or no longer holds, for shared connection
+    /// `connection`'s persistent MQTT session (aggregating mode): written before the
+    /// SUBSCRIBE leaves, so that after a restart the filters no device needs any more can
+    /// be unsubscribed. Not tied to a client id; [`StoreOp::Forget`] leaves it alone.
+    BrokerFilter {
+        /// The shared connection's number.
+        connection: u16,
+        /// The filter.
+        filter: Arc<str>,
+        /// Held (subscribed) or not.
+        held: bool,
+    },
     /// The client no longer holds a subscription (aggregating mode).
     Unsubscribe {
         /// The client id.
@@ -329,6 +341,9 @@ pub struct StoreLink {
     /// The wills of devices connected when the gateway stopped, until
     /// [`StoreLink::take_wills`].
     wills: Vec<(String, HeldMessage)>,
+    /// The filters the broker held for the shared connections' sessions, until
+    /// [`StoreLink::take_broker_filters`].
+    broker_filters: Vec<(u16, String)>,
 }
 
 impl std::fmt::Debug for StoreLink {
@@ -364,6 +379,7 @@ impl StoreLink {
             .cloned()
             .collect();
         let wills = opened.wills;
+        let broker_filters = opened.broker_filters;
         let restored = gw.restore(std::time::Instant::now(), SystemTime::now(), opened.sessions);
         // Expired or over the limit: the engine's Forget drops their rows as well.
         let linked = linked.into_iter().filter(|s| gw.keeps_session(&s.client_id)).collect();
@@ -372,6 +388,7 @@ impl StoreLink {
             failing: false,
             restored: linked,
             wills,
+            broker_filters,
         };
         link.flush(gw);
         tracing::info!(
@@ -401,6 +418,12 @@ impl StoreLink {
     /// (once; aggregating mode publishes them, as a broker would for a lost client).
     pub fn take_wills(&mut self) -> Vec<(String, HeldMessage)> {
         std::mem::take(&mut self.wills)
+    }
+
+    /// The filters the broker held for each shared connection's persistent session when
+    /// the gateway stopped (once; aggregating mode unsubscribes those no device needs).
+    pub fn take_broker_filters(&mut self) -> Vec<(u16, String)> {
+        std::mem::take(&mut self.broker_filters)
     }
 
     /// Commits what the engine queued, in one transaction, and tells it so.

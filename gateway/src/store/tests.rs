@@ -114,8 +114,9 @@ impl Model {
                     s.subs.retain(|(f, _)| **f != **filter);
                 }
             }
-            // Read back apart from the sessions (RedbStore::load_wills).
-            StoreOp::Will { .. } => {}
+            // Read back apart from the sessions (RedbStore::load_wills,
+            // load_broker_filters).
+            StoreOp::Will { .. } | StoreOp::BrokerFilter { .. } => {}
             StoreOp::Sleep {
                 client_id,
                 sleeper: Some(sleeper),
@@ -205,7 +206,7 @@ fn op() -> impl Strategy<Value = StoreOp> {
             filter,
             qos
         }),
-        (client.clone(), filter).prop_map(|(client_id, filter)| StoreOp::Unsubscribe { client_id, filter }),
+        (client.clone(), filter.clone()).prop_map(|(client_id, filter)| StoreOp::Unsubscribe { client_id, filter }),
         (client.clone(), prop::option::of((0u16..3, 0u32..100_000))).prop_map(|(client_id, sleep)| {
             StoreOp::Sleep {
                 client_id,
@@ -223,6 +224,11 @@ fn op() -> impl Strategy<Value = StoreOp> {
                 state: state.map(|(digest, released)| crate::store::Qos2State { digest, released }),
             }
         ),
+        (0u16..2, filter, any::<bool>()).prop_map(|(connection, filter, held)| StoreOp::BrokerFilter {
+            connection,
+            filter,
+            held
+        }),
         (client, prop::option::of(0u8..3)).prop_map(|(client_id, qos)| StoreOp::Will {
             client_id,
             will: qos.map(|qos| HeldMessage {

@@ -521,9 +521,12 @@ fn durable_up() -> Aggregator {
     a
 }
 
+/// The store writes of device records among `outs` (the connection's own record of
+/// its broker filters left out: see the test of a resumed broker session).
 fn stores(outs: &[Output]) -> Vec<StoreOp> {
     outs.iter()
         .filter_map(|o| match o {
+            Output::Store(StoreOp::BrokerFilter { .. }) => None,
             Output::Store(op) => Some(op.clone()),
             _ => None,
         })
@@ -544,7 +547,16 @@ fn subscribe_durable(a: &mut Aggregator, key: ClientKey, filter: &str, qos: Mqtt
             qos,
         },
     );
-    let Some(Output::Broker(Request::Subscribe { tag, qos: asked, .. })) = a.poll_output() else {
+    let mut first = a.poll_output();
+    // A filter new at the broker is stored before its SUBSCRIBE leaves.
+    if let Some(Output::Store(StoreOp::BrokerFilter {
+        held: true, filter: f, ..
+    })) = &first
+    {
+        assert_eq!(&**f, filter);
+        first = a.poll_output();
+    }
+    let Some(Output::Broker(Request::Subscribe { tag, qos: asked, .. })) = first else {
         panic!("expected a SUBSCRIBE");
     };
     a.subscribed(&[(tag, Some(asked))]);
@@ -571,19 +583,22 @@ fn a_durable_aggregator_stores_what_a_kept_device_needs_before_the_broker_is_ack
         matches!(put.as_slice(), [StoreOp::PutHeld { client_id, seq: 1, message }] if &**client_id == "keep" && message.topic == "s/t" && message.qos == 1),
         "{put:?}"
     );
+    // Durably queued for it: the broker is acknowledged after the write, without waiting
+    // for the device (the shell commits the write before the ack leaves).
     let (m, acks) = messages(&outs);
-    assert!(acks.is_empty());
+    assert_eq!(acks.len(), 1, "{outs:?}");
+    let put = position(&outs, |o| matches!(o, Output::Store(StoreOp::PutHeld { .. })));
+    let ack = position(&outs, |o| matches!(o, Output::Broker(Request::Ack { pkid: 5, .. })));
+    assert!(put < ack, "{outs:?}");
     a.command(1, Command::Ack { delivery: m[0].3 });
     let outs = drain(&mut a);
     assert_eq!(
         outs,
-        [
-            Output::Store(StoreOp::RemoveHeld {
-                client_id: "keep".into(),
-                seq: 1
-            }),
-            Output::Broker(Request::Ack { pkid: 5, qos: Q1 })
-        ]
+        [Output::Store(StoreOp::RemoveHeld {
+            client_id: "keep".into(),
+            seq: 1
+        })],
+        "the device's ack only removes the stored copy"
     );
     // Away: what arrives is stored, and the store write comes before the broker's ack
     // (the shell commits everything before what follows it).
@@ -660,7 +675,10 @@ fn a_restored_device_is_subscribed_again_and_gets_its_held_messages_in_order() {
     a.connected();
     let outs = drain(&mut a);
     assert!(
-        matches!(outs.as_slice(), [Output::Broker(Request::Subscribe { filter, qos: Q2, .. })] if &**filter == "s/#"),
+        matches!(outs.as_slice(), [
+            Output::Store(StoreOp::BrokerFilter { held: true, .. }),
+            Output::Broker(Request::Subscribe { filter, qos: Q2, .. }),
+        ] if &**filter == "s/#"),
         "the stored filter is subscribed again; one of an unknown QoS is not: {outs:?}"
     );
     let outs = connect(&mut a, 1, "keep", false);
@@ -796,5 +814,68 @@ fn a_will_read_back_is_published_when_the_connection_is_up_and_a_newer_one_is_ke
         stores(&drain(&mut a)),
         [will_op("old", None)],
         "the new session's will stays stored"
+    );
+}
+
+/// A persistent shared session resumed after a restart: the broker still holds what the
+/// gateway subscribed, so only what it lacks is subscribed, and what no device holds any
+/// more (a clean-session device's filter, an expired device's) is unsubscribed, both
+/// written to the store first. A session the broker did not keep gets every filter again.
+#[test]
+fn a_resumed_broker_session_keeps_its_filters_and_loses_the_stale_ones() {
+    let restored = || {
+        let mut a = Aggregator::new(10, 4).durable().numbered(3);
+        a.restore("keep", &[("s/#".to_string(), 1), ("new/#".to_string(), 1)], Vec::new());
+        a.restore_broker_filter("s/#");
+        a.restore_broker_filter("stale/x");
+        a.connecting();
+        a
+    };
+    let mut a = restored();
+    a.connected_to_session(true);
+    let outs = drain(&mut a);
+    assert_eq!(
+        outs.len(),
+        4,
+        "stale/x unsubscribed, new/# subscribed, s/# left alone: {outs:?}"
+    );
+    let store_at = |f: &str, held: bool| {
+        position(
+            &outs,
+            |o| matches!(o, Output::Store(StoreOp::BrokerFilter { connection: 3, filter, held: h }) if &**filter == f && *h == held),
+        )
+    };
+    let unsub = position(
+        &outs,
+        |o| matches!(o, Output::Broker(Request::Unsubscribe { filter }) if &**filter == "stale/x"),
+    );
+    let sub = position(
+        &outs,
+        |o| matches!(o, Output::Broker(Request::Subscribe { filter, .. }) if &**filter == "new/#"),
+    );
+    assert!(store_at("stale/x", false) < unsub && store_at("new/#", true) < sub);
+
+    // The broker lost the session (restarted without persistence): everything again.
+    let mut a = restored();
+    a.connected_to_session(false);
+    let outs = drain(&mut a);
+    let subscribed: std::collections::BTreeSet<String> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Broker(Request::Subscribe { filter, .. }) => Some(filter.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(subscribed, ["new/#".to_string(), "s/#".to_string()].into());
+    assert!(!outs
+        .iter()
+        .any(|o| matches!(o, Output::Broker(Request::Unsubscribe { .. }))));
+    store_at_of(&outs, "stale/x");
+}
+
+fn store_at_of(outs: &[Output], f: &str) {
+    position(
+        outs,
+        |o| matches!(o, Output::Store(StoreOp::BrokerFilter { filter, held: false, .. }) if &**filter == f),
     );
 }
