@@ -5,8 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use device_sim::dtls::Psk;
+use device_sim::dtls::{Credentials, Psk};
 use device_sim::fleet::{self, FleetOptions};
+use device_sim::keys::FleetKeys;
 use device_sim::scenario::{Group, Scenario};
 use device_sim::tools::{self, Common, PubArgs, TopicArg};
 use device_sim::verifier::BrokerUrl;
@@ -40,7 +41,7 @@ fn common(gateway: SocketAddr, psk: Option<Psk>) -> Common {
         timeout: Duration::from_secs(5),
         t_retry_ms: 1_000,
         n_retry: 3,
-        psk,
+        dtls: psk.map(Credentials::Psk),
     }
 }
 
@@ -112,7 +113,8 @@ fn fleet_over(h: &Harness, group: &str, count: usize, secs: u64, psk: Psk) -> Fl
         progress: false,
         echo: false,
         gateway_metrics: None,
-        psk: Some(psk),
+        client_id: None,
+        dtls: Some(FleetKeys::One(psk)),
     }
 }
 
