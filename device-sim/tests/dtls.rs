@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use device_sim::dtls::{Credentials, Psk};
 use device_sim::fleet::{self, FleetOptions};
-use device_sim::keys::FleetKeys;
+use device_sim::keys::{FleetKeys, NamePattern};
 use device_sim::scenario::{Group, Scenario};
 use device_sim::tools::{self, Common, PubArgs, TopicArg};
 use device_sim::verifier::BrokerUrl;
@@ -142,5 +142,189 @@ async fn a_fleet_over_dtls_keeps_its_guarantees() {
         .expect("the fleet runs");
     let t = &report.total.counts;
     assert_eq!((t.devices, t.connected, t.dtls_failed, t.socket_errors), (3, 0, 3, 0));
+    h.shutdown().await;
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("device-sim-dtls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    fn path(&self, file: &str) -> std::path::PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `mqtt-sn-sim` with `args`.
+async fn sim(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-sn-sim"))
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .output()
+    })
+    .await
+    .expect("the thread")
+    .expect("mqtt-sn-sim runs")
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The fleet secret of the derived-key tests.
+const SECRET: &str = "the fleet secret";
+
+/// `mqtt-sn-sim registry` for `devices` devices `dk-%n` with identities `key-%n` and keys
+/// derived from [`SECRET`], into `dir/devices.toml`; returns its text.
+async fn write_registry(dir: &TempDir, devices: usize) -> String {
+    let path = dir.path("devices.toml");
+    let out = sim(strings(&[
+        "registry",
+        "--devices",
+        &devices.to_string(),
+        "--client-id",
+        "dk-%n",
+        "--psk-identity",
+        "key-%n",
+        "--psk-derive",
+        SECRET,
+        "--dtls-only",
+        "--publish",
+        "simdtls/#",
+        "-o",
+        &path.display().to_string(),
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The gateway takes it as it is: one entry per device, every identity its own.
+    let registry = gateway::auth::Registry::load(&path).expect("the gateway accepts the registry");
+    assert_eq!(registry.len(), devices);
+    let entry = registry.lookup("dk-7").expect("an entry for dk-7");
+    assert!(entry.dtls_only && entry.binds_dtls("dk-7", "key-7"));
+    std::fs::read_to_string(&path).expect("the registry")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_with_derived_keys_handshakes_with_a_registry_the_simulator_wrote() {
+    let Some(mosquitto) = Mosquitto::start() else { return };
+    let dir = TempDir::new("derived");
+    let text = write_registry(&dir, 50).await;
+    let h = Harness::start_dtls(Some(mosquitto), &text)
+        .await
+        .expect("the gateway starts");
+    let derived = |secret: &str| FleetKeys::Derived {
+        identity: NamePattern::parse("key-%n", "--psk-identity").expect("valid"),
+        secret: secret.as_bytes().to_vec(),
+    };
+    let mut opts = fleet_over(&h, "derived", 50, 3, Psk::from_hex("unused", "00").expect("valid"));
+    opts.client_id = Some(NamePattern::parse("dk-%n", "--client-id").expect("valid"));
+    opts.dtls = Some(derived(SECRET));
+    let report = fleet::run(opts.clone()).await.expect("the fleet runs");
+    println!("{}", report.table());
+    let t = &report.total.counts;
+    assert!(report.ok(), "broken guarantees: {:#?}", report.violations);
+    assert_eq!((t.devices, t.connected, t.dtls_failed, t.socket_errors), (50, 50, 0, 0));
+    assert!(t.published > 0 && t.arrived == t.published, "{t:?}");
+    let s = h.stats();
+    assert_eq!(
+        (
+            s.dtls.handshakes_ok,
+            s.dtls.handshakes_failed,
+            s.metrics.connects_refused
+        ),
+        (50, 0, 0),
+        "one handshake per device, each with its own key"
+    );
+
+    // Two devices whose keys come from another secret: their handshakes fail, counted
+    // in the report, and nothing else happens.
+    opts.scenario.groups[0].count = 2;
+    opts.dtls = Some(derived("another secret"));
+    let report = fleet::run(opts).await.expect("the fleet runs");
+    let t = &report.total.counts;
+    assert_eq!((t.devices, t.connected, t.dtls_failed, t.socket_errors), (2, 0, 2, 0));
+    let s = h
+        .wait_stats("the failed handshakes counted", |s| s.dtls.handshakes_failed >= 2)
+        .await;
+    assert_eq!(s.dtls.handshakes_ok, 50);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_spread_over_workers_reads_its_keys_from_the_registry() {
+    let Some(mosquitto) = Mosquitto::start() else { return };
+    let dir = TempDir::new("workers");
+    let text = write_registry(&dir, 20).await;
+    let h = Harness::start_dtls(Some(mosquitto), &text)
+        .await
+        .expect("the gateway starts");
+    let registry = dir.path("devices.toml").display().to_string();
+    let json = dir.path("report.json").display().to_string();
+    let run = |devices: &str| {
+        strings(&[
+            "run",
+            "-Q",
+            "--gateway",
+            &h.dtls[0].to_string(),
+            "--broker",
+            &format!("mqtt://{}", h.broker),
+            "--scenario",
+            &dir.path("scenario.toml").display().to_string(),
+            "--devices",
+            devices,
+            "--workers",
+            "2",
+            "--client-id",
+            "dk-%n",
+            "--report",
+            &json,
+        ])
+    };
+    // The keys come from the scenario's [run] (the registry relative to the scenario).
+    std::fs::write(
+        dir.path("scenario.toml"),
+        "[run]\nduration = \"2s\"\ndrain = \"2s\"\ntopic_prefix = \"simdtls\"\npsk_registry = \"devices.toml\"\n\n\
+         [[group]]\nname = \"w\"\ncount = 20\npublish_interval = \"500ms\"\nramp = \"500ms\"\n",
+    )
+    .expect("scenario");
+    let out = sim(run("20")).await;
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the report")).expect("JSON");
+    let total = |k: &str| v["total"]["counts"][k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(
+        (total("devices"), total("connected"), total("dtls_failed")),
+        (20, 20, 0),
+        "{v}"
+    );
+    assert_eq!(h.stats().dtls.handshakes_ok, 20);
+
+    // A device the registry does not know: refused before anything starts, named.
+    std::fs::remove_file(&json).expect("removed");
+    let mut args = run("21");
+    args.extend(strings(&["--psk-registry", &registry]));
+    let out = sim(args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("\"dk-20\"") && err.contains("devices.toml"), "{err}");
+    assert!(!std::path::Path::new(&json).exists(), "no run, no report");
+    assert_eq!(h.stats().dtls.handshakes_ok, 20, "no device started");
     h.shutdown().await;
 }
