@@ -328,3 +328,284 @@ async fn a_fleet_spread_over_workers_reads_its_keys_from_the_registry() {
     assert_eq!(h.stats().dtls.handshakes_ok, 20, "no device started");
     h.shutdown().await;
 }
+
+/// Runs openssl with `args` in `dir`; panics with its output when it fails.
+fn openssl(dir: &TempDir, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(&dir.0)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// In `dir`: CAs `ca` and `other-ca` (P-256, self-signed), and `NAME.pem` / `NAME.key`
+/// signed by `ca` for each of `certs` (NAME, CN, extensions).
+fn make_pki(dir: &TempDir, certs: &[(&str, &str, &str)]) {
+    for ca in ["ca", "other-ca"] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "3",
+                "-subj",
+                &format!("/CN=sim {ca}"),
+            ],
+        );
+    }
+    for (name, cn, ext) in certs {
+        std::fs::write(dir.path(&format!("{name}.ext")), ext).expect("extensions");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "3",
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+}
+
+const CERT_DEVICES: &str = r##"
+[[device]]
+client_id = "cert-7"
+cert_identity = "dev-7"
+publish = ["simcert/#"]
+
+[[device]]
+client_id = "cert-8"
+cert_identity = "dev-8"
+subscribe = ["simcert/#"]
+"##;
+
+/// A device's certificate `name` of the PKI in `dir`, checking the gateway's against
+/// `ca` for the name 127.0.0.1.
+fn cert_credentials(dir: &TempDir, name: &str, ca: &str) -> Result<Credentials, String> {
+    device_sim::dtls::CertAuth::load(
+        &dir.path(&format!("{name}.pem")),
+        &dir.path(&format!("{name}.key")),
+        Some(&dir.path(&format!("{ca}.pem"))),
+        "127.0.0.1",
+    )
+    .map(|a| Credentials::Certificate(std::sync::Arc::new(a)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_and_sub_with_certificates_reach_mosquitto_and_check_the_gateways_certificate() {
+    if !e2e::openssl::have_openssl() {
+        return;
+    }
+    let Some(mosquitto) = Mosquitto::start() else { return };
+    let dir = TempDir::new("cert");
+    let client = "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = clientAuth\n";
+    make_pki(
+        &dir,
+        &[
+            (
+                "server",
+                "gateway",
+                "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n\
+                 subjectAltName = IP:127.0.0.1, DNS:gateway.test\n",
+            ),
+            ("dev-7", "dev-7", client),
+            ("dev-8", "dev-8", client),
+        ],
+    );
+    // The gateway reads its listener's certificates and the registry as at start.
+    std::fs::write(dir.path("devices.toml"), CERT_DEVICES).expect("registry");
+    let text = format!(
+        "[broker]\nurl = \"mqtt://127.0.0.1:1883\"\n[udp]\nlisten = []\n[auth]\ndevices_file = {:?}\n\n\
+         [[dtls]]\naddress = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+        dir.path("devices.toml").display().to_string(),
+        dir.path("server.pem").display().to_string(),
+        dir.path("server.key").display().to_string(),
+        dir.path("ca.pem").display().to_string(),
+    );
+    let settings = gateway::config::Config::parse(&text)
+        .expect("the configuration parses")
+        .validate_offline()
+        .expect("the configuration validates");
+    let listener = settings.dtls[0].clone();
+    let registry = settings.engine.auth.registry.clone().expect("registry mode");
+    let h = Harness::start_custom(Some(mosquitto), move |s| {
+        s.engine.auth = gateway::auth::AuthConfig {
+            registry: Some(registry),
+            ..gateway::auth::AuthConfig::default()
+        };
+        s.dtls = vec![listener];
+    })
+    .await
+    .expect("the gateway starts");
+    let dtls = h.dtls[0];
+    let mut watch = h.observe("simcert/#").await;
+    let tool = |client_id: &str, credentials: Credentials| Common {
+        client_id: client_id.into(),
+        dtls: Some(credentials),
+        ..common(dtls, None)
+    };
+
+    // cert-8 subscribes over DTLS with its certificate; once subscribed, cert-7
+    // publishes with its own; the message reaches mosquitto and cert-8.
+    let sub = tools::SubArgs {
+        common: tool("cert-8", cert_credentials(&dir, "dev-8", "ca").expect("dev-8")),
+        topic: TopicArg::Name("simcert/t".into()),
+        qos: QoS::AtLeastOnce,
+        count: Some(1),
+        wait: Some(Duration::from_secs(30)),
+        verbose: true,
+    };
+    let (subscribed, on_sub) = tokio::sync::oneshot::channel();
+    let subscriber = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let r = tools::subscribe_then(&sub, &mut out, move || {
+            let _ = subscribed.send(());
+        })
+        .await;
+        (r, out)
+    });
+    tokio::time::timeout(Duration::from_secs(20), on_sub)
+        .await
+        .expect("subscribed in time")
+        .expect("the subscriber runs");
+    let mut publish_args = publish(
+        tool("cert-7", cert_credentials(&dir, "dev-7", "ca").expect("dev-7")),
+        b"signed",
+    );
+    publish_args.topic = TopicArg::Name("simcert/t".into());
+    tools::publish(&publish_args).await.expect("pub with a certificate");
+    watch.expect_msg_eq("simcert/t", b"signed").await;
+    let (r, out) = subscriber.await.expect("the subscriber's task");
+    assert_eq!(r.expect("sub with a certificate"), 1);
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "simcert/t signed");
+    let s = h
+        .wait_stats("two certificate handshakes", |s| s.dtls.handshakes_ok >= 2)
+        .await;
+    assert_eq!((s.dtls.handshakes_ok, s.dtls.certs_rejected), (2, 0));
+
+    // The gateway's certificate checked against another CA, or for another name: the
+    // tool refuses it and says why.
+    let stranger = cert_credentials(&dir, "dev-7", "other-ca").expect("loads");
+    let err = tools::publish(&publish(tool("cert-7", stranger), b"never"))
+        .await
+        .expect_err("a gateway certificate from an unknown CA");
+    assert!(err.to_string().contains("not trusted"), "{err}");
+    let wrong_name = device_sim::dtls::CertAuth::load(
+        &dir.path("dev-7.pem"),
+        &dir.path("dev-7.key"),
+        Some(&dir.path("ca.pem")),
+        "other.test",
+    )
+    .expect("loads");
+    let err = tools::publish(&publish(
+        tool("cert-7", Credentials::Certificate(std::sync::Arc::new(wrong_name))),
+        b"never",
+    ))
+    .await
+    .expect_err("a gateway certificate for another name");
+    assert!(err.to_string().contains("not trusted"), "{err}");
+    // A key that is not a key: a clear error before any handshake.
+    let err = device_sim::dtls::CertAuth::load(
+        &dir.path("dev-7.pem"),
+        &dir.path("ca.pem"),
+        Some(&dir.path("ca.pem")),
+        "127.0.0.1",
+    )
+    .expect_err("a certificate given as the key");
+    assert!(err.starts_with("--key:"), "{err}");
+
+    // The command line: the gateway's certificate must name the host of --gateway.
+    let path = |f: &str| dir.path(f).display().to_string();
+    let out = sim(strings(&[
+        "pub",
+        "--gateway",
+        &dtls.to_string(),
+        "-i",
+        "cert-7",
+        "--cert",
+        &path("dev-7.pem"),
+        "--key",
+        &path("dev-7.key"),
+        "--ca",
+        &path("ca.pem"),
+        "-t",
+        "simcert/cli",
+        "-m",
+        "from the command line",
+        "-q",
+        "1",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    watch.expect_msg_eq("simcert/cli", b"from the command line").await;
+    let out = sim(strings(&[
+        "pub",
+        "--gateway",
+        &dtls.to_string(),
+        "-i",
+        "cert-7",
+        "--cert",
+        &path("dev-7.pem"),
+        "--key",
+        &path("dev-7.key"),
+        "--ca",
+        &path("ca.pem"),
+        "--server-name",
+        "elsewhere.test",
+        "-t",
+        "simcert/cli",
+        "-m",
+        "never",
+        "-q",
+        "1",
+    ]))
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not trusted"), "{err}");
+    h.shutdown().await;
+}
