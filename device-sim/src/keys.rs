@@ -414,6 +414,12 @@ impl RegistrySpec {
             return Err("--psk-derive: the secret is empty".into());
         }
         self.client_id.check(self.devices, MAX_CLIENT_ID, "--client-id")?;
+        if self.client_id.as_str().contains(['*', '?']) {
+            return Err(format!(
+                "--client-id {:?}: '*' and '?' would make each entry a glob matching other devices' client ids",
+                self.client_id.as_str()
+            ));
+        }
         // The gateway refuses the same psk_identity on two entries.
         self.psk_identity
             .check(self.devices, MAX_PSK_IDENTITY, "--psk-identity")?;
@@ -548,6 +554,16 @@ mod tests {
             subscribe: vec![],
         };
         spec.check().expect("valid");
+        let glob = RegistrySpec {
+            client_id: NamePattern::parse("dev-*-%n", "c").expect("valid"),
+            ..spec.clone()
+        };
+        assert!(glob.check().is_err(), "a glob per entry");
+        let shared = RegistrySpec {
+            psk_identity: NamePattern::parse("fleet", "i").expect("valid"),
+            ..spec.clone()
+        };
+        assert!(shared.check().is_err(), "one identity on three entries");
         let text = registry_toml(&spec);
         let keys = RegistryKeys::parse(&text, "r.toml", Path::new("/")).expect("parses");
         assert_eq!(keys.len(), 3);
