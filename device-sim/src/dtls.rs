@@ -13,10 +13,10 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use dimpl::crypto::{Dtls12CipherSuite, Dtls13CipherSuite};
+use dimpl::crypto::{CryptoProvider, Dtls12CipherSuite, Dtls13CipherSuite, SupportedDtls12CipherSuite};
 use dimpl::{Config, Dtls, DtlsCertificate, Output, PskResolver};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
@@ -167,6 +167,33 @@ pub enum Credentials {
 /// How long a handshake may take in all (retransmissions included).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// dimpl checks its crypto provider every time a configuration is built, by running it:
+/// a key exchange on every curve and a signature check for every certificate suite, a few
+/// milliseconds of CPU, and a fleet builds one configuration per device (the PSK identity
+/// is part of it). A PSK device needs none of those algorithms, so its configurations are
+/// built on the provider cut down to the PSK suite, whose check costs next to nothing.
+fn psk_provider() -> CryptoProvider {
+    static PSK_SUITES: OnceLock<&'static [&'static dyn SupportedDtls12CipherSuite]> = OnceLock::new();
+    let full = dimpl::crypto::rust_crypto::default_provider();
+    let suites = *PSK_SUITES.get_or_init(|| {
+        let psk: Vec<&'static dyn SupportedDtls12CipherSuite> = full
+            .cipher_suites
+            .iter()
+            .copied()
+            .filter(|cs| cs.suite() == Dtls12CipherSuite::PSK_AES128_CCM_8)
+            .collect();
+        // Once per process: the provider takes its suites as a static list.
+        Box::leak(psk.into_boxed_slice())
+    });
+    CryptoProvider {
+        cipher_suites: suites,
+        kx_groups: &[],
+        // The check wants one DTLS 1.3 suite to exist; none is offered (see `new`).
+        dtls13_cipher_suites: full.dtls13_cipher_suites.get(..1).unwrap_or_default(),
+        ..full
+    }
+}
+
 struct Fixed(Vec<u8>);
 
 impl PskResolver for Fixed {
@@ -201,6 +228,7 @@ impl DtlsClient {
         let (mut dtls, cert) = match credentials {
             Credentials::Psk(psk) => {
                 let config = Config::builder()
+                    .with_crypto_provider(psk_provider())
                     .with_psk_client(psk.identity.as_bytes().to_vec(), Arc::new(Fixed(psk.key.clone())))
                     .dtls12_cipher_suites(&[Dtls12CipherSuite::PSK_AES128_CCM_8])
                     .dtls13_cipher_suites(no_dtls13)
@@ -355,6 +383,34 @@ mod tests {
         assert!(Psk::from_hex("dev-1", "zz").is_err(), "not hex");
         assert!(Psk::from_hex("", "00").is_err(), "empty identity");
         assert!(!format!("{p:?}").contains("ff"), "the key never shows");
+    }
+
+    /// Prints what a PSK client's start costs (its configuration is built per device);
+    /// `cargo test --release -p device-sim dtls::tests::start_cost -- --nocapture`.
+    #[test]
+    fn start_cost() {
+        let psk = Psk::from_hex("dev-1", "30313233343536373839616263646566").expect("valid");
+        let n = 20;
+        let t = Instant::now();
+        for _ in 0..n {
+            let c = DtlsClient::new(&Credentials::Psk(psk.clone()), Instant::now()).expect("client");
+            assert!(!c.is_connected());
+        }
+        let cut = t.elapsed() / n;
+        let t = Instant::now();
+        for _ in 0..n {
+            let config = Config::builder()
+                .with_psk_client(b"dev-1".to_vec(), Arc::new(Fixed(psk.key.clone())))
+                .dtls12_cipher_suites(&[Dtls12CipherSuite::PSK_AES128_CCM_8])
+                .dtls13_cipher_suites(&[])
+                .build()
+                .expect("config");
+            assert!(config.psk().is_some());
+        }
+        println!(
+            "a PSK client starts in {cut:?}; a configuration on the full provider takes {:?}",
+            t.elapsed() / n
+        );
     }
 
     #[test]
