@@ -1064,7 +1064,11 @@ impl DeviceTask {
                 }
             }
         }
-        // Leave cleanly if still connected (bounded: the gateway may be gone).
+        // Leave cleanly if still connected (bounded: the gateway may be gone). A gateway
+        // that answers the DISCONNECT ends the DTLS session itself (close_notify); in
+        // every other case (never connected, the gateway lost) the device ends it, so
+        // that the gateway does not hold the session until its idle timeout.
+        let mut gateway_closes = false;
         if b.leave(&mut dev.client, now_us()) {
             let limit = now_ms() + 1_500;
             let mut ignore = |_: Received<'_>| {};
@@ -1078,6 +1082,10 @@ impl DeviceTask {
             if end == Some(Event::GatewayLost) {
                 b.leave_unanswered();
             }
+            gateway_closes = end == Some(Event::Disconnected);
+        }
+        if !gateway_closes {
+            dev.station.close().await;
         }
         told.update(shared, self.index, &b, &dev);
         told.gauge.set(&shared.live, State::Disconnected);

@@ -284,9 +284,13 @@ impl Station {
         Ok(Self::with_link(Link::Dtls { sock, gateway, session }, model, rng))
     }
 
-    /// Ends a DTLS session with close_notify (nothing for plain UDP or memory).
+    /// Ends a DTLS session with close_notify (nothing for plain UDP or memory, or when the
+    /// gateway closed the session already).
     pub async fn close(&mut self) {
         if let Link::Dtls { sock, gateway, session } = &mut self.link {
+            if session.is_closed() {
+                return;
+            }
             session.close();
             while let Some(r) = session.poll_transmit() {
                 let _ = sock.send_to(&r, *gateway).await;

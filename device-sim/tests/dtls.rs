@@ -252,13 +252,28 @@ async fn a_fleet_with_derived_keys_handshakes_with_a_registry_the_simulator_wrot
     // in the report, and nothing else happens.
     opts.scenario.groups[0].count = 2;
     opts.dtls = Some(derived("another secret"));
-    let report = fleet::run(opts).await.expect("the fleet runs");
+    let report = fleet::run(opts.clone()).await.expect("the fleet runs");
     let t = &report.total.counts;
     assert_eq!((t.devices, t.connected, t.dtls_failed, t.socket_errors), (2, 0, 2, 0));
     let s = h
         .wait_stats("the failed handshakes counted", |s| s.dtls.handshakes_failed >= 2)
         .await;
     assert_eq!(s.dtls.handshakes_ok, 50);
+
+    // The right keys under client ids the registry does not know: the handshakes
+    // succeed, every CONNECT is refused, and the devices end their DTLS sessions when
+    // the run ends (the gateway holds none until its idle timeout).
+    opts.client_id = Some(NamePattern::parse("stranger-%n", "--client-id").expect("valid"));
+    opts.dtls = Some(derived(SECRET));
+    let report = fleet::run(opts).await.expect("the fleet runs");
+    let t = &report.total.counts;
+    assert_eq!((t.devices, t.connected, t.dtls_failed), (2, 0, 0));
+    let s = h
+        .wait_stats("the refused devices' sessions closed", |s| {
+            s.dtls.handshakes_ok == 52 && s.dtls.sessions == 0
+        })
+        .await;
+    assert!(s.metrics.connects_refused >= 2, "{:?}", s.metrics.connects_refused);
     h.shutdown().await;
 }
 
