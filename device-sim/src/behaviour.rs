@@ -65,7 +65,7 @@ impl DeviceSpec {
             run,
             index,
             group,
-            client_id: format!("sim-{run:08x}-{index}"),
+            client_id: default_client_id(run, index),
             topic: format!("{prefix}/{run:08x}/{}/{index}", g.name),
             short: g
                 .short_topic
@@ -104,6 +104,12 @@ impl DeviceSpec {
             ..Config::new(&self.client_id)
         }
     }
+}
+
+/// The client id of device `index` in run `run` when the fleet's client ids are not
+/// given (`--client-id`): unique to the run.
+pub fn default_client_id(run: u32, index: u32) -> String {
+    format!("sim-{run:08x}-{index}")
 }
 
 /// The downlink topic of device `index` of group `group`.

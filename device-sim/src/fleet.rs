@@ -13,10 +13,11 @@ use sn_codec::client::{Client, Event, State};
 use sn_codec::QoS;
 use tokio::task::JoinSet;
 
-use crate::behaviour::{downlink_topic, Behaviour, DeviceSpec, Next, Schedule};
+use crate::behaviour::{default_client_id, downlink_topic, Behaviour, DeviceSpec, Next, Schedule};
 use crate::device::{Device, Received, Step};
-use crate::dtls::HANDSHAKE_TIMEOUT;
+use crate::dtls::{Credentials, HANDSHAKE_TIMEOUT};
 use crate::gateway_metrics::{self, Collector, MetricsUrl};
+use crate::keys::{FleetKeys, NamePattern, MAX_CLIENT_ID};
 use crate::payload::Stamp;
 use crate::report::{self, DeviceRecord, LatencyHistogram, Report, ReportInputs, RunFacts};
 use crate::scenario::{Group, Scenario};
@@ -58,10 +59,14 @@ pub struct FleetOptions {
     /// The gateway's Prometheus endpoint: scraped at the start, every second and at the
     /// end, for the report's [`crate::gateway_metrics::GatewayMetrics`].
     pub gateway_metrics: Option<MetricsUrl>,
-    /// Every device talks to the gateway over DTLS 1.2 with this pre-shared key (a
-    /// gateway `[[dtls]]` listener; a registry glob entry binds every device's client id
-    /// to the one identity). The handshake is not subject to the radio model.
-    pub psk: Option<crate::dtls::Psk>,
+    /// The devices' client ids (`%n`: the device number); `None`: `sim-<run>-<n>`,
+    /// unique to the run.
+    pub client_id: Option<NamePattern>,
+    /// Every device talks to the gateway over DTLS 1.2 (a gateway `[[dtls]]` listener)
+    /// with the pre-shared key these give it: one for all (a registry glob entry binds
+    /// every device's client id to the one identity), derived per device, or read from
+    /// the gateway's registry. The handshake is not subject to the radio model.
+    pub dtls: Option<FleetKeys>,
 }
 
 /// What a fleet run produced: the report and the run over time.
@@ -146,7 +151,8 @@ struct Shared {
     gateway: SocketAddr,
     prefix: String,
     groups: Vec<Group>,
-    psk: Option<crate::dtls::Psk>,
+    client_id: Option<NamePattern>,
+    dtls: Option<FleetKeys>,
     /// Publishing stops (ms).
     stop_ms: u64,
     /// Devices give up on outstanding exchanges (ms).
@@ -162,6 +168,33 @@ impl Shared {
     fn downlink_topic(&self, group: &str, index: u32) -> String {
         downlink_topic(&self.prefix, self.run, group, index)
     }
+
+    fn client_id(&self, index: u32) -> String {
+        client_id(self.client_id.as_ref(), self.run, index as usize)
+    }
+}
+
+/// The client id of device `index` of run `run`.
+fn client_id(pattern: Option<&NamePattern>, run: u32, index: usize) -> String {
+    match pattern {
+        Some(p) => p.name(index),
+        None => default_client_id(run, u32::try_from(index).unwrap_or(u32::MAX)),
+    }
+}
+
+/// Checks, before any device starts, that the fleet's client ids are usable and that
+/// every device has a DTLS key (with `--psk-registry`: an entry for its client id).
+fn check_identities(opts: &FleetOptions, run: u32) -> Result<(), FleetError> {
+    let devices = opts.scenario.devices();
+    if let Some(p) = &opts.client_id {
+        p.check(devices, MAX_CLIENT_ID, "--client-id")
+            .map_err(FleetError::Invalid)?;
+    }
+    if let Some(keys) = &opts.dtls {
+        keys.check(devices, |n| client_id(opts.client_id.as_ref(), run, n))
+            .map_err(FleetError::Invalid)?;
+    }
+    Ok(())
 }
 
 fn local_addr(gateway: SocketAddr, index: usize, total: usize) -> SocketAddr {
@@ -207,6 +240,7 @@ pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
     let started = Instant::now();
     let _ = crate::station::epoch();
     let run = run_id();
+    check_identities(&opts, run)?;
     let verifier = if opts.echo {
         None
     } else {
@@ -226,7 +260,8 @@ pub async fn run_recorded(opts: FleetOptions) -> Result<Recorded, FleetError> {
         gateway: opts.gateway,
         prefix: opts.topic_prefix.clone(),
         groups: opts.scenario.groups.clone(),
-        psk: opts.psk.clone(),
+        client_id: opts.client_id.clone(),
+        dtls: opts.dtls.clone(),
         stop_ms: times.stop_ms(),
         end_ms: times.end_ms(),
         live: Live::default(),
@@ -620,7 +655,8 @@ fn shared_for(opts: &FleetOptions, run: u32, times: &Times) -> Arc<Shared> {
         gateway: opts.gateway,
         prefix: opts.topic_prefix.clone(),
         groups: opts.scenario.groups.clone(),
-        psk: opts.psk.clone(),
+        client_id: opts.client_id.clone(),
+        dtls: opts.dtls.clone(),
         stop_ms: times.stop_ms(),
         end_ms: times.end_ms(),
         live: Live::default(),
@@ -786,6 +822,7 @@ pub async fn run_spread(
     let started = Instant::now();
     let _ = crate::station::epoch();
     let run = run_id();
+    check_identities(&opts, run)?;
     let verifier = Verifier::start(&opts.broker, run, &verifier_filters(&opts, run)).await?;
     let elapsed = move || started.elapsed().as_secs_f64();
     let scraper = match &opts.gateway_metrics {
@@ -990,7 +1027,8 @@ impl DeviceTask {
                 return record;
             }
         };
-        let spec = DeviceSpec::new(shared.run, &shared.prefix, g, self.group, self.index);
+        let mut spec = DeviceSpec::new(shared.run, &shared.prefix, g, self.group, self.index);
+        spec.client_id = shared.client_id(self.index);
         let mut dev = Device::new(Client::new(spec.client_config(g)), station);
         let schedule = Schedule {
             start: self.start,
@@ -1026,7 +1064,11 @@ impl DeviceTask {
                 }
             }
         }
-        // Leave cleanly if still connected (bounded: the gateway may be gone).
+        // Leave cleanly if still connected (bounded: the gateway may be gone). A gateway
+        // that answers the DISCONNECT ends the DTLS session itself (close_notify); in
+        // every other case (never connected, the gateway lost) the device ends it, so
+        // that the gateway does not hold the session until its idle timeout.
+        let mut gateway_closes = false;
         if b.leave(&mut dev.client, now_us()) {
             let limit = now_ms() + 1_500;
             let mut ignore = |_: Received<'_>| {};
@@ -1040,6 +1082,10 @@ impl DeviceTask {
             if end == Some(Event::GatewayLost) {
                 b.leave_unanswered();
             }
+            gateway_closes = end == Some(Event::Disconnected);
+        }
+        if !gateway_closes {
+            dev.station.close().await;
         }
         told.update(shared, self.index, &b, &dev);
         told.gauge.set(&shared.live, State::Disconnected);
@@ -1051,23 +1097,37 @@ impl DeviceTask {
         record
     }
 
-    /// The device's station (socket and radio, and the DTLS session over `--psk`); an
+    /// The device's station (socket and radio, and its DTLS session with its key); an
     /// error (logged, counted) when its socket cannot be opened or its handshake fails.
     async fn open(&self, link: DeviceLink, g: &Group, radio_rng: SmallRng) -> Result<Station, OpenFailure> {
         let shared = &self.shared;
         let (local, e, failure) = match link {
             DeviceLink::Memory(port) => return Ok(Station::memory(port, g.radio, radio_rng)),
             DeviceLink::Udp(local) => {
-                let bound = match &shared.psk {
-                    Some(psk) => {
-                        Station::bind_dtls(local, shared.gateway, psk, HANDSHAKE_TIMEOUT, g.radio, radio_rng).await
+                let bound = match &shared.dtls {
+                    Some(keys) => {
+                        let index = self.index as usize;
+                        // Checked before the run (check_identities): every device has one.
+                        let Some(psk) = keys.psk_for(index, &shared.client_id(self.index)) else {
+                            return Err(OpenFailure::Dtls);
+                        };
+                        let credentials = Credentials::Psk(psk);
+                        Station::bind_dtls(
+                            local,
+                            shared.gateway,
+                            &credentials,
+                            HANDSHAKE_TIMEOUT,
+                            g.radio,
+                            radio_rng,
+                        )
+                        .await
                     }
                     None => Station::bind(local, shared.gateway, g.radio, radio_rng).await,
                 };
                 match bound {
                     Ok(s) => return Ok(s),
                     // Binding a socket fails with the OS's own errors; the handshake's are ours.
-                    Err(e) if shared.psk.is_some() && e.raw_os_error().is_none() => (local, e, OpenFailure::Dtls),
+                    Err(e) if shared.dtls.is_some() && e.raw_os_error().is_none() => (local, e, OpenFailure::Dtls),
                     Err(e) => (local, e, OpenFailure::Socket),
                 }
             }

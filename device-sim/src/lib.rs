@@ -10,6 +10,8 @@
 //!   with the run over time ([`timeseries`]), an HTML page of charts ([`html`]) and the
 //!   gateway's own metrics ([`gateway_metrics`], parsed by [`prometheus`]); what each
 //!   device does and when is the sans-IO state machine in [`behaviour`],
+//! - [`keys`]: each fleet device's client id and DTLS key (one key, derived keys, or the
+//!   gateway's registry), and the registry `mqtt-sn-sim registry` writes,
 //! - [`conformance`]: `mqtt-sn-sim conformance`, named protocol checks against any gateway.
 
 pub mod behaviour;
@@ -20,6 +22,7 @@ pub mod echo;
 pub mod fleet;
 pub mod gateway_metrics;
 pub mod html;
+pub mod keys;
 pub mod latency;
 pub mod payload;
 pub mod prometheus;

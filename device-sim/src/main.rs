@@ -9,8 +9,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use device_sim::conformance;
+use device_sim::dtls::{CertAuth, Credentials};
 use device_sim::fleet::{self, FleetOptions};
 use device_sim::gateway_metrics::MetricsUrl;
+use device_sim::keys::{KeyOptions, NamePattern, RegistrySpec};
 use device_sim::scenario::{parse_duration, Scenario};
 use device_sim::tools::{self, Common, PubArgs, SubArgs, TopicArg};
 use device_sim::verifier::BrokerUrl;
@@ -38,6 +40,9 @@ enum Command {
     Run(RunCmd),
     /// Run protocol conformance checks against a gateway (any MQTT-SN gateway).
     Conformance(ConformanceCmd),
+    /// Write a gateway device registry for a fleet with derived keys (as `run
+    /// --client-id --psk-identity --psk-derive` computes them).
+    Registry(RegistryCmd),
 }
 
 #[derive(Debug, Args)]
@@ -221,11 +226,26 @@ struct CommonArgs {
     #[arg(long, value_name = "XY")]
     short: Option<String>,
     /// DTLS 1.2 with a pre-shared key (the gateway's `--dtls` listener): the PSK identity.
-    #[arg(long, value_name = "ID", requires = "psk")]
+    #[arg(long, value_name = "ID", requires = "psk", conflicts_with = "cert")]
     psk_identity: Option<String>,
     /// The pre-shared key, in hex.
     #[arg(long, value_name = "HEX", requires = "psk_identity")]
     psk: Option<String>,
+    /// DTLS 1.2 with a client certificate instead (ECDSA P-256 or P-384, PEM; the first
+    /// certificate of the file is the device's).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The certificate's private key (PEM, PKCS#8 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// With --cert: PEM file of the CA(s) the gateway's certificate must chain to
+    /// [default: the system's trusted roots].
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    ca: Option<PathBuf>,
+    /// With --cert: the name the gateway's certificate must carry (a DNS name or an IP
+    /// address in its subject alternative names) [default: the host of --gateway].
+    #[arg(long, value_name = "NAME", requires = "cert")]
+    server_name: Option<String>,
 }
 
 impl CommonArgs {
@@ -247,15 +267,29 @@ impl CommonArgs {
                 timeout: self.timeout,
                 t_retry_ms: u32::try_from(self.retry.as_millis()).unwrap_or(u32::MAX).max(1),
                 n_retry: self.retries,
-                psk: match (&self.psk_identity, &self.psk) {
-                    (Some(id), Some(key)) => {
-                        Some(device_sim::dtls::Psk::from_hex(id, key).map_err(anyhow::Error::msg)?)
-                    }
-                    _ => None,
-                },
+                dtls: self.credentials()?,
             },
             topic,
         ))
+    }
+
+    fn credentials(&self) -> anyhow::Result<Option<Credentials>> {
+        if let (Some(id), Some(key)) = (&self.psk_identity, &self.psk) {
+            let psk = device_sim::dtls::Psk::from_hex(id, key).map_err(anyhow::Error::msg)?;
+            return Ok(Some(Credentials::Psk(psk)));
+        }
+        let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
+            return Ok(None);
+        };
+        // The gateway's host as written (a name stays a name; HOST:PORT or [V6]:PORT).
+        let host = || {
+            let g = self.gateway.as_str();
+            let host = g.rsplit_once(':').map_or(g, |(h, _)| h);
+            host.trim_start_matches('[').trim_end_matches(']').to_string()
+        };
+        let name = self.server_name.clone().unwrap_or_else(host);
+        let auth = CertAuth::load(cert, key, self.ca.as_deref(), &name).map_err(anyhow::Error::msg)?;
+        Ok(Some(Credentials::Certificate(std::sync::Arc::new(auth))))
     }
 }
 
@@ -332,13 +366,26 @@ struct RunCmd {
     /// default): its counters over the run go into the report.
     #[arg(long, value_name = "URL", value_parser = parse_metrics_url)]
     gateway_metrics: Option<MetricsUrl>,
+    /// The devices' client ids: `%n` is the device number (0, 1, ...) [default:
+    /// sim-RUN-N, unique to the run].
+    #[arg(long, value_name = "PATTERN")]
+    client_id: Option<String>,
     /// Every device over DTLS 1.2 with a pre-shared key (a gateway `--dtls` listener):
-    /// the PSK identity, which a registry glob entry binds to the devices' client ids.
-    #[arg(long, value_name = "ID", requires = "psk")]
+    /// with --psk, the one identity (a registry glob entry binds it to the devices'
+    /// client ids); with --psk-derive, each device's identity, `%n` the device number.
+    #[arg(long, value_name = "PATTERN")]
     psk_identity: Option<String>,
-    /// The pre-shared key, in hex.
-    #[arg(long, value_name = "HEX", requires = "psk_identity")]
+    /// One pre-shared key for every device, in hex.
+    #[arg(long, value_name = "HEX", conflicts_with_all = ["psk_derive", "psk_registry"])]
     psk: Option<String>,
+    /// A key per device: HMAC-SHA256(SECRET, the device's identity), its first 16 octets
+    /// (what `mqtt-sn-sim registry` writes for the gateway).
+    #[arg(long, value_name = "SECRET", conflicts_with = "psk_registry")]
+    psk_derive: Option<String>,
+    /// Each device's identity and key from the gateway's device registry (TOML), by
+    /// its client id (see --client-id).
+    #[arg(long, value_name = "FILE")]
+    psk_registry: Option<PathBuf>,
     /// No progress line.
     #[arg(long, short = 'Q')]
     quiet: bool,
@@ -355,6 +402,92 @@ struct RunCmd {
     worker: Option<device_sim::workers::WorkerSpec>,
 }
 
+/// The fleet's keys: from the command line if it gives any key option, else from the
+/// scenario's `[run]`.
+fn fleet_keys(cmd: &RunCmd, scenario: &Scenario) -> anyhow::Result<Option<device_sim::keys::FleetKeys>> {
+    let given = KeyOptions {
+        psk_identity: cmd.psk_identity.clone(),
+        psk: cmd.psk.clone(),
+        psk_derive: cmd.psk_derive.clone(),
+        psk_registry: cmd.psk_registry.clone(),
+    };
+    let opts = if given.any() {
+        given
+    } else {
+        let r = &scenario.run;
+        KeyOptions {
+            psk_identity: r.psk_identity.clone(),
+            psk: r.psk.clone(),
+            psk_derive: r.psk_derive.clone(),
+            psk_registry: r.psk_registry.clone(),
+        }
+    };
+    opts.resolve().map_err(anyhow::Error::msg)
+}
+
+#[derive(Debug, Args)]
+struct RegistryCmd {
+    /// Number of devices.
+    #[arg(long, short = 'n', value_name = "N")]
+    devices: usize,
+    /// The devices' client ids, `%n` the device number (as `run --client-id`).
+    #[arg(long, value_name = "PATTERN")]
+    client_id: String,
+    /// The devices' PSK identities, `%n` the device number.
+    #[arg(long, value_name = "PATTERN")]
+    psk_identity: String,
+    /// The fleet secret: each key is HMAC-SHA256(SECRET, identity), its first 16 octets.
+    #[arg(long, value_name = "SECRET")]
+    psk_derive: String,
+    /// Every entry with `dtls_only = true` (the client ids connect over DTLS only).
+    #[arg(long)]
+    dtls_only: bool,
+    /// Topic filter pattern each device may publish to (repeatable) [default: sim/#].
+    #[arg(long, value_name = "PATTERN")]
+    publish: Vec<String>,
+    /// Topic filter pattern each device may subscribe to (repeatable) [default: sim/#].
+    #[arg(long, value_name = "PATTERN")]
+    subscribe: Vec<String>,
+    /// Write the registry to this file (created readable by its owner alone) [default:
+    /// standard output].
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+fn write_registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
+    let or_default = |v: Vec<String>| if v.is_empty() { vec!["sim/#".to_string()] } else { v };
+    let spec = RegistrySpec {
+        devices: cmd.devices,
+        client_id: NamePattern::parse(&cmd.client_id, "--client-id").map_err(anyhow::Error::msg)?,
+        psk_identity: NamePattern::parse(&cmd.psk_identity, "--psk-identity").map_err(anyhow::Error::msg)?,
+        secret: cmd.psk_derive.into_bytes(),
+        dtls_only: cmd.dtls_only,
+        publish: or_default(cmd.publish),
+        subscribe: or_default(cmd.subscribe),
+    };
+    spec.check().map_err(anyhow::Error::msg)?;
+    let text = device_sim::keys::registry_toml(&spec);
+    match &cmd.output {
+        Some(path) => {
+            use std::io::Write as _;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                options.mode(0o600);
+            }
+            let mut file = options
+                .open(path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            file.write_all(text.as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
     let mut scenario = match &cmd.scenario {
         Some(path) => Scenario::load(path)?,
@@ -364,6 +497,7 @@ async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
         scenario.scale_to(n);
     }
     scenario.validate()?;
+    let dtls = fleet_keys(&cmd, &scenario)?;
     let opts = FleetOptions {
         gateway: resolve(&cmd.gateway)?,
         broker: BrokerUrl::parse_with_ca(&cmd.broker, cmd.broker_ca.as_deref()).map_err(anyhow::Error::msg)?,
@@ -380,10 +514,11 @@ async fn run_fleet(cmd: RunCmd) -> anyhow::Result<ExitCode> {
         progress: !cmd.quiet && std::io::stderr().is_terminal(),
         echo: cmd.echo,
         gateway_metrics: cmd.gateway_metrics,
-        psk: match (&cmd.psk_identity, &cmd.psk) {
-            (Some(id), Some(key)) => Some(device_sim::dtls::Psk::from_hex(id, key).map_err(anyhow::Error::msg)?),
-            _ => None,
+        client_id: match cmd.client_id.as_deref().or(scenario.run.client_id.as_deref()) {
+            Some(p) => Some(NamePattern::parse(p, "--client-id").map_err(anyhow::Error::msg)?),
+            None => None,
         },
+        dtls,
         scenario,
     };
     if let Some(spec) = cmd.worker {
@@ -483,6 +618,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run(cmd) => run_fleet(cmd).await,
         Command::Conformance(cmd) => run_conformance(cmd).await,
+        Command::Registry(cmd) => write_registry(cmd),
     }
 }
 

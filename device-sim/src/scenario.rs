@@ -212,6 +212,17 @@ pub struct RunSection {
     /// How long, after publishing stops, devices may finish outstanding exchanges and the
     /// verifier waits for the last messages (default 5 s).
     pub drain: Option<Dur>,
+    /// The devices' client ids, `%n` the device number (default `sim-<run>-<n>`).
+    pub client_id: Option<String>,
+    /// DTLS: the PSK identity (with `psk`), or its pattern (with `psk_derive`).
+    pub psk_identity: Option<String>,
+    /// DTLS: one pre-shared key for every device, in hex.
+    pub psk: Option<String>,
+    /// DTLS: the fleet secret each device's key is derived from.
+    pub psk_derive: Option<String>,
+    /// DTLS: the gateway registry to read each device's identity and key from (relative
+    /// to the scenario file's directory).
+    pub psk_registry: Option<std::path::PathBuf>,
 }
 
 /// A scenario file.
@@ -256,10 +267,14 @@ impl Scenario {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| match e {
+        let mut s = Self::parse(&text).map_err(|e| match e {
             ScenarioError::Parse(m) => ScenarioError::Parse(format!("{}: {m}", path.display())),
             other => other,
-        })
+        })?;
+        if let (Some(registry), Some(dir)) = (&mut s.run.psk_registry, path.parent()) {
+            *registry = dir.join(&*registry);
+        }
+        Ok(s)
     }
 
     /// Parses and checks scenario text.

@@ -14,7 +14,7 @@ use rand::rngs::SmallRng;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use crate::dtls::{DtlsClient, DtlsError, Psk, HANDSHAKE_TIMEOUT};
+use crate::dtls::{Credentials, DtlsClient, DtlsError, HANDSHAKE_TIMEOUT};
 use crate::radio::{DelayQueue, Fate, LinkModel};
 
 /// Longest datagram accepted from the gateway.
@@ -237,13 +237,14 @@ impl Station {
         Ok(Self::with_link(Link::Udp { sock, gateway }, model, rng))
     }
 
-    /// Like [`Station::bind`], over DTLS 1.2 with the pre-shared key `psk`: the handshake
+    /// Like [`Station::bind`], over DTLS 1.2 with `credentials` (a pre-shared key or a
+    /// certificate): the handshake
     /// with the gateway runs here (retransmitted as needed, for at most `within`, itself
     /// at most [`HANDSHAKE_TIMEOUT`]), then each datagram is one DTLS record.
     pub async fn bind_dtls(
         local: SocketAddr,
         gateway: SocketAddr,
-        psk: &Psk,
+        credentials: &Credentials,
         within: Duration,
         model: LinkModel,
         rng: SmallRng,
@@ -251,7 +252,7 @@ impl Station {
         let within = within.min(HANDSHAKE_TIMEOUT);
         let sock = UdpSocket::bind(local).await?;
         let dtls_err = |e: DtlsError| io::Error::other(e.to_string());
-        let mut session = Box::new(DtlsClient::new(psk, Instant::now()).map_err(dtls_err)?);
+        let mut session = Box::new(DtlsClient::new(credentials, Instant::now()).map_err(dtls_err)?);
         let give_up = Instant::now() + within;
         let mut buf = vec![0u8; MAX_DATAGRAM];
         while !session.is_connected() {
@@ -283,9 +284,13 @@ impl Station {
         Ok(Self::with_link(Link::Dtls { sock, gateway, session }, model, rng))
     }
 
-    /// Ends a DTLS session with close_notify (nothing for plain UDP or memory).
+    /// Ends a DTLS session with close_notify (nothing for plain UDP or memory, or when the
+    /// gateway closed the session already).
     pub async fn close(&mut self) {
         if let Link::Dtls { sock, gateway, session } = &mut self.link {
+            if session.is_closed() {
+                return;
+            }
             session.close();
             while let Some(r) = session.poll_transmit() {
                 let _ = sock.send_to(&r, *gateway).await;

@@ -121,8 +121,9 @@ pub struct Common {
     pub t_retry_ms: u32,
     /// Nretry.
     pub n_retry: u8,
-    /// Talk to the gateway over DTLS 1.2 with this pre-shared key (a `--dtls` listener).
-    pub psk: Option<crate::dtls::Psk>,
+    /// Talk to the gateway over DTLS 1.2 (a `--dtls` listener) with this pre-shared key
+    /// or certificate.
+    pub dtls: Option<crate::dtls::Credentials>,
 }
 
 impl Common {
@@ -143,8 +144,8 @@ impl Common {
             SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
         };
         let rng = SmallRng::seed_from_u64(0);
-        let station = match &self.psk {
-            Some(psk) => Station::bind_dtls(local, self.gateway, psk, self.timeout, LinkModel::PERFECT, rng).await?,
+        let station = match &self.dtls {
+            Some(c) => Station::bind_dtls(local, self.gateway, c, self.timeout, LinkModel::PERFECT, rng).await?,
             None => Station::bind(local, self.gateway, LinkModel::PERFECT, rng).await?,
         };
         Ok(Device::new(Client::new(self.config(predefined)), station))

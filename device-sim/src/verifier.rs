@@ -59,30 +59,7 @@ impl BrokerTls {
     /// Trusts the PEM certificates of `ca_file`, or the system's roots when `None`.
     /// Errors name the file (`--broker-ca`).
     pub fn load(ca_file: Option<&Path>) -> Result<BrokerTls, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        match ca_file {
-            Some(path) => {
-                let pem =
-                    std::fs::read(path).map_err(|e| format!("--broker-ca: cannot read {}: {e}", path.display()))?;
-                let certs = CertificateDer::pem_slice_iter(&pem)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("--broker-ca: {}: not a PEM file: {e}", path.display()))?;
-                if certs.is_empty() {
-                    return Err(format!("--broker-ca: {}: no PEM certificate in it", path.display()));
-                }
-                for cert in certs {
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("--broker-ca: {}: not usable as a CA: {e}", path.display()))?;
-                }
-            }
-            None => {
-                let (added, _) = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-                if added == 0 {
-                    return Err("mqtts:// without --broker-ca: the system has no trusted root certificates".into());
-                }
-            }
-        }
+        let roots = load_roots(ca_file, "--broker-ca", "mqtts:// without --broker-ca")?;
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?
@@ -93,6 +70,35 @@ impl BrokerTls {
             config: Arc::new(config),
         })
     }
+}
+
+/// The trust anchors in the PEM file `ca_file` (errors name the `option`), or the
+/// system's roots when `None` (an error, starting with `without`, when it has none).
+pub(crate) fn load_roots(ca_file: Option<&Path>, option: &str, without: &str) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("{option}: cannot read {}: {e}", path.display()))?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{option}: {}: not a PEM file: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{option}: {}: no PEM certificate in it", path.display()));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{option}: {}: not usable as a CA: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let (added, _) = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if added == 0 {
+                return Err(format!("{without}: the system has no trusted root certificates"));
+            }
+        }
+    }
+    Ok(roots)
 }
 
 impl BrokerUrl {

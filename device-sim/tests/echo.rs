@@ -52,7 +52,8 @@ async fn a_thousand_devices_against_the_echo_gateway() {
         progress: false,
         echo: true,
         gateway_metrics: None,
-        psk: None,
+        client_id: None,
+        dtls: None,
     })
     .await
     .expect("runs without a broker");

@@ -123,7 +123,8 @@ async fn fleet_of_300_sleepy_lossy_devices_keeps_qos_guarantees() {
         progress: false,
         echo: false,
         gateway_metrics: None,
-        psk: None,
+        client_id: None,
+        dtls: None,
     })
     .await
     .expect("the fleet runs");
@@ -155,7 +156,7 @@ async fn pub_and_sub_tools_round_trip() {
         timeout: Duration::from_secs(10),
         t_retry_ms: 500,
         n_retry: 4,
-        psk: None,
+        dtls: None,
     };
     let sub = SubArgs {
         common: common("sim-test-sub"),

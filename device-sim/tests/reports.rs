@@ -78,7 +78,8 @@ fn options(
         progress: false,
         echo: false,
         gateway_metrics: metrics,
-        psk: None,
+        client_id: None,
+        dtls: None,
     }
 }
 
@@ -282,7 +283,7 @@ async fn the_report_has_the_gateways_counters_over_the_run() {
                 timeout: Duration::from_secs(10),
                 t_retry_ms: 1_000,
                 n_retry: 4,
-                psk: None,
+                dtls: None,
             },
             topic: TopicArg::Name("reports/before".into()),
             message: b"x".to_vec(),

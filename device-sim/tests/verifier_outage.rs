@@ -232,7 +232,8 @@ fn options(gateway: SocketAddr, verifier_broker: SocketAddr, duration: Duration)
         progress: false,
         echo: false,
         gateway_metrics: None,
-        psk: None,
+        client_id: None,
+        dtls: None,
     }
 }
 
