@@ -450,6 +450,31 @@ impl Device {
     }
 }
 
+/// What a restart test runs on: its temporary directory, a mosquitto that outlives the
+/// gateway, the gateway's broker argument, state directory and UDP port.
+struct Site {
+    dir: PathBuf,
+    mosquitto: Mosquitto,
+    broker: String,
+    state: PathBuf,
+    udp: u16,
+}
+
+impl Site {
+    /// `None`: mosquitto is not installed (and this is not CI; see [`Mosquitto::start`]).
+    fn new(name: &str) -> Option<Site> {
+        let dir = temp_dir(name);
+        let mosquitto = Mosquitto::start(&dir)?;
+        Some(Site {
+            broker: format!("--broker mqtt://127.0.0.1:{}", mosquitto.port),
+            state: dir.join("state"),
+            udp: free_udp_port(),
+            mosquitto,
+            dir,
+        })
+    }
+}
+
 fn args(udp: u16, broker: &str, state: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "--udp".into(),
@@ -466,13 +491,16 @@ fn args(udp: u16, broker: &str, state: &Path, extra: &[&str]) -> Vec<String> {
 
 #[test]
 fn after_kill_9_a_device_keeps_its_topic_ids_and_gets_what_was_queued() {
-    let dir = temp_dir("kill9");
-    let Some(mosquitto) = Mosquitto::start(&dir) else {
+    let Some(Site {
+        dir,
+        mosquitto,
+        broker,
+        state,
+        udp,
+    }) = Site::new("kill9")
+    else {
         return;
     };
-    let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
-    let state = dir.join("state");
-    let udp = free_udp_port();
     let gw_addr = SocketAddr::from(([127, 0, 0, 1], udp));
     let gw = Gateway::start(&args(udp, &broker, &state, &[]));
 
@@ -619,14 +647,17 @@ fn a_store_of_a_newer_schema_is_refused_even_with_state_recover() {
 /// gateway was down; in aggregating mode the shared connections are clean sessions, so
 /// that is lost (docs/persistence.md), but what the gateway held at the crash is not.
 fn a_device_asleep_at_the_crash_wakes_with_pingreq_after_the_restart(name: &str, mode: &[&str]) {
-    let dir = temp_dir(name);
-    let Some(mosquitto) = Mosquitto::start(&dir) else {
+    let Some(Site {
+        dir,
+        mosquitto,
+        broker,
+        state,
+        udp,
+    }) = Site::new(name)
+    else {
         return;
     };
     let transparent = mode.is_empty();
-    let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
-    let state = dir.join("state");
-    let udp = free_udp_port();
     let metrics = free_tcp_port();
     let metrics_arg = format!("127.0.0.1:{metrics}");
     let mut extra = vec!["--metrics", &metrics_arg];
@@ -712,13 +743,16 @@ fn next_publish(device: &Device) -> (u16, bool, Vec<u8>) {
 /// was killed goes out again after the restart under the same message id with DUP (so
 /// the device, which remembers the id, passes it on once), and the exchange completes.
 fn qos2_across_kill_9(name: &str, mode: &[&str]) {
-    let dir = temp_dir(name);
-    let Some(mosquitto) = Mosquitto::start(&dir) else {
+    let Some(Site {
+        dir,
+        mosquitto,
+        broker,
+        state,
+        udp,
+    }) = Site::new(name)
+    else {
         return;
     };
-    let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
-    let state = dir.join("state");
-    let udp = free_udp_port();
     let gw_addr = SocketAddr::from(([127, 0, 0, 1], udp));
     let gw = Gateway::start(&args(udp, &broker, &state, mode));
     let device = Device::new(gw_addr);
@@ -768,13 +802,16 @@ fn aggregating_a_qos2_delivery_open_at_kill_9_goes_out_again_under_its_message_i
 /// filter only a clean-session device held is unsubscribed when the session is resumed.
 #[test]
 fn in_aggregating_mode_what_is_published_while_the_gateway_is_down_is_delivered() {
-    let dir = temp_dir("outage");
-    let Some(mosquitto) = Mosquitto::start(&dir) else {
+    let Some(Site {
+        dir,
+        mosquitto,
+        broker,
+        state,
+        udp,
+    }) = Site::new("outage")
+    else {
         return;
     };
-    let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
-    let state = dir.join("state");
-    let udp = free_udp_port();
     let extra = ["--mode", "aggregating"];
     let gw_addr = SocketAddr::from(([127, 0, 0, 1], udp));
     let gw = Gateway::start(&args(udp, &broker, &state, &extra));
@@ -845,13 +882,16 @@ fn wait_metric(port: u16, name: &str, want: f64) {
 /// is read back from the store.
 #[test]
 fn in_aggregating_mode_subscriptions_and_held_messages_survive_kill_9() {
-    let dir = temp_dir("aggregating");
-    let Some(mosquitto) = Mosquitto::start(&dir) else {
+    let Some(Site {
+        dir,
+        mosquitto,
+        broker,
+        state,
+        udp,
+    }) = Site::new("aggregating")
+    else {
         return;
     };
-    let broker = format!("--broker mqtt://127.0.0.1:{}", mosquitto.port);
-    let state = dir.join("state");
-    let udp = free_udp_port();
     let metrics = free_tcp_port();
     let metrics_arg = format!("127.0.0.1:{metrics}");
     let extra = ["--mode", "aggregating", "--metrics", &metrics_arg];

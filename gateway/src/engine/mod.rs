@@ -641,11 +641,16 @@ impl Gateway {
         };
         let session = Session::restore_asleep(&mut ctx, key, client_id.clone(), sleeper, topics, admission);
         debug!(client = %client_id, peer = %peer, "sleeping session restored");
+        self.add_session(key, peer, client_id, session);
+        None
+    }
+
+    /// Makes `session` the one of `peer` and `client_id`.
+    fn add_session(&mut self, key: ClientKey, peer: Peer, client_id: Arc<str>, session: Session) {
         self.sessions.insert(key, session);
         self.by_peer.insert(peer, key);
         self.by_client_id.insert(client_id, key);
         self.reschedule(key);
-        None
     }
 
     /// The state store writes queued since the last call, in order: the runtime commits
@@ -1143,10 +1148,7 @@ impl Gateway {
             now,
         };
         let session = Session::new(&mut ctx, key, client_id.clone(), peer.clone(), c, kept, admission);
-        self.sessions.insert(key, session);
-        self.by_peer.insert(peer, key);
-        self.by_client_id.insert(client_id, key);
-        self.reschedule(key);
+        self.add_session(key, peer, client_id, session);
     }
 
     fn handle_qos_minus_one(&mut self, now: Instant, peer: Peer, p: sn_codec::Publish<'_>) {
