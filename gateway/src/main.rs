@@ -197,7 +197,31 @@ impl Reload {
             }
         }
         let registry_changed = self.reload_registry(gateway, &new, settings.engine.auth.registry).await;
-        if changes.is_empty() && !registry_changed {
+        // The certificate files are read again whatever changed in them (the paths are
+        // the configuration; their contents are what rotates). A changed [[dtls]] table
+        // needs a restart: nothing of it is applied.
+        let mut certs_changed = false;
+        if !changes
+            .needs_restart
+            .iter()
+            .any(|k| k == "dtls" || k.starts_with("dtls."))
+        {
+            let certs = settings.dtls.iter().map(|d| d.certificates.clone()).collect();
+            match gateway.set_dtls_certificates(certs).await {
+                Ok(changed) => {
+                    for i in changed {
+                        certs_changed = true;
+                        tracing::info!(
+                            listener = i + 1,
+                            "reload: the certificates of [[dtls]] #{} changed: handshakes from now on use them, established sessions keep going",
+                            i + 1
+                        );
+                    }
+                }
+                Err(e) => tracing::error!("reload: DTLS certificates not applied: {e}"),
+            }
+        }
+        if changes.is_empty() && !registry_changed && !certs_changed {
             tracing::info!("reload: nothing changed");
         }
     }

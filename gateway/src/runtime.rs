@@ -20,6 +20,7 @@ use crate::engine::{Gateway, LinkAddr, Stats};
 use crate::store::StoreLink;
 use crate::topics::Predefined;
 use crate::transport::dtls::{DtlsOutput, DtlsServer, PskSource};
+use crate::transport::dtls_cert::DtlsCertificates;
 use crate::transport::serial::{LinkEvent, SerialPortStats, SerialPorts, SerialStatsReader};
 use crate::transport::udp::{Inbound, UdpListener};
 
@@ -55,6 +56,9 @@ pub struct Running {
 enum Control {
     SetPredefined(Arc<Predefined>, oneshot::Sender<()>),
     SetRegistry(Arc<Registry>, oneshot::Sender<()>),
+    /// Each DTLS listener's certificates as read again (in configuration order); the
+    /// answer: the numbers (from 0) of the listeners whose certificates changed.
+    DtlsCertificates(Vec<Option<Arc<DtlsCertificates>>>, oneshot::Sender<Vec<usize>>),
 }
 
 /// The engine task has ended: the gateway stopped, or is stopping.
@@ -145,6 +149,21 @@ impl Running {
         let (done, applied) = oneshot::channel();
         self.control
             .send(Control::SetRegistry(registry, done))
+            .await
+            .map_err(|_| Stopped)?;
+        applied.await.map_err(|_| Stopped)
+    }
+
+    /// Gives the DTLS listeners their certificates as read again (a SIGHUP reload, in
+    /// configuration order): handshakes from now on use them, established sessions keep
+    /// going. Returns the numbers (from 0) of the listeners whose certificates changed.
+    pub async fn set_dtls_certificates(
+        &self,
+        certs: Vec<Option<Arc<DtlsCertificates>>>,
+    ) -> Result<Vec<usize>, Stopped> {
+        let (done, applied) = oneshot::channel();
+        self.control
+            .send(Control::DtlsCertificates(certs, done))
             .await
             .map_err(|_| Stopped)?;
         applied.await.map_err(|_| Stopped)
@@ -433,6 +452,16 @@ async fn run<L: BrokerLink>(
                     }
                     gw.set_registry(registry);
                     let _ = done.send(());
+                }
+                Control::DtlsCertificates(certs, done) => {
+                    let changed = dtls
+                        .links
+                        .iter_mut()
+                        .zip(certs)
+                        .enumerate()
+                        .filter_map(|(i, (d, c))| c.filter(|c| d.server.set_certificates(c.clone())).map(|_| i))
+                        .collect();
+                    let _ = done.send(changed);
                 }
             },
             Some(first) = inbound.recv() => {

@@ -685,3 +685,39 @@ fn sighup_reloads_the_device_registry_while_devices_stay_connected() {
     assert_eq!(a.publish_qos1(TopicRef::Predefined(1), 2), ReturnCode::Accepted);
     gw.stop();
 }
+
+/// The DTLS listener's certificate files are read again on SIGHUP: a device CA rotated
+/// in place (same path, new contents) applies without a restart, and the same files
+/// again change nothing.
+#[test]
+fn sighup_reads_the_dtls_certificates_again() {
+    let dir = temp_dir("dtls-certs");
+    let udp = free_udp_port();
+    let dtls = free_udp_port();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/broker/testdata");
+    let ca = dir.join("device-ca.pem");
+    std::fs::copy(data.join("ca.pem"), &ca).expect("copy CA");
+    let devices = dir.join("devices.toml");
+    write_config(
+        &devices,
+        "[[device]]\nclient_id = \"sensor-*\"\ncert_identity = \"%c\"\n",
+    );
+    let config = embedded(
+        udp,
+        &format!(
+            "[auth]\ndevices_file = {:?}\n[[dtls]]\naddress = \"127.0.0.1:{dtls}\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+            devices.display().to_string(),
+            data.join("client.pem").display().to_string(),
+            data.join("client.key").display().to_string(),
+            ca.display().to_string(),
+        ),
+    );
+    let gw = Gateway::start(&dir, &config, &[]);
+    gw.reload("reload: nothing changed");
+    // Rotated: another certificate is the device CA now.
+    std::fs::copy(data.join("client.pem"), &ca).expect("rotate CA");
+    gw.reload("reload: the certificates of [[dtls]] #1 changed");
+    let fence = gw.reload("reload: nothing changed");
+    assert!(fence > 0);
+    gw.stop();
+}

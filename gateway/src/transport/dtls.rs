@@ -560,6 +560,21 @@ impl DtlsServer {
         Ok(self)
     }
 
+    /// Replaces the certificates (a SIGHUP reload read the files again): handshakes
+    /// that start or finish afterwards present the new server certificate and verify
+    /// against the new device CA; sessions already established keep going. Returns
+    /// whether they changed. A listener without certificates keeps none (turning them
+    /// on or off changes `[[dtls]]`, which needs a restart).
+    pub fn set_certificates(&mut self, certs: Arc<DtlsCertificates>) -> bool {
+        match &self.certs {
+            Some(old) if **old != *certs => {
+                self.certs = Some(certs);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Replaces the key source; handshakes started afterwards use it, sessions already
     /// established keep going.
     pub fn set_source(&mut self, source: Arc<dyn PskSource>) {

@@ -699,3 +699,40 @@ fn the_key_must_be_the_certificates() {
     .unwrap_err();
     assert!(err.to_string().starts_with("dtls.key: "), "{err}");
 }
+
+#[test]
+fn certificates_read_again_apply_to_new_handshakes_and_leave_sessions_alone() {
+    let now = Instant::now();
+    let mut s = cert_server();
+    let mut before = Client::with_cert("127.0.0.1:40030", now);
+    pump_at(&mut s, &mut before, now, wall(VALID));
+    assert!(before.connected);
+    assert!(!s.set_certificates(certs()), "the same files: no change");
+    // Rotated to a device CA that did not sign the test client's certificate (the
+    // client certificate itself, which is no CA).
+    let rule = super::super::dtls_cert::IdentityRule::CommonName;
+    let other_ca = DtlsCertificates::load(
+        &testdata("client.pem"),
+        &testdata("client.key"),
+        &testdata("client.pem"),
+        rule,
+    )
+    .unwrap();
+    assert!(s.set_certificates(Arc::new(other_ca)));
+    let mut after = Client::with_cert("127.0.0.1:40031", now);
+    pump_at(&mut s, &mut after, now, wall(VALID));
+    assert!(!after.connected, "verified against the new CA");
+    assert!(s.counters().certs_rejected >= 1);
+    assert!(
+        s.identity(&before.addr).is_some(),
+        "the established session keeps going"
+    );
+    // And back: the next handshake is accepted again.
+    assert!(s.set_certificates(certs()));
+    let mut again = Client::with_cert("127.0.0.1:40032", now);
+    pump_at(&mut s, &mut again, now, wall(VALID));
+    assert!(again.connected);
+    // A listener without certificates is not given any by a reload.
+    let mut psk_only = server(DtlsLimits::default());
+    assert!(!psk_only.set_certificates(certs()));
+}
