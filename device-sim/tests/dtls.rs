@@ -344,85 +344,15 @@ async fn a_fleet_spread_over_workers_reads_its_keys_from_the_registry() {
     h.shutdown().await;
 }
 
-/// Runs openssl with `args` in `dir`; panics with its output when it fails.
-fn openssl(dir: &TempDir, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(&dir.0)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// In `dir`: CAs `ca` and `other-ca` (P-256, self-signed), and `NAME.pem` / `NAME.key`
 /// signed by `ca` for each of `certs` (NAME, CN, extensions).
 fn make_pki(dir: &TempDir, certs: &[(&str, &str, &str)]) {
+    let openssl = e2e::tls::Openssl::find().expect("openssl");
     for ca in ["ca", "other-ca"] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{ca}.key"),
-                "-out",
-                &format!("{ca}.pem"),
-                "-days",
-                "3",
-                "-subj",
-                &format!("/CN=sim {ca}"),
-            ],
-        );
+        openssl.ca(&dir.0, ca);
     }
     for (name, cn, ext) in certs {
-        std::fs::write(dir.path(&format!("{name}.ext")), ext).expect("extensions");
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "3",
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
+        openssl.leaf(&dir.0, name, cn, "ca", "3", ext);
     }
 }
 

@@ -97,6 +97,32 @@ fn openssl(bin: &Path, dir: &Path, args: &[&str]) {
     );
 }
 
+/// The `openssl` command, for tests that make certificates of their own.
+pub struct Openssl(PathBuf);
+
+impl Openssl {
+    /// The command on PATH; `None` (and a loud note) when it is missing outside CI, a
+    /// failure under `CI=true`.
+    pub fn find() -> Option<Openssl> {
+        match find(&["openssl"]) {
+            Some(bin) => Some(Openssl(bin)),
+            None => missing("openssl"),
+        }
+    }
+
+    /// In `dir`: a P-256 CA certificate `name.pem` with key `name.key`.
+    pub fn ca(&self, dir: &Path, name: &str) {
+        make_ca(&self.0, dir, name);
+    }
+
+    /// In `dir`: `name.pem` / `name.key`, a P-256 certificate for CN `cn` signed by CA
+    /// `ca` (in `dir`), valid for `days` days from now (negative: expired already), with
+    /// the X.509 v3 extensions `ext` (openssl extension-file lines).
+    pub fn leaf(&self, dir: &Path, name: &str, cn: &str, ca: &str, days: &str, ext: &str) {
+        make_leaf(&self.0, dir, name, cn, ca, days, ext);
+    }
+}
+
 /// A P-256 CA certificate `name.pem` with key `name.key`.
 fn make_ca(bin: &Path, dir: &Path, name: &str) {
     openssl(
@@ -126,9 +152,9 @@ fn make_ca(bin: &Path, dir: &Path, name: &str) {
     );
 }
 
-/// An end-entity certificate `name.pem` (key `name.key`) signed by CA `ca`, with the
-/// extensions `ext` (one per line).
-fn make_leaf(bin: &Path, dir: &Path, name: &str, ca: &str, ext: &str) {
+/// An end-entity certificate `name.pem` (key `name.key`) for CN `cn` signed by CA `ca`,
+/// valid `days` days, with the extensions `ext` (one per line).
+fn make_leaf(bin: &Path, dir: &Path, name: &str, cn: &str, ca: &str, days: &str, ext: &str) {
     let ext_file = format!("{name}.ext");
     std::fs::write(dir.join(&ext_file), ext).expect("writing an extensions file");
     openssl(
@@ -147,7 +173,7 @@ fn make_leaf(bin: &Path, dir: &Path, name: &str, ca: &str, ext: &str) {
             "-out",
             &format!("{name}.csr"),
             "-subj",
-            &format!("/CN=e2e {name}"),
+            &format!("/CN={cn}"),
         ],
     );
     openssl(
@@ -166,7 +192,7 @@ fn make_leaf(bin: &Path, dir: &Path, name: &str, ca: &str, ext: &str) {
             "-out",
             &format!("{name}.pem"),
             "-days",
-            "3",
+            days,
             "-extfile",
             &ext_file,
         ],
@@ -196,10 +222,18 @@ impl Pki {
         ));
         std::fs::create_dir_all(&dir).expect("creating the certificate directory");
         make_ca(&bin, &dir, "ca");
-        make_leaf(&bin, &dir, "server", "ca", SERVER_EXT);
-        make_leaf(&bin, &dir, "client", "ca", CLIENT_EXT);
+        make_leaf(&bin, &dir, "server", "e2e server", "ca", "3", SERVER_EXT);
+        make_leaf(&bin, &dir, "client", "e2e client", "ca", "3", CLIENT_EXT);
         make_ca(&bin, &dir, "other-ca");
-        make_leaf(&bin, &dir, "other-client", "other-ca", CLIENT_EXT);
+        make_leaf(
+            &bin,
+            &dir,
+            "other-client",
+            "e2e other-client",
+            "other-ca",
+            "3",
+            CLIENT_EXT,
+        );
         let at = |f: &str| dir.join(f);
         Some(Pki {
             ca: at("ca.pem"),

@@ -22,12 +22,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use e2e::openssl::{connect, have_openssl, OpensslDevice};
+use e2e::tls::Openssl;
 use e2e::{Harness, Mosquitto, Packet, QoS, ReturnCode, Rx, TopicRef};
 use gateway::auth::Registry;
 use sn_codec::Publish;
@@ -49,22 +49,6 @@ client_id = "sensor-9"
 psk_identity = "dev-7"
 psk = "00112233445566778899aabbccddeeff"
 "##;
-
-/// Runs openssl with `args` in `dir`; panics with its output when it fails.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The certificates of one test, in a temporary directory removed on drop.
 struct Pki {
@@ -90,100 +74,23 @@ impl Pki {
             UNIQUE.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        let openssl = Openssl::find().expect("openssl");
         // X.509 v3 (webpki takes nothing older), for TLS clients or servers.
-        std::fs::write(
-            dir.join("client.ext"),
-            "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = clientAuth\n",
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("server.ext"),
-            "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n",
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("san.ext"),
-            "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = clientAuth\n\
-             subjectAltName = IP:127.0.0.1, DNS:dev-8, URI:urn:dev:other\n",
-        )
-        .unwrap();
-        let pki = Pki { dir };
-        for ca in ["ca", "other-ca"] {
-            openssl(
-                &pki.dir,
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-keyout",
-                    &format!("{ca}.key"),
-                    "-out",
-                    &format!("{ca}.pem"),
-                    "-days",
-                    "3",
-                    "-subj",
-                    &format!("/CN=e2e {ca}"),
-                ],
-            );
-        }
-        pki.issue("server", "gateway", "ca", "3");
-        pki.issue("dev-7", "dev-7", "ca", "3");
-        pki.issue("dev-8", "dev-8", "ca", "3");
-        pki.issue("stranger", "dev-7", "other-ca", "3");
+        let client = "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = clientAuth\n";
+        let server = "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n";
+        let san = "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = clientAuth\n\
+                   subjectAltName = IP:127.0.0.1, DNS:dev-8, URI:urn:dev:other\n";
+        openssl.ca(&dir, "ca");
+        openssl.ca(&dir, "other-ca");
+        openssl.leaf(&dir, "server", "gateway", "ca", "3", server);
+        openssl.leaf(&dir, "dev-7", "dev-7", "ca", "3", client);
+        openssl.leaf(&dir, "dev-8", "dev-8", "ca", "3", client);
+        openssl.leaf(&dir, "stranger", "dev-7", "other-ca", "3", client);
         // -days -1: notAfter a day before notBefore (now), so expired from the start.
-        pki.issue("expired", "dev-7", "ca", "-1");
+        openssl.leaf(&dir, "expired", "dev-7", "ca", "-1", client);
         // CN dev-7, but the SAN names sensor-8's certificate identity.
-        pki.issue("san-8", "dev-7", "ca", "3");
-        pki
-    }
-
-    /// `name.pem` / `name.key`: a P-256 certificate for CN `cn` signed by `ca`.
-    fn issue(&self, name: &str, cn: &str, ca: &str, days: &str) {
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                &format!("{ca}.pem"),
-                "-CAkey",
-                &format!("{ca}.key"),
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                days,
-                "-extfile",
-                match name {
-                    "server" => "server.ext",
-                    "san-8" => "san.ext",
-                    _ => "client.ext",
-                },
-            ],
-        );
+        openssl.leaf(&dir, "san-8", "dev-7", "ca", "3", san);
+        Pki { dir }
     }
 
     fn path(&self, file: &str) -> PathBuf {
